@@ -1,0 +1,167 @@
+"""`dataset-prune`: the command line. `run` is one Prefect flow run; `select` and `versions`
+work on files alone. Bad input: one line on stderr and exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from pydantic import ValidationError
+
+from pruning_core.errors import BadInputError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        raise BadInputError(f"{self.prog}: {message}")
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dataset-prune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="train, score influence, select, publish a Delta version")
+    run.add_argument("--dataset", default="fashion-mnist")
+    run.add_argument("--data-root")
+    run.add_argument("--model", default="cnn")
+    run.add_argument("--checkpoint")
+    run.add_argument("--epochs", type=int)
+    run.add_argument("--lr", type=_float, default=0.05)
+    run.add_argument("--batch-size", type=int, default=128)
+    run.add_argument("--weight-decay", type=_float, default=5e-4)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--scope", default="last-layer")
+    run.add_argument("--hessian", default="exact")
+    run.add_argument("--damping", type=_float, default=0.0)
+    run.add_argument("--projection-dim", type=int)
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument("--prune-ratio", type=_float)
+    mode.add_argument("--epsilon", type=_float)
+    run.add_argument("--method", default="influence")
+    run.add_argument("--solver", default="greedy")
+    run.add_argument("--shards", type=int, default=4)
+    run.add_argument("--workers", type=int, default=2)
+    run.add_argument("--dask-address")
+    run.add_argument("--out", default="runs")
+    run.add_argument("--target")
+    run.add_argument("--block-size", type=int, default=1024)
+
+    select = sub.add_parser("select", help="selection alone, over an existing scores.parquet")
+    select.add_argument("--scores", required=True)
+    mode = select.add_mutually_exclusive_group()
+    mode.add_argument("--prune-ratio", type=_float)
+    mode.add_argument("--epsilon", type=_float)
+    select.add_argument("--method", default="influence")
+    select.add_argument("--solver", default="greedy")
+    select.add_argument("--seed", type=int, default=0)
+    select.add_argument("--out", required=True)
+
+    versions = sub.add_parser("versions", help="a Delta table's versions with their provenance")
+    versions.add_argument("uri")
+    versions.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _pydantic_message(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "arguments"
+    value = f" {err['input']!r}" if err["loc"] and not isinstance(err.get("input"), dict) else ""
+    return f"{where}{value}: {err['msg']}"
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from flows.parameters import RunParameters
+
+    values = {k: v for k, v in vars(ns).items() if k != "command" and v is not None}
+    try:
+        params = RunParameters(**values)
+    except ValidationError as exc:
+        raise BadInputError(_pydantic_message(exc)) from None
+    params.validate_all()
+    preflight(params)
+    from flows.prune import prune_dataset
+
+    started = time.perf_counter()
+    manifest = prune_dataset(params)
+    print(f"run folder:    {manifest['run_dir']}")
+    print(f"delta version: {manifest['version']['uri']}@{manifest['version']['version']}")
+    print(f"test accuracy: {manifest['model']['test_accuracy']:.4f} ({params.model})")
+    sel = manifest["selection"]
+    print(f"pruned:        {sel['n_pruned']} of {manifest['dataset']['n']} ({sel['method']}), "
+          f"objective ‖Σ s_i‖ = {sel['objective']:.6g}")
+    print(f"wall time:     {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def preflight(params) -> None:
+    """Read the data and the checkpoint before the flow starts, so bad files fail in one line
+    with nothing written."""
+    from pruning_core.data import load_dataset
+    from pruning_core.models import build_model
+    from pruning_core.training import load_model
+
+    ds = load_dataset(params.dataset, params.data_root)
+    if params.checkpoint:
+        load_model(params.checkpoint, params.model, ds, device="cpu")
+    else:
+        build_model(params.model, ds.sample_shape, ds.n_classes)
+
+
+def cmd_select(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pruning_core.pipeline import selection_stage
+    from pruning_core.selection import SelectionArgs
+
+    args = SelectionArgs(method=ns.method, prune_ratio=ns.prune_ratio, epsilon=ns.epsilon, solver=ns.solver, seed=ns.seed)
+    if not Path(ns.scores).is_file():
+        raise BadInputError(f"--scores {ns.scores}: file not found")
+    summary = selection_stage(Path(ns.scores), args, Path(ns.out))
+    print(f"{ns.out}: pruned {summary['n_pruned']} of {summary['n']}, objective ‖Σ s_i‖ = {summary['objective']:.6g}")
+    return 0
+
+
+def cmd_versions(ns: argparse.Namespace) -> int:
+    from pruning_core.versions import list_versions
+
+    rows = list_versions(ns.uri)
+    if ns.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    print(f"{'version':>7}  {'time (UTC)':19}  {'rows':>7}  {'run_id':22}  {'source':28}  method / ratio / eps  objective")
+    for row in rows:
+        p = row["provenance"]
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime((row["timestamp"] or 0) / 1000))
+        source = (p.get("source") or {}).get("name", "-")
+        how = f"{p.get('method', '-')} / {p.get('prune_ratio')} / {p.get('epsilon')}" if p else "-"
+        obj = f"{p['objective']:.4g}" if "objective" in p else "-"
+        print(f"{row['version']:>7}  {when:19}  {row['rows'] or 0:>7}  {p.get('run_id', '-'):22}  {source[-28:]:28}  {how}  {obj}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        ns = build_parser().parse_args(argv)
+        return {"run": cmd_run, "select": cmd_select, "versions": cmd_versions}[ns.command](ns)
+    except BadInputError as exc:
+        print(f"dataset-prune: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The flow's parameters as a pydantic model: the deployment form in the Prefect UI and the
+command line share it, and the stage argument objects are built from it."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pruning_core.data import parse_dataset_spec
+from pruning_core.errors import BadInputError
+from pruning_core.influence import InfluenceArgs
+from pruning_core.selection import SelectionArgs
+from pruning_core.training import TrainArgs
+
+
+class RunParameters(BaseModel):
+    """One pruning run: dataset → model → influence → selection → Delta version."""
+
+    model_config = ConfigDict(extra="forbid", title="Pruning run")
+
+    dataset: str = Field("fashion-mnist", description="fashion-mnist, mnist, cifar10, cifar100, npz:PATH or delta:URI[@VERSION]")
+    data_root: str | None = Field(None, description="Folder holding torchvision datasets; Fashion-MNIST defaults to the system copy")
+    model: Literal["linear", "cnn", "resnet18"] = Field("cnn", description="Model trained on the dataset")
+    checkpoint: str | None = Field(None, description="Use these weights (a state_dict) instead of training")
+    epochs: int | None = Field(None, ge=1, le=1000, description="Training epochs (default: 4 for cnn, 30 for resnet18)")
+    lr: float = Field(0.05, gt=0, description="Peak SGD learning rate")
+    batch_size: int = Field(128, ge=1, description="Training mini-batch size")
+    weight_decay: float = Field(5e-4, ge=0, description="λ: L2 penalty in training and in the influence Hessian")
+    seed: int = Field(0, ge=0, description="Seed of training and of random selection")
+    scope: Literal["last-layer"] = Field("last-layer", description="Parameters the influence is taken over")
+    hessian: Literal["exact", "kfac", "ekfac", "cg", "lissa"] = Field("exact", description="Inverse-Hessian strategy")
+    damping: float = Field(0.0, ge=0, description="Added to the Hessian's diagonal on top of λ")
+    projection_dim: int | None = Field(None, ge=1, description="Random-projection dimension of the stored vectors")
+    prune_ratio: float | None = Field(None, gt=0, lt=1, description="Fraction of samples to remove (size-constrained)")
+    epsilon: float | None = Field(None, gt=0, description="Bound on ‖Σ s_i‖₂ of the removed set (guaranteed mode)")
+    method: Literal["influence", "random", "el2n", "grand", "forgetting", "influence-score", "herding", "kcenter",
+                    "moderate", "ccs"] = Field("influence", description="The paper's optimisation, or a baseline")
+    solver: Literal["greedy"] = Field("greedy", description="Solver of the influence method")
+    shards: int = Field(4, ge=1, le=10000, description="Influence shards (contiguous sample ranges)")
+    workers: int = Field(2, ge=1, le=256, description="Workers of the local Dask cluster (ignored with dask_address)")
+    dask_address: str | None = Field(None, description="tcp://host:port of an existing Dask scheduler")
+    out: str = Field("runs", description="Root of run folders")
+    target: str | None = Field(None, description="Delta table receiving the version (default datasets/<name>-pruned)")
+    block_size: int = Field(1024, ge=1, description="Rows per fixed computation block")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.prune_ratio is None) == (self.epsilon is None):
+            raise ValueError("give exactly one of prune_ratio and epsilon")
+        for name in ("lr", "weight_decay", "damping", "epsilon", "prune_ratio"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be finite")
+        if self.dask_address is not None and not re.fullmatch(r"(tcp|tls|inproc|ucx)://[^\s]+", self.dask_address):
+            raise ValueError(f"dask_address {self.dask_address!r} must look like tcp://host:port")
+        return self
+
+    # --- stage arguments -------------------------------------------------------------------
+    def train_args(self) -> TrainArgs:
+        return TrainArgs(model=self.model, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                         weight_decay=self.weight_decay, seed=self.seed)
+
+    def influence_args(self) -> InfluenceArgs:
+        return InfluenceArgs(scope=self.scope, hessian=self.hessian, damping=self.damping,
+                             projection_dim=self.projection_dim, block_size=self.block_size,
+                             storage_dtype="float64" if self.model == "linear" else "float32")
+
+    def selection_args(self) -> SelectionArgs:
+        return SelectionArgs(method=self.method, prune_ratio=self.prune_ratio, epsilon=self.epsilon,
+                             solver=self.solver, seed=self.seed)
+
+    def target_uri(self) -> str:
+        """The Delta table URI: a URI with a scheme as given, a local path made absolute."""
+        target = self.target or f"datasets/{parse_dataset_spec(self.dataset).short_name}-pruned"
+        if "://" in target:
+            return target
+        return str(Path(target).expanduser().resolve())
+
+    def validate_all(self) -> None:
+        """Build every stage's arguments so that bad values fail before anything runs."""
+        parse_dataset_spec(self.dataset)
+        self.train_args(), self.influence_args(), self.selection_args()
+        if self.checkpoint is not None and not Path(self.checkpoint).is_file():
+            raise BadInputError(f"--checkpoint {self.checkpoint}: file not found")
+        out = Path(self.out).expanduser().resolve()
+        if out.exists() and not out.is_dir():
+            raise BadInputError(f"--out {self.out}: exists and is not a folder")
+        target = self.target_uri()
+        if "://" not in target and Path(target).exists() and not Path(target).is_dir():
+            raise BadInputError(f"--target {self.target}: exists and is not a folder")
+
+    def as_json(self) -> dict:
+        return json.loads(self.model_dump_json())

@@ -1,0 +1,145 @@
+"""The `prune-dataset` flow: wiring only. Every stage is a task from `tasks/`; the influence
+stage is a sub-flow on a Dask task runner (a LocalCluster unless an address is given)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import secrets
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect_dask import DaskTaskRunner
+
+import pruning_core
+from pruning_core import artifacts
+from pruning_core.data import dataset_summary, load_dataset
+from pruning_core.influence import shard_ranges
+from tasks.influence import features_shard, influence_shard, inverse_hessian, merge_scores
+from tasks.publish import class_balance, commit_dataset_version, emit_version_event, publish_artifacts
+from tasks.select import select_samples
+from tasks.train import load_checkpoint, train_model
+
+from .parameters import RunParameters
+
+
+def dask_runner(params: RunParameters) -> DaskTaskRunner:
+    if params.dask_address:
+        return DaskTaskRunner(address=params.dask_address)
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                          cluster_kwargs={"n_workers": params.workers, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": None, "host": "127.0.0.1"})
+
+
+@flow(name="influence-scores")
+def influence_scores(params: RunParameters, model: dict, cache: str, scores_out: str, metadata: dict) -> dict:
+    """Features per shard → H⁻¹ → influence per shard → merged scores.parquet."""
+    ds = load_dataset(params.dataset, params.data_root)
+    args = params.influence_args()
+    ranges = shard_ranges(ds.n, params.shards, args.block_size)
+    common = dict(cache=cache, model=model, dataset=params.dataset, data_root=params.data_root)
+    feature_futures = [features_shard.submit(**common, start=a, end=b, block_size=args.block_size) for a, b in ranges]
+    feature_paths = [f.result() for f in feature_futures]
+    h_inv = inverse_hessian(**common, feature_paths=feature_paths, weight_decay=params.weight_decay, args=args)
+    score_futures = [influence_shard.submit(**common, start=a, end=b, hessian_inverse=h_inv, args=args)
+                     for a, b in ranges]
+    return merge_scores([f.result() for f in score_futures], scores_out, metadata)
+
+
+def software_versions() -> dict:
+    import deltalake
+    import prefect
+    import pyarrow
+    import torch
+
+    return {"dataset-pruning": pruning_core.__version__, "python": platform.python_version(),
+            "torch": torch.__version__, "prefect": prefect.__version__, "pyarrow": pyarrow.__version__,
+            "deltalake": deltalake.__version__, "platform": platform.platform()}
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+@flow(name="prune-dataset")
+def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
+    """Train, score every sample's influence, select, and publish the kept samples as a new
+    Delta version. Returns the manifest. On any failure the staged run folder is removed."""
+    logger = get_run_logger()
+    params.validate_all()
+    run_id = run_id or new_run_id()
+    out = Path(params.out).expanduser().resolve()
+    staging, final = out / ".staging" / run_id, out / run_id
+    if final.exists():
+        raise FileExistsError(f"run folder {final} already exists")
+    staging.mkdir(parents=True)
+    timings: dict[str, float] = {}
+
+    def timed(stage, started):
+        timings[stage] = round(time.perf_counter() - started, 3)
+        logger.info("stage %s finished in %.1f s", stage, timings[stage])
+
+    try:
+        t = time.perf_counter()
+        ds = load_dataset(params.dataset, params.data_root)
+        target = params.target_uri()
+        ckpt = str(artifacts.checkpoint_path(staging))
+        if params.checkpoint:
+            model = load_checkpoint(params.dataset, params.data_root, params.model, params.checkpoint, ckpt)
+        else:
+            model = train_model(params.dataset, params.data_root, params.train_args(), ckpt)
+        model["name"] = params.model
+        timed("train", t)
+
+        t = time.perf_counter()
+        influence_args = params.influence_args()
+        key_args = {"dataset": ds.fingerprint, "model": params.model, "checkpoint_sha256": model["checkpoint_sha256"],
+                    "weight_decay": params.weight_decay, "influence": asdict(influence_args)}
+        cache = artifacts.claim_folder(out / ".cache" / f"influence-{artifacts.arguments_key(key_args)}", key_args)
+        scores_meta = {"influence": asdict(influence_args), "weight_decay": params.weight_decay,
+                       "dataset_fingerprint": ds.fingerprint, "checkpoint_sha256": model["checkpoint_sha256"]}
+        scores = influence_scores.with_options(task_runner=dask_runner(params))(
+            params, model, str(cache), str(artifacts.scores_path(staging)), scores_meta)
+        timed("influence", t)
+
+        t = time.perf_counter()
+        selection = select_samples(scores["path"], params.selection_args(), str(artifacts.selection_path(staging)))
+        timed("selection", t)
+        logger.info("pruned %d of %d samples, objective ‖Σ s_i‖ = %.6g", selection["n_pruned"], ds.n,
+                    selection["objective"])
+
+        t = time.perf_counter()
+        provenance = {"run_id": run_id, "run_dir": str(final), "source": {"name": ds.name, "fingerprint": ds.fingerprint,
+                      "n": ds.n}, "model": params.model, "checkpoint_sha256": model["checkpoint_sha256"],
+                      "method": selection["method"], "solver": selection["solver"],
+                      "prune_ratio": selection["prune_ratio"], "epsilon": selection["epsilon"],
+                      "n_pruned": selection["n_pruned"], "n_kept": selection["n_kept"],
+                      "objective": selection["objective"], "arguments": params.as_json()}
+        version = commit_dataset_version(target, params.dataset, params.data_root,
+                                         str(artifacts.selection_path(staging)), provenance)
+        timed("materialise", t)
+
+        manifest = {
+            "run_id": run_id, "run_dir": str(final), "dataset": dataset_summary(ds),
+            "model": {"name": params.model, **{k: v for k, v in model.items() if k not in ("name", "args")}},
+            "checkpoint_sha256": model["checkpoint_sha256"], "arguments": params.as_json(),
+            "influence": {"scope": influence_args.scope, "hessian": influence_args.hessian,
+                          "damping": influence_args.damping, "projection": influence_args.projection_dim,
+                          "storage_dtype": influence_args.storage_dtype, "block_size": influence_args.block_size,
+                          "n_parameters": scores["p"], "cache": str(cache)},
+            "selection": selection, "version": {"uri": version["uri"], "version": version["version"]},
+            "timings": timings, "software": software_versions(),
+        }
+        manifest["model"]["checkpoint"] = str(artifacts.checkpoint_path(final))
+        artifacts.save_manifest(manifest, staging)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    emit_version_event(version["uri"], version["version"], run_id, version["n_kept"])
+    publish_artifacts(manifest, class_balance(params.dataset, params.data_root, str(artifacts.selection_path(final))))
+    logger.info("run folder %s; version %s@%d", final, version["uri"], version["version"])
+    return manifest

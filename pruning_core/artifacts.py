@@ -1,0 +1,183 @@
+"""Stored artifacts: each has `*_path`, `save_*`, `load_*` (and `*_exists` where a stage skips
+work already done) side by side. Every write goes to a temporary file in the same folder and
+is renamed into place, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .errors import ArgumentsMismatchError, BadInputError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str | Path, obj) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    return Path(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def arguments_key(arguments: dict) -> str:
+    """A short stable hash of JSON-able arguments (names a cache folder)."""
+    return hashlib.sha256(json.dumps(arguments, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def claim_folder(folder: str | Path, arguments: dict) -> Path:
+    """Create `folder` holding `arguments.json`, or check an existing one holds the same."""
+    folder = Path(folder)
+    saved = folder / "arguments.json"
+    if saved.exists():
+        if json.loads(saved.read_text()) != json.loads(json.dumps(arguments, sort_keys=True, default=str)):
+            raise ArgumentsMismatchError(f"{folder} holds results made with other arguments; use another folder")
+    else:
+        write_json(saved, arguments)
+    return folder
+
+
+# --- model checkpoint ---------------------------------------------------------------------
+
+def checkpoint_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "model.pt"
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | Path) -> str:
+    """Save a CPU state_dict atomically; return its sha256."""
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    return file_sha256(path)
+
+
+# --- last-layer inputs of one shard (intermediate, in the influence cache) ----------------
+
+def features_shard_path(cache: Path, start: int, end: int) -> Path:
+    return Path(cache) / f"features-{start:010d}-{end:010d}.npy"
+
+
+def save_features_shard(phi: np.ndarray, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, phi)
+    return path
+
+
+def load_features_shard(path: Path) -> np.ndarray:
+    return np.load(path, allow_pickle=False)
+
+
+def features_shard_exists(cache: Path, start: int, end: int) -> bool:
+    return features_shard_path(cache, start, end).exists()
+
+
+# --- scores (per shard, then merged) -------------------------------------------------------
+
+def scores_shard_path(cache: Path, start: int, end: int) -> Path:
+    return Path(cache) / f"scores-{start:010d}-{end:010d}.parquet"
+
+
+def scores_shard_exists(cache: Path, start: int, end: int) -> bool:
+    return scores_shard_path(cache, start, end).exists()
+
+
+def scores_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "scores.parquet"
+
+
+def scores_table(columns: dict[str, np.ndarray], vectors: np.ndarray, metadata: dict | None = None) -> pa.Table:
+    """A scores table: the given 1-d columns then `influence` as a fixed-size list (n, p)."""
+    arrays = {name: pa.array(values) for name, values in columns.items()}
+    flat = pa.array(np.ascontiguousarray(vectors).reshape(-1))
+    arrays["influence"] = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+    table = pa.table(arrays)
+    if metadata:
+        table = table.replace_schema_metadata({"dataset_pruning": json.dumps(metadata, sort_keys=True)})
+    return table
+
+
+def save_parquet(table: pa.Table, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def load_scores(path: str | Path, with_vectors: bool = True) -> tuple[pa.Table, np.ndarray | None, dict]:
+    """(table without `influence`, vectors (n, p) or None, metadata). Checks the contract."""
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise BadInputError(f"--scores {path}: cannot be read as Parquet ({exc})") from exc
+    required = {"sample_id": pa.int64(), "label": pa.int64(), "loss": pa.float64(), "el2n": pa.float64()}
+    for name, dtype in required.items():
+        if name not in table.column_names or table.schema.field(name).type != dtype:
+            raise BadInputError(f"--scores {path}: column {name} ({dtype}) is missing or of another type")
+    if "influence" not in table.column_names or not pa.types.is_fixed_size_list(table.schema.field("influence").type):
+        raise BadInputError(f"--scores {path}: column influence (fixed-size list of floats) is missing")
+    vectors = None
+    if with_vectors:
+        column = table.column("influence").combine_chunks()
+        size = column.type.list_size
+        vectors = column.values.to_numpy(zero_copy_only=False).reshape(len(column), size)
+    meta = table.schema.metadata or {}
+    metadata = json.loads(meta.get(b"dataset_pruning", b"{}"))
+    return table.drop_columns(["influence"]), vectors, metadata
+
+
+# --- selection -----------------------------------------------------------------------------
+
+def selection_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "selection.parquet"
+
+
+def selection_table(sample_id: np.ndarray, pruned: np.ndarray, metadata: dict) -> pa.Table:
+    table = pa.table({"sample_id": pa.array(sample_id, pa.int64()), "pruned": pa.array(pruned, pa.bool_())})
+    return table.replace_schema_metadata({"dataset_pruning": json.dumps(metadata, sort_keys=True, default=str)})
+
+
+def load_selection(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    table = pq.read_table(path)
+    return table.column("sample_id").to_numpy(), table.column("pruned").to_numpy(zero_copy_only=False)
+
+
+# --- manifest ------------------------------------------------------------------------------
+
+def manifest_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "manifest.json"
+
+
+def save_manifest(manifest: dict, run_dir: Path) -> Path:
+    return write_json(manifest_path(run_dir), manifest)
+
+
+def load_manifest(run_dir: Path) -> dict:
+    return json.loads(manifest_path(run_dir).read_text())

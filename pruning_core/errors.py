@@ -1,0 +1,26 @@
+"""Typed errors for the whole project, in one place.
+
+`BadInputError` is what a user can fix (an unknown name, a value out of range, a file that is
+missing or malformed); the command line turns it into one line and exit status 2. Anything else
+is a bug or an environment failure and keeps its traceback.
+"""
+
+
+class PruningError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class BadInputError(PruningError, ValueError):
+    """Input the user can correct. The message names the bad value and what would be valid."""
+
+
+class DatasetError(BadInputError):
+    """A dataset that cannot be found, read, or is malformed (NaN, mismatched lengths, ...)."""
+
+
+class CheckpointError(BadInputError):
+    """A checkpoint that is corrupt, unsafe to load, or made for another model."""
+
+
+class ArgumentsMismatchError(PruningError):
+    """A folder already holds results computed with different arguments; they will not be mixed."""

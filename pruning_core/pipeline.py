@@ -1,0 +1,137 @@
+"""Stage functions the Prefect tasks call: each reads its inputs by path, computes with the
+core, writes its output atomically and returns a small summary. No orchestration here."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import artifacts, influence
+from .data import load_dataset
+from .influence import InfluenceArgs
+from .selection import SelectionArgs, generalization_bound, select
+from .training import TrainArgs, default_device, load_model, train
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run with `n` intra-op threads (None: unchanged). Shard work uses a fixed count so its
+    floating-point results do not depend on the worker's core count."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_stage(dataset: str, data_root: str | None, args: TrainArgs, checkpoint_out: Path,
+                progress=None) -> dict:
+    ds = load_dataset(dataset, data_root)
+    result = train(ds, args, progress=progress)
+    sha = artifacts.save_checkpoint(result.model, checkpoint_out)
+    return {"checkpoint": str(checkpoint_out), "checkpoint_sha256": sha, "test_accuracy": result.test_accuracy,
+            "train_accuracy": result.train_accuracy, "seconds": result.seconds, **result.info}
+
+
+def checkpoint_stage(dataset: str, data_root: str | None, model_name: str, checkpoint: str, checkpoint_out: Path) -> dict:
+    """Use given weights: load them safely, store a copy in the run folder, measure accuracy."""
+    from .training import accuracy
+
+    ds = load_dataset(dataset, data_root)
+    model = load_model(checkpoint, model_name, ds)
+    sha = artifacts.save_checkpoint(model, checkpoint_out)
+    return {"checkpoint": str(checkpoint_out), "checkpoint_sha256": sha, "source_checkpoint": str(checkpoint),
+            "test_accuracy": accuracy(model, ds.x_test, ds.y_test), "train_accuracy": accuracy(model, ds.x, ds.y),
+            "seconds": 0.0}
+
+
+@functools.lru_cache(maxsize=2)
+def _model_once(checkpoint: str, sha256: str, model_name: str, dataset: str, data_root: str | None):
+    """The model of a checkpoint, loaded once per process (a Dask worker loads it once)."""
+    return load_model(checkpoint, model_name, load_dataset(dataset, data_root))
+
+
+def features_shard_stage(cache: Path, checkpoint: str, sha256: str, model_name: str, dataset: str,
+                         data_root: str | None, start: int, end: int, block_size: int, threads: int | None = 1) -> str:
+    path = artifacts.features_shard_path(cache, start, end)
+    if path.exists():
+        return str(path)
+    ds = load_dataset(dataset, data_root)
+    with torch_threads(threads if default_device().type == "cpu" else None):
+        phi = influence.last_layer_inputs(_model_once(checkpoint, sha256, model_name, dataset, data_root),
+                                          ds.x[start:end], block_size)
+    return str(artifacts.save_features_shard(phi, path))
+
+
+def hessian_stage(cache: Path, checkpoint: str, sha256: str, model_name: str, dataset: str, data_root: str | None,
+                  feature_paths: list[str], weight_decay: float, args: InfluenceArgs) -> str:
+    """H⁻¹ of the last layer, from all shards' features in index order; saved as .npy."""
+    path = Path(cache) / "hessian-inverse.npy"
+    if path.exists():
+        return str(path)
+    model = _model_once(checkpoint, sha256, model_name, dataset, data_root)
+    phi = np.concatenate([artifacts.load_features_shard(Path(p)) for p in feature_paths])
+    W, b = influence.last_layer_weights(model)
+    device = default_device()
+    probs = influence.softmax_probs(phi, W, b, device)
+    H = influence.last_layer_hessian(phi, probs, weight_decay, args.damping, args.block_size, device)
+    H_inv = influence.inverse_hessian(H, device)
+    with artifacts.atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, H_inv)
+    return str(path)
+
+
+def influence_shard_stage(cache: Path, checkpoint: str, sha256: str, model_name: str, dataset: str,
+                          data_root: str | None, start: int, end: int, hessian_inverse: str,
+                          args: InfluenceArgs, threads: int | None = 1) -> str:
+    path = artifacts.scores_shard_path(cache, start, end)
+    if path.exists():
+        return str(path)
+    ds = load_dataset(dataset, data_root)
+    model = _model_once(checkpoint, sha256, model_name, dataset, data_root)
+    phi = artifacts.load_features_shard(artifacts.features_shard_path(cache, start, end))
+    W, b = influence.last_layer_weights(model)
+    y = ds.y[start:end]
+    with torch_threads(threads if default_device().type == "cpu" else None):
+        probs = influence.softmax_probs(phi, W, b)
+        vectors = influence.influence_vectors(phi, probs, y, np.load(hessian_inverse), ds.n, args.block_size)
+    loss, el2n = influence.loss_and_el2n(probs, y)
+    table = artifacts.scores_table({"sample_id": ds.sample_id[start:end], "label": y, "loss": loss, "el2n": el2n},
+                                   vectors.astype(args.storage_dtype))
+    return str(artifacts.save_parquet(table, path))
+
+
+def merge_scores_stage(shard_paths: list[str], out: Path, metadata: dict) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables([pq.read_table(p) for p in sorted(shard_paths)])
+    table = table.replace_schema_metadata({"dataset_pruning": __import__("json").dumps(metadata, sort_keys=True)})
+    artifacts.save_parquet(table, out)
+    return {"path": str(out), "n": table.num_rows, "p": table.schema.field("influence").type.list_size}
+
+
+def selection_stage(scores: Path, args: SelectionArgs, out: Path) -> dict:
+    """Select over stored vectors; write selection.parquet; return the manifest's `selection`."""
+    table, vectors, _ = artifacts.load_scores(scores)
+    started = time.perf_counter()
+    result = select(vectors, args)
+    n = len(vectors)
+    summary = {"method": args.method, "solver": result.info.get("solver"), "prune_ratio": args.prune_ratio,
+               "epsilon": args.epsilon, "n": n, "n_pruned": int(result.pruned.sum()),
+               "n_kept": int(n - result.pruned.sum()), "objective": result.objective,
+               "bound": generalization_bound(result.objective, int(result.pruned.sum()), n),
+               "seconds": time.perf_counter() - started,
+               "solver_info": {k: v for k, v in result.info.items() if k not in ("method", "solver", "seconds")}}
+    artifacts.save_parquet(artifacts.selection_table(table.column("sample_id").to_numpy(), result.pruned, summary), out)
+    return summary

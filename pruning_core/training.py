@@ -1,0 +1,204 @@
+"""Training: `linear` by full-batch L-BFGS in float64 to the optimum of
+J(θ) = (1/n) Σ_i w_i ℓ(z_i, θ) + (λ/2)‖θ‖², networks by seeded mini-batch SGD; checkpoints
+loaded with `weights_only=True`."""
+
+from __future__ import annotations
+
+import pickle
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import Dataset, np_float_dtype, as_float
+from .errors import BadInputError, CheckpointError
+from .models import LinearModel, build_model
+
+DEFAULT_EPOCHS = {"linear": 0, "cnn": 4, "resnet18": 30}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class TrainArgs:
+    """The training recipe. `epochs` is ignored by `linear`, which trains to the optimum."""
+
+    model: str = "cnn"
+    epochs: int | None = None  # None: the model's default (DEFAULT_EPOCHS)
+    lr: float = 0.05  # SGD learning rate, annealed by a cosine schedule
+    batch_size: int = 128
+    weight_decay: float = 5e-4  # λ of J(θ); also the λ of the influence Hessian
+    seed: int = 0
+    grad_tol: float = 1e-6  # linear only: stop when ‖∇J‖∞ ≤ grad_tol
+
+    def __post_init__(self):
+        if self.model not in DEFAULT_EPOCHS:
+            raise BadInputError(f"--model {self.model!r} is not a known model; valid: {', '.join(DEFAULT_EPOCHS)}")
+        if self.epochs is None:
+            self.epochs = DEFAULT_EPOCHS[self.model]
+        if self.epochs < 0 or (self.model != "linear" and self.epochs < 1):
+            raise BadInputError(f"--epochs {self.epochs} must be at least 1")
+        if not (self.lr > 0 and np.isfinite(self.lr)):
+            raise BadInputError(f"--lr {self.lr} must be a positive number")
+        if self.batch_size < 1:
+            raise BadInputError(f"--batch-size {self.batch_size} must be at least 1")
+        if not (self.weight_decay >= 0 and np.isfinite(self.weight_decay)):
+            raise BadInputError(f"--weight-decay {self.weight_decay} must be a non-negative number")
+        if self.model == "linear" and self.weight_decay <= 0:
+            raise BadInputError("--weight-decay must be > 0 for --model linear (the optimum must exist)")
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    test_accuracy: float
+    train_accuracy: float
+    seconds: float
+    correctness: np.ndarray | None = None  # (n, epochs) bool: right at its mini-batch, per epoch
+    info: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 1024, device=None) -> np.ndarray:
+    """Logits (n, C) in float64 (computed in the model's dtype)."""
+    device = device or next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    model.eval()
+    out = [model(torch.as_tensor(as_float(x[i:i + batch_size], np_float_dtype(dtype)), device=device)).double().cpu()
+           for i in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, 0))
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, device=None) -> float:
+    return float((predict_logits(model, x, device=device).argmax(1) == y).mean())
+
+
+def fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, weight_decay: float,
+               weights: np.ndarray | None = None, init: LinearModel | None = None,
+               grad_tol: float = 1e-6, device=None, max_rounds: int = 200) -> tuple[LinearModel, dict]:
+    """Minimise (1/n) Σ_i w_i ℓ_i + (λ/2)(‖W‖² + ‖b‖²) by L-BFGS in float64.
+
+    n is always len(x): zero weights drop terms without renormalising (DESIGN.md's θ̂_{−R}).
+    Returns the model and {"grad_inf_norm", "iterations"}; raises if ‖∇J‖∞ > grad_tol.
+    """
+    device = device or default_device()
+    n = len(y)
+    X = torch.as_tensor(as_float(x.reshape(n, -1), np.float64), device=device)
+    Y = torch.tensor(y, device=device)
+    w = torch.ones(n, dtype=torch.float64, device=device) if weights is None else \
+        torch.as_tensor(weights, dtype=torch.float64, device=device)
+    model = LinearModel(X.shape[1], n_classes).double().to(device)
+    with torch.no_grad():
+        if init is not None:
+            model.load_state_dict(init.state_dict())
+        else:
+            model.fc.weight.zero_()
+            model.fc.bias.zero_()
+    params = list(model.parameters())
+    optimiser = torch.optim.LBFGS(params, lr=1, max_iter=100, tolerance_grad=grad_tol / 10,
+                                  tolerance_change=0.0, history_size=30, line_search_fn="strong_wolfe")
+
+    def objective():
+        optimiser.zero_grad()
+        losses = nn.functional.cross_entropy(model(X), Y, reduction="none")
+        value = (w * losses).sum() / n + 0.5 * weight_decay * sum((p * p).sum() for p in params)
+        value.backward()
+        return value
+
+    grad_norm, rounds = np.inf, 0
+    for rounds in range(1, max_rounds + 1):
+        optimiser.step(objective)
+        objective()
+        grad_norm = max(float(p.grad.abs().max()) for p in params)
+        if grad_norm <= grad_tol:
+            break
+    if grad_norm > grad_tol:
+        raise RuntimeError(f"L-BFGS stopped at ‖∇J‖∞ = {grad_norm:.2e} > {grad_tol:.0e} after {rounds} rounds")
+    return model, {"grad_inf_norm": grad_norm, "lbfgs_rounds": rounds}
+
+
+def train_network(model: nn.Module, ds: Dataset, args: TrainArgs, device=None,
+                  progress: Callable[[int, int, float], None] | None = None) -> np.ndarray:
+    """Seeded SGD (momentum 0.9, cosine-annealed lr, weight decay λ on every parameter).
+
+    Returns correctness (n, epochs): whether each sample was classified right in its own
+    mini-batch of each epoch (what forgetting scores count). `progress(epoch, epochs, loss)`.
+    """
+    device = device or default_device()
+    model.to(device).train()
+    x = torch.as_tensor(as_float(ds.x), device=device)
+    y = torch.tensor(ds.y, device=device)
+    generator = torch.Generator().manual_seed(args.seed)
+    steps = args.epochs * ((ds.n + args.batch_size - 1) // args.batch_size)
+    optimiser = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                                weight_decay=args.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=args.lr, total_steps=steps, pct_start=0.15)
+    correctness = np.zeros((ds.n, args.epochs), dtype=bool)
+    for epoch in range(args.epochs):
+        order = torch.randperm(ds.n, generator=generator).to(device)
+        total = 0.0
+        for start in range(0, ds.n, args.batch_size):
+            rows = order[start:start + args.batch_size]
+            logits = model(x[rows])
+            loss = nn.functional.cross_entropy(logits, y[rows])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            correctness[rows.cpu().numpy(), epoch] = (logits.argmax(1) == y[rows]).cpu().numpy()
+            total += loss.item() * len(rows)
+        if progress:
+            progress(epoch + 1, args.epochs, total / ds.n)
+    model.eval()
+    return correctness
+
+
+def train(ds: Dataset, args: TrainArgs, device=None,
+          progress: Callable[[int, int, float], None] | None = None) -> TrainResult:
+    """Train `args.model` on `ds` from a seeded initialisation; returns the model on `device`."""
+    device = device or default_device()
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    if args.model == "linear":
+        model, info = fit_linear(ds.x, ds.y, ds.n_classes, args.weight_decay, grad_tol=args.grad_tol, device=device)
+        correctness = None
+    else:
+        model = build_model(args.model, ds.sample_shape, ds.n_classes)
+        correctness = train_network(model, ds, args, device, progress)
+        info = {}
+    seconds = time.perf_counter() - started
+    return TrainResult(model, accuracy(model, ds.x_test, ds.y_test, device), accuracy(model, ds.x, ds.y, device),
+                       seconds, correctness, {**info, "args": asdict(args)})
+
+
+def load_model(path: str, model_name: str, ds: Dataset, device=None) -> nn.Module:
+    """Load a state_dict with `weights_only=True` into a fresh `model_name` for `ds`.
+
+    Raises `CheckpointError` for an unreadable file, pickled objects beyond tensors, or weights
+    of another architecture or class count.
+    """
+    device = device or default_device()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"--checkpoint {path}: file not found") from exc
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"--checkpoint {path}: not a loadable state_dict ({first[:160]})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"--checkpoint {path}: expected a state_dict of tensors")
+    model = build_model(model_name, ds.sample_shape, ds.n_classes)
+    if model_name == "linear":
+        model = model.double()
+    try:
+        model.load_state_dict({k: v.to(next(iter(model.state_dict().values())).dtype) if v.is_floating_point() else v
+                               for k, v in state.items()})
+    except RuntimeError as exc:
+        raise CheckpointError(f"--checkpoint {path}: does not fit --model {model_name} for this dataset "
+                              f"({str(exc).splitlines()[0][:160]})") from exc
+    return model.to(device).eval()

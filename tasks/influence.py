@@ -1,0 +1,37 @@
+"""Influence tasks: per-shard last-layer inputs, the inverse Hessian, per-shard influence
+vectors and the merge into `scores.parquet`. Shard tasks return paths, never arrays, and skip
+shards already written for the same inputs (the cache folder is keyed by them)."""
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from pruning_core import pipeline
+from pruning_core.influence import InfluenceArgs
+
+
+@task(name="features-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def features_shard(cache: str, model: dict, dataset: str, data_root: str | None, start: int, end: int,
+                   block_size: int) -> str:
+    return pipeline.features_shard_stage(Path(cache), model["checkpoint"], model["checkpoint_sha256"],
+                                         model["name"], dataset, data_root, start, end, block_size)
+
+
+@task(name="inverse-hessian", cache_policy=NO_CACHE, retries=1)
+def inverse_hessian(cache: str, model: dict, dataset: str, data_root: str | None, feature_paths: list[str],
+                    weight_decay: float, args: InfluenceArgs) -> str:
+    return pipeline.hessian_stage(Path(cache), model["checkpoint"], model["checkpoint_sha256"], model["name"],
+                                  dataset, data_root, feature_paths, weight_decay, args)
+
+
+@task(name="influence-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def influence_shard(cache: str, model: dict, dataset: str, data_root: str | None, start: int, end: int,
+                    hessian_inverse: str, args: InfluenceArgs) -> str:
+    return pipeline.influence_shard_stage(Path(cache), model["checkpoint"], model["checkpoint_sha256"],
+                                          model["name"], dataset, data_root, start, end, hessian_inverse, args)
+
+
+@task(name="merge-scores", cache_policy=NO_CACHE)
+def merge_scores(shard_paths: list[str], out: str, metadata: dict) -> dict:
+    return pipeline.merge_scores_stage(shard_paths, Path(out), metadata)

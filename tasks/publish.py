@@ -1,0 +1,69 @@
+"""Publishing tasks: the Delta version, the `dataset.version.created` event, run artifacts."""
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.events import emit_event
+
+from pruning_core import artifacts
+from pruning_core.data import load_dataset
+from pruning_core.versions import commit_version, table_name
+
+EVENT = "dataset.version.created"
+
+
+@task(name="commit-version", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def commit_dataset_version(target: str, dataset: str, data_root: str | None, selection: str, provenance: dict) -> dict:
+    ds = load_dataset(dataset, data_root)
+    sample_id, pruned = artifacts.load_selection(selection)
+    if not np.array_equal(sample_id, ds.sample_id):
+        raise RuntimeError(f"{selection} does not list the samples of {dataset} in order")
+    version = commit_version(target, ds, ~pruned, provenance)
+    return {"uri": target, "version": version, "n_kept": int((~pruned).sum())}
+
+
+@task(name="emit-version-event", cache_policy=NO_CACHE)
+def emit_version_event(uri: str, version: int, run_id: str, n_kept: int) -> str | None:
+    event = emit_event(event=EVENT, resource={"prefect.resource.id": f"dataset.{table_name(uri)}"},
+                       payload={"uri": uri, "version": version, "run_id": run_id, "n_kept": n_kept})
+    return str(event.id) if event else None
+
+
+def class_balance(dataset: str, data_root: str | None, selection: str) -> list[dict]:
+    ds = load_dataset(dataset, data_root)
+    _, pruned = artifacts.load_selection(selection)
+    rows = []
+    for c in range(ds.n_classes):
+        total = int((ds.y == c).sum())
+        kept = int(((ds.y == c) & ~pruned).sum())
+        rows.append({"class": c, "samples": total, "kept": kept, "kept %": round(100 * kept / total, 1) if total else 0.0})
+    return rows
+
+
+@task(name="publish-artifacts", cache_policy=NO_CACHE)
+def publish_artifacts(manifest: dict, balance: list[dict]) -> None:
+    key = "dataset-pruning"
+    create_table_artifact(key=f"{key}-class-balance", table=balance,
+                          description=f"Kept samples per class, run {manifest['run_id']}")
+    sel, ver, model = manifest["selection"], manifest["version"], manifest["model"]
+    timings = "\n".join(f"| {stage} | {seconds:.1f} |" for stage, seconds in manifest["timings"].items())
+    create_markdown_artifact(key=f"{key}-summary", description=f"Run {manifest['run_id']}", markdown=f"""
+# Pruning run `{manifest['run_id']}`
+
+| | |
+|---|---|
+| dataset | `{manifest['dataset']['name']}` ({manifest['dataset']['n']} samples) |
+| model | `{model['name']}`, test accuracy {model['test_accuracy']:.4f} |
+| method | `{sel['method']}` (solver `{sel['solver']}`), ratio {sel['prune_ratio']}, ε {sel['epsilon']} |
+| pruned / kept | {sel['n_pruned']} / {sel['n_kept']} |
+| objective ‖Σ s_i‖₂ | {sel['objective']:.6g} |
+| paper's bound term | {sel['bound']['order_term']:.6g} |
+| version | `{ver['uri']}` @ {ver['version']} |
+| run folder | `{manifest['run_dir']}` |
+
+## Timings (s)
+| stage | seconds |
+|---|---|
+{timings}
+""")

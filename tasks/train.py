@@ -1,0 +1,27 @@
+"""Training task: train (or take given weights) and store `model.pt`."""
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from pruning_core import pipeline
+from pruning_core.training import TrainArgs
+
+
+@task(name="train-model", cache_policy=NO_CACHE)
+def train_model(dataset: str, data_root: str | None, args: TrainArgs, checkpoint_out: str) -> dict:
+    logger = get_run_logger()
+
+    def progress(epoch, epochs, loss):
+        logger.info("epoch %d/%d: training loss %.4f", epoch, epochs, loss)
+
+    result = pipeline.train_stage(dataset, data_root, args, Path(checkpoint_out), progress)
+    logger.info("%s trained in %.1f s: test accuracy %.4f", args.model, result["seconds"], result["test_accuracy"])
+    return result
+
+
+@task(name="load-checkpoint", cache_policy=NO_CACHE)
+def load_checkpoint(dataset: str, data_root: str | None, model: str, checkpoint: str, checkpoint_out: str) -> dict:
+    return pipeline.checkpoint_stage(dataset, data_root, model, checkpoint, Path(checkpoint_out))
