@@ -4,7 +4,9 @@ work on files alone. Bad input: one line on stderr and exit status 2, nothing wr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 
@@ -93,7 +95,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from flows.prune import prune_dataset
 
     started = time.perf_counter()
-    manifest = prune_dataset(params)
+    with prefect_api():
+        manifest = prune_dataset(params)
     print(f"run folder:    {manifest['run_dir']}")
     print(f"delta version: {manifest['version']['uri']}@{manifest['version']['version']}")
     print(f"test accuracy: {manifest['model']['test_accuracy']:.4f} ({params.model})")
@@ -102,6 +105,35 @@ def cmd_run(ns: argparse.Namespace) -> int:
           f"objective ‖Σ s_i‖ = {sel['objective']:.6g}")
     print(f"wall time:     {time.perf_counter() - started:.1f} s")
     return 0
+
+
+@contextlib.contextmanager
+def prefect_api():
+    """Use the configured Prefect API; with none, start a local server on a free loopback port
+    for this run (the default database, so `prefect server start` shows the run later) and
+    export its URL, so that Dask worker processes report to the same server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield PREFECT_API_URL.value()
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+            # deliver buffered logs and events while the server still listens
+            APILogWorker.drain_all()
+            EventsWorker.drain_all()
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
 
 
 def preflight(params) -> None:

@@ -3,6 +3,7 @@ stage is a sub-flow on a Dask task runner (a LocalCluster unless an address is g
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import secrets
@@ -27,11 +28,13 @@ from .parameters import RunParameters
 
 
 def dask_runner(params: RunParameters) -> DaskTaskRunner:
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # cluster start/stop chatter
     if params.dask_address:
         return DaskTaskRunner(address=params.dask_address)
     return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                           cluster_kwargs={"n_workers": params.workers, "threads_per_worker": 1,
-                                          "processes": True, "dashboard_address": None, "host": "127.0.0.1"})
+                                          "processes": True, "dashboard_address": None, "host": "127.0.0.1",
+                                          "silence_logs": logging.WARNING})
 
 
 @flow(name="influence-scores")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -73,10 +74,13 @@ def checkpoint_path(run_dir: Path) -> Path:
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | Path) -> str:
-    """Save a CPU state_dict atomically; return its sha256."""
+    """Save a CPU state_dict atomically; return its sha256. Serialised in memory first: torch
+    names the archive after the file, and a temporary name would make equal weights differ."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
     with atomic_path(path) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    return file_sha256(path)
+        tmp.write_bytes(buffer.getvalue())
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
 # --- last-layer inputs of one shard (intermediate, in the influence cache) ----------------
@@ -160,6 +164,9 @@ def selection_path(run_dir: Path) -> Path:
 
 
 def selection_table(sample_id: np.ndarray, pruned: np.ndarray, metadata: dict) -> pa.Table:
+    """The selection; `metadata` goes into the schema without timings, so equal inputs give
+    byte-identical files."""
+    metadata = {k: v for k, v in metadata.items() if k != "seconds"}
     table = pa.table({"sample_id": pa.array(sample_id, pa.int64()), "pruned": pa.array(pruned, pa.bool_())})
     return table.replace_schema_metadata({"dataset_pruning": json.dumps(metadata, sort_keys=True, default=str)})
 

@@ -90,7 +90,7 @@ def read_version(uri: str, version: int | None = None) -> Dataset:
         raise DatasetError(f"delta:{uri}@{version}: not written by dataset-prune (no provenance in its commit)")
     rows = table.to_pyarrow_table().sort_by("sample_id")
     dtypes = set(rows.column("dtype").unique().to_pylist())
-    shapes = {tuple(s) for s in rows.column("shape").unique().to_pylist()}
+    shapes = {tuple(s) for s in rows.column("shape").to_pylist()}
     if len(dtypes) > 1 or len(shapes) > 1:
         raise DatasetError(f"delta:{uri}@{version}: samples of mixed dtype or shape {dtypes} {shapes}")
     root = load_dataset(origin["source"], origin.get("data_root"))

@@ -1,0 +1,48 @@
+"""Shared fixtures: a small real dataset (a Fashion-MNIST subset as `npz`), a real Prefect
+API (`prefect_test_harness`: a temporary server subprocess) exported to Dask workers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pruning_core.data import FASHION_MNIST_ROOT, load_dataset
+
+
+@pytest.fixture(scope="session")
+def fmnist():
+    if not (FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail("Fashion-MNIST is missing: apt-get install dataset-fashion-mnist (make test installs it)")
+    return load_dataset("fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def small_npz(fmnist, tmp_path_factory) -> str:
+    """2,000 training and 500 test samples of Fashion-MNIST, uint8 (n, 1, 28, 28)."""
+    path = tmp_path_factory.mktemp("data") / "fmnist-small.npz"
+    np.savez(path, x=fmnist.x[:2000], y=fmnist.y[:2000], x_test=fmnist.x_test[:500], y_test=fmnist.y_test[:500])
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect server for the whole session; its URL is also exported to the
+    environment so that Dask worker processes report to it."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        from prefect.settings import PREFECT_API_URL
+
+        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
+        try:
+            yield PREFECT_API_URL.value()
+        finally:
+            os.environ.pop("PREFECT_API_URL", None)
+
+
+def read_only_tree(root: Path) -> list[str]:
+    """Every path under root, for asserting that nothing was written."""
+    return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*")) if Path(root).exists() else []

@@ -1,0 +1,71 @@
+"""Data sources, fingerprints and Delta versions."""
+
+import numpy as np
+import pytest
+
+from pruning_core.data import as_float, load_dataset, parse_dataset_spec
+from pruning_core.errors import DatasetError
+from pruning_core.versions import commit_version, list_versions, read_version
+
+
+def test_fashion_mnist_from_the_idx_files(fmnist):
+    assert fmnist.x.shape == (60000, 1, 28, 28) and fmnist.x.dtype == np.uint8
+    assert fmnist.x_test.shape == (10000, 1, 28, 28) and fmnist.n_classes == 10
+    assert np.bincount(fmnist.y).tolist() == [6000] * 10
+    assert (fmnist.sample_id == np.arange(60000)).all()
+    assert len(fmnist.fingerprint) == 64
+
+
+def test_npz_source_scaling_and_fingerprint(tmp_path, fmnist):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=fmnist.x[:50], y=fmnist.y[:50], x_test=fmnist.x_test[:10], y_test=fmnist.y_test[:10])
+    ds = load_dataset(f"npz:{path}")
+    assert as_float(ds.x).max() <= 1.0 and as_float(ds.x).dtype == np.float32
+    floats = tmp_path / "f.npz"
+    x = np.random.default_rng(0).normal(size=(20, 3)) * 7
+    np.savez(floats, x=x, y=np.arange(20) % 2, x_test=x[:4], y_test=np.arange(4) % 2)
+    assert np.array_equal(as_float(load_dataset(f"npz:{floats}").x, np.float64), x)  # used exactly as given
+    assert load_dataset(f"npz:{floats}").fingerprint != ds.fingerprint
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x": np.zeros((3, 2)), "y": np.zeros(2, int)}, "3 samples but 2 labels"),
+    ({"x": np.array([[np.nan, 0.0]] * 3), "y": np.array([0, 1, 0])}, "NaN or Inf"),
+    ({"x": np.zeros((0, 2)), "y": np.zeros(0, int)}, "non-empty"),
+    ({"x": np.zeros((3, 2)), "y": np.array([0, -1, 1])}, "labels must lie"),
+])
+def test_bad_npz(tmp_path, arrays, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, x_test=np.zeros((2, 2)), y_test=np.array([0, 1]), **arrays)
+    with pytest.raises(DatasetError, match=message):
+        load_dataset(f"npz:{path}")
+
+
+def test_unknown_spec():
+    with pytest.raises(DatasetError, match="valid: fashion-mnist"):
+        parse_dataset_spec("imagenet")
+
+
+def test_delta_version_round_trip_with_time_travel(tmp_path, small_npz):
+    ds = load_dataset(f"npz:{small_npz}")
+    uri = str(tmp_path / "table")
+    keep_a = np.arange(ds.n) % 3 != 0
+    keep_b = np.arange(ds.n) % 2 == 0
+    v0 = commit_version(uri, ds, keep_a, {"run_id": "a"})
+    v1 = commit_version(uri, ds, keep_b, {"run_id": "b"})
+    assert (v0, v1) == (0, 1)
+    back = read_version(uri, 0)
+    assert np.array_equal(back.sample_id, ds.sample_id[keep_a])
+    assert np.array_equal(back.x, ds.x[keep_a]) and np.array_equal(back.y, ds.y[keep_a])
+    assert np.array_equal(back.x_test, ds.x_test)
+    assert np.array_equal(read_version(uri, None).sample_id, ds.sample_id[keep_b])
+    # pruned again: ids survive
+    again = back.subset(back.sample_id % 2 == 1)
+    commit_version(uri, again, np.ones(again.n, bool), {"run_id": "c"})
+    assert np.array_equal(read_version(uri, 2).sample_id, ds.sample_id[keep_a & (ds.sample_id % 2 == 1)])
+    assert [v["provenance"]["run_id"] for v in list_versions(uri)] == ["c", "b", "a"]
+
+
+def test_missing_delta_table(tmp_path):
+    with pytest.raises(DatasetError, match="no Delta table"):
+        load_dataset(f"delta:{tmp_path / 'nothing'}@0")

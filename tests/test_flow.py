@@ -1,0 +1,94 @@
+"""The `prune-dataset` flow under a real Prefect API with real Dask LocalClusters."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from deltalake import DeltaTable
+
+from flows.parameters import RunParameters
+from flows.prune import prune_dataset
+from pruning_core.artifacts import load_scores
+from pruning_core.selection import objective
+
+
+def run(tmp_path, name, **overrides):
+    values = dict(model="cnn", epochs=5, prune_ratio=0.4, shards=3, workers=2, block_size=128,
+                  out=str(tmp_path / name / "runs"), target=str(tmp_path / name / "table"))
+    values.update(overrides)
+    return prune_dataset(RunParameters(**values))
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_api, small_npz, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("flow")
+    return tmp, run(tmp, "first", dataset=f"npz:{small_npz}")
+
+
+def test_flow_publishes_exactly_the_kept_samples(first_run, prefect_api):
+    tmp, manifest = first_run
+    run_dir = tmp / "first" / "runs" / manifest["run_id"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["manifest.json", "model.pt", "scores.parquet",
+                                                          "selection.parquet"]
+    assert json.loads((run_dir / "manifest.json").read_text()) == json.loads(json.dumps(manifest, default=str))
+    assert not any((tmp / "first" / "runs" / ".staging").iterdir())
+
+    scores = pq.read_table(run_dir / "scores.parquet")
+    assert scores.schema.field("sample_id").type == "int64" and scores.schema.field("loss").type == "double"
+    assert scores.schema.field("influence").type.list_size == 10 * 128 + 10
+    table, vectors, _ = load_scores(run_dir / "scores.parquet")
+    selection = pq.read_table(run_dir / "selection.parquet")
+    pruned = selection.column("pruned").to_numpy(zero_copy_only=False)
+    assert pruned.sum() == 800 == manifest["selection"]["n_pruned"]
+    assert manifest["selection"]["objective"] == pytest.approx(objective(vectors, pruned), rel=1e-12)
+    assert manifest["selection"]["objective"] < objective(vectors, np.arange(2000) < 800)
+
+    delta = DeltaTable(manifest["version"]["uri"], version=manifest["version"]["version"])
+    rows = delta.to_pyarrow_table()
+    kept = selection.column("sample_id").to_numpy()[~pruned]
+    assert sorted(rows.column("sample_id").to_pylist()) == kept.tolist()
+    history = delta.history()[0]
+    assert json.loads(history["dataset_pruning"])["run_id"] == manifest["run_id"]
+    assert 0.5 < manifest["model"]["test_accuracy"] <= 1.0
+
+
+def test_flow_emits_the_version_event(first_run, prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    _, manifest = first_run
+    with get_client(sync_client=True) as client:
+        page = client.read_events(filter=EventFilter(event=EventNameFilter(name=["dataset.version.created"])),
+                                   limit=50)
+    payloads = [e.payload for e in page.events if e.payload.get("run_id") == manifest["run_id"]]
+    assert payloads == [{"uri": manifest["version"]["uri"], "version": manifest["version"]["version"],
+                         "run_id": manifest["run_id"], "n_kept": 1200}]
+    assert page.events[0].resource.id == "dataset.table"
+
+
+def test_scores_identical_for_any_shard_and_worker_count(first_run, small_npz):
+    tmp, manifest = first_run
+    checkpoint = manifest["model"]["checkpoint"]
+    outputs = []
+    for shards, workers in [(1, 1), (3, 2), (7, 2), (7, 1)]:
+        m = run(tmp, f"s{shards}w{workers}", dataset=f"npz:{small_npz}", checkpoint=checkpoint,
+                shards=shards, workers=workers)
+        folder = tmp / f"s{shards}w{workers}" / "runs" / m["run_id"]
+        outputs.append(((folder / "scores.parquet").read_bytes(), (folder / "selection.parquet").read_bytes(),
+                        pq.read_table(folder / "scores.parquet")))
+    reference = pq.read_table(tmp / "first" / "runs" / manifest["run_id"] / "scores.parquet")
+    for scores_bytes, selection_bytes, table in outputs:
+        assert table.equals(reference.replace_schema_metadata(table.schema.metadata))
+        assert scores_bytes == outputs[0][0] and selection_bytes == outputs[0][1]
+
+
+def test_pruned_version_trains_and_scores_again(first_run):
+    tmp, manifest = first_run
+    source = f"delta:{manifest['version']['uri']}@{manifest['version']['version']}"
+    again = run(tmp, "again", dataset=source, prune_ratio=0.25)
+    assert again["dataset"]["n"] == 1200 and again["selection"]["n_pruned"] == 300
+    first_rows = DeltaTable(manifest["version"]["uri"], version=manifest["version"]["version"]).to_pyarrow_table()
+    rows = DeltaTable(again["version"]["uri"]).to_pyarrow_table()
+    assert set(rows.column("sample_id").to_pylist()) < set(first_rows.column("sample_id").to_pylist())
+    assert rows.num_rows == 900

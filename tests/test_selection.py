@@ -1,0 +1,88 @@
+"""Selection solvers: quality against random sets and exhaustive search; the ε mode."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pruning_core.errors import BadInputError
+from pruning_core.selection import SelectionArgs, objective, select, select_size_constrained_bruteforce
+
+
+def instance(rng, n, p, drift=0.3):
+    """Vectors with a common drift (as real influence vectors have) and heavy-tailed norms."""
+    return rng.normal(size=(n, p)) * rng.exponential(size=(n, 1)) + drift * rng.normal(size=p)
+
+
+def test_solver_beats_best_of_100_random_sets():
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        V = instance(rng, 3000, 32).astype(np.float32)
+        result = select(V, SelectionArgs(prune_ratio=0.4))
+        m = result.info["n_pruned"]
+        assert m == 1200
+        best_random = min(objective(V, np.isin(np.arange(3000), rng.choice(3000, m, replace=False)))
+                          for _ in range(100))
+        assert result.objective <= best_random
+        assert result.objective == pytest.approx(objective(V, result.pruned))
+
+
+def test_solver_near_optimal_on_enumerable_instances():
+    rng = np.random.default_rng(1)
+    ratios = []
+    for trial in range(50):
+        V = instance(rng, 14, 6)
+        m = int(rng.integers(2, 10))
+        fast = select(V, SelectionArgs(prune_ratio=m / 14))
+        exact = select_size_constrained_bruteforce(V, int(fast.pruned.sum()))
+        assert fast.objective >= exact.objective - 1e-12
+        ratios.append(fast.objective / exact.objective)
+    assert np.mean(ratios) <= 1.05, np.mean(ratios)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), scale=st.floats(0.01, 3.0))
+def test_epsilon_mode_never_exceeds_epsilon_and_grows_with_it(seed, scale):
+    rng = np.random.default_rng(seed)
+    V = instance(rng, 300, 8)
+    sizes = []
+    for eps in np.array([0.1, 0.3, 1.0, 3.0, 10.0]) * scale:
+        result = select(V, SelectionArgs(epsilon=float(eps)))
+        assert result.objective <= eps
+        sizes.append(int(result.pruned.sum()))
+    assert sizes == sorted(sizes)
+
+
+def test_epsilon_mode_is_maximal_along_its_path():
+    rng = np.random.default_rng(3)
+    V = instance(rng, 500, 8)
+    result = select(V, SelectionArgs(epsilon=0.5))
+    k = int(result.pruned.sum())
+    from pruning_core.selection import greedy_path
+
+    order, path = greedy_path(V, 500, 256)
+    assert set(order[:k]) == set(np.flatnonzero(result.pruned))
+    assert (path[k:] > 0.5).all()  # every longer prefix of the path breaks ε
+
+
+def test_random_method_is_seeded():
+    V = instance(np.random.default_rng(0), 100, 4)
+    a = select(V, SelectionArgs(method="random", prune_ratio=0.3, seed=5))
+    b = select(V, SelectionArgs(method="random", prune_ratio=0.3, seed=5))
+    c = select(V, SelectionArgs(method="random", prune_ratio=0.3, seed=6))
+    assert (a.pruned == b.pruned).all() and not (a.pruned == c.pruned).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prune_ratio": 0.0}, "strictly between"),
+    ({"prune_ratio": 1.0}, "strictly between"),
+    ({}, "exactly one"),
+    ({"prune_ratio": 0.3, "epsilon": 1.0}, "exactly one"),
+    ({"epsilon": 0.0}, "positive"),
+    ({"epsilon": float("nan")}, "positive"),
+    ({"prune_ratio": 0.3, "method": "nope"}, "not known"),
+    ({"prune_ratio": 0.3, "solver": "nope"}, "not known"),
+])
+def test_bad_selection_arguments(kwargs, message):
+    with pytest.raises(BadInputError, match=message):
+        SelectionArgs(**kwargs)
