@@ -1,0 +1,38 @@
+# `make demo` and `make test` work on a fresh machine: they create the virtual environment,
+# install the package with its pinned dependencies, and install Debian's Fashion-MNIST.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DEMO_ARGS ?= --dataset fashion-mnist --model cnn --prune-ratio 0.4
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP) $(FMNIST)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(FMNIST):
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	  echo "Fashion-MNIST is missing: install Debian's package (sudo apt-get install dataset-fashion-mnist)" >&2; exit 1; \
+	fi
+
+demo: setup
+	$(BIN)/dataset-prune run $(DEMO_ARGS)
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python benchmarks/pipeline.py
+
+clean:
+	rm -rf runs datasets .pytest_cache
