@@ -69,3 +69,23 @@ def test_delta_version_round_trip_with_time_travel(tmp_path, small_npz):
 def test_missing_delta_table(tmp_path):
     with pytest.raises(DatasetError, match="no Delta table"):
         load_dataset(f"delta:{tmp_path / 'nothing'}@0")
+
+
+def test_torchvision_source_reads_a_data_root(tmp_path, fmnist):
+    """`mnist` through torchvision's reader: the Fashion-MNIST idx files laid out as
+    torchvision's MNIST/raw folder must read back as the same arrays."""
+    import gzip
+    import shutil
+
+    from pruning_core.data import FASHION_MNIST_ROOT
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in FASHION_MNIST_ROOT.glob("*.gz"):
+        with gzip.open(gz) as src, open(raw / gz.name[:-3], "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    ds = load_dataset("mnist", str(tmp_path))
+    assert ds.x.shape == (60000, 1, 28, 28) and ds.n_classes == 10
+    assert np.array_equal(ds.x, fmnist.x) and np.array_equal(ds.y_test, fmnist.y_test)
+    with pytest.raises(DatasetError, match="not found under --data-root"):
+        load_dataset("cifar10", str(tmp_path))
