@@ -13,6 +13,7 @@ import time
 from pydantic import ValidationError
 
 from pruning_core.errors import BadInputError
+from pruning_core.influence import format_estimate
 
 EXIT_BAD_INPUT = 2
 
@@ -27,6 +28,10 @@ def _float(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _damping(text: str):
+    return "auto" if text == "auto" else _float(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--scope", default="last-layer")
     run.add_argument("--hessian", default="exact")
-    run.add_argument("--damping", type=_float, default=0.0)
+    run.add_argument("--damping", type=_damping, default=0.0)
     run.add_argument("--projection-dim", type=int)
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--prune-ratio", type=_float)
@@ -58,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs")
     run.add_argument("--target")
     run.add_argument("--block-size", type=int, default=1024)
+    run.add_argument("--gpu", action="store_true", help="shard tasks request the Dask resource GPU=1")
+    run.add_argument("--dry-run", action="store_true", help="print the influence stage's memory/time estimate and stop")
 
     select = sub.add_parser("select", help="selection alone, over an existing scores.parquet")
     select.add_argument("--scores", required=True)
@@ -85,13 +92,16 @@ def _pydantic_message(exc: ValidationError) -> str:
 def cmd_run(ns: argparse.Namespace) -> int:
     from flows.parameters import RunParameters
 
-    values = {k: v for k, v in vars(ns).items() if k != "command" and v is not None}
+    values = {k: v for k, v in vars(ns).items() if k not in ("command", "dry_run") and v is not None}
     try:
         params = RunParameters(**values)
     except ValidationError as exc:
         raise BadInputError(_pydantic_message(exc)) from None
     params.validate_all()
-    preflight(params)
+    estimate = preflight(params)
+    print(format_estimate(estimate), file=sys.stderr if not ns.dry_run else sys.stdout)
+    if ns.dry_run:
+        return 0
     from flows.prune import prune_dataset
 
     started = time.perf_counter()
@@ -136,18 +146,24 @@ def prefect_api():
         server.stop()
 
 
-def preflight(params) -> None:
+def preflight(params) -> dict:
     """Read the data and the checkpoint before the flow starts, so bad files fail in one line
-    with nothing written."""
+    with nothing written; return the influence stage's estimate."""
     from pruning_core.data import load_dataset
     from pruning_core.models import build_model
     from pruning_core.training import load_model
 
+    from pruning_core.influence import stage_estimate
+    from pruning_core.scopes import scope_parameter_names
+
     ds = load_dataset(params.dataset, params.data_root)
     if params.checkpoint:
-        load_model(params.checkpoint, params.model, ds, device="cpu")
+        model = load_model(params.checkpoint, params.model, ds, device="cpu")
     else:
-        build_model(params.model, ds.sample_shape, ds.n_classes)
+        model = build_model(params.model, ds.sample_shape, ds.n_classes)
+    names = scope_parameter_names(model, params.influence_args().scope)
+    sizes = dict(model.named_parameters())
+    return stage_estimate(ds.n, sum(sizes[k].numel() for k in names), model.fc.in_features, params.influence_args())
 
 
 def cmd_select(ns: argparse.Namespace) -> int:

@@ -32,10 +32,13 @@ class RunParameters(BaseModel):
     batch_size: int = Field(128, ge=1, description="Training mini-batch size")
     weight_decay: float = Field(5e-4, ge=0, description="λ: L2 penalty in training and in the influence Hessian")
     seed: int = Field(0, ge=0, description="Seed of training and of random selection")
-    scope: Literal["last-layer"] = Field("last-layer", description="Parameters the influence is taken over")
+    scope: str = Field("last-layer", description="Parameters the influence is taken over: last-layer, all, "
+                                                 "modules:NAME[,NAME...]")
     hessian: Literal["exact", "kfac", "ekfac", "cg", "lissa"] = Field("exact", description="Inverse-Hessian strategy")
-    damping: float = Field(0.0, ge=0, description="Added to the Hessian's diagonal on top of λ")
+    damping: float | Literal["auto"] = Field(0.0, description="Added to the Hessian's diagonal on top of λ; "
+                                                               "'auto': 1e-3 × mean eigenvalue")
     projection_dim: int | None = Field(None, ge=1, description="Random-projection dimension of the stored vectors")
+    gpu: bool = Field(False, description="Shard tasks request the Dask resource GPU=1")
     prune_ratio: float | None = Field(None, gt=0, lt=1, description="Fraction of samples to remove (size-constrained)")
     epsilon: float | None = Field(None, gt=0, description="Bound on ‖Σ s_i‖₂ of the removed set (guaranteed mode)")
     method: Literal["influence", "random", "el2n", "grand", "forgetting", "influence-score", "herding", "kcenter",
@@ -52,7 +55,7 @@ class RunParameters(BaseModel):
     def _check(self):
         if (self.prune_ratio is None) == (self.epsilon is None):
             raise ValueError("give exactly one of prune_ratio and epsilon")
-        for name in ("lr", "weight_decay", "damping", "epsilon", "prune_ratio"):
+        for name in ("lr", "weight_decay", "epsilon", "prune_ratio"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name} must be finite")
@@ -66,6 +69,8 @@ class RunParameters(BaseModel):
                          weight_decay=self.weight_decay, seed=self.seed)
 
     def influence_args(self) -> InfluenceArgs:
+        if isinstance(self.damping, float) and not self.damping >= 0:
+            raise BadInputError(f"--damping {self.damping} must be a non-negative number or 'auto'")
         return InfluenceArgs(scope=self.scope, hessian=self.hessian, damping=self.damping,
                              projection_dim=self.projection_dim, block_size=self.block_size,
                              storage_dtype="float64" if self.model == "linear" else "float32")

@@ -3,6 +3,7 @@ stage is a sub-flow on a Dask task runner (a LocalCluster unless an address is g
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -12,13 +13,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import dask
 from prefect import flow, get_run_logger
 from prefect_dask import DaskTaskRunner
 
 import pruning_core
 from pruning_core import artifacts
 from pruning_core.data import dataset_summary, load_dataset
-from pruning_core.influence import shard_ranges
+from pruning_core.influence import format_estimate, shard_ranges, stage_estimate
+from pruning_core.models import build_model
+from pruning_core.scopes import scope_parameter_names
 from tasks.influence import features_shard, influence_shard, inverse_hessian, merge_scores
 from tasks.publish import class_balance, commit_dataset_version, emit_version_event, publish_artifacts
 from tasks.select import select_samples
@@ -31,10 +35,11 @@ def dask_runner(params: RunParameters) -> DaskTaskRunner:
     logging.getLogger("distributed").setLevel(logging.WARNING)  # cluster start/stop chatter
     if params.dask_address:
         return DaskTaskRunner(address=params.dask_address)
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                          cluster_kwargs={"n_workers": params.workers, "threads_per_worker": 1,
-                                          "processes": True, "dashboard_address": None, "host": "127.0.0.1",
-                                          "silence_logs": logging.WARNING})
+    kwargs = {"n_workers": params.workers, "threads_per_worker": 1, "processes": True,
+              "dashboard_address": None, "host": "127.0.0.1", "silence_logs": logging.WARNING}
+    if params.gpu:
+        kwargs["resources"] = {"GPU": 1}
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
 
 
 @flow(name="influence-scores")
@@ -43,13 +48,27 @@ def influence_scores(params: RunParameters, model: dict, cache: str, scores_out:
     ds = load_dataset(params.dataset, params.data_root)
     args = params.influence_args()
     ranges = shard_ranges(ds.n, params.shards, args.block_size)
+    shapes = build_model(params.model, ds.sample_shape, ds.n_classes)
+    sizes = dict(shapes.named_parameters())
+    p = sum(sizes[k].numel() for k in scope_parameter_names(shapes, args.scope))
+    get_run_logger().info(format_estimate(stage_estimate(ds.n, p, shapes.fc.in_features, args)))
     common = dict(cache=cache, model=model, dataset=params.dataset, data_root=params.data_root)
-    feature_futures = [features_shard.submit(**common, start=a, end=b, block_size=args.block_size) for a, b in ranges]
+    with shard_resources(params):
+        feature_futures = [features_shard.submit(**common, start=a, end=b, args=args) for a, b in ranges]
     feature_paths = [f.result() for f in feature_futures]
-    h_inv = inverse_hessian(**common, feature_paths=feature_paths, weight_decay=params.weight_decay, args=args)
-    score_futures = [influence_shard.submit(**common, start=a, end=b, hessian_inverse=h_inv, args=args)
-                     for a, b in ranges]
-    return merge_scores([f.result() for f in score_futures], scores_out, metadata)
+    inverse = inverse_hessian(**common, feature_paths=feature_paths, weight_decay=params.weight_decay, args=args)
+    with shard_resources(params):
+        score_futures = [influence_shard.submit(**common, start=a, end=b, inverse=inverse["path"], args=args)
+                         for a, b in ranges]
+    solve = {k: v for k, v in inverse.items() if k not in ("path", "seconds")}  # equal inputs, equal bytes
+    merged = merge_scores([f.result() for f in score_futures], scores_out, {**metadata, "inverse": solve})
+    return {**merged, "inverse": inverse}
+
+
+def shard_resources(params: RunParameters):
+    """Shard tasks ask for a Dask GPU resource when `gpu` is set (workers started with
+    `--resources GPU=1`, or a LocalCluster on a CUDA machine)."""
+    return dask.annotate(resources={"GPU": 1}) if params.gpu else contextlib.nullcontext()
 
 
 def software_versions() -> dict:
@@ -130,9 +149,13 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
             "model": {"name": params.model, **{k: v for k, v in model.items() if k not in ("name", "args")}},
             "checkpoint_sha256": model["checkpoint_sha256"], "arguments": params.as_json(),
             "influence": {"scope": influence_args.scope, "hessian": influence_args.hessian,
-                          "damping": influence_args.damping, "projection": influence_args.projection_dim,
+                          "damping": scores["inverse"]["damping"], "damping_requested": influence_args.damping,
+                          "projection": ({"dim": influence_args.projection_dim, "kind": influence_args.projection_kind,
+                                          "seed": influence_args.projection_seed}
+                                         if influence_args.projection_dim else None),
+                          "solve": scores["inverse"],
                           "storage_dtype": influence_args.storage_dtype, "block_size": influence_args.block_size,
-                          "n_parameters": scores["p"], "cache": str(cache)},
+                          "vector_dim": scores["p"], "cache": str(cache)},
             "selection": selection, "version": {"uri": version["uri"], "version": version["version"]},
             "timings": timings, "software": software_versions(),
         }

@@ -104,6 +104,28 @@ def features_shard_exists(cache: Path, start: int, end: int) -> bool:
     return features_shard_path(cache, start, end).exists()
 
 
+# --- M = B H⁻¹ (in the influence cache) ----------------------------------------------------
+
+def inverse_path(cache: Path) -> Path:
+    return Path(cache) / "inverse-hessian.npy"
+
+
+def inverse_info_path(cache: Path) -> Path:
+    return Path(cache) / "inverse-hessian.json"
+
+
+def save_inverse(M: np.ndarray, info: dict, cache: Path) -> Path:
+    with atomic_path(inverse_path(cache)) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, M)
+    write_json(inverse_info_path(cache), info)  # written last: its presence marks M complete
+    return inverse_path(cache)
+
+
+def load_inverse_info(cache: Path) -> dict:
+    return json.loads(inverse_info_path(cache).read_text())
+
+
 # --- scores (per shard, then merged) -------------------------------------------------------
 
 def scores_shard_path(cache: Path, start: int, end: int) -> Path:

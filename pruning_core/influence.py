@@ -20,37 +20,49 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import np_float_dtype, as_float
+from .data import as_float, np_float_dtype
 from .errors import BadInputError
+from .hessians import STRATEGIES, Curvature, KroneckerFactors, exact_bytes
+from .scopes import validate_scope
 
-SCOPES = ("last-layer",)
-HESSIANS = ("exact",)
-PLANNED_HESSIANS = ("kfac", "ekfac", "cg", "lissa")
-EXACT_MAX_BYTES = 16 * 2**30
 
 
 @dataclass
 class InfluenceArgs:
     """Influence settings, saved in the manifest; a cache made with other settings is not reused."""
 
-    scope: str = "last-layer"  # parameters s_i is taken over
-    hessian: str = "exact"  # inverse-Hessian strategy
-    damping: float = 0.0  # added to the diagonal of H on top of λ
-    projection_dim: int | None = None  # seeded random projection of s_i (not yet available)
+    scope: str = "last-layer"  # last-layer, all, modules:NAME[,NAME...]
+    hessian: str = "exact"  # inverse-Hessian strategy: exact, kfac, ekfac, cg, lissa
+    damping: float | str = 0.0  # added to the diagonal of H on top of λ; "auto": 1e-3 · trace(H)/p
+    projection_dim: int | None = None  # seeded random projection of s_i (applied after H⁻¹)
+    projection_kind: str = "gaussian"  # gaussian or rademacher
+    projection_seed: int = 0
     block_size: int = 1024  # rows per fixed block; part of the numerical identity of results
-    storage_dtype: str = "float32"  # dtype of the stored vectors: float32 or float64
+    storage_dtype: str = "float32"  # dtype of the stored vectors (and of the final product)
+    cg_tol: float = 1e-10
+    cg_max_iter: int = 1000
+    lissa_depth: int = 2000
+    lissa_batch_size: int | None = 512  # None: full-data Hessian-vector products
 
     def __post_init__(self):
-        if self.scope not in SCOPES:
-            raise BadInputError(f"--scope {self.scope!r} is not available; valid: {', '.join(SCOPES)}")
-        if self.hessian in PLANNED_HESSIANS:
-            raise BadInputError(f"--hessian {self.hessian} is not implemented yet; valid now: {', '.join(HESSIANS)}")
-        if self.hessian not in HESSIANS:
-            raise BadInputError(f"--hessian {self.hessian!r} is not known; valid: {', '.join(HESSIANS)}")
-        if not (self.damping >= 0 and np.isfinite(self.damping)):
-            raise BadInputError(f"--damping {self.damping} must be a non-negative number")
-        if self.projection_dim is not None:
-            raise BadInputError("--projection-dim is not implemented yet; omit it to store the full vectors")
+        self.scope = validate_scope(self.scope)
+        if self.hessian not in STRATEGIES:
+            raise BadInputError(f"--hessian {self.hessian!r} is not known; valid: {', '.join(STRATEGIES)}")
+        if self.hessian in ("kfac", "ekfac") and self.scope != "last-layer":
+            raise BadInputError(f"--hessian {self.hessian} is available for --scope last-layer; "
+                                f"use exact, cg or lissa with --scope {self.scope}")
+        if isinstance(self.damping, str):
+            if self.damping != "auto":
+                try:
+                    self.damping = float(self.damping)
+                except ValueError:
+                    raise BadInputError(f"--damping {self.damping!r} must be a non-negative number or 'auto'") from None
+        if self.damping != "auto" and not (self.damping >= 0 and np.isfinite(self.damping)):
+            raise BadInputError(f"--damping {self.damping} must be a non-negative number or 'auto'")
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise BadInputError(f"--projection-dim {self.projection_dim} must be at least 1")
+        if self.projection_kind not in ("gaussian", "rademacher"):
+            raise BadInputError(f"projection kind {self.projection_kind!r}; valid: gaussian, rademacher")
         if self.block_size < 1:
             raise BadInputError(f"block size {self.block_size} must be at least 1")
         if self.storage_dtype not in ("float32", "float64"):
@@ -71,11 +83,12 @@ def shard_ranges(n: int, n_shards: int, block_size: int) -> list[tuple[int, int]
 
 @torch.no_grad()
 def last_layer_inputs(model: nn.Module, x: np.ndarray, block_size: int, device=None) -> np.ndarray:
-    """φ(x), the inputs of `fc`, (n, d) float64, computed block by block in the model's dtype."""
+    """φ(x), the inputs of `fc`, (n, d) in the model's dtype (float32 for networks, float64 for
+    `linear`), computed block by block; the Hessian's large products run in that dtype."""
     device = device or next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     model.eval()
-    out = [model.features(torch.as_tensor(as_float(x[a:b], np_float_dtype(dtype)), device=device)).double().cpu()
+    out = [model.features(torch.as_tensor(as_float(x[a:b], np_float_dtype(dtype)), device=device)).cpu()
            for a, b in block_ranges(0, len(x), block_size)]
     return torch.cat(out).numpy()
 
@@ -117,10 +130,6 @@ def per_sample_gradients(phi: np.ndarray, probs: np.ndarray, y: np.ndarray) -> n
     return np.concatenate([weight, residual], axis=1)
 
 
-def hessian_bytes(n_classes: int, d: int) -> int:
-    return (n_classes * (d + 1)) ** 2 * 8
-
-
 def last_layer_hessian(phi: np.ndarray, probs: np.ndarray, weight_decay: float, damping: float,
                        block_size: int, device="cpu") -> np.ndarray:
     """H = (1/n) Σ_i (diag(p_i) − p_i p_iᵀ) ⊗ φ̃_i φ̃_iᵀ + (λ + damping)·I, (p, p), contract order.
@@ -130,17 +139,16 @@ def last_layer_hessian(phi: np.ndarray, probs: np.ndarray, weight_decay: float, 
     n, d = phi.shape
     C = probs.shape[1]
     dd = d + 1
-    if hessian_bytes(C, d) > EXACT_MAX_BYTES:
-        raise BadInputError(f"the exact Hessian over {C * dd} parameters needs {hessian_bytes(C, d) / 2**30:.1f} GiB "
-                            f"(limit {EXACT_MAX_BYTES / 2**30:.0f} GiB)")
+    cdtype = torch.float32 if phi.dtype == np.float32 else torch.float64  # products; sums over blocks in float64
     diag = torch.zeros(C, dd, dd, dtype=torch.float64, device=device)
     outer = torch.zeros(C * dd, C * dd, dtype=torch.float64, device=device)
     for a, b in block_ranges(0, n, block_size):
-        f = torch.cat([_t(phi[a:b], device), torch.ones(b - a, 1, dtype=torch.float64, device=device)], 1)  # (k, d+1)
-        p = _t(probs[a:b], device)  # (k, C)
-        diag += torch.bmm((p.T[:, :, None] * f[None]).transpose(1, 2), f.expand(C, -1, -1))  # (C, d+1, d+1)
+        f = torch.cat([torch.as_tensor(phi[a:b], device=device).to(cdtype),
+                       torch.ones(b - a, 1, dtype=cdtype, device=device)], 1)  # (k, d+1)
+        p = torch.as_tensor(probs[a:b], device=device).to(cdtype)  # (k, C)
+        diag += torch.bmm((p.T[:, :, None] * f[None]).transpose(1, 2), f.expand(C, -1, -1)).double()  # (C, d+1, d+1)
         q = (p[:, :, None] * f[:, None, :]).reshape(b - a, C * dd)  # (k, C(d+1)): p_i ⊗ φ̃_i
-        outer += q.T @ q
+        outer += (q.T @ q).double()
     H = -outer
     for c in range(C):
         H[c * dd:(c + 1) * dd, c * dd:(c + 1) * dd] += diag[c]
@@ -161,15 +169,81 @@ def inverse_hessian(H: np.ndarray, device="cpu") -> np.ndarray:
     return (0.5 * (H_inv + H_inv.T)).cpu().numpy()
 
 
-def influence_vectors(phi: np.ndarray, probs: np.ndarray, y: np.ndarray, H_inv: np.ndarray, n_total: int,
-                      block_size: int, device="cpu") -> np.ndarray:
-    """s_i = (1/n) H⁻¹ ∇ℓ_i for the rows given, (k, p) float64; n_total is the full n."""
-    H_inv_t = _t(H_inv, device)
+def influence_vectors(phi: np.ndarray, probs: np.ndarray, y: np.ndarray, M: np.ndarray, n_total: int,
+                      block_size: int, device="cpu", dtype=np.float64) -> np.ndarray:
+    """s_i = (1/n) M ∇ℓ_i for the rows given, (b, k) in `dtype`; n_total is the full n.
+
+    M = B H⁻¹ (k, p): H⁻¹ itself (full vectors) or P H⁻¹ (projected vectors, P s_i).
+    """
+    tdtype = torch.float64 if dtype == np.float64 else torch.float32
+    Mt = torch.as_tensor(M, device=device).to(tdtype)
     out = []
     for a, b in block_ranges(0, len(y), block_size):
-        g = _t(per_sample_gradients(phi[a:b], probs[a:b], y[a:b]), device)
-        out.append((g @ H_inv_t / n_total).cpu())  # H⁻¹ is symmetric: (H⁻¹ g_i)ᵀ = g_iᵀ H⁻¹
-    return torch.cat(out).numpy() if out else np.zeros((0, H_inv.shape[0]))
+        f = torch.as_tensor(phi[a:b], device=device).to(tdtype)  # (b, d)
+        r = torch.as_tensor(probs[a:b], device=device).clone()
+        r[torch.arange(b - a), torch.tensor(y[a:b], device=device)] -= 1.0  # p_i − e_{y_i}
+        r = r.to(tdtype)
+        g = torch.cat([(r[:, :, None] * f[:, None, :]).reshape(b - a, -1), r], 1)  # (b, p), contract order
+        out.append((g @ Mt.T / n_total).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, M.shape[0]), dtype=dtype)
+
+
+def last_layer_curvature(phi: np.ndarray, probs: np.ndarray, block_size: int, device="cpu") -> Curvature:
+    """H_data of the last layer in closed form: dense, Hessian-vector products, diagonal and
+    the Kronecker factors for kfac/ekfac, all over fixed blocks in index order."""
+    n, d = phi.shape
+    C = probs.shape[1]
+    dd = d + 1
+    perm = contract_order(C, d)
+    perm_t = torch.as_tensor(perm, device=device)
+
+    def blocks(rows=None):
+        idx = np.arange(n) if rows is None else np.sort(np.asarray(rows))
+        for a in range(0, len(idx), block_size):
+            sel = idx[a:a + block_size]
+            f = torch.cat([_t(phi[sel], device), torch.ones(len(sel), 1, dtype=torch.float64, device=device)], 1)
+            yield f, _t(probs[sel], device)  # (b, d+1), (b, C)
+
+    def hvp(V: torch.Tensor, rows=None) -> torch.Tensor:
+        Vk = torch.empty_like(V, dtype=torch.float64)
+        Vk[:, perm_t] = V.to(torch.float64)
+        Vk = Vk.view(-1, C, dd)
+        out = torch.zeros_like(Vk)
+        count = 0
+        for f, p in blocks(rows):
+            Z = Vk @ f.T  # (k, C, b): logit directions per sample
+            AZ = p.T * Z - p.T * (p.T * Z).sum(1, keepdim=True)  # (diag p − p pᵀ) z per sample
+            out += AZ @ f
+            count += len(f)
+        return (out.reshape(len(V), -1) / count)[:, perm_t]
+
+    def dense() -> torch.Tensor:
+        return torch.as_tensor(last_layer_hessian(phi, probs, 0.0, 0.0, block_size, device), device=device)
+
+    def diag() -> torch.Tensor:
+        total = torch.zeros(C, dd, dtype=torch.float64, device=device)
+        for f, p in blocks():
+            total += (p - p * p).T @ (f * f)
+        return (total.reshape(-1) / n)[perm_t]
+
+    def eigen_diagonal(Q_s: torch.Tensor, Q_a: torch.Tensor) -> torch.Tensor:
+        """(1/n) Σ_i diag(Q_sᵀ A_i Q_s) ⊗ (Q_aᵀ φ̃_i)²: the exact diagonal of H_data in the
+        Kronecker eigenbasis (EK-FAC's refitted eigenvalues, without sampling)."""
+        total = torch.zeros(C, dd, dtype=torch.float64, device=device)
+        for f, p in blocks():
+            D = p @ (Q_s * Q_s) - (p @ Q_s) ** 2  # (b, C)
+            total += D.T @ (f @ Q_a) ** 2
+        return total / n
+
+    def factors() -> KroneckerFactors:
+        S = torch.zeros(C, C, dtype=torch.float64, device=device)
+        A = torch.zeros(dd, dd, dtype=torch.float64, device=device)
+        for f, p in blocks():
+            S += torch.diag(p.sum(0)) - p.T @ p
+            A += f.T @ f
+        return KroneckerFactors(S / n, A / n, eigen_diagonal, perm)
+
+    return Curvature(p=C * dd, n=n, device=torch.device(device), hvp=hvp, dense=dense, diag=diag, kron=factors)
 
 
 def influence_vectors_autograd(model: nn.Module, x: np.ndarray, y: np.ndarray, weight_decay: float,
@@ -199,3 +273,40 @@ def influence_vectors_autograd(model: nn.Module, x: np.ndarray, y: np.ndarray, w
     grads = torch.stack([torch.autograd.functional.jacobian(lambda t: losses(t, slice(i, i + 1))[0], theta0)
                          for i in range(n)])
     return torch.linalg.solve(H, grads.T).T.numpy() / n
+
+
+def stage_estimate(n: int, p: int, feature_dim: int, args: InfluenceArgs, flops_per_second: float = 2e10) -> dict:
+    """Rough memory and time of the influence stage, printed before it starts.
+
+    Peak memory counts the arrays held at once in the process computing M = B H⁻¹ (features,
+    dense H, M, one block of gradients); time assumes `flops_per_second` (a 2-core CPU does
+    about 2e10 in float64 matmul) and excludes the forward passes.
+    """
+    k = args.projection_dim or p
+    item = np.dtype(args.storage_dtype).itemsize
+    memory = {
+        "features": n * (feature_dim + 1) * 8 if args.scope == "last-layer" else 0,
+        "hessian": p * p * 8 if args.hessian == "exact" else 0,
+        "inverse_basis": k * p * 8,
+        "gradient_block": args.block_size * p * 8,
+        "stored_vectors": n * k * item,
+    }
+    flops = 2.0 * n * p * k  # the vectors: G Mᵀ
+    if args.hessian == "exact":
+        flops += 2.0 * n * p * p + p**3 / 3 + 2.0 * p * p * k
+    elif args.hessian in ("kfac", "ekfac"):
+        flops += 4.0 * n * p * (feature_dim + 1) + 2.0 * k * p * (feature_dim + 1)
+    else:
+        iterations = args.cg_max_iter if args.hessian == "cg" else args.lissa_depth
+        rows = n if args.hessian == "cg" or args.lissa_batch_size is None else min(n, args.lissa_batch_size)
+        flops += 4.0 * rows * p * k * min(iterations, 100)  # iterations until convergence, capped for the guess
+    peak = memory["features"] + memory["hessian"] + memory["inverse_basis"] + memory["gradient_block"]
+    return {"n": n, "p": p, "k": k, "memory_bytes": memory, "peak_bytes": peak, "flops": flops,
+            "seconds": flops / flops_per_second}
+
+
+def format_estimate(estimate: dict) -> str:
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    parts = ", ".join(f"{k.replace('_', ' ')} {gib(v)}" for k, v in estimate["memory_bytes"].items() if v)
+    return (f"influence stage estimate: n={estimate['n']}, p={estimate['p']}, stored dim={estimate['k']}; "
+            f"peak ≈ {gib(estimate['peak_bytes'])} ({parts}); ≈ {estimate['seconds']:.0f} s of math")

@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import artifacts, influence
+from . import artifacts, hessians, influence
+from .scopes import ScopedLoss, autograd_curvature, scope_parameter_names
 from .data import load_dataset
 from .influence import InfluenceArgs
 from .selection import SelectionArgs, generalization_bound, select
-from .training import TrainArgs, default_device, load_model, train
+from .training import TrainArgs, default_device, load_model, predict_logits, train
 
 
 @contextlib.contextmanager
@@ -61,10 +62,13 @@ def _model_once(checkpoint: str, sha256: str, model_name: str, dataset: str, dat
 
 
 def features_shard_stage(cache: Path, checkpoint: str, sha256: str, model_name: str, dataset: str,
-                         data_root: str | None, start: int, end: int, block_size: int, threads: int | None = 1) -> str:
+                         data_root: str | None, start: int, end: int, block_size: int, threads: int | None = 1,
+                         args_scope: str = "last-layer") -> str | None:
     path = artifacts.features_shard_path(cache, start, end)
     if path.exists():
         return str(path)
+    if args_scope != "last-layer":  # other scopes take gradients from the inputs directly
+        return None
     ds = load_dataset(dataset, data_root)
     with torch_threads(threads if default_device().type == "cpu" else None):
         phi = influence.last_layer_inputs(_model_once(checkpoint, sha256, model_name, dataset, data_root),
@@ -72,42 +76,72 @@ def features_shard_stage(cache: Path, checkpoint: str, sha256: str, model_name: 
     return str(artifacts.save_features_shard(phi, path))
 
 
-def hessian_stage(cache: Path, checkpoint: str, sha256: str, model_name: str, dataset: str, data_root: str | None,
-                  feature_paths: list[str], weight_decay: float, args: InfluenceArgs) -> str:
-    """H⁻¹ of the last layer, from all shards' features in index order; saved as .npy."""
-    path = Path(cache) / "hessian-inverse.npy"
-    if path.exists():
-        return str(path)
+def _curvature(cache: Path, model, args: InfluenceArgs, dataset: str, data_root: str | None,
+               feature_paths: list[str], device):
+    if args.scope == "last-layer":
+        phi = np.concatenate([artifacts.load_features_shard(Path(p)) for p in feature_paths])
+        W, b = influence.last_layer_weights(model)
+        probs = influence.softmax_probs(phi, W, b, device)
+        return influence.last_layer_curvature(phi, probs, args.block_size, device)
+    ds = load_dataset(dataset, data_root)
+    loss = ScopedLoss(model, scope_parameter_names(model, args.scope))
+    return autograd_curvature(loss, ds.x, ds.y, args.block_size)
+
+
+def inverse_stage(cache: Path, checkpoint: str, sha256: str, model_name: str, dataset: str, data_root: str | None,
+                  feature_paths: list[str], weight_decay: float, args: InfluenceArgs) -> dict:
+    """M = B H⁻¹ by the chosen strategy (B: identity or the seeded projection), saved beside
+    a JSON record of the strategy, the damping actually used and convergence figures."""
+    path = artifacts.inverse_path(cache)
+    if path.exists() and artifacts.inverse_info_path(cache).exists():
+        return artifacts.load_inverse_info(cache)
     model = _model_once(checkpoint, sha256, model_name, dataset, data_root)
-    phi = np.concatenate([artifacts.load_features_shard(Path(p)) for p in feature_paths])
-    W, b = influence.last_layer_weights(model)
     device = default_device()
-    probs = influence.softmax_probs(phi, W, b, device)
-    H = influence.last_layer_hessian(phi, probs, weight_decay, args.damping, args.block_size, device)
-    H_inv = influence.inverse_hessian(H, device)
-    with artifacts.atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, H_inv)
-    return str(path)
+    started = time.perf_counter()
+    curv = _curvature(cache, model, args, dataset, data_root, feature_paths, device)
+    damping = hessians.automatic_damping(curv) if args.damping == "auto" else float(args.damping)
+    if args.projection_dim:
+        B = hessians.projection_matrix(curv.p, args.projection_dim, args.projection_seed, args.projection_kind, device)
+    else:
+        B = torch.eye(curv.p, dtype=torch.float64, device=device)
+    M, solve = hessians.inverse_apply(curv, B, args.hessian, weight_decay + damping, tol=args.cg_tol,
+                                      max_iter=args.cg_max_iter, depth=args.lissa_depth,
+                                      batch_size=args.lissa_batch_size, seed=args.projection_seed)
+    info = {"path": str(path), "strategy": solve.strategy, "damping": damping, "shift": solve.shift,
+            "iterations": solve.iterations, "residual": solve.residual, "p": curv.p, "k": int(B.shape[0]),
+            "seconds": time.perf_counter() - started, **solve.extra}
+    artifacts.save_inverse(M.cpu().numpy(), info, cache)
+    return info
 
 
 def influence_shard_stage(cache: Path, checkpoint: str, sha256: str, model_name: str, dataset: str,
-                          data_root: str | None, start: int, end: int, hessian_inverse: str,
+                          data_root: str | None, start: int, end: int, inverse: str,
                           args: InfluenceArgs, threads: int | None = 1) -> str:
     path = artifacts.scores_shard_path(cache, start, end)
     if path.exists():
         return str(path)
     ds = load_dataset(dataset, data_root)
     model = _model_once(checkpoint, sha256, model_name, dataset, data_root)
-    phi = artifacts.load_features_shard(artifacts.features_shard_path(cache, start, end))
-    W, b = influence.last_layer_weights(model)
     y = ds.y[start:end]
+    M = np.load(inverse)
+    dtype = np.dtype(args.storage_dtype).type
     with torch_threads(threads if default_device().type == "cpu" else None):
-        probs = influence.softmax_probs(phi, W, b)
-        vectors = influence.influence_vectors(phi, probs, y, np.load(hessian_inverse), ds.n, args.block_size)
-    loss, el2n = influence.loss_and_el2n(probs, y)
-    table = artifacts.scores_table({"sample_id": ds.sample_id[start:end], "label": y, "loss": loss, "el2n": el2n},
-                                   vectors.astype(args.storage_dtype))
+        if args.scope == "last-layer":
+            phi = artifacts.load_features_shard(artifacts.features_shard_path(cache, start, end))
+            W, b = influence.last_layer_weights(model)
+            probs = influence.softmax_probs(phi, W, b)
+            vectors = influence.influence_vectors(phi, probs, y, M, ds.n, args.block_size, dtype=dtype)
+        else:
+            loss = ScopedLoss(model, scope_parameter_names(model, args.scope))
+            Mt = torch.as_tensor(M, device=loss.device).to(loss.dtype)
+            vectors = np.concatenate([
+                (loss.per_sample_gradients(ds.x[start + a:start + b], y[a:b]) @ Mt.T / ds.n).double().cpu().numpy()
+                for a, b in influence.block_ranges(0, end - start, args.block_size)]).astype(dtype)
+            logits = predict_logits(model, ds.x[start:end], args.block_size)
+            probs = torch.softmax(torch.as_tensor(logits), 1).numpy()
+    loss_values, el2n = influence.loss_and_el2n(probs, y)
+    table = artifacts.scores_table({"sample_id": ds.sample_id[start:end], "label": y, "loss": loss_values,
+                                    "el2n": el2n}, vectors)
     return str(artifacts.save_parquet(table, path))
 
 

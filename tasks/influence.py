@@ -13,23 +13,24 @@ from pruning_core.influence import InfluenceArgs
 
 @task(name="features-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def features_shard(cache: str, model: dict, dataset: str, data_root: str | None, start: int, end: int,
-                   block_size: int) -> str:
+                   args: InfluenceArgs) -> str | None:
     return pipeline.features_shard_stage(Path(cache), model["checkpoint"], model["checkpoint_sha256"],
-                                         model["name"], dataset, data_root, start, end, block_size)
+                                         model["name"], dataset, data_root, start, end, args.block_size,
+                                         args_scope=args.scope)
 
 
 @task(name="inverse-hessian", cache_policy=NO_CACHE, retries=1)
 def inverse_hessian(cache: str, model: dict, dataset: str, data_root: str | None, feature_paths: list[str],
-                    weight_decay: float, args: InfluenceArgs) -> str:
-    return pipeline.hessian_stage(Path(cache), model["checkpoint"], model["checkpoint_sha256"], model["name"],
+                    weight_decay: float, args: InfluenceArgs) -> dict:
+    return pipeline.inverse_stage(Path(cache), model["checkpoint"], model["checkpoint_sha256"], model["name"],
                                   dataset, data_root, feature_paths, weight_decay, args)
 
 
 @task(name="influence-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def influence_shard(cache: str, model: dict, dataset: str, data_root: str | None, start: int, end: int,
-                    hessian_inverse: str, args: InfluenceArgs) -> str:
+                    inverse: str, args: InfluenceArgs) -> str:
     return pipeline.influence_shard_stage(Path(cache), model["checkpoint"], model["checkpoint_sha256"],
-                                          model["name"], dataset, data_root, start, end, hessian_inverse, args)
+                                          model["name"], dataset, data_root, start, end, inverse, args)
 
 
 @task(name="merge-scores", cache_policy=NO_CACHE)

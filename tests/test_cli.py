@@ -47,6 +47,12 @@ CASES = {
     "missing checkpoint": (["--checkpoint", "{root}/absent.pt"], "file not found"),
     "unknown hessian": (["--hessian", "newton"], "--hessian 'newton'"),
     "unknown method": (["--method", "oracle"], "--method 'oracle'"),
+    "unknown scope": (["--scope", "everything"], "--scope 'everything' is not valid"),
+    "unknown module": (["--scope", "modules:conv9"], "no module named 'conv9'"),
+    "kfac outside the last layer": (["--scope", "all", "--hessian", "kfac"], "available for --scope last-layer"),
+    "bad damping": (["--damping", "lots"], "'lots' is not a number"),
+    "negative damping": (["--damping", "-1"], "--damping -1.0"),
+    "zero projection": (["--projection-dim", "0"], "--projection-dim 0"),
     "zero shards": (["--shards", "0"], "--shards 0"),
     "bad dask address": (["--dask-address", "localhost"], "must look like tcp://host:port"),
 }
@@ -91,3 +97,12 @@ def test_versions_command_lists_provenance(tmp_path, small_npz, capsys):
     out = capsys.readouterr().out
     assert "r1" in out and "random / 0.95" in out and "100" in out
     assert main(["versions", str(tmp_path / "missing")]) == 2
+
+
+def test_dry_run_prints_the_estimate_and_writes_nothing(tmp_path, small_npz, capsys):
+    code = main(["run", "--dataset", f"npz:{small_npz}", "--prune-ratio", "0.4", "--hessian", "ekfac",
+                 "--projection-dim", "256", "--dry-run", "--out", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "n=2000, p=1290, stored dim=256" in out and "peak" in out
+    assert not (tmp_path / "runs").exists()
