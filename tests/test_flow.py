@@ -57,10 +57,20 @@ def test_flow_emits_the_version_event(first_run, prefect_api):
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter
 
+    import time
+
+    from prefect.events.worker import EventsWorker
+
     _, manifest = first_run
-    with get_client(sync_client=True) as client:
-        page = client.read_events(filter=EventFilter(event=EventNameFilter(name=["dataset.version.created"])),
-                                   limit=50)
+    EventsWorker.drain_all()  # events are sent in the background, and stored by the server asynchronously
+    deadline = time.monotonic() + 60
+    while True:
+        with get_client(sync_client=True) as client:
+            page = client.read_events(filter=EventFilter(event=EventNameFilter(name=["dataset.version.created"])),
+                                      limit=50)
+        if any(e.payload.get("run_id") == manifest["run_id"] for e in page.events) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     payloads = [e.payload for e in page.events if e.payload.get("run_id") == manifest["run_id"]]
     assert payloads == [{"uri": manifest["version"]["uri"], "version": manifest["version"]["version"],
                          "run_id": manifest["run_id"], "n_kept": 1200}]
@@ -92,3 +102,19 @@ def test_pruned_version_trains_and_scores_again(first_run):
     rows = DeltaTable(again["version"]["uri"]).to_pyarrow_table()
     assert set(rows.column("sample_id").to_pylist()) < set(first_rows.column("sample_id").to_pylist())
     assert rows.num_rows == 900
+
+
+def test_sharded_dask_scores_equal_one_plain_process(first_run, small_npz, tmp_path):
+    """The stage functions called in this process (one shard, no Dask, no Prefect, default
+    threads) give the same table as the 3-shard run on a 2-worker LocalCluster."""
+    from pruning_core import pipeline
+
+    tmp, manifest = first_run
+    spec, ckpt, sha = f"npz:{small_npz}", manifest["model"]["checkpoint"], manifest["checkpoint_sha256"]
+    args = RunParameters(dataset=spec, prune_ratio=0.4, block_size=128).influence_args()
+    features = pipeline.features_shard_stage(tmp_path, ckpt, sha, "cnn", spec, None, 0, 2000, 128, threads=None)
+    inverse = pipeline.inverse_stage(tmp_path, ckpt, sha, "cnn", spec, None, [features], 5e-4, args)
+    shard = pipeline.influence_shard_stage(tmp_path, ckpt, sha, "cnn", spec, None, 0, 2000, inverse["path"], args,
+                                           threads=None)
+    flow_scores = pq.read_table(tmp / "first" / "runs" / manifest["run_id"] / "scores.parquet")
+    assert pq.read_table(shard).equals(flow_scores.replace_schema_metadata(None))
