@@ -61,7 +61,8 @@ def influence_scores(params: RunParameters, model: dict, cache: str, scores_out:
         score_futures = [influence_shard.submit(**common, start=a, end=b, inverse=inverse["path"], args=args)
                          for a, b in ranges]
     solve = {k: v for k, v in inverse.items() if k not in ("path", "seconds")}  # equal inputs, equal bytes
-    merged = merge_scores([f.result() for f in score_futures], scores_out, {**metadata, "inverse": solve})
+    merged = merge_scores([f.result() for f in score_futures], scores_out, {**metadata, "inverse": solve},
+                          model.get("forgetting"))
     return {**merged, "inverse": inverse}
 
 
@@ -160,6 +161,8 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
             "timings": timings, "software": software_versions(),
         }
         manifest["model"]["checkpoint"] = str(artifacts.checkpoint_path(final))
+        if model.get("forgetting"):
+            manifest["model"]["forgetting"] = str(artifacts.forgetting_path(final))
         artifacts.save_manifest(manifest, staging)
         os.replace(staging, final)
     except BaseException:

@@ -140,15 +140,41 @@ def scores_path(run_dir: Path) -> Path:
     return Path(run_dir) / "scores.parquet"
 
 
-def scores_table(columns: dict[str, np.ndarray], vectors: np.ndarray, metadata: dict | None = None) -> pa.Table:
-    """A scores table: the given 1-d columns then `influence` as a fixed-size list (n, p)."""
+def _fixed_size_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(matrix).reshape(-1)), matrix.shape[1])
+
+
+def scores_table(columns: dict[str, np.ndarray], vectors: np.ndarray, metadata: dict | None = None,
+                 embedding: np.ndarray | None = None) -> pa.Table:
+    """A scores table: the given 1-d columns, `influence` (n, p) and optionally `embedding`
+    (n, d: the model's features, for herding/kcenter/moderate) as fixed-size lists."""
     arrays = {name: pa.array(values) for name, values in columns.items()}
-    flat = pa.array(np.ascontiguousarray(vectors).reshape(-1))
-    arrays["influence"] = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+    arrays["influence"] = _fixed_size_list(vectors)
+    if embedding is not None:
+        arrays["embedding"] = _fixed_size_list(embedding)
     table = pa.table(arrays)
     if metadata:
         table = table.replace_schema_metadata({"dataset_pruning": json.dumps(metadata, sort_keys=True)})
     return table
+
+
+def column_array(table: pa.Table, name: str) -> np.ndarray:
+    """A column as numpy: 1-d columns as (n,), fixed-size lists as (n, width)."""
+    column = table.column(name).combine_chunks()
+    if pa.types.is_fixed_size_list(column.type):
+        return column.values.to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+    return column.to_numpy(zero_copy_only=False)
+
+
+def forgetting_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "forgetting.npy"
+
+
+def save_array(array: np.ndarray, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+    return Path(path)
 
 
 def save_parquet(table: pa.Table, path: str | Path) -> Path:
@@ -169,11 +195,7 @@ def load_scores(path: str | Path, with_vectors: bool = True) -> tuple[pa.Table, 
             raise BadInputError(f"--scores {path}: column {name} ({dtype}) is missing or of another type")
     if "influence" not in table.column_names or not pa.types.is_fixed_size_list(table.schema.field("influence").type):
         raise BadInputError(f"--scores {path}: column influence (fixed-size list of floats) is missing")
-    vectors = None
-    if with_vectors:
-        column = table.column("influence").combine_chunks()
-        size = column.type.list_size
-        vectors = column.values.to_numpy(zero_copy_only=False).reshape(len(column), size)
+    vectors = column_array(table, "influence") if with_vectors else None
     meta = table.schema.metadata or {}
     metadata = json.loads(meta.get(b"dataset_pruning", b"{}"))
     return table.drop_columns(["influence"]), vectors, metadata

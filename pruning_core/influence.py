@@ -130,6 +130,13 @@ def per_sample_gradients(phi: np.ndarray, probs: np.ndarray, y: np.ndarray) -> n
     return np.concatenate([weight, residual], axis=1)
 
 
+def last_layer_gradient_norms(phi: np.ndarray, probs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """‖∇_θ ℓ_i‖ over the last layer, (n,) float64: ‖p_i − e_{y_i}‖·‖φ̃_i‖ (GraNd at the end of training)."""
+    residual = probs.copy()
+    residual[np.arange(len(y)), y] -= 1.0
+    return np.linalg.norm(residual, axis=1) * np.sqrt((phi.astype(np.float64) ** 2).sum(1) + 1.0)
+
+
 def last_layer_hessian(phi: np.ndarray, probs: np.ndarray, weight_decay: float, damping: float,
                        block_size: int, device="cpu") -> np.ndarray:
     """H = (1/n) Σ_i (diag(p_i) − p_i p_iᵀ) ⊗ φ̃_i φ̃_iᵀ + (λ + damping)·I, (p, p), contract order.

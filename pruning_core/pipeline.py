@@ -36,10 +36,17 @@ def torch_threads(n: int | None):
 
 def train_stage(dataset: str, data_root: str | None, args: TrainArgs, checkpoint_out: Path,
                 progress=None) -> dict:
+    from .baselines import forgetting_events
+
     ds = load_dataset(dataset, data_root)
     result = train(ds, args, progress=progress)
     sha = artifacts.save_checkpoint(result.model, checkpoint_out)
-    return {"checkpoint": str(checkpoint_out), "checkpoint_sha256": sha, "test_accuracy": result.test_accuracy,
+    forgetting = None
+    if result.correctness is not None:
+        forgetting = str(artifacts.save_array(forgetting_events(result.correctness),
+                                              artifacts.forgetting_path(Path(checkpoint_out).parent)))
+    return {"checkpoint": str(checkpoint_out), "checkpoint_sha256": sha, "forgetting": forgetting,
+            "test_accuracy": result.test_accuracy,
             "train_accuracy": result.train_accuracy, "seconds": result.seconds, **result.info}
 
 
@@ -131,25 +138,36 @@ def influence_shard_stage(cache: Path, checkpoint: str, sha256: str, model_name:
             W, b = influence.last_layer_weights(model)
             probs = influence.softmax_probs(phi, W, b)
             vectors = influence.influence_vectors(phi, probs, y, M, ds.n, args.block_size, dtype=dtype)
+            grand = influence.last_layer_gradient_norms(phi, probs, y)
+            embedding = phi.astype(np.float32)
         else:
             loss = ScopedLoss(model, scope_parameter_names(model, args.scope))
             Mt = torch.as_tensor(M, device=loss.device).to(loss.dtype)
-            vectors = np.concatenate([
-                (loss.per_sample_gradients(ds.x[start + a:start + b], y[a:b]) @ Mt.T / ds.n).double().cpu().numpy()
-                for a, b in influence.block_ranges(0, end - start, args.block_size)]).astype(dtype)
+            parts, grand = [], []
+            for a, b in influence.block_ranges(0, end - start, args.block_size):
+                G = loss.per_sample_gradients(ds.x[start + a:start + b], y[a:b])
+                parts.append((G @ Mt.T / ds.n).double().cpu().numpy())
+                grand.append(G.norm(dim=1).double().cpu().numpy())
+            vectors, grand = np.concatenate(parts).astype(dtype), np.concatenate(grand)
+            embedding = influence.last_layer_inputs(model, ds.x[start:end], args.block_size).astype(np.float32)
             logits = predict_logits(model, ds.x[start:end], args.block_size)
             probs = torch.softmax(torch.as_tensor(logits), 1).numpy()
     loss_values, el2n = influence.loss_and_el2n(probs, y)
     table = artifacts.scores_table({"sample_id": ds.sample_id[start:end], "label": y, "loss": loss_values,
-                                    "el2n": el2n}, vectors)
+                                    "el2n": el2n, "grand": grand}, vectors, embedding=embedding)
     return str(artifacts.save_parquet(table, path))
 
 
-def merge_scores_stage(shard_paths: list[str], out: Path, metadata: dict) -> dict:
+def merge_scores_stage(shard_paths: list[str], out: Path, metadata: dict, forgetting: str | None = None) -> dict:
+    """Concatenate shard tables in sample order; add `forgetting` (events per sample, from the
+    training run's per-epoch correctness) when training recorded it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.concat_tables([pq.read_table(p) for p in sorted(shard_paths)])
+    if forgetting:
+        events = np.load(forgetting)
+        table = table.add_column(table.schema.get_field_index("grand") + 1, "forgetting", pa.array(events, pa.int64()))
     table = table.replace_schema_metadata({"dataset_pruning": __import__("json").dumps(metadata, sort_keys=True)})
     artifacts.save_parquet(table, out)
     return {"path": str(out), "n": table.num_rows, "p": table.schema.field("influence").type.list_size}
@@ -159,7 +177,9 @@ def selection_stage(scores: Path, args: SelectionArgs, out: Path) -> dict:
     """Select over stored vectors; write selection.parquet; return the manifest's `selection`."""
     table, vectors, _ = artifacts.load_scores(scores)
     started = time.perf_counter()
-    result = select(vectors, args)
+    columns = {name: artifacts.column_array(table, name) for name in table.column_names
+               if name in ("label", "el2n", "grand", "forgetting", "embedding")}
+    result = select(vectors, args, columns)
     n = len(vectors)
     summary = {"method": args.method, "solver": result.info.get("solver"), "prune_ratio": args.prune_ratio,
                "epsilon": args.epsilon, "n": n, "n_pruned": int(result.pruned.sum()),

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .baselines import ORDER_METHODS, removal_order
 from .errors import BadInputError
 
-METHODS = ("influence", "random")
-PLANNED_METHODS = ("el2n", "grand", "forgetting", "influence-score", "herding", "kcenter", "moderate", "ccs")
+METHODS = ("influence", *ORDER_METHODS)
 SOLVERS = ("greedy",)
 
 
@@ -43,10 +43,8 @@ class SelectionArgs:
     swap_rounds: int = 500  # at most this many swaps
 
     def __post_init__(self):
-        if self.method in PLANNED_METHODS:
-            raise BadInputError(f"--method {self.method} is not implemented yet; valid now: {', '.join(METHODS)}")
         if self.method not in METHODS:
-            raise BadInputError(f"--method {self.method!r} is not known; valid: {', '.join(METHODS + PLANNED_METHODS)}")
+            raise BadInputError(f"--method {self.method!r} is not known; valid: {', '.join(METHODS)}")
         if self.solver not in SOLVERS:
             raise BadInputError(f"--solver {self.solver!r} is not known; valid: {', '.join(SOLVERS)}")
         if (self.prune_ratio is None) == (self.epsilon is None):
@@ -152,17 +150,16 @@ def _largest_prefix_within(vectors: np.ndarray, order: np.ndarray, path: np.ndar
     return _mask(len(vectors), order[:k])
 
 
-def random_order(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).permutation(n)
-
-
-def select(vectors: np.ndarray, args: SelectionArgs) -> Selection:
-    """Run the method and mode of `args` over vectors (n, p)."""
+def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarray] | None = None) -> Selection:
+    """Run the method and mode of `args` over vectors (n, p); baselines read their score
+    columns (`label`, `el2n`, `grand`, `forgetting`, `embedding`) from `columns`."""
     n = len(vectors)
     started = time.perf_counter()
     info: dict = {"method": args.method, "solver": args.solver if args.method == "influence" else None}
-    if args.method == "random":
-        order = random_order(n, args.seed)
+    if args.method != "influence":
+        columns = {"label": np.zeros(n, np.int64), **(columns or {})}
+        order = removal_order(args.method, columns, vectors, args.seed,
+                              args.n_prune(n) if args.prune_ratio is not None else None)
         if args.prune_ratio is not None:
             pruned = _mask(n, order[:args.n_prune(n)])
         else:

@@ -34,5 +34,5 @@ def influence_shard(cache: str, model: dict, dataset: str, data_root: str | None
 
 
 @task(name="merge-scores", cache_policy=NO_CACHE)
-def merge_scores(shard_paths: list[str], out: str, metadata: dict) -> dict:
-    return pipeline.merge_scores_stage(shard_paths, Path(out), metadata)
+def merge_scores(shard_paths: list[str], out: str, metadata: dict, forgetting: str | None = None) -> dict:
+    return pipeline.merge_scores_stage(shard_paths, Path(out), metadata, forgetting)

@@ -29,8 +29,8 @@ def first_run(prefect_api, small_npz, tmp_path_factory):
 def test_flow_publishes_exactly_the_kept_samples(first_run, prefect_api):
     tmp, manifest = first_run
     run_dir = tmp / "first" / "runs" / manifest["run_id"]
-    assert sorted(p.name for p in run_dir.iterdir()) == ["manifest.json", "model.pt", "scores.parquet",
-                                                          "selection.parquet"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["forgetting.npy", "manifest.json", "model.pt",
+                                                          "scores.parquet", "selection.parquet"]
     assert json.loads((run_dir / "manifest.json").read_text()) == json.loads(json.dumps(manifest, default=str))
     assert not any((tmp / "first" / "runs" / ".staging").iterdir())
 
@@ -87,7 +87,7 @@ def test_scores_identical_for_any_shard_and_worker_count(first_run, small_npz):
         folder = tmp / f"s{shards}w{workers}" / "runs" / m["run_id"]
         outputs.append(((folder / "scores.parquet").read_bytes(), (folder / "selection.parquet").read_bytes(),
                         pq.read_table(folder / "scores.parquet")))
-    reference = pq.read_table(tmp / "first" / "runs" / manifest["run_id"] / "scores.parquet")
+    reference = pq.read_table(tmp / "first" / "runs" / manifest["run_id"] / "scores.parquet").drop_columns(["forgetting"])
     for scores_bytes, selection_bytes, table in outputs:
         assert table.equals(reference.replace_schema_metadata(table.schema.metadata))
         assert scores_bytes == outputs[0][0] and selection_bytes == outputs[0][1]
@@ -117,4 +117,4 @@ def test_sharded_dask_scores_equal_one_plain_process(first_run, small_npz, tmp_p
     shard = pipeline.influence_shard_stage(tmp_path, ckpt, sha, "cnn", spec, None, 0, 2000, inverse["path"], args,
                                            threads=None)
     flow_scores = pq.read_table(tmp / "first" / "runs" / manifest["run_id"] / "scores.parquet")
-    assert pq.read_table(shard).equals(flow_scores.replace_schema_metadata(None))
+    assert pq.read_table(shard).equals(flow_scores.drop_columns(["forgetting"]).replace_schema_metadata(None))

@@ -1,0 +1,93 @@
+"""Score-based baselines: their orders on hand-made data, and every method through the flow."""
+
+import numpy as np
+import pytest
+from deltalake import DeltaTable
+
+from pruning_core.baselines import ccs_order, forgetting_events, herding_order, kcenter_order, removal_order
+from pruning_core.selection import METHODS, SelectionArgs, select
+
+
+def columns(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"label": np.repeat(np.arange(4), n // 4), "el2n": rng.random(n), "grand": rng.random(n),
+            "forgetting": rng.integers(0, 4, n), "embedding": rng.normal(size=(n, 5))}, rng.normal(size=(n, 3))
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "influence"])
+def test_every_baseline_prunes_exactly_the_budget(method):
+    cols, vectors = columns()
+    result = select(vectors, SelectionArgs(method=method, prune_ratio=0.3), cols)
+    assert result.pruned.sum() == 60
+    if method in ("herding", "kcenter", "moderate"):  # per-class methods prune classes in proportion
+        assert np.bincount(cols["label"][result.pruned]).tolist() == [15, 15, 15, 15]
+
+
+def test_score_rankings_remove_the_lowest_first():
+    cols, vectors = columns()
+    for method in ("el2n", "grand"):
+        pruned = select(vectors, SelectionArgs(method=method, prune_ratio=0.25), cols).pruned
+        assert cols[method][pruned].max() < cols[method][~pruned].min()
+    norms = np.linalg.norm(vectors, axis=1)
+    pruned = select(vectors, SelectionArgs(method="influence-score", prune_ratio=0.25), cols).pruned
+    assert norms[pruned].max() < norms[~pruned].min()
+    pruned = select(vectors, SelectionArgs(method="forgetting", prune_ratio=0.25), cols).pruned
+    assert cols["forgetting"][pruned].max() <= cols["forgetting"][~pruned].min()
+
+
+def test_forgetting_events_count_correct_to_wrong_transitions():
+    correctness = np.array([[1, 0, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0], [0, 1, 1, 1]], dtype=bool)
+    assert forgetting_events(correctness).tolist() == [2, 0, 4, 0]
+
+
+def test_herding_and_kcenter_orders():
+    E = np.array([[0.0, 0.0], [10.0, 0.0], [-10.0, 0.0], [0.1, 0.0], [0.0, 5.0]])
+    assert herding_order(E)[0] == int(np.argmin(((E - E.mean(0)) ** 2).sum(1)))
+    order = kcenter_order(E)
+    assert order[0] == 0 and set(order[1:3]) == {1, 2}  # nearest the mean, then the farthest points
+    assert sorted(order.tolist()) == list(range(5))
+
+
+def test_moderate_keeps_the_middle_distances():
+    E = np.array([[float(d), 0.0] for d in range(-10, 11)])  # one class, centroid 0
+    order = removal_order("moderate", {"label": np.zeros(21, np.int64), "embedding": E}, None, 0, 6)
+    removed = np.abs(E[order[:6], 0])
+    kept = np.abs(E[order[6:], 0])
+    assert removed.min() >= 0 and (np.abs(removed - 5) >= np.abs(kept - 5).max() - 1e-9).all()
+
+
+def test_ccs_cuts_the_hardest_and_covers_every_stratum():
+    el2n = np.linspace(0, 1, 1000)
+    order = ccs_order(el2n, n_prune=500, seed=0, strata=10, hard_fraction=0.1)
+    kept = np.sort(order[500:])
+    assert set(order[:100]) == set(range(900, 1000))  # the hardest 10 % go first
+    assert len(kept) == 500 and np.histogram(el2n[kept], bins=10, range=(0, 0.9))[0].min() > 0
+
+
+def test_missing_columns_are_a_clear_error():
+    from pruning_core.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="needs the score column 'forgetting'"):
+        select(np.zeros((5, 2)), SelectionArgs(method="forgetting", prune_ratio=0.4), {"label": np.zeros(5, int)})
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      host="127.0.0.1") as c:
+        yield c.scheduler_address
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "influence"])
+def test_every_method_runs_through_the_flow_and_writes_a_version(method, cluster, prefect_api, small_npz, tmp_path):
+    from flows.parameters import RunParameters
+    from flows.prune import prune_dataset
+
+    manifest = prune_dataset(RunParameters(dataset=f"npz:{small_npz}", model="cnn", epochs=2, method=method,
+                                           prune_ratio=0.3, shards=2, block_size=256, dask_address=cluster,
+                                           out=str(tmp_path / "runs"), target=str(tmp_path / "table")))
+    rows = DeltaTable(manifest["version"]["uri"], version=manifest["version"]["version"]).to_pyarrow_table()
+    assert rows.num_rows == 1400 == manifest["selection"]["n_kept"]
+    assert manifest["selection"]["method"] == method
