@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--epsilon", type=_float)
     run.add_argument("--method", default="influence")
     run.add_argument("--solver", default="greedy")
+    run.add_argument("--class-balanced", action="store_true", default=None)
     run.add_argument("--shards", type=int, default=4)
     run.add_argument("--workers", type=int, default=2)
     run.add_argument("--dask-address")
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--method", default="influence")
     select.add_argument("--solver", default="greedy")
     select.add_argument("--seed", type=int, default=0)
+    select.add_argument("--class-balanced", action="store_true")
+    select.add_argument("--time-limit", type=_float, default=60.0, help="seconds, for --solver scip")
     select.add_argument("--out", required=True)
 
     versions = sub.add_parser("versions", help="a Delta table's versions with their provenance")
@@ -172,7 +175,8 @@ def cmd_select(ns: argparse.Namespace) -> int:
     from pruning_core.pipeline import selection_stage
     from pruning_core.selection import SelectionArgs
 
-    args = SelectionArgs(method=ns.method, prune_ratio=ns.prune_ratio, epsilon=ns.epsilon, solver=ns.solver, seed=ns.seed)
+    args = SelectionArgs(method=ns.method, prune_ratio=ns.prune_ratio, epsilon=ns.epsilon, solver=ns.solver,
+                         seed=ns.seed, class_balanced=ns.class_balanced, time_limit=ns.time_limit)
     if not Path(ns.scores).is_file():
         raise BadInputError(f"--scores {ns.scores}: file not found")
     summary = selection_stage(Path(ns.scores), args, Path(ns.out))

@@ -43,7 +43,9 @@ class RunParameters(BaseModel):
     epsilon: float | None = Field(None, gt=0, description="Bound on ‖Σ s_i‖₂ of the removed set (guaranteed mode)")
     method: Literal["influence", "random", "el2n", "grand", "forgetting", "influence-score", "herding", "kcenter",
                     "moderate", "ccs"] = Field("influence", description="The paper's optimisation, or a baseline")
-    solver: Literal["greedy"] = Field("greedy", description="Solver of the influence method")
+    solver: Literal["greedy", "scip"] = Field("greedy", description="Solver of the influence method "
+                                                                   "(scip: exact reference for small n, time-limited)")
+    class_balanced: bool = Field(False, description="Prune every class in proportion to its size")
     shards: int = Field(4, ge=1, le=10000, description="Influence shards (contiguous sample ranges)")
     workers: int = Field(2, ge=1, le=256, description="Workers of the local Dask cluster (ignored with dask_address)")
     dask_address: str | None = Field(None, description="tcp://host:port of an existing Dask scheduler")
@@ -77,7 +79,7 @@ class RunParameters(BaseModel):
 
     def selection_args(self) -> SelectionArgs:
         return SelectionArgs(method=self.method, prune_ratio=self.prune_ratio, epsilon=self.epsilon,
-                             solver=self.solver, seed=self.seed)
+                             solver=self.solver, seed=self.seed, class_balanced=self.class_balanced)
 
     def target_uri(self) -> str:
         """The Delta table URI: a URI with a scheme as given, a local path made absolute."""

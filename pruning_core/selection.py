@@ -26,7 +26,7 @@ from .baselines import ORDER_METHODS, removal_order
 from .errors import BadInputError
 
 METHODS = ("influence", *ORDER_METHODS)
-SOLVERS = ("greedy",)
+SOLVERS = ("greedy", "scip")
 
 
 @dataclass
@@ -40,7 +40,10 @@ class SelectionArgs:
     seed: int = 0  # for `random` and tie-free reproducibility
     pool_size: int = 256  # K of the greedy path
     swap_candidates: int = 64  # k per side of the swap search
-    swap_rounds: int = 500  # at most this many swaps
+    swap_rounds: int = 500  # at most this many rounds of swaps
+    restarts: int | None = None  # extra random-start local searches (None: 8 when n ≤ 5,000, else 0)
+    class_balanced: bool = False  # prune every class in proportion to its size
+    time_limit: float = 60.0  # seconds, for the `scip` reference solver
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -53,6 +56,8 @@ class SelectionArgs:
             raise BadInputError(f"--prune-ratio {self.prune_ratio} must lie strictly between 0 and 1")
         if self.epsilon is not None and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
             raise BadInputError(f"--epsilon {self.epsilon} must be a positive finite number")
+        if self.class_balanced and self.epsilon is not None:
+            raise BadInputError("--class-balanced applies to --prune-ratio, not --epsilon")
         if self.pool_size < 1 or self.swap_candidates < 1 or self.swap_rounds < 0:
             raise BadInputError("pool size and swap candidates must be ≥ 1, swap rounds ≥ 0")
 
@@ -77,11 +82,16 @@ def objective(vectors: np.ndarray, pruned: np.ndarray) -> float:
     return float(np.linalg.norm(removal_sum(vectors, pruned)))
 
 
-def greedy_path(vectors: np.ndarray, steps: int, pool_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `steps` samples of the pool greedy path, and ‖S_k‖ after each, (steps,) each."""
+def greedy_path(vectors: np.ndarray, steps: int, pool_size: int, labels: np.ndarray | None = None,
+                quotas: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first `steps` samples of the pool greedy path, and ‖S_k‖ after each, (steps,) each.
+    With `quotas` (removals allowed per class), a class that reaches its quota leaves the
+    stream: its pool members are dropped and never picked again."""
     n = len(vectors)
     norms2 = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
     stream = np.argsort(norms2, kind="stable")  # ascending ‖s_i‖, ties by index
+    if quotas is not None:
+        return _greedy_path_quotas(vectors, norms2, stream, steps, pool_size, labels, quotas.copy())
     K = min(pool_size, n)
     pool = stream[:K].copy()
     P = vectors[pool].astype(np.float64)  # (K, p)
@@ -106,31 +116,93 @@ def greedy_path(vectors: np.ndarray, steps: int, pool_size: int) -> tuple[np.nda
     return order, path
 
 
-def swap_refine(vectors: np.ndarray, pruned: np.ndarray, candidates: int, rounds: int) -> tuple[np.ndarray, int]:
-    """Best-improvement 1-swap local search; returns the new mask and the number of swaps."""
+def _greedy_path_quotas(vectors, norms2, stream, steps, pool_size, labels, quotas):
+    n = len(vectors)
+    K = min(pool_size, n)
+    pool, nxt = [], 0
+    S = np.zeros(vectors.shape[1])
+    order, path = np.empty(steps, dtype=np.int64), np.empty(steps)
+
+    def refill():
+        nonlocal nxt
+        while len(pool) < K and nxt < n:
+            if quotas[labels[stream[nxt]]] > 0:
+                pool.append(int(stream[nxt]))
+            nxt += 1
+
+    refill()
+    for t in range(steps):
+        rows = np.asarray(pool)
+        P = vectors[rows].astype(np.float64)
+        k = int(np.argmin(2.0 * (P @ S) + norms2[rows]))
+        i = pool.pop(k)
+        order[t] = i
+        S += P[k]
+        path[t] = math.sqrt(float(S @ S))
+        quotas[labels[i]] -= 1
+        if quotas[labels[i]] == 0:
+            pool[:] = [j for j in pool if labels[j] != labels[i]]
+        refill()
+    return order, path
+
+
+def class_quotas(labels: np.ndarray, m: int) -> np.ndarray:
+    """Removals per class in proportion to class size, summing to m (largest remainders)."""
+    counts = np.bincount(labels)
+    exact = m * counts / counts.sum()
+    quotas = np.floor(exact).astype(np.int64)
+    quotas[np.argsort(-(exact - quotas), kind="stable")[:m - quotas.sum()]] += 1
+    return quotas
+
+
+def _top(rows: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
+    """The k rows with the smallest values, in a deterministic order."""
+    if len(rows) > k:
+        rows = rows[np.argpartition(values[rows], k - 1)[:k]]
+    return rows[np.lexsort((rows, values[rows]))]
+
+
+def swap_refine(vectors: np.ndarray, pruned: np.ndarray, candidates: int, rounds: int,
+                labels: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """1-swap local search in rounds. Each round scores every sample against the current sum S,
+    keeps the k most promising on each side, then applies improving swaps one at a time,
+    re-scoring the candidates exactly after each (never against a stale S). With `labels`,
+    only same-class swaps are made, so per-class counts are kept."""
     pruned = pruned.copy()
     norms2 = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
     S = removal_sum(vectors, pruned)
     swaps = 0
-    inside_all, outside_all = np.flatnonzero(pruned), np.flatnonzero(~pruned)
-    if len(inside_all) == 0 or len(outside_all) == 0:
+    if pruned.all() or not pruned.any():
         return pruned, 0
     for _ in range(rounds):
         d = (vectors @ S.astype(vectors.dtype)).astype(np.float64)  # s_i · S
-        gain_out = -2.0 * d + norms2  # ‖S − s_i‖² − ‖S‖²
-        gain_in = 2.0 * d + norms2  # ‖S + s_j‖² − ‖S‖²
-        inside, outside = np.flatnonzero(pruned), np.flatnonzero(~pruned)
-        ins = inside[np.argsort(gain_out[inside], kind="stable")[:candidates]]
-        outs = outside[np.argsort(gain_in[outside], kind="stable")[:candidates]]
-        cross = vectors[ins].astype(np.float64) @ vectors[outs].astype(np.float64).T
-        delta = gain_out[ins][:, None] + gain_in[outs][None, :] - 2.0 * cross
-        a, b = np.unravel_index(int(np.argmin(delta)), delta.shape)
-        if not delta[a, b] < -1e-12 * max(float(S @ S), 1e-300):
+        ins = _top(np.flatnonzero(pruned), norms2 - 2.0 * d, candidates)  # ‖S − s_i‖² − ‖S‖²
+        outs = _top(np.flatnonzero(~pruned), norms2 + 2.0 * d, candidates)  # ‖S + s_j‖² − ‖S‖²
+        Vi, Vo = vectors[ins].astype(np.float64), vectors[outs].astype(np.float64)
+        di, do = Vi @ S, Vo @ S
+        cross = Vi @ Vo.T
+        other_class = labels[ins][:, None] != labels[outs][None, :] if labels is not None else None
+        used_i, used_o = np.zeros(len(ins), bool), np.zeros(len(outs), bool)
+        applied = 0
+        while True:
+            delta = (norms2[ins] - 2.0 * di)[:, None] + (norms2[outs] + 2.0 * do)[None, :] - 2.0 * cross
+            delta[used_i] = np.inf
+            delta[:, used_o] = np.inf
+            if other_class is not None:
+                delta[other_class] = np.inf
+            a, b = np.unravel_index(int(np.argmin(delta)), delta.shape)
+            if not delta[a, b] < -1e-12 * max(float(S @ S), 1e-300):
+                break
+            step = Vo[b] - Vi[a]
+            S += step
+            di += Vi @ step
+            do += Vo @ step
+            pruned[ins[a]], pruned[outs[b]] = False, True
+            used_i[a] = used_o[b] = True
+            applied += 1
+        swaps += applied
+        if applied == 0:
             break
-        i, j = ins[a], outs[b]
-        pruned[i], pruned[j] = False, True
-        S += vectors[j].astype(np.float64) - vectors[i].astype(np.float64)
-        swaps += 1
     return pruned, swaps
 
 
@@ -156,20 +228,50 @@ def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarr
     n = len(vectors)
     started = time.perf_counter()
     info: dict = {"method": args.method, "solver": args.solver if args.method == "influence" else None}
+    columns = {"label": np.zeros(n, np.int64), **(columns or {})}
+    labels = columns["label"]
+    quotas = class_quotas(labels, args.n_prune(n)) if args.class_balanced else None
     if args.method != "influence":
-        columns = {"label": np.zeros(n, np.int64), **(columns or {})}
         order = removal_order(args.method, columns, vectors, args.seed,
                               args.n_prune(n) if args.prune_ratio is not None else None)
-        if args.prune_ratio is not None:
+        if quotas is not None:
+            rank = np.empty(n, np.int64)
+            rank[order] = np.arange(n)
+            pruned = np.zeros(n, bool)
+            for c, q in enumerate(quotas):
+                members = np.flatnonzero(labels == c)
+                pruned[members[np.argsort(rank[members], kind="stable")[:q]]] = True
+        elif args.prune_ratio is not None:
             pruned = _mask(n, order[:args.n_prune(n)])
         else:
             path = np.linalg.norm(np.cumsum(vectors[order], axis=0, dtype=np.float64), axis=1)
             pruned = _largest_prefix_within(vectors, order, path, args.epsilon)
+    elif args.solver == "scip":
+        warm = select(vectors, SelectionArgs(prune_ratio=args.prune_ratio, epsilon=args.epsilon, seed=args.seed,
+                                             class_balanced=args.class_balanced), columns).pruned
+        pruned, scip_info = solve_scip(vectors, args, warm, labels if args.class_balanced else None, quotas)
+        info.update(scip_info)
     elif args.prune_ratio is not None:
         m = args.n_prune(n)
-        order, path = greedy_path(vectors, m, args.pool_size)
+        order, path = greedy_path(vectors, m, args.pool_size, labels, quotas)
         info["path_objective"] = float(path[-1]) if m else 0.0
-        pruned, info["swaps"] = swap_refine(vectors, _mask(n, order), args.swap_candidates, args.swap_rounds)
+        same_class = labels if args.class_balanced else None
+        pruned, info["swaps"] = swap_refine(vectors, _mask(n, order), args.swap_candidates, args.swap_rounds, same_class)
+        restarts = args.restarts if args.restarts is not None else (8 if n <= 5000 else 0)
+        rng = np.random.default_rng(args.seed)
+        best = objective(vectors, pruned)
+        for _ in range(restarts):  # random starts (class counts kept), then the same local search
+            start = np.zeros(n, bool)
+            if quotas is None:
+                start[rng.choice(n, m, replace=False)] = True
+            else:
+                for c, q in enumerate(quotas):
+                    start[rng.choice(np.flatnonzero(labels == c), q, replace=False)] = True
+            candidate, _ = swap_refine(vectors, start, args.swap_candidates, args.swap_rounds, same_class)
+            value = objective(vectors, candidate)
+            if value < best:
+                best, pruned = value, candidate
+        info["restarts"] = restarts
     else:
         order, path = greedy_path(vectors, n, args.pool_size)
         pruned = _largest_prefix_within(vectors, order, path, args.epsilon)
@@ -177,6 +279,56 @@ def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarr
     result = Selection(pruned, objective(vectors, pruned), info)
     result.info["n_pruned"] = int(pruned.sum())
     return result
+
+
+def solve_scip(vectors: np.ndarray, args: SelectionArgs, warm: np.ndarray, labels=None, quotas=None):
+    """Reference solver: the exact MIQCP in SCIP (pyscipopt), with a time limit.
+
+    Size mode: min t s.t. t ≥ Σ_j z_j², z = Σ_i w_i s_i, Σ w = m, w ∈ {0, 1}.
+    ε mode:    max Σ w  s.t. Σ_j z_j² ≤ ε².
+    Warm-started with the greedy solution; reports SCIP's best objective and its bound.
+    """
+    import pyscipopt
+
+    n, p = vectors.shape
+    V = vectors.astype(np.float64)
+    model = pyscipopt.Model()
+    model.hideOutput()
+    model.setParam("limits/time", args.time_limit)
+    model.setParam("randomization/randomseedshift", args.seed)
+    w = [model.addVar(vtype="B", name=f"w{i}") for i in range(n)]
+    z = [model.addVar(lb=None, name=f"z{j}") for j in range(p)]
+    for j in range(p):
+        model.addCons(z[j] == pyscipopt.quicksum(float(V[i, j]) * w[i] for i in range(n) if V[i, j] != 0.0))
+    squares = pyscipopt.quicksum(z[j] * z[j] for j in range(p))
+    if args.prune_ratio is not None:
+        t = model.addVar(lb=0.0, name="t")
+        model.addCons(t >= squares)
+        model.addCons(pyscipopt.quicksum(w) == args.n_prune(n))
+        if quotas is not None:
+            for c, q in enumerate(quotas):
+                model.addCons(pyscipopt.quicksum(w[i] for i in np.flatnonzero(labels == c)) == int(q))
+        model.setObjective(t, "minimize")
+    else:
+        model.addCons(squares <= args.epsilon ** 2)
+        model.setObjective(pyscipopt.quicksum(w), "maximize")
+    solution = model.createSol()
+    for i in range(n):
+        model.setSolVal(solution, w[i], float(warm[i]))
+    sums = V[warm].sum(0)
+    for j in range(p):
+        model.setSolVal(solution, z[j], float(sums[j]))
+    if args.prune_ratio is not None:
+        model.setSolVal(solution, t, float(sums @ sums))
+    model.addSol(solution, free=True)
+    model.optimize()
+    best = model.getBestSol()
+    pruned = np.array([model.getSolVal(best, w[i]) > 0.5 for i in range(n)])
+    bound = model.getDualbound()
+    info = {"status": model.getStatus(), "scip_seconds": model.getSolvingTime(),
+            "bound": (math.sqrt(max(bound, 0.0)) if args.prune_ratio is not None else bound),
+            "gap": model.getGap()}
+    return pruned, info
 
 
 def select_size_constrained_bruteforce(vectors: np.ndarray, m: int) -> Selection:
