@@ -93,26 +93,73 @@ def greedy_path(vectors: np.ndarray, steps: int, pool_size: int, labels: np.ndar
     if quotas is not None:
         return _greedy_path_quotas(vectors, norms2, stream, steps, pool_size, labels, quotas.copy())
     K = min(pool_size, n)
-    pool = stream[:K].copy()
-    P = vectors[pool].astype(np.float64)  # (K, p)
-    Pn = norms2[pool].copy()
-    nxt = K
+    half = max(1, K // 2)
+    refresh = max(8 * K, 2048)
+    taken = np.zeros(n, bool)
     S = np.zeros(vectors.shape[1])
+    S32 = np.zeros(vectors.shape[1], dtype=vectors.dtype)
     order = np.empty(steps, dtype=np.int64)
     path = np.empty(steps)
-    for t in range(steps):
-        k = int(np.argmin(2.0 * (P @ S) + Pn))  # ‖S + s‖² − ‖S‖² for each pool member
-        order[t] = pool[k]
-        S += P[k]
-        path[t] = math.sqrt(float(S @ S))
-        if nxt < n:
-            pool[k] = stream[nxt]
-            P[k] = vectors[pool[k]]
-            Pn[k] = norms2[pool[k]]
-            nxt += 1
+    norm2 = 0.0
+    # two candidate queues feed the pool: ascending ‖s_i‖ (cheap to add when S is small) and,
+    # refreshed every `refresh` steps, the best exact one-step gain against the current S
+    # (what reduces a large S); slot j refills from queue source[j]
+    queues = [stream, stream[::-1][:0]]
+    pointers = [0, 0]
+    pool = np.full(K, -1)
+    source = np.zeros(K, dtype=np.int64)
+    P = np.zeros((K, vectors.shape[1]))
+    Pn = np.full(K, np.inf)
+    scores = np.empty(K)
+
+    def refill(j):
+        q = source[j]
+        queue = queues[q]
+        while pointers[q] < len(queue) and (taken[queue[pointers[q]]] or in_pool[queue[pointers[q]]]):
+            pointers[q] += 1
+        if pointers[q] < len(queue):
+            pool[j] = queue[pointers[q]]
+            in_pool[pool[j]] = True
+            P[j] = vectors[pool[j]]
+            Pn[j] = norms2[pool[j]]
+            pointers[q] += 1
         else:
-            Pn[k] = np.inf
-            P[k] = 0.0
+            pool[j], Pn[j] = -1, np.inf
+            P[j] = 0.0
+
+    in_pool = np.zeros(n, bool)
+    source[:] = 0
+    for j in range(K):
+        refill(j)
+    for t in range(steps):
+        if t and t % refresh == 0 and K > 1:
+            S32[:] = S
+            key = norms2 + 2.0 * (vectors @ S32).astype(np.float64)
+            key[taken] = np.inf
+            top = min(refresh + K, n - t)
+            best = np.argpartition(key, top - 1)[:top] if top < n else np.arange(n)
+            best = best[np.lexsort((best, key[best]))]
+            queues[1], pointers[1] = best[~taken[best]], 0
+            for j in range(half, K):  # the second half of the pool now draws from the new ranking
+                if pool[j] >= 0:
+                    in_pool[pool[j]] = False
+                source[j] = 1
+                refill(j)
+        np.dot(P, S, out=scores)
+        scores *= 2.0
+        scores += Pn  # ‖S + s‖² − ‖S‖² for each pool member
+        k = int(np.argmin(scores))
+        i = pool[k]
+        order[t] = i
+        taken[i] = True
+        in_pool[i] = False
+        norm2 += scores[k]
+        S += P[k]
+        path[t] = math.sqrt(max(norm2, 0.0))
+        refill(k)
+        if pool[k] < 0 and source[k] == 1:  # the refreshed queue ran dry: fall back to the norm queue
+            source[k] = 0
+            refill(k)
     return order, path
 
 
