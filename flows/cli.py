@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--seed", type=int, default=0)
     select.add_argument("--class-balanced", action="store_true")
     select.add_argument("--time-limit", type=_float, default=60.0, help="seconds, for --solver scip")
+    select.add_argument("--dask-address", help="scheduler for --solver bucketed (default: a local cluster)")
+    select.add_argument("--workers", type=int, default=2)
     select.add_argument("--out", required=True)
 
     versions = sub.add_parser("versions", help="a Delta table's versions with their provenance")
@@ -179,7 +181,13 @@ def cmd_select(ns: argparse.Namespace) -> int:
                          seed=ns.seed, class_balanced=ns.class_balanced, time_limit=ns.time_limit)
     if not Path(ns.scores).is_file():
         raise BadInputError(f"--scores {ns.scores}: file not found")
-    summary = selection_stage(Path(ns.scores), args, Path(ns.out))
+    if args.solver == "bucketed":
+        from tasks.select import dask_map
+
+        with dask_map(ns.dask_address, ns.workers) as map_fn:
+            summary = selection_stage(Path(ns.scores), args, Path(ns.out), map_fn)
+    else:
+        summary = selection_stage(Path(ns.scores), args, Path(ns.out))
     print(f"{ns.out}: pruned {summary['n_pruned']} of {summary['n']}, objective ‖Σ s_i‖ = {summary['objective']:.6g}")
     return 0
 

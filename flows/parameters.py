@@ -43,8 +43,9 @@ class RunParameters(BaseModel):
     epsilon: float | None = Field(None, gt=0, description="Bound on ‖Σ s_i‖₂ of the removed set (guaranteed mode)")
     method: Literal["influence", "random", "el2n", "grand", "forgetting", "influence-score", "herding", "kcenter",
                     "moderate", "ccs"] = Field("influence", description="The paper's optimisation, or a baseline")
-    solver: Literal["greedy", "scip"] = Field("greedy", description="Solver of the influence method "
-                                                                   "(scip: exact reference for small n, time-limited)")
+    solver: Literal["greedy", "scip", "bucketed"] = Field(
+        "greedy", description="Solver of the influence method (scip: exact reference for small n, time-limited; "
+                              "bucketed: buckets solved in parallel on Dask, then a global swap search)")
     class_balanced: bool = Field(False, description="Prune every class in proportion to its size")
     shards: int = Field(4, ge=1, le=10000, description="Influence shards (contiguous sample ranges)")
     workers: int = Field(2, ge=1, le=256, description="Workers of the local Dask cluster (ignored with dask_address)")

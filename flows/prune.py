@@ -129,7 +129,8 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
         timed("influence", t)
 
         t = time.perf_counter()
-        selection = select_samples(scores["path"], params.selection_args(), str(artifacts.selection_path(staging)))
+        selection = select_samples(scores["path"], params.selection_args(), str(artifacts.selection_path(staging)),
+                                   params.dask_address, params.workers)
         timed("selection", t)
         logger.info("pruned %d of %d samples, objective ‖Σ s_i‖ = %.6g", selection["n_pruned"], ds.n,
                     selection["objective"])

@@ -173,13 +173,13 @@ def merge_scores_stage(shard_paths: list[str], out: Path, metadata: dict, forget
     return {"path": str(out), "n": table.num_rows, "p": table.schema.field("influence").type.list_size}
 
 
-def selection_stage(scores: Path, args: SelectionArgs, out: Path) -> dict:
+def selection_stage(scores: Path, args: SelectionArgs, out: Path, map_fn=None) -> dict:
     """Select over stored vectors; write selection.parquet; return the manifest's `selection`."""
     table, vectors, _ = artifacts.load_scores(scores)
     started = time.perf_counter()
     columns = {name: artifacts.column_array(table, name) for name in table.column_names
                if name in ("label", "el2n", "grand", "forgetting", "embedding")}
-    result = select(vectors, args, columns)
+    result = select(vectors, args, columns, map_fn)
     n = len(vectors)
     summary = {"method": args.method, "solver": result.info.get("solver"), "prune_ratio": args.prune_ratio,
                "epsilon": args.epsilon, "n": n, "n_pruned": int(result.pruned.sum()),

@@ -15,6 +15,7 @@ Solver `greedy`: a pool greedy path then swap local search.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -26,7 +27,7 @@ from .baselines import ORDER_METHODS, removal_order
 from .errors import BadInputError
 
 METHODS = ("influence", *ORDER_METHODS)
-SOLVERS = ("greedy", "scip")
+SOLVERS = ("greedy", "scip", "bucketed")
 
 
 @dataclass
@@ -44,6 +45,7 @@ class SelectionArgs:
     restarts: int | None = None  # extra random-start local searches (None: 8 when n ≤ 5,000, else 0)
     class_balanced: bool = False  # prune every class in proportion to its size
     time_limit: float = 60.0  # seconds, for the `scip` reference solver
+    buckets: int = 8  # for the `bucketed` solver
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -83,7 +85,8 @@ def objective(vectors: np.ndarray, pruned: np.ndarray) -> float:
 
 
 def greedy_path(vectors: np.ndarray, steps: int, pool_size: int, labels: np.ndarray | None = None,
-                quotas: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                quotas: np.ndarray | None = None, start: np.ndarray | None = None,
+                exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The first `steps` samples of the pool greedy path, and ‖S_k‖ after each, (steps,) each.
     With `quotas` (removals allowed per class), a class that reaches its quota leaves the
     stream: its pool members are dropped and never picked again."""
@@ -95,12 +98,13 @@ def greedy_path(vectors: np.ndarray, steps: int, pool_size: int, labels: np.ndar
     K = min(pool_size, n)
     half = max(1, K // 2)
     refresh = max(8 * K, 2048)
-    taken = np.zeros(n, bool)
-    S = np.zeros(vectors.shape[1])
+    taken = np.zeros(n, bool) if exclude is None else exclude.copy()  # `start`: S of samples already chosen
+    S = np.zeros(vectors.shape[1]) if start is None else start.astype(np.float64).copy()
     S32 = np.zeros(vectors.shape[1], dtype=vectors.dtype)
     order = np.empty(steps, dtype=np.int64)
     path = np.empty(steps)
-    norm2 = 0.0
+    norm2 = float(S @ S)
+    n_taken = int(taken.sum())
     # two candidate queues feed the pool: ascending ‖s_i‖ (cheap to add when S is small) and,
     # refreshed every `refresh` steps, the best exact one-step gain against the current S
     # (what reduces a large S); slot j refills from queue source[j]
@@ -136,7 +140,7 @@ def greedy_path(vectors: np.ndarray, steps: int, pool_size: int, labels: np.ndar
             S32[:] = S
             key = norms2 + 2.0 * (vectors @ S32).astype(np.float64)
             key[taken] = np.inf
-            top = min(refresh + K, n - t)
+            top = min(refresh + K, n - t - n_taken)
             best = np.argpartition(key, top - 1)[:top] if top < n else np.arange(n)
             best = best[np.lexsort((best, key[best]))]
             queues[1], pointers[1] = best[~taken[best]], 0
@@ -269,7 +273,70 @@ def _largest_prefix_within(vectors: np.ndarray, order: np.ndarray, path: np.ndar
     return _mask(len(vectors), order[:k])
 
 
-def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarray] | None = None) -> Selection:
+def solve_size(vectors: np.ndarray, m: int, args: SelectionArgs, labels=None, quotas=None) -> tuple[np.ndarray, dict]:
+    """The greedy solver for |R| = m: pool greedy path, swap search, random restarts."""
+    n = len(vectors)
+    info: dict = {}
+    order, path = greedy_path(vectors, m, args.pool_size, labels, quotas)
+    info["path_objective"] = float(path[-1]) if m else 0.0
+    pruned, info["swaps"] = swap_refine(vectors, _mask(n, order), args.swap_candidates, args.swap_rounds, labels)
+    restarts = args.restarts if args.restarts is not None else (8 if n <= 5000 else 0)
+    rng = np.random.default_rng(args.seed)
+    best = objective(vectors, pruned)
+    for _ in range(restarts):  # random starts (class counts kept), then the same local search
+        start = np.zeros(n, bool)
+        if quotas is None:
+            start[rng.choice(n, m, replace=False)] = True
+        else:
+            for c, q in enumerate(quotas):
+                start[rng.choice(np.flatnonzero(labels == c), q, replace=False)] = True
+        candidate, _ = swap_refine(vectors, start, args.swap_candidates, args.swap_rounds, labels)
+        value = objective(vectors, candidate)
+        if value < best:
+            best, pruned = value, candidate
+    info["restarts"] = restarts
+    return pruned, info
+
+
+def _solve_bucket(job: tuple) -> np.ndarray:
+    vectors, m, args = job
+    return solve_size(vectors, m, dataclasses.replace(args, restarts=args.restarts or 0))[0]
+
+
+def select_bucketed(vectors: np.ndarray, m: int, args: SelectionArgs, map_fn=map) -> tuple[np.ndarray, dict]:
+    """Split the samples into seeded random buckets, solve each for its share of m (in
+    parallel through `map_fn`, e.g. a Dask client's map), take the union, then run the swap
+    search over all samples so the bucket sums can cancel each other."""
+    n = len(vectors)
+    buckets = max(1, min(args.buckets, n))
+    parts = np.array_split(np.random.default_rng(args.seed).permutation(n), buckets)
+    sizes = np.array([len(p) for p in parts])
+    exact = m * sizes / n
+    shares = np.floor(exact).astype(np.int64)
+    shares[np.argsort(-(exact - shares), kind="stable")[:m - shares.sum()]] += 1
+    started = time.perf_counter()
+    masks = list(map_fn(_solve_bucket, [(vectors[np.sort(part)], int(q), args) for part, q in zip(parts, shares)]))
+    bucket_seconds = time.perf_counter() - started
+    pruned = np.zeros(n, bool)
+    for part, mask in zip(parts, masks):
+        pruned[np.sort(part)[mask]] = True
+    merged = objective(vectors, pruned)
+    # repair across buckets: greedily take back the tenth of R that most increases ‖S‖, then
+    # greedily add as many from everything not in R, starting from the merged sum
+    r = max(1, m // 10) if 0 < m < n else 0
+    if r:
+        inside = np.flatnonzero(pruned)
+        S = removal_sum(vectors, pruned)
+        back, _ = greedy_path(-vectors[inside], r, args.pool_size, start=S)  # removing s_i adds −s_i
+        pruned[inside[back]] = False
+        added, _ = greedy_path(vectors, r, args.pool_size, start=removal_sum(vectors, pruned), exclude=pruned)
+        pruned[added] = True
+    pruned, swaps = swap_refine(vectors, pruned, args.swap_candidates, args.swap_rounds)
+    return pruned, {"buckets": buckets, "bucket_seconds": bucket_seconds, "merged_objective": merged, "swaps": swaps}
+
+
+def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarray] | None = None,
+           map_fn=None) -> Selection:
     """Run the method and mode of `args` over vectors (n, p); baselines read their score
     columns (`label`, `el2n`, `grand`, `forgetting`, `embedding`) from `columns`."""
     n = len(vectors)
@@ -298,27 +365,14 @@ def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarr
                                              class_balanced=args.class_balanced), columns).pruned
         pruned, scip_info = solve_scip(vectors, args, warm, labels if args.class_balanced else None, quotas)
         info.update(scip_info)
+    elif args.solver == "bucketed":
+        if args.epsilon is not None or args.class_balanced:
+            raise BadInputError("--solver bucketed solves --prune-ratio without --class-balanced")
+        pruned, bucket_info = select_bucketed(vectors, args.n_prune(n), args, map_fn or map)
+        info.update(bucket_info)
     elif args.prune_ratio is not None:
-        m = args.n_prune(n)
-        order, path = greedy_path(vectors, m, args.pool_size, labels, quotas)
-        info["path_objective"] = float(path[-1]) if m else 0.0
-        same_class = labels if args.class_balanced else None
-        pruned, info["swaps"] = swap_refine(vectors, _mask(n, order), args.swap_candidates, args.swap_rounds, same_class)
-        restarts = args.restarts if args.restarts is not None else (8 if n <= 5000 else 0)
-        rng = np.random.default_rng(args.seed)
-        best = objective(vectors, pruned)
-        for _ in range(restarts):  # random starts (class counts kept), then the same local search
-            start = np.zeros(n, bool)
-            if quotas is None:
-                start[rng.choice(n, m, replace=False)] = True
-            else:
-                for c, q in enumerate(quotas):
-                    start[rng.choice(np.flatnonzero(labels == c), q, replace=False)] = True
-            candidate, _ = swap_refine(vectors, start, args.swap_candidates, args.swap_rounds, same_class)
-            value = objective(vectors, candidate)
-            if value < best:
-                best, pruned = value, candidate
-        info["restarts"] = restarts
+        pruned, solve_info = solve_size(vectors, args.n_prune(n), args, labels if args.class_balanced else None, quotas)
+        info.update(solve_info)
     else:
         order, path = greedy_path(vectors, n, args.pool_size)
         pruned = _largest_prefix_within(vectors, order, path, args.epsilon)

@@ -1,5 +1,7 @@
-"""Selection task: solve over `scores.parquet`, write `selection.parquet`."""
+"""Selection task: solve over `scores.parquet`, write `selection.parquet`. The `bucketed`
+solver maps its buckets over a Dask cluster (the given scheduler, or a LocalCluster)."""
 
+import contextlib
 from pathlib import Path
 
 from prefect import task
@@ -9,6 +11,25 @@ from pruning_core import pipeline
 from pruning_core.selection import SelectionArgs
 
 
+@contextlib.contextmanager
+def dask_map(address: str | None, workers: int):
+    """A `map(f, jobs)` over Dask workers: `client.map` then `client.gather`."""
+    from distributed import Client, LocalCluster
+
+    with contextlib.ExitStack() as stack:
+        if address:
+            client = stack.enter_context(Client(address))
+        else:
+            cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                       dashboard_address=None, host="127.0.0.1"))
+            client = stack.enter_context(Client(cluster))
+        yield lambda f, jobs: client.gather(client.map(f, jobs, pure=False))
+
+
 @task(name="select-samples", cache_policy=NO_CACHE)
-def select_samples(scores: str, args: SelectionArgs, out: str) -> dict:
-    return pipeline.selection_stage(Path(scores), args, Path(out))
+def select_samples(scores: str, args: SelectionArgs, out: str, dask_address: str | None = None,
+                   workers: int = 2) -> dict:
+    if args.solver != "bucketed":
+        return pipeline.selection_stage(Path(scores), args, Path(out))
+    with dask_map(dask_address, workers) as map_fn:
+        return pipeline.selection_stage(Path(scores), args, Path(out), map_fn)

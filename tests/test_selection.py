@@ -114,3 +114,16 @@ def test_scip_reference_is_optimal_on_small_instances_and_never_worse_than_its_w
         assert scip.objective <= select(V, SelectionArgs(prune_ratio=0.5)).objective + 1e-9
     eps = select(V, SelectionArgs(epsilon=0.5, solver="scip", time_limit=30))
     assert eps.objective <= 0.5 + 1e-6
+
+
+def test_bucketed_on_a_local_cluster_matches_the_unbucketed_solver():
+    from tasks.select import dask_map
+
+    rng = np.random.default_rng(6)
+    V = instance(rng, 20_000, 32, drift=0.02).astype(np.float32)
+    plain = select(V, SelectionArgs(prune_ratio=0.4))
+    with dask_map(None, 2) as map_fn:
+        bucketed = select(V, SelectionArgs(prune_ratio=0.4, solver="bucketed", buckets=4), map_fn=map_fn)
+    assert bucketed.pruned.sum() == plain.pruned.sum() == 8000
+    assert bucketed.info["buckets"] == 4
+    assert bucketed.objective <= 1.05 * plain.objective, (bucketed.objective, plain.objective)
