@@ -34,6 +34,15 @@ def _damping(text: str):
     return "auto" if text == "auto" else _float(text)
 
 
+def _add_selection_options(parser: argparse.ArgumentParser) -> None:
+    """--prune-ratio | --epsilon (exactly one), --method, --solver: shared by run and select."""
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--prune-ratio", type=_float)
+    mode.add_argument("--epsilon", type=_float)
+    parser.add_argument("--method", default="influence")
+    parser.add_argument("--solver", default="greedy")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dataset-prune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -52,11 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hessian", default="exact")
     run.add_argument("--damping", type=_damping, default=0.0)
     run.add_argument("--projection-dim", type=int)
-    mode = run.add_mutually_exclusive_group()
-    mode.add_argument("--prune-ratio", type=_float)
-    mode.add_argument("--epsilon", type=_float)
-    run.add_argument("--method", default="influence")
-    run.add_argument("--solver", default="greedy")
+    _add_selection_options(run)
     run.add_argument("--class-balanced", action="store_true", default=None)
     run.add_argument("--shards", type=int, default=4)
     run.add_argument("--workers", type=int, default=2)
@@ -69,11 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     select = sub.add_parser("select", help="selection alone, over an existing scores.parquet")
     select.add_argument("--scores", required=True)
-    mode = select.add_mutually_exclusive_group()
-    mode.add_argument("--prune-ratio", type=_float)
-    mode.add_argument("--epsilon", type=_float)
-    select.add_argument("--method", default="influence")
-    select.add_argument("--solver", default="greedy")
+    _add_selection_options(select)
     select.add_argument("--seed", type=int, default=0)
     select.add_argument("--class-balanced", action="store_true")
     select.add_argument("--time-limit", type=_float, default=60.0, help="seconds, for --solver scip")

@@ -118,3 +118,20 @@ def test_sharded_dask_scores_equal_one_plain_process(first_run, small_npz, tmp_p
                                            threads=None)
     flow_scores = pq.read_table(tmp / "first" / "runs" / manifest["run_id"] / "scores.parquet")
     assert pq.read_table(shard).equals(flow_scores.drop_columns(["forgetting"]).replace_schema_metadata(None))
+
+
+@pytest.mark.parametrize("extra", [["--method", "el2n"], ["--class-balanced"], ["--method", "forgetting"]])
+def test_select_command_over_stored_scores(first_run, tmp_path, extra, capsys):
+    from flows.cli import main
+
+    tmp, manifest = first_run
+    scores = tmp / "first" / "runs" / manifest["run_id"] / "scores.parquet"
+    out = tmp_path / "selection.parquet"
+    assert main(["select", "--scores", str(scores), "--prune-ratio", "0.3", *extra, "--out", str(out)]) == 0
+    table = pq.read_table(out)
+    pruned = table.column("pruned").to_numpy(zero_copy_only=False)
+    assert pruned.sum() == 600 and "pruned 600 of 2000" in capsys.readouterr().out
+    if "--class-balanced" in extra:
+        labels = pq.read_table(scores).column("label").to_numpy()
+        counts = np.bincount(labels[pruned], minlength=10)
+        assert np.abs(counts - 0.3 * np.bincount(labels, minlength=10)).max() <= 1
