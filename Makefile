@@ -33,6 +33,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/selection.py
+	$(BIN)/python benchmarks/influence.py
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf runs datasets .pytest_cache
