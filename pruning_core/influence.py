@@ -22,7 +22,7 @@ from torch import nn
 
 from .data import as_float, np_float_dtype
 from .errors import BadInputError
-from .hessians import STRATEGIES, Curvature, KroneckerFactors, exact_bytes
+from .hessians import STRATEGIES, Curvature, KroneckerFactors
 from .scopes import validate_scope
 
 
@@ -167,7 +167,8 @@ def last_layer_hessian(phi: np.ndarray, probs: np.ndarray, weight_decay: float, 
 
 
 def inverse_hessian(H: np.ndarray, device="cpu") -> np.ndarray:
-    """H⁻¹ via Cholesky; a clear error if H is not positive definite."""
+    """H⁻¹ of a dense, already shifted H via Cholesky (the slow reference path; the pipeline
+    goes through `hessians.inverse_apply`); a clear error if H is not positive definite."""
     Ht = _t(H, device)
     L, info = torch.linalg.cholesky_ex(Ht)
     if int(info) != 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import time
 from pathlib import Path
 
@@ -168,7 +169,7 @@ def merge_scores_stage(shard_paths: list[str], out: Path, metadata: dict, forget
     if forgetting:
         events = np.load(forgetting)
         table = table.add_column(table.schema.get_field_index("grand") + 1, "forgetting", pa.array(events, pa.int64()))
-    table = table.replace_schema_metadata({"dataset_pruning": __import__("json").dumps(metadata, sort_keys=True)})
+    table = table.replace_schema_metadata({"dataset_pruning": json.dumps(metadata, sort_keys=True)})
     artifacts.save_parquet(table, out)
     return {"path": str(out), "n": table.num_rows, "p": table.schema.field("influence").type.list_size}
 
