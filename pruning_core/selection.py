@@ -331,7 +331,8 @@ def select_bucketed(vectors: np.ndarray, m: int, args: SelectionArgs, map_fn=map
         pruned[inside[back]] = False
         added, _ = greedy_path(vectors, r, args.pool_size, start=removal_sum(vectors, pruned), exclude=pruned)
         pruned[added] = True
-    pruned, swaps = swap_refine(vectors, pruned, args.swap_candidates, args.swap_rounds)
+    # the global search looks wider than a single solve: the residual is spread over the buckets
+    pruned, swaps = swap_refine(vectors, pruned, 4 * args.swap_candidates, args.swap_rounds)
     return pruned, {"buckets": buckets, "bucket_seconds": bucket_seconds, "merged_objective": merged, "swaps": swaps}
 
 
