@@ -303,6 +303,26 @@ def _solve_bucket(job: tuple) -> np.ndarray:
     return solve_size(vectors, m, dataclasses.replace(args, restarts=args.restarts or 0))[0]
 
 
+def largest_size_within(vectors: np.ndarray, args: SelectionArgs) -> tuple[np.ndarray, list[int]]:
+    """The ε mode: binary search over m for the largest size whose size-constrained solution
+    stays within ε. The bracket holds f(lo) ≤ ε < f(hi) (f(0) = 0, f(n+1) = ∞ by convention), so
+    the answer m* has f(m*) ≤ ε and f(m* + 1) > ε — maximal for the solver — and the probes
+    depend on ε only through those comparisons, so m* never shrinks as ε grows."""
+    n = len(vectors)
+    lo, hi = 0, n + 1
+    best = np.zeros(n, bool)
+    probes = []
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        mask, _ = solve_size(vectors, mid, args)
+        probes.append(mid)
+        if objective(vectors, mask) <= args.epsilon:
+            lo, best = mid, mask
+        else:
+            hi = mid
+    return best, probes
+
+
 def select_bucketed(vectors: np.ndarray, m: int, args: SelectionArgs, map_fn=map) -> tuple[np.ndarray, dict]:
     """Split the samples into seeded random buckets, solve each for its share of m (in
     parallel through `map_fn`, e.g. a Dask client's map), take the union, then run the swap
@@ -375,8 +395,7 @@ def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarr
         pruned, solve_info = solve_size(vectors, args.n_prune(n), args, labels if args.class_balanced else None, quotas)
         info.update(solve_info)
     else:
-        order, path = greedy_path(vectors, n, args.pool_size)
-        pruned = _largest_prefix_within(vectors, order, path, args.epsilon)
+        pruned, info["probes"] = largest_size_within(vectors, args)
     info["seconds"] = time.perf_counter() - started
     result = Selection(pruned, objective(vectors, pruned), info)
     result.info["n_pruned"] = int(pruned.sum())
