@@ -34,6 +34,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/selection.py
+	$(BIN)/python benchmarks/selection_reference.py
 	$(BIN)/python benchmarks/influence.py
 	$(BIN)/python benchmarks/gpu_check.py
 

@@ -402,7 +402,7 @@ def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarr
     return result
 
 
-def solve_scip(vectors: np.ndarray, args: SelectionArgs, warm: np.ndarray, labels=None, quotas=None):
+def solve_scip(vectors: np.ndarray, args: SelectionArgs, warm: np.ndarray | None, labels=None, quotas=None):
     """Reference solver: the exact MIQCP in SCIP (pyscipopt), with a time limit.
 
     Size mode: min t s.t. t ≥ Σ_j z_j², z = Σ_i w_i s_i, Σ w = m, w ∈ {0, 1}.
@@ -433,15 +433,16 @@ def solve_scip(vectors: np.ndarray, args: SelectionArgs, warm: np.ndarray, label
     else:
         model.addCons(squares <= args.epsilon ** 2)
         model.setObjective(pyscipopt.quicksum(w), "maximize")
-    solution = model.createSol()
-    for i in range(n):
-        model.setSolVal(solution, w[i], float(warm[i]))
-    sums = V[warm].sum(0)
-    for j in range(p):
-        model.setSolVal(solution, z[j], float(sums[j]))
-    if args.prune_ratio is not None:
-        model.setSolVal(solution, t, float(sums @ sums))
-    model.addSol(solution, free=True)
+    if warm is not None:
+        solution = model.createSol()
+        for i in range(n):
+            model.setSolVal(solution, w[i], float(warm[i]))
+        sums = V[warm].sum(0)
+        for j in range(p):
+            model.setSolVal(solution, z[j], float(sums[j]))
+        if args.prune_ratio is not None:
+            model.setSolVal(solution, t, float(sums @ sums))
+        model.addSol(solution, free=True)
     model.optimize()
     best = model.getBestSol()
     pruned = np.array([model.getSolVal(best, w[i]) > 0.5 for i in range(n)])
