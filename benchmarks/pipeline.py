@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pruning_core import influence as inf
+from pruning_core import hessians, influence as inf
 from pruning_core.data import load_dataset
 from pruning_core.selection import SelectionArgs, objective, select
 from pruning_core.training import TrainArgs, predict_logits, train
@@ -34,7 +34,10 @@ def main() -> None:
     phi, t_features = timed(lambda: inf.last_layer_inputs(model, ds.x, 1024))
     W, b = inf.last_layer_weights(model)
     probs = inf.softmax_probs(phi, W, b)
-    H_inv, t_hessian = timed(lambda: inf.inverse_hessian(inf.last_layer_hessian(phi, probs, 5e-4, 0.0, 1024)))
+    curv = inf.last_layer_curvature(phi, probs, 1024)
+    eye = torch.eye(curv.p, dtype=torch.float64)
+    (H_inv, _), t_hessian = timed(lambda: hessians.inverse_apply(curv, eye, "exact", 5e-4))
+    H_inv = H_inv.numpy()
     vectors, t_vectors = timed(lambda: inf.influence_vectors(phi, probs, ds.y, H_inv, ds.n, 1024).astype(np.float32))
     t_influence = t_features + t_hessian + t_vectors
 

@@ -107,12 +107,17 @@ def softmax_probs(phi: np.ndarray, W: np.ndarray, b: np.ndarray, device="cpu") -
     return torch.softmax(_t(phi, device) @ _t(W, device).T + _t(b, device), dim=1).cpu().numpy()
 
 
+def residuals(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """p_i − e_{y_i}, (n, C) float64: the gradient of ℓ_i with respect to the logits."""
+    residual = np.array(probs, dtype=np.float64)
+    residual[np.arange(len(y)), y] -= 1.0
+    return residual
+
+
 def loss_and_el2n(probs: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Cross-entropy −log p_{i,y_i} and EL2N ‖p_i − e_{y_i}‖₂, each (n,) float64."""
-    rows = np.arange(len(y))
-    residual = probs.copy()
-    residual[rows, y] -= 1.0
-    return -np.log(np.maximum(probs[rows, y], np.finfo(np.float64).tiny)), np.linalg.norm(residual, axis=1)
+    picked = probs[np.arange(len(y)), y]
+    return -np.log(np.maximum(picked, np.finfo(np.float64).tiny)), np.linalg.norm(residuals(probs, y), axis=1)
 
 
 def contract_order(n_classes: int, d: int) -> np.ndarray:
@@ -124,22 +129,19 @@ def contract_order(n_classes: int, d: int) -> np.ndarray:
 
 def per_sample_gradients(phi: np.ndarray, probs: np.ndarray, y: np.ndarray) -> np.ndarray:
     """∇_θ ℓ_i for θ = (fc.weight, fc.bias), (n, C·d + C) float64, contract order."""
-    residual = probs.copy()
-    residual[np.arange(len(y)), y] -= 1.0  # (n, C): p_i − e_{y_i}
+    residual = residuals(probs, y)  # (n, C)
     weight = (residual[:, :, None] * phi[:, None, :]).reshape(len(y), -1)  # (n, C·d)
     return np.concatenate([weight, residual], axis=1)
 
 
 def last_layer_gradient_norms(phi: np.ndarray, probs: np.ndarray, y: np.ndarray) -> np.ndarray:
     """‖∇_θ ℓ_i‖ over the last layer, (n,) float64: ‖p_i − e_{y_i}‖·‖φ̃_i‖ (GraNd at the end of training)."""
-    residual = probs.copy()
-    residual[np.arange(len(y)), y] -= 1.0
-    return np.linalg.norm(residual, axis=1) * np.sqrt((phi.astype(np.float64) ** 2).sum(1) + 1.0)
+    return np.linalg.norm(residuals(probs, y), axis=1) * np.sqrt((phi.astype(np.float64) ** 2).sum(1) + 1.0)
 
 
-def last_layer_hessian(phi: np.ndarray, probs: np.ndarray, weight_decay: float, damping: float,
-                       block_size: int, device="cpu") -> np.ndarray:
-    """H = (1/n) Σ_i (diag(p_i) − p_i p_iᵀ) ⊗ φ̃_i φ̃_iᵀ + (λ + damping)·I, (p, p), contract order.
+def last_layer_hessian(phi: np.ndarray, probs: np.ndarray, block_size: int, device="cpu") -> np.ndarray:
+    """H_data = (1/n) Σ_i (diag(p_i) − p_i p_iᵀ) ⊗ φ̃_i φ̃_iᵀ, (p, p), contract order; the shift
+    λ + damping is added by the strategy (`hessians.solve_exact`).
 
     Accumulated over fixed blocks in index order (bit-identical for any sharding).
     """
@@ -161,20 +163,7 @@ def last_layer_hessian(phi: np.ndarray, probs: np.ndarray, weight_decay: float, 
         H[c * dd:(c + 1) * dd, c * dd:(c + 1) * dd] += diag[c]
     H /= n
     perm = torch.as_tensor(contract_order(C, d), device=device)
-    H = H[perm][:, perm]
-    H += (weight_decay + damping) * torch.eye(C * dd, dtype=torch.float64, device=device)
-    return H.cpu().numpy()
-
-
-def inverse_hessian(H: np.ndarray, device="cpu") -> np.ndarray:
-    """H⁻¹ of a dense, already shifted H via Cholesky (the slow reference path; the pipeline
-    goes through `hessians.inverse_apply`); a clear error if H is not positive definite."""
-    Ht = _t(H, device)
-    L, info = torch.linalg.cholesky_ex(Ht)
-    if int(info) != 0:
-        raise BadInputError("the Hessian is not positive definite; set --weight-decay > 0 or add --damping")
-    H_inv = torch.cholesky_inverse(L)
-    return (0.5 * (H_inv + H_inv.T)).cpu().numpy()
+    return H[perm][:, perm].cpu().numpy()
 
 
 def influence_vectors(phi: np.ndarray, probs: np.ndarray, y: np.ndarray, M: np.ndarray, n_total: int,
@@ -188,9 +177,7 @@ def influence_vectors(phi: np.ndarray, probs: np.ndarray, y: np.ndarray, M: np.n
     out = []
     for a, b in block_ranges(0, len(y), block_size):
         f = torch.as_tensor(phi[a:b], device=device).to(tdtype)  # (b, d)
-        r = torch.as_tensor(probs[a:b], device=device).clone()
-        r[torch.arange(b - a), torch.tensor(y[a:b], device=device)] -= 1.0  # p_i − e_{y_i}
-        r = r.to(tdtype)
+        r = torch.as_tensor(residuals(probs[a:b], y[a:b]), device=device).to(tdtype)  # (b, C)
         g = torch.cat([(r[:, :, None] * f[:, None, :]).reshape(b - a, -1), r], 1)  # (b, p), contract order
         out.append((g @ Mt.T / n_total).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, M.shape[0]), dtype=dtype)
@@ -226,7 +213,7 @@ def last_layer_curvature(phi: np.ndarray, probs: np.ndarray, block_size: int, de
         return (out.reshape(len(V), -1) / count)[:, perm_t]
 
     def dense() -> torch.Tensor:
-        return torch.as_tensor(last_layer_hessian(phi, probs, 0.0, 0.0, block_size, device), device=device)
+        return torch.as_tensor(last_layer_hessian(phi, probs, block_size, device), device=device)
 
     def diag() -> torch.Tensor:
         total = torch.zeros(C, dd, dtype=torch.float64, device=device)

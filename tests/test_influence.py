@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pruning_core import influence as inf
+from pruning_core import hessians, influence as inf
 from pruning_core.models import LinearModel, SmallCNN
 from pruning_core.training import fit_linear
 
@@ -13,8 +13,9 @@ def closed_form(model, x, y, weight_decay, damping, block_size=7):
     phi = inf.last_layer_inputs(model, x, block_size)
     W, b = inf.last_layer_weights(model)
     probs = inf.softmax_probs(phi, W, b)
-    H = inf.last_layer_hessian(phi, probs, weight_decay, damping, block_size)
-    return inf.influence_vectors(phi, probs, y, inf.inverse_hessian(H), len(y), block_size)
+    curv = inf.last_layer_curvature(phi, probs, block_size)
+    M, _ = hessians.inverse_apply(curv, torch.eye(curv.p, dtype=torch.float64), "exact", weight_decay + damping)
+    return inf.influence_vectors(phi, probs, y, M.numpy(), len(y), block_size)
 
 
 @pytest.mark.parametrize("kind", ["linear", "cnn"])
@@ -87,5 +88,7 @@ def test_predicted_change_matches_retraining_on_real_data(fmnist):
 def test_not_positive_definite_hessian_is_a_clear_error():
     from pruning_core.errors import BadInputError
 
+    curv = hessians.Curvature(p=3, n=1, device=torch.device("cpu"), hvp=None,
+                              dense=lambda: -torch.eye(3, dtype=torch.float64))
     with pytest.raises(BadInputError, match="positive definite"):
-        inf.inverse_hessian(-np.eye(3))
+        hessians.solve_exact(curv, torch.eye(3, dtype=torch.float64), 0.0)
