@@ -38,7 +38,7 @@ def main() -> None:
     eye = torch.eye(curv.p, dtype=torch.float64)
     (H_inv, _), t_hessian = timed(lambda: hessians.inverse_apply(curv, eye, "exact", 5e-4))
     H_inv = H_inv.numpy()
-    vectors, t_vectors = timed(lambda: inf.influence_vectors(phi, probs, ds.y, H_inv, ds.n, 1024).astype(np.float32))
+    vectors, t_vectors = timed(lambda: inf.influence_vectors(phi, probs, ds.y, H_inv, ds.n, 1024, dtype=np.float32))
     t_influence = t_features + t_hessian + t_vectors
 
     rows = []
