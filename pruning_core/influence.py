@@ -22,6 +22,7 @@ from torch import nn
 
 from .data import as_float, np_float_dtype
 from .errors import BadInputError
+from .models import inference_features
 from .hessians import STRATEGIES, Curvature, KroneckerFactors
 from .scopes import validate_scope
 
@@ -85,11 +86,18 @@ def shard_ranges(n: int, n_shards: int, block_size: int) -> list[tuple[int, int]
 def last_layer_inputs(model: nn.Module, x: np.ndarray, block_size: int, device=None) -> np.ndarray:
     """φ(x), the inputs of `fc`, (n, d) in the model's dtype (float32 for networks, float64 for
     `linear`), computed block by block; the Hessian's large products run in that dtype."""
-    device = device or next(model.parameters()).device
+    device = torch.device(device or next(model.parameters()).device)
     dtype = next(model.parameters()).dtype
     model.eval()
-    out = [model.features(torch.as_tensor(as_float(x[a:b], np_float_dtype(dtype)), device=device)).cpu()
-           for a, b in block_ranges(0, len(x), block_size)]
+    blocks = block_ranges(0, len(x), block_size)
+    if not blocks:
+        return np.zeros((0, model.fc.in_features), dtype=np_float_dtype(dtype))
+    batch = lambda a, b: torch.as_tensor(as_float(x[a:b], np_float_dtype(dtype)), device=device)  # noqa: E731
+    # oneDNN's CPU convolutions run fastest on small batches; each fixed block is cut the same way
+    step = block_size if device.type == "cuda" else min(block_size, 256)
+    features = inference_features(model, batch(0, min(step, len(x))))
+    with torch.inference_mode():
+        out = [features(batch(c, d)).cpu() for a, b in blocks for c, d in block_ranges(a, b, step)]
     return torch.cat(out).numpy()
 
 
@@ -149,18 +157,18 @@ def last_layer_hessian(phi: np.ndarray, probs: np.ndarray, block_size: int, devi
     C = probs.shape[1]
     dd = d + 1
     cdtype = torch.float32 if phi.dtype == np.float32 else torch.float64  # products; sums over blocks in float64
-    diag = torch.zeros(C, dd, dd, dtype=torch.float64, device=device)
-    outer = torch.zeros(C * dd, C * dd, dtype=torch.float64, device=device)
+    H = torch.zeros(C * dd, C * dd, dtype=torch.float64, device=device)  # upper block triangle, kron order
     for a, b in block_ranges(0, n, block_size):
         f = torch.cat([torch.as_tensor(phi[a:b], device=device).to(cdtype),
                        torch.ones(b - a, 1, dtype=cdtype, device=device)], 1)  # (k, d+1)
         p = torch.as_tensor(probs[a:b], device=device).to(cdtype)  # (k, C)
-        diag += torch.bmm((p.T[:, :, None] * f[None]).transpose(1, 2), f.expand(C, -1, -1)).double()  # (C, d+1, d+1)
         q = (p[:, :, None] * f[:, None, :]).reshape(b - a, C * dd)  # (k, C(d+1)): p_i ⊗ φ̃_i
-        outer += (q.T @ q).double()
-    H = -outer
-    for c in range(C):
-        H[c * dd:(c + 1) * dd, c * dd:(c + 1) * dd] += diag[c]
+        for c in range(C):  # block (c, c): Σ (p_c − p_c²) φ̃φ̃ᵀ; blocks (c, e > c): −Σ p_c p_e φ̃φ̃ᵀ
+            rows = slice(c * dd, (c + 1) * dd)
+            H[rows, rows] += ((f * (p[:, c] - p[:, c] ** 2)[:, None]).T @ f).double()
+            if c + 1 < C:
+                H[rows, (c + 1) * dd:] -= (q[:, rows].T @ q[:, (c + 1) * dd:]).double()
+    H = torch.triu(H) + torch.triu(H, 1).T
     H /= n
     perm = torch.as_tensor(contract_order(C, d), device=device)
     return H[perm][:, perm].cpu().numpy()

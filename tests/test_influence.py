@@ -92,3 +92,21 @@ def test_not_positive_definite_hessian_is_a_clear_error():
                               dense=lambda: -torch.eye(3, dtype=torch.float64))
     with pytest.raises(BadInputError, match="positive definite"):
         hessians.solve_exact(curv, torch.eye(3, dtype=torch.float64), 0.0)
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet18"])
+def test_fast_cpu_feature_pass_equals_eager(name):
+    """The frozen oneDNN graph used for the feature pass gives eager's features (float32 rounding),
+    for a batch size it was not traced with."""
+    from pruning_core.models import ResNet18, inference_features
+
+    torch.manual_seed(0)
+    model = (SmallCNN(1, 10) if name == "cnn" else ResNet18(3, 10)).eval()
+    shape = (1, 28, 28) if name == "cnn" else (3, 32, 32)
+    fast = inference_features(model, torch.rand(8, *shape))
+    assert isinstance(fast, torch.jit.ScriptModule)  # the fast path was taken, not the fallback
+    x = torch.rand(37, *shape)
+    with torch.inference_mode():
+        expected = model.features(x)
+        assert torch.allclose(fast(x), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    assert inference_features(model, torch.rand(8, *shape, dtype=torch.float64)) == model.features
