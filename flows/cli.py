@@ -41,6 +41,8 @@ def _add_selection_options(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--epsilon", type=_float)
     parser.add_argument("--method", default="influence")
     parser.add_argument("--solver", default="greedy")
+    parser.add_argument("--coverage", choices=("auto", "none", "difficulty"), default="auto",
+                        help="influence method: keep every EL2N difficulty stratum covered (default auto: where it applies)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,8 +180,11 @@ def cmd_select(ns: argparse.Namespace) -> int:
     from pruning_core.pipeline import selection_stage
     from pruning_core.selection import SelectionArgs
 
+    from flows.parameters import resolve_coverage
+
+    coverage = resolve_coverage(ns.coverage, ns.method, ns.prune_ratio, ns.solver, ns.class_balanced)
     args = SelectionArgs(method=ns.method, prune_ratio=ns.prune_ratio, epsilon=ns.epsilon, solver=ns.solver,
-                         seed=ns.seed, class_balanced=ns.class_balanced, time_limit=ns.time_limit)
+                         seed=ns.seed, class_balanced=ns.class_balanced, time_limit=ns.time_limit, coverage=coverage)
     if not Path(ns.scores).is_file():
         raise BadInputError(f"--scores {ns.scores}: file not found")
     if args.solver == "bucketed":

@@ -18,6 +18,14 @@ from pruning_core.selection import SelectionArgs
 from pruning_core.training import TrainArgs
 
 
+def resolve_coverage(coverage: str, method: str, prune_ratio: float | None, solver: str, class_balanced: bool) -> str:
+    """`auto` → `difficulty` where it applies (the product's default), else `none`."""
+    if coverage != "auto":
+        return coverage
+    applies = method == "influence" and prune_ratio is not None and solver != "bucketed" and not class_balanced
+    return "difficulty" if applies else "none"
+
+
 class RunParameters(BaseModel):
     """One pruning run: dataset → model → influence → selection → Delta version."""
 
@@ -47,6 +55,10 @@ class RunParameters(BaseModel):
         "greedy", description="Solver of the influence method (scip: exact reference for small n, time-limited; "
                               "bucketed: buckets solved in parallel on Dask, then a global swap search)")
     class_balanced: bool = Field(False, description="Prune every class in proportion to its size")
+    coverage: Literal["auto", "none", "difficulty"] = Field(
+        "auto", description="difficulty: the influence method keeps every EL2N difficulty stratum covered (CCS's "
+                            "budget layout) and minimises ‖Σ s_i‖ within it; auto: difficulty wherever it applies "
+                            "(influence, prune_ratio, greedy/scip, not class_balanced), else none")
     shards: int = Field(4, ge=1, le=10000, description="Influence shards (contiguous sample ranges)")
     workers: int = Field(2, ge=1, le=256, description="Workers of the local Dask cluster (ignored with dask_address)")
     dask_address: str | None = Field(None, description="tcp://host:port of an existing Dask scheduler")
@@ -80,7 +92,9 @@ class RunParameters(BaseModel):
 
     def selection_args(self) -> SelectionArgs:
         return SelectionArgs(method=self.method, prune_ratio=self.prune_ratio, epsilon=self.epsilon,
-                             solver=self.solver, seed=self.seed, class_balanced=self.class_balanced)
+                             solver=self.solver, seed=self.seed, class_balanced=self.class_balanced,
+                             coverage=resolve_coverage(self.coverage, self.method, self.prune_ratio, self.solver,
+                                                       self.class_balanced))
 
     def target_uri(self) -> str:
         """The Delta table URI: a URI with a scheme as given, a local path made absolute."""

@@ -80,26 +80,51 @@ def kcenter_order(E: np.ndarray) -> np.ndarray:
     return order
 
 
+def ccs_hard_fraction(prune_ratio: float) -> float:
+    """β, the share of the hardest samples cut first: CCS's CIFAR-10 schedule (0 up to 50 %
+    pruning, 10 % at 70–80 %, 30 % at 90 %)."""
+    return 0.3 if prune_ratio >= 0.9 else 0.1 if prune_ratio >= 0.7 else 0.0
+
+
+def coverage_strata(score: np.ndarray, n_prune: int, strata: int = 50,
+                    hard_fraction: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """CCS's budget layout as (stratum (n,), removals per stratum): the hardest β·n samples form
+    the last stratum, removed whole; the rest fall in `strata` equal-width bins of `score`, and the
+    kept budget is spread evenly over the bins, smallest bins first (a bin smaller than its share
+    keeps everything). Easy, crowded bins give up most; every difficulty level keeps samples."""
+    n = len(score)
+    if hard_fraction is None:
+        hard_fraction = ccs_hard_fraction(n_prune / n)
+    label = np.empty(n, np.int64)
+    hard = np.argsort(-score, kind="stable")[:min(int(hard_fraction * n), n_prune)]
+    rest = np.ones(n, bool)
+    rest[hard] = False
+    label[hard] = strata
+    edges = np.linspace(score[rest].min(), score[rest].max(), strata + 1) if rest.any() else np.zeros(strata + 1)
+    label[rest] = np.clip(np.searchsorted(edges, score[rest], side="right") - 1, 0, strata - 1)
+    sizes = np.bincount(label, minlength=strata + 1)
+    kept = np.zeros(strata + 1, np.int64)
+    budget = n - n_prune
+    filled = [b for b in np.argsort(sizes[:strata], kind="stable") if sizes[b]]
+    for i, b in enumerate(filled):
+        kept[b] = min(sizes[b], budget // (len(filled) - i))
+        budget -= kept[b]
+    return label, sizes - kept
+
+
 def ccs_order(el2n: np.ndarray, n_prune: int, seed: int, strata: int = 50, hard_fraction: float | None = None) -> np.ndarray:
-    """Coverage-centric selection as a removal order for a budget of n_prune removals."""
-    n = len(el2n)
-    keep = n - n_prune
-    if hard_fraction is None:  # CCS's schedule: cut fewer hard samples as the budget shrinks
-        hard_fraction = 0.0 if n_prune / n >= 0.8 else 0.1 if n_prune / n >= 0.5 else 0.2 if n_prune / n >= 0.3 else 0.0
-    by_difficulty = np.argsort(-el2n, kind="stable")
-    hard = by_difficulty[:min(int(hard_fraction * n), n_prune)]
-    rest = np.setdiff1d(np.arange(n), hard)
-    edges = np.linspace(el2n[rest].min(), el2n[rest].max() + 1e-12, strata + 1)
-    bins = [rest[(el2n[rest] >= lo) & (el2n[rest] < hi)] for lo, hi in zip(edges[:-1], edges[1:])]
+    """Coverage-centric selection as a removal order for a budget of n_prune removals: each
+    stratum's removals drawn at random, the hardest cut first."""
+    label, removals = coverage_strata(el2n, n_prune, strata, hard_fraction)
     rng = np.random.default_rng(seed)
-    kept, budget = [], keep
-    for i, members in enumerate(sorted(bins, key=len)):  # smallest strata first, the rest share what is left
-        share = min(len(members), budget // (len(bins) - i))
-        kept.append(rng.choice(members, share, replace=False))
-        budget -= share
-    kept = np.concatenate(kept) if kept else np.zeros(0, np.int64)
-    dropped = rng.permutation(np.setdiff1d(rest, kept))
-    return np.concatenate([hard, dropped, rng.permutation(kept)]).astype(np.int64)
+    hard = np.flatnonzero(label == strata)
+    dropped, kept = [], []
+    for b in range(strata):
+        members = rng.permutation(np.flatnonzero(label == b))
+        dropped.append(members[:removals[b]])
+        kept.append(members[removals[b]:])
+    return np.concatenate([hard[np.argsort(-el2n[hard], kind="stable")], rng.permutation(np.concatenate(dropped)),
+                           rng.permutation(np.concatenate(kept))]).astype(np.int64)
 
 
 def removal_order(method: str, columns: dict[str, np.ndarray], vectors: np.ndarray | None, seed: int,

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .baselines import ORDER_METHODS, removal_order
+from .baselines import ORDER_METHODS, coverage_strata, removal_order
 from .errors import BadInputError
 
 METHODS = ("influence", *ORDER_METHODS)
 SOLVERS = ("greedy", "scip", "bucketed")
+COVERAGE = ("none", "difficulty")
 
 
 @dataclass
@@ -44,6 +45,7 @@ class SelectionArgs:
     swap_rounds: int = 500  # at most this many rounds of swaps
     restarts: int | None = None  # extra random-start local searches (None: 8 when n ≤ 5,000, else 0)
     class_balanced: bool = False  # prune every class in proportion to its size
+    coverage: str = "none"  # "difficulty": per-stratum removal quotas over EL2N (CCS's layout), see `select`
     time_limit: float = 60.0  # seconds, for the `scip` reference solver
     buckets: int = 8  # for the `bucketed` solver
 
@@ -58,6 +60,11 @@ class SelectionArgs:
             raise BadInputError(f"--prune-ratio {self.prune_ratio} must lie strictly between 0 and 1")
         if self.epsilon is not None and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
             raise BadInputError(f"--epsilon {self.epsilon} must be a positive finite number")
+        if self.coverage not in COVERAGE:
+            raise BadInputError(f"--coverage {self.coverage!r} is not known; valid: {', '.join(COVERAGE)}")
+        if self.coverage != "none" and (self.epsilon is not None or self.class_balanced or self.method != "influence"):
+            raise BadInputError("--coverage difficulty applies to --method influence with --prune-ratio, "
+                                "without --class-balanced")
         if self.class_balanced and self.epsilon is not None:
             raise BadInputError("--class-balanced applies to --prune-ratio, not --epsilon")
         if self.pool_size < 1 or self.swap_candidates < 1 or self.swap_rounds < 0:
@@ -366,6 +373,11 @@ def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarr
     columns = {"label": np.zeros(n, np.int64), **(columns or {})}
     labels = columns["label"]
     quotas = class_quotas(labels, args.n_prune(n)) if args.class_balanced else None
+    if args.coverage == "difficulty":  # minimise ‖Σ s_i‖ with every difficulty stratum's removals fixed
+        if "el2n" not in columns:
+            raise BadInputError("--coverage difficulty needs the score column 'el2n', which these scores lack")
+        labels, quotas = coverage_strata(np.asarray(columns["el2n"], np.float64), args.n_prune(n))
+        info["coverage"] = {"strata": int(len(quotas) - 1), "hard_cut": int(quotas[-1])}
     if args.method != "influence":
         order = removal_order(args.method, columns, vectors, args.seed,
                               args.n_prune(n) if args.prune_ratio is not None else None)
@@ -383,16 +395,16 @@ def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarr
             pruned = _largest_prefix_within(vectors, order, path, args.epsilon)
     elif args.solver == "scip":
         warm = select(vectors, SelectionArgs(prune_ratio=args.prune_ratio, epsilon=args.epsilon, seed=args.seed,
-                                             class_balanced=args.class_balanced), columns).pruned
-        pruned, scip_info = solve_scip(vectors, args, warm, labels if args.class_balanced else None, quotas)
+                                             class_balanced=args.class_balanced, coverage=args.coverage), columns).pruned
+        pruned, scip_info = solve_scip(vectors, args, warm, labels if quotas is not None else None, quotas)
         info.update(scip_info)
     elif args.solver == "bucketed":
-        if args.epsilon is not None or args.class_balanced:
-            raise BadInputError("--solver bucketed solves --prune-ratio without --class-balanced")
+        if args.epsilon is not None or quotas is not None:
+            raise BadInputError("--solver bucketed solves --prune-ratio without --class-balanced or --coverage")
         pruned, bucket_info = select_bucketed(vectors, args.n_prune(n), args, map_fn or map)
         info.update(bucket_info)
     elif args.prune_ratio is not None:
-        pruned, solve_info = solve_size(vectors, args.n_prune(n), args, labels if args.class_balanced else None, quotas)
+        pruned, solve_info = solve_size(vectors, args.n_prune(n), args, labels if quotas is not None else None, quotas)
         info.update(solve_info)
     else:
         pruned, info["probes"] = largest_size_within(vectors, args)

@@ -139,3 +139,28 @@ def test_bucketed_on_a_local_cluster_matches_the_unbucketed_solver():
     assert bucketed.pruned.sum() == plain.pruned.sum() == 8000
     assert bucketed.info["buckets"] == 4
     assert bucketed.objective <= 1.05 * plain.objective, (bucketed.objective, plain.objective)
+
+
+def test_coverage_keeps_every_difficulty_stratum_and_beats_random_within_it():
+    """--coverage difficulty: removals per EL2N stratum follow CCS's budget layout exactly (the
+    hardest β cut whole, every stratum keeps samples) and ‖Σ s_i‖ is no worse than CCS's random
+    draw under the same layout."""
+    from pruning_core.baselines import ccs_order, coverage_strata
+
+    rng = np.random.default_rng(3)
+    n = 3000
+    el2n = rng.beta(0.5, 3.0, n) * np.sqrt(2)
+    vectors = rng.normal(size=(n, 12)) * el2n[:, None]
+    for ratio in (0.4, 0.8):
+        m = int(round(ratio * n))
+        label, removals = coverage_strata(el2n, m)
+        chosen = select(vectors, SelectionArgs(prune_ratio=ratio, coverage="difficulty"), {"el2n": el2n})
+        assert chosen.pruned.sum() == m
+        assert np.array_equal(np.bincount(label[chosen.pruned], minlength=len(removals)), removals)
+        kept_per_stratum = np.bincount(label[~chosen.pruned], minlength=len(removals))[:-1]
+        assert (kept_per_stratum[np.bincount(label, minlength=len(removals))[:-1] > 0] > 0).all()
+        ccs = np.zeros(n, bool)
+        ccs[ccs_order(el2n, m, seed=0)[:m]] = True
+        assert chosen.objective <= objective(vectors, ccs)
+    with pytest.raises(BadInputError, match="coverage"):
+        SelectionArgs(epsilon=0.1, coverage="difficulty")
