@@ -15,7 +15,7 @@ from torch import nn
 
 from .data import Dataset, np_float_dtype, as_float
 from .errors import BadInputError, CheckpointError
-from .models import LinearModel, build_model
+from .models import LinearModel, build_model, inference_features
 
 DEFAULT_EPOCHS = {"linear": 0, "cnn": 4, "resnet18": 30}
 
@@ -61,17 +61,21 @@ class TrainResult:
     seconds: float
     correctness: np.ndarray | None = None  # (n, epochs) bool: right at its mini-batch, per epoch
     info: dict = field(default_factory=dict)
+    curve: list[dict] = field(default_factory=list)  # test accuracy during training (`evaluations_per_epoch`)
 
 
-@torch.no_grad()
-def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 1024, device=None) -> np.ndarray:
+@torch.inference_mode()
+def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 256, device=None) -> np.ndarray:
     """Logits (n, C) in float64 (computed in the model's dtype)."""
     device = device or next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     model.eval()
-    out = [model(torch.as_tensor(as_float(x[i:i + batch_size], np_float_dtype(dtype)), device=device)).double().cpu()
-           for i in range(0, len(x), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros((0, 0))
+    if len(x) == 0:
+        return np.zeros((0, 0))
+    batch = lambda a: torch.as_tensor(as_float(x[a:a + batch_size], np_float_dtype(dtype)), device=device)  # noqa: E731
+    features = inference_features(model, batch(0))
+    out = [model.fc(features(batch(a))).double().cpu() for a in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy()
 
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, device=None) -> float:
@@ -123,11 +127,15 @@ def fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, weight_decay: float
 
 
 def train_network(model: nn.Module, ds: Dataset, args: TrainArgs, device=None,
-                  progress: Callable[[int, int, float], None] | None = None) -> np.ndarray:
-    """Seeded SGD (momentum 0.9, cosine-annealed lr, weight decay λ on every parameter).
+                  progress: Callable[[int, int, float], None] | None = None,
+                  evaluations_per_epoch: int = 0, curve: list | None = None) -> np.ndarray:
+    """Seeded SGD (momentum 0.9, one-cycle lr, weight decay λ on every parameter).
 
     Returns correctness (n, epochs): whether each sample was classified right in its own
     mini-batch of each epoch (what forgetting scores count). `progress(epoch, epochs, loss)`.
+    With `evaluations_per_epoch` = k > 0, test accuracy is measured k times per epoch and
+    appended to `curve` as {epoch, samples_seen, train_seconds, test_accuracy}; train_seconds
+    counts training only, not these evaluations.
     """
     device = device or default_device()
     model.to(device).train()
@@ -139,10 +147,14 @@ def train_network(model: nn.Module, ds: Dataset, args: TrainArgs, device=None,
                                 weight_decay=args.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=args.lr, total_steps=steps, pct_start=0.15)
     correctness = np.zeros((ds.n, args.epochs), dtype=bool)
+    batches = (ds.n + args.batch_size - 1) // args.batch_size
+    marks = {round(batches * (k + 1) / evaluations_per_epoch) for k in range(evaluations_per_epoch)}
+    clock, seen = 0.0, 0
     for epoch in range(args.epochs):
         order = torch.randperm(ds.n, generator=generator).to(device)
         total = 0.0
-        for start in range(0, ds.n, args.batch_size):
+        started = time.perf_counter()
+        for batch, start in enumerate(range(0, ds.n, args.batch_size), 1):
             rows = order[start:start + args.batch_size]
             logits = model(x[rows])
             loss = nn.functional.cross_entropy(logits, y[rows])
@@ -152,6 +164,13 @@ def train_network(model: nn.Module, ds: Dataset, args: TrainArgs, device=None,
             schedule.step()
             correctness[rows.cpu().numpy(), epoch] = (logits.argmax(1) == y[rows]).cpu().numpy()
             total += loss.item() * len(rows)
+            seen += len(rows)
+            if batch in marks and curve is not None:
+                clock += time.perf_counter() - started
+                curve.append({"epoch": epoch + batch / batches, "samples_seen": seen, "train_seconds": clock,
+                              "test_accuracy": accuracy(model, ds.x_test, ds.y_test, device)})
+                model.train()
+                started = time.perf_counter()
         if progress:
             progress(epoch + 1, args.epochs, total / ds.n)
     model.eval()
@@ -159,8 +178,9 @@ def train_network(model: nn.Module, ds: Dataset, args: TrainArgs, device=None,
 
 
 def train(ds: Dataset, args: TrainArgs, device=None,
-          progress: Callable[[int, int, float], None] | None = None) -> TrainResult:
-    """Train `args.model` on `ds` from a seeded initialisation; returns the model on `device`."""
+          progress: Callable[[int, int, float], None] | None = None, evaluations_per_epoch: int = 0) -> TrainResult:
+    """Train `args.model` on `ds` from a seeded initialisation; returns the model on `device`.
+    `evaluations_per_epoch` > 0 records a test-accuracy curve (networks only)."""
     device = device or default_device()
     started = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -169,11 +189,14 @@ def train(ds: Dataset, args: TrainArgs, device=None,
         correctness = None
     else:
         model = build_model(args.model, ds.sample_shape, ds.n_classes)
-        correctness = train_network(model, ds, args, device, progress)
+        correctness = train_network(model, ds, args, device, progress, evaluations_per_epoch, curve := [])
         info = {}
     seconds = time.perf_counter() - started
+    if args.model != "linear" and evaluations_per_epoch:
+        seconds = curve[-1]["train_seconds"]  # training alone
     return TrainResult(model, accuracy(model, ds.x_test, ds.y_test, device), accuracy(model, ds.x, ds.y, device),
-                       seconds, correctness, {**info, "args": asdict(args)})
+                       seconds, correctness, {**info, "args": asdict(args)},
+                       curve if args.model != "linear" else [])
 
 
 def load_model(path: str, model_name: str, ds: Dataset, device=None) -> nn.Module:
