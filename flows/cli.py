@@ -16,6 +16,7 @@ from pruning_core.errors import BadInputError
 from pruning_core.influence import format_estimate
 
 EXIT_BAD_INPUT = 2
+_ARGV: list[str] = []  # the arguments of this invocation, recorded in reports
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,6 +29,15 @@ def _float(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _list(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(part) for part in text.split(",") if part.strip()]
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__.strip('_')}") from None
+    return parse
 
 
 def _damping(text: str):
@@ -83,6 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--dask-address", help="scheduler for --solver bucketed (default: a local cluster)")
     select.add_argument("--workers", type=int, default=2)
     select.add_argument("--out", required=True)
+
+    evaluate = sub.add_parser("evaluate", help="retrain on pruned sets per method x ratio x seed; report and plots")
+    for flag, kind, default in (("--dataset", str, "fashion-mnist"), ("--data-root", str, None), ("--model", str, "cnn"),
+                                ("--checkpoint", str, None), ("--epochs", int, None), ("--lr", _float, 0.05),
+                                ("--batch-size", int, 128), ("--weight-decay", _float, 5e-4), ("--seed", int, 0),
+                                ("--shards", int, 4), ("--workers", int, 2), ("--dask-address", str, None),
+                                ("--out", str, "runs"), ("--target", str, None), ("--from-run", str, None),
+                                ("--prune-ratio", _float, 0.4), ("--target-drop", _float, 0.013),
+                                ("--evaluations-per-epoch", int, 4), ("--gap-samples", int, 5000),
+                                ("--gap-points", int, 8), ("--gap-weight-decay", _float, 0.01)):
+        evaluate.add_argument(flag, type=kind, default=default)
+    evaluate.add_argument("--methods", type=_list(str), default=None, help="comma-separated, e.g. influence,random,el2n")
+    evaluate.add_argument("--ratios", type=_list(_float), default=None, help="comma-separated prune ratios")
+    evaluate.add_argument("--seeds", type=_list(int), default=None, help="comma-separated training seeds")
+    evaluate.add_argument("--coverage", choices=("auto", "none", "difficulty"), default="auto")
+    evaluate.add_argument("--gpu", action="store_true")
 
     versions = sub.add_parser("versions", help="a Delta table's versions with their provenance")
     versions.add_argument("uri")
@@ -174,6 +200,32 @@ def preflight(params) -> dict:
     return stage_estimate(ds.n, sum(sizes[k].numel() for k in names), model.fc.in_features, params.influence_args())
 
 
+def cmd_evaluate(ns: argparse.Namespace) -> int:
+    from flows.parameters import EvaluateParameters
+
+    values = {k: v for k, v in vars(ns).items() if k != "command" and v is not None}
+    try:
+        params = EvaluateParameters(**values)
+    except ValidationError as exc:
+        raise BadInputError(_pydantic_message(exc)) from None
+    params.validate_all()
+    if not params.from_run:
+        print(format_estimate(preflight(params.run_parameters())), file=sys.stderr)
+    from flows.evaluate import evaluate_pruning
+
+    with prefect_api():
+        result = evaluate_pruning(params, command="dataset-prune " + " ".join(_ARGV))
+    goal = result["targets"]
+    print(f"evaluation folder: {result['run_dir']}")
+    print(f"report:            {result['report']}")
+    for name, path in result["plots"].items():
+        print(f"plot:              {path}")
+    if "accuracy_drop" in goal:
+        print(f"at prune ratio {goal['ratio']:g}: accuracy drop {100 * goal['accuracy_drop']:.2f} points, "
+              f"influence vs others: {'all met' if goal['all_comparisons_met'] else 'not all met'} (see the report)")
+    return 0
+
+
 def cmd_select(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -218,8 +270,9 @@ def cmd_versions(ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        _ARGV[:] = sys.argv[1:] if argv is None else argv
         ns = build_parser().parse_args(argv)
-        return {"run": cmd_run, "select": cmd_select, "versions": cmd_versions}[ns.command](ns)
+        return {"run": cmd_run, "select": cmd_select, "versions": cmd_versions, "evaluate": cmd_evaluate}[ns.command](ns)
     except BadInputError as exc:
         print(f"dataset-prune: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -7,7 +7,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -118,3 +118,42 @@ class RunParameters(BaseModel):
 
     def as_json(self) -> dict:
         return json.loads(self.model_dump_json())
+
+
+class EvaluateParameters(RunParameters):
+    """An evaluation: one scoring run (or an existing run folder), then every method × prune
+    ratio × seed retrained from scratch, the full data as the reference."""
+
+    model_config = ConfigDict(extra="forbid", title="Pruning evaluation")
+
+    prune_ratio: float | None = Field(0.4, gt=0, lt=1, description="Prune ratio of the scoring run's own version")
+    methods: list[Literal["influence", "random", "el2n", "grand", "forgetting", "influence-score", "herding",
+                          "kcenter", "moderate", "ccs"]] = Field(
+        ["influence", "random", "el2n", "influence-score", "forgetting", "ccs"], min_length=1,
+        description="Selection methods compared (influence is this product's)")
+    ratios: list[Annotated[float, Field(gt=0, lt=1)]] = Field([0.2, 0.4, 0.6, 0.8], min_length=1,
+                                                              description="Prune ratios evaluated")
+    seeds: list[Annotated[int, Field(ge=0)]] = Field([0, 1, 2], min_length=1, description="Training seeds per cell")
+    target_drop: float = Field(0.013, ge=0, lt=1, description="Convergence target: full-data accuracy minus this")
+    evaluations_per_epoch: int = Field(4, ge=1, le=100, description="Test-accuracy measurements per epoch")
+    gap_samples: int = Field(5000, ge=0, description="Samples of the generalization-gap check (0 skips it)")
+    gap_points: int = Field(8, ge=2, le=50, description="ε values of the generalization-gap check")
+    gap_weight_decay: float = Field(0.01, gt=0, description="λ of the gap check's convex problems")
+    from_run: str | None = Field(None, description="Reuse this run folder's scores and model instead of a scoring run")
+
+    def eval_args(self):
+        from pruning_core.evaluation import EvalArgs
+
+        return EvalArgs(methods=tuple(self.methods), ratios=tuple(self.ratios), seeds=tuple(self.seeds),
+                        target_drop=self.target_drop, evaluations_per_epoch=self.evaluations_per_epoch,
+                        gap_samples=self.gap_samples, gap_points=self.gap_points,
+                        gap_weight_decay=self.gap_weight_decay)
+
+    def run_parameters(self) -> RunParameters:
+        return RunParameters(**{k: v for k, v in self.model_dump().items() if k in RunParameters.model_fields})
+
+    def validate_all(self) -> None:
+        super().validate_all()
+        self.eval_args()
+        if self.from_run is not None and not (Path(self.from_run) / "manifest.json").is_file():
+            raise BadInputError(f"--from-run {self.from_run}: not a finished run folder (no manifest.json)")

@@ -1,0 +1,130 @@
+"""The `evaluate-pruning` flow: wiring only. One scoring run through the product's own
+pipeline (or an existing run folder), then every method × ratio selected by the same
+selection task, every selection retrained from scratch per seed as Dask tasks beside the
+full-data references and the generalization-gap check; `evaluation.parquet`, PNG plots and
+`report.md` are written to the evaluation folder and published as Prefect artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from pruning_core import artifacts, evaluation
+from pruning_core.data import load_dataset
+from pruning_core.selection import SelectionArgs
+from tasks.evaluate import generalization_gap, retrain
+from tasks.select import select_samples
+
+from .parameters import EvaluateParameters, resolve_coverage
+from .prune import dask_runner, new_run_id, prune_dataset
+
+
+@flow(name="evaluation-runs")
+def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, folder: str) -> dict:
+    """Selections, retrainings and gap checks, fanned out on the Dask task runner."""
+    logger = get_run_logger()
+    args = params.eval_args()
+    base = params.train_args()
+    selections = {}
+    for job in evaluation.selection_jobs(args):
+        sel_args = SelectionArgs(method=job["method"], prune_ratio=job["ratio"], seed=job["seed"] or 0,
+                                 coverage=resolve_coverage(params.coverage, job["method"], job["ratio"], "greedy", False))
+        path = str(Path(folder) / "selections" / f"{job['name']}.parquet")
+        selections[job["name"]] = (job, select_samples.submit(scores, sel_args, path), path)
+    runs = []
+    for seed in args.seeds:  # the longest runs first
+        runs.append((None, {"method": evaluation.FULL, "prune_ratio": 0.0, "selection": "full", "selection_seed": None,
+                            "objective": None}, seed))
+    for job, future, path in sorted(selections.values(), key=lambda v: v[0]["ratio"]):
+        for seed in args.seeds:
+            if job["seed"] is not None and job["seed"] != seed:
+                continue  # a random draw per seed, trained with that seed
+            runs.append(((future, path), {"method": job["method"], "prune_ratio": job["ratio"], "selection": job["name"],
+                                          "selection_seed": job["seed"]}, seed))
+    futures = []
+    for sel, labels, seed in runs:
+        wait = [sel[0]] if sel else []
+        futures.append((labels, sel, retrain.submit(params.dataset, params.data_root, sel[1] if sel else None,
+                                                    replace(base, seed=seed), args.evaluations_per_epoch, labels,
+                                                    wait_for=wait)))
+    gap_futures = []
+    if args.gap_samples:
+        for kind in ("linear", "head") if params.model != "linear" else ("linear",):
+            gap_futures.append(generalization_gap.submit(kind, params.dataset, params.data_root, args.gap_samples,
+                                                         args.gap_points, args.gap_weight_decay,
+                                                         checkpoint if kind == "head" else None, params.model))
+    records = []
+    for i, (labels, sel, future) in enumerate(futures, 1):
+        record = future.result()
+        if sel:
+            record["objective"] = sel[0].result()["objective"]
+        records.append(record)
+        logger.info("retrained %d/%d: %s seed %d → test accuracy %.4f in %.1f s", i, len(futures),
+                    labels["selection"], record["seed"], record["test_accuracy"], record["train_seconds"])
+    gaps = [g for f in gap_futures for g in f.result()]
+    return {"records": records, "gaps": gaps,
+            "selections": {name: {"path": path, **future.result()} for name, (job, future, path) in selections.items()}}
+
+
+@flow(name="evaluate-pruning")
+def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, command: str | None = None) -> dict:
+    """Retrain on pruned versions and write the evidence. Returns the summary (report path,
+    plots, targets). On any failure the staged evaluation folder is removed."""
+    logger = get_run_logger()
+    params.validate_all()
+    args = params.eval_args()
+    run_id = run_id or "eval-" + new_run_id()
+    out = Path(params.out).expanduser().resolve()
+    staging, final = out / ".staging" / run_id, out / run_id
+    if final.exists():
+        raise FileExistsError(f"evaluation folder {final} already exists")
+    started = time.perf_counter()
+    if params.from_run:
+        manifest = artifacts.load_manifest(Path(params.from_run).resolve())
+        logger.info("reusing scores and model of %s", manifest["run_dir"])
+    else:
+        manifest = prune_dataset(params.run_parameters())
+    scores, checkpoint = str(artifacts.scores_path(Path(manifest["run_dir"]))), manifest["model"]["checkpoint"]
+    staging.mkdir(parents=True)
+    try:
+        results = evaluation_runs.with_options(task_runner=dask_runner(params))(params, scores, checkpoint, str(staging))
+        records = evaluation.add_convergence(results["records"], args.target_drop)
+        summary = evaluation.summarise(records)
+        goal = evaluation.targets(summary, records, drop=args.target_drop)
+        plots = evaluation.draw_plots(summary, records, results["gaps"], staging / "plots")
+        plots = {k: str(final / Path(v).relative_to(staging)) for k, v in plots.items()}
+        ds = load_dataset(params.dataset, params.data_root)
+        context = {"dataset": ds.name, "model": params.model, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                   "machine": f"{platform.node()} · {platform.platform()} · {os.cpu_count()} CPUs",
+                   "run_dir": str(final), "scores_from": manifest["run_dir"],
+                   "recipe": json.dumps({k: v for k, v in vars(params.train_args()).items() if k != "seed"}),
+                   "command": command}
+        report = evaluation.report_markdown(summary, records, results["gaps"], goal, plots, context, relative_to=final)
+        artifacts.save_parquet(evaluation.evaluation_table(records), staging / "evaluation.parquet")
+        if results["gaps"]:
+            import pyarrow as pa
+
+            artifacts.save_parquet(pa.Table.from_pylist(results["gaps"]), staging / "generalization_gap.parquet")
+        (staging / "report.md").write_text(report)
+        out_summary = {"run_id": run_id, "run_dir": str(final), "report": str(final / "report.md"), "plots": plots,
+                       "scores_from": manifest["run_dir"], "targets": goal, "summary": summary,
+                       "gap": results["gaps"], "seconds": time.perf_counter() - started, "arguments": params.as_json()}
+        artifacts.write_json(staging / "evaluation.json", out_summary)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    create_markdown_artifact(report.replace("](plots/", f"]({final}/plots/"), key="pruning-evaluation",
+                             description=f"evaluation {run_id}")
+    create_table_artifact([{k: v for k, v in s.items()} for s in summary], key="pruning-evaluation-table",
+                          description="mean ± std over seeds per method and prune ratio")
+    logger.info("evaluation folder %s; report %s", final, final / "report.md")
+    return out_summary

@@ -1,0 +1,24 @@
+"""Evaluation tasks: retrain on a selection, and the generalization-gap check."""
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from pruning_core import evaluation
+from pruning_core.data import load_dataset
+from pruning_core.training import TrainArgs
+
+
+@task(name="retrain", cache_policy=NO_CACHE, task_run_name="retrain-{labels[selection]}-seed{train_args.seed}")
+def retrain(dataset: str, data_root: str | None, selection: str | None, train_args: TrainArgs,
+            evaluations_per_epoch: int, labels: dict) -> dict:
+    return evaluation.retrain_stage(dataset, data_root, selection, train_args, evaluations_per_epoch, labels)
+
+
+@task(name="generalization-gap", cache_policy=NO_CACHE, task_run_name="gap-{kind}")
+def generalization_gap(kind: str, dataset: str, data_root: str | None, samples: int, points: int,
+                       weight_decay: float, checkpoint: str | None, model_name: str | None) -> list[dict]:
+    from pruning_core.pipeline import torch_threads
+
+    with torch_threads(1):
+        return evaluation.gap_check(kind, load_dataset(dataset, data_root), samples, points, weight_decay,
+                                    checkpoint=checkpoint, model_name=model_name)
