@@ -110,9 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--coverage", choices=("auto", "none", "difficulty"), default="auto")
     evaluate.add_argument("--gpu", action="store_true")
 
-    versions = sub.add_parser("versions", help="a Delta table's versions with their provenance")
+    versions = sub.add_parser("versions", help="a target's versions (Delta, dvc:REPO#PATH, lakefs://…) with their provenance")
     versions.add_argument("uri")
     versions.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    versions.add_argument("--lineage", action="store_true",
+                          help="per version, the chain of sources it was pruned from, across runs and tables")
     return parser
 
 
@@ -251,9 +253,17 @@ def cmd_select(ns: argparse.Namespace) -> int:
 
 
 def cmd_versions(ns: argparse.Namespace) -> int:
-    from pruning_core.versions import list_versions
+    from pruning_core.targets import lineage, open_target
 
-    rows = list_versions(ns.uri)
+    if ns.lineage:
+        chains = lineage(ns.uri)
+        if ns.json:
+            print(json.dumps(chains, indent=2, default=str))
+            return 0
+        for chain in chains:
+            print(_lineage_text(chain))
+        return 0
+    rows = open_target(ns.uri).versions()
     if ns.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
@@ -266,6 +276,19 @@ def cmd_versions(ns: argparse.Namespace) -> int:
         obj = f"{p['objective']:.4g}" if "objective" in p else "-"
         print(f"{row['version']:>7}  {when:19}  {row['rows'] or 0:>7}  {p.get('run_id', '-'):22}  {source[-28:]:28}  {how}  {obj}")
     return 0
+
+
+def _lineage_text(chain: list[dict]) -> str:
+    """One version's lineage, newest first: the version, then each source it was pruned from."""
+    lines = [f"{chain[0]['ref']}  ({chain[0]['rows']} rows)"]
+    for depth, (child, parent) in enumerate(zip(chain, chain[1:])):
+        how = child.get("method") or "-"
+        how += f"/{child['solver']}" if child.get("solver") else ""
+        how += f", ratio {child['prune_ratio']}" if child.get("prune_ratio") is not None else ""
+        how += f", ε {child['epsilon']}" if child.get("epsilon") is not None else ""
+        rows = f"{parent['rows']} rows" if parent.get("rows") is not None else "rows unknown"
+        lines.append(f"{'   ' * depth}└─ pruned by run {child.get('run_id') or '-'} ({how}) from {parent['ref']}  ({rows})")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from pruning_core.data import parse_dataset_spec
 from pruning_core.errors import BadInputError
 from pruning_core.influence import InfluenceArgs
 from pruning_core.selection import SelectionArgs
+from pruning_core.targets import open_target
 from pruning_core.training import TrainArgs
 
 
@@ -97,8 +98,11 @@ class RunParameters(BaseModel):
                                                        self.class_balanced))
 
     def target_uri(self) -> str:
-        """The Delta table URI: a URI with a scheme as given, a local path made absolute."""
+        """Where the version goes: a URI with a scheme as given, `dvc:REPO#PATH` with REPO made
+        absolute, a local path (a Delta table) made absolute."""
         target = self.target or f"datasets/{parse_dataset_spec(self.dataset).short_name}-pruned"
+        if target.startswith("dvc:"):
+            return open_target(target).uri
         if "://" in target:
             return target
         return str(Path(target).expanduser().resolve())
@@ -112,9 +116,7 @@ class RunParameters(BaseModel):
         out = Path(self.out).expanduser().resolve()
         if out.exists() and not out.is_dir():
             raise BadInputError(f"--out {self.out}: exists and is not a folder")
-        target = self.target_uri()
-        if "://" not in target and Path(target).exists() and not Path(target).is_dir():
-            raise BadInputError(f"--target {self.target}: exists and is not a folder")
+        open_target(self.target_uri()).check()
 
     def as_json(self) -> dict:
         return json.loads(self.model_dump_json())

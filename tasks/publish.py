@@ -1,4 +1,5 @@
-"""Publishing tasks: the Delta version, the `dataset.version.created` event, run artifacts."""
+"""Publishing tasks: the new version (Delta by default, DVC or lakeFS by `--target`), the
+`dataset.version.created` event, run artifacts."""
 
 import numpy as np
 from prefect import task
@@ -8,7 +9,7 @@ from prefect.events import emit_event
 
 from pruning_core import artifacts
 from pruning_core.data import load_dataset
-from pruning_core.versions import commit_version, table_name
+from pruning_core.targets import open_target
 
 EVENT = "dataset.version.created"
 
@@ -19,13 +20,13 @@ def commit_dataset_version(target: str, dataset: str, data_root: str | None, sel
     sample_id, pruned = artifacts.load_selection(selection)
     if not np.array_equal(sample_id, ds.sample_id):
         raise RuntimeError(f"{selection} does not list the samples of {dataset} in order")
-    version = commit_version(target, ds, ~pruned, provenance)
+    version = open_target(target).commit(ds, ~pruned, provenance)
     return {"uri": target, "version": version, "n_kept": int((~pruned).sum())}
 
 
 @task(name="emit-version-event", cache_policy=NO_CACHE)
 def emit_version_event(uri: str, version: int, run_id: str, n_kept: int) -> str | None:
-    event = emit_event(event=EVENT, resource={"prefect.resource.id": f"dataset.{table_name(uri)}"},
+    event = emit_event(event=EVENT, resource={"prefect.resource.id": f"dataset.{open_target(uri).name}"},
                        payload={"uri": uri, "version": version, "run_id": run_id, "n_kept": n_kept})
     return str(event.id) if event else None
 
