@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_ARGS ?= --dataset fashion-mnist --model cnn --prune-ratio 0.4
+DEMO_EVAL_ARGS ?= --dataset fashion-mnist --model cnn --methods influence,random --ratios 0.4 --seeds 0 \
+	--gap-samples 2000 --gap-points 5 --out runs
 
 .PHONY: setup demo test bench clean
 
@@ -27,6 +29,9 @@ $(FMNIST):
 
 demo: setup
 	$(BIN)/dataset-prune run $(DEMO_ARGS)
+	@# a quick evaluation of that run: full data vs influence vs random at 0.4, one seed, and the
+	@# generalization-gap check; `dataset-prune evaluate` without these flags runs the whole matrix
+	$(BIN)/dataset-prune evaluate --from-run "$$(ls -td runs/2*/ | head -1)" $(DEMO_EVAL_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest

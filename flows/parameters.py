@@ -157,5 +157,20 @@ class EvaluateParameters(RunParameters):
     def validate_all(self) -> None:
         super().validate_all()
         self.eval_args()
-        if self.from_run is not None and not (Path(self.from_run) / "manifest.json").is_file():
-            raise BadInputError(f"--from-run {self.from_run}: not a finished run folder (no manifest.json)")
+        if self.from_run is None:
+            return
+        run = Path(self.from_run)
+        if not (run / "manifest.json").is_file() or not (run / "scores.parquet").is_file():
+            raise BadInputError(f"--from-run {self.from_run}: not a finished run folder (no manifest.json/scores.parquet)")
+        import pyarrow.parquet as pq
+
+        used = json.loads((run / "manifest.json").read_text()).get("arguments", {})
+        for name in ("dataset", "model", "data_root"):
+            if used.get(name) != getattr(self, name):
+                raise BadInputError(f"--from-run {self.from_run} was made with {name} {used.get(name)!r}, "
+                                    f"not {getattr(self, name)!r}")
+        columns = pq.read_schema(run / "scores.parquet").names
+        missing = [m for m, c in (("forgetting", "forgetting"), ("herding", "embedding"), ("kcenter", "embedding"),
+                                  ("moderate", "embedding")) if m in self.methods and c not in columns]
+        if missing:
+            raise BadInputError(f"--from-run {self.from_run}: its scores lack what {', '.join(missing)} need")

@@ -257,7 +257,8 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
     paths = {}
     full = next((s for s in summary if s["method"] == FULL), None)
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, (ax, delta) = plt.subplots(1, 2, figsize=(14, 5.2))
+    random = {s["prune_ratio"]: s["accuracy"] for s in summary if s["method"] == "random"}
     if full:
         ax.axhline(100 * full["accuracy"], color="black", lw=1, label=f"full data ({100 * full['accuracy']:.2f}%)")
         ax.axhspan(100 * (full["accuracy"] - full["accuracy_std"]), 100 * (full["accuracy"] + full["accuracy_std"]),
@@ -269,6 +270,18 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
         ax.errorbar(x, [100 * s["accuracy"] for s in rows], yerr=[100 * s["accuracy_std"] for s in rows],
                     marker="o", capsize=3, lw=2.2 if method == "influence" else 1.2, color=_COLOURS.get(method),
                     label=method + (" (this product)" if method == "influence" else ""))
+        if random and method != "random":
+            shared = [s for s in rows if s["prune_ratio"] in random]
+            delta.errorbar([100 * s["prune_ratio"] for s in shared],
+                           [100 * (s["accuracy"] - random[s["prune_ratio"]]) for s in shared],
+                           yerr=[100 * s["accuracy_std"] for s in shared], marker="o", capsize=3,
+                           lw=2.2 if method == "influence" else 1.2, color=_COLOURS.get(method), label=method)
+    delta.axhline(0, color=_COLOURS["random"], lw=1.5, label="random")
+    delta.set_xlabel("prune ratio (% of training samples removed)")
+    delta.set_ylabel("test accuracy − random's (points)")
+    delta.set_title("Gain over random selection (error bars: the method's std over seeds)")
+    delta.grid(alpha=0.3)
+    delta.legend(fontsize=8)
     ax.set_xlabel("prune ratio (% of training samples removed)")
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
     ax.set_title("Test accuracy after retraining on the pruned set")

@@ -1,0 +1,101 @@
+"""The evaluation: convergence bookkeeping, the generalization-gap check on real data, and the
+`evaluate-pruning` flow end to end under a real Prefect API with a real Dask LocalCluster."""
+
+import json
+
+import matplotlib.image as mpimg
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from flows.cli import main
+from pruning_core import evaluation
+from pruning_core.data import Dataset
+
+
+def _record(method, ratio, seed, accuracies, seconds):
+    curve = [{"epoch": i + 1.0, "samples_seen": 100 * (i + 1), "train_seconds": s, "test_accuracy": a}
+             for i, (a, s) in enumerate(zip(accuracies, seconds))]
+    return {"method": method, "prune_ratio": ratio, "seed": seed, "n_kept": 100, "test_accuracy": accuracies[-1],
+            "train_seconds": seconds[-1], "samples_seen": curve[-1]["samples_seen"], "curve": curve}
+
+
+def test_convergence_targets_and_summary():
+    records = [_record("full", 0.0, 0, [0.5, 0.8, 0.9], [1.0, 2.0, 3.0]),
+               _record("full", 0.0, 1, [0.5, 0.8, 0.92], [1.0, 2.0, 4.0]),
+               _record("influence", 0.4, 0, [0.7, 0.895, 0.899], [0.6, 1.2, 1.8]),
+               _record("influence", 0.4, 1, [0.7, 0.85, 0.88], [0.6, 1.2, 2.4]),
+               _record("random", 0.4, 0, [0.6, 0.8, 0.85], [0.6, 1.2, 1.8]),
+               _record("random", 0.4, 1, [0.6, 0.8, 0.86], [0.6, 1.2, 1.8])]
+    evaluation.add_convergence(records, 0.013)
+    inf0, inf1 = records[2], records[3]
+    assert inf0["target_accuracy"] == pytest.approx(0.887)
+    assert inf0["time_to_target"] == 1.2 and inf0["time_ratio"] == pytest.approx(0.4)  # 0.895 ≥ 0.887 at 1.2 s
+    assert inf1["time_to_target"] is None  # 0.88 < 0.907: never reached
+    summary = evaluation.summarise(records)
+    assert [(s["method"], s["prune_ratio"]) for s in summary] == [("full", 0.0), ("influence", 0.4), ("random", 0.4)]
+    by = {s["method"]: s for s in summary}
+    assert by["influence"]["accuracy"] == pytest.approx(0.8895)
+    assert by["influence"]["accuracy_std"] == pytest.approx(np.std([0.899, 0.88], ddof=1))
+    assert by["influence"]["reached_target"] == 1
+    goal = evaluation.targets(summary, records)
+    assert goal["accuracy_drop"] == pytest.approx(0.91 - 0.8895)
+    assert not goal["accuracy_drop_met"] and not goal["time_met"]
+    assert [(c["versus"], c["met"]) for c in goal["comparisons"]] == [("random", True)]
+
+
+def test_generalization_gap_on_real_linear_data(fmnist):
+    """The paper's theory check on Fashion-MNIST `linear`: the measured parameter change tracks
+    the predicted one over ε and the test-loss change stays under Lip·‖Σ s_i‖ (the full-size
+    check, 784 pixels and 5,000 samples, runs in every evaluation and is in its report)."""
+    pool = lambda x: x.astype(np.float64).reshape(len(x), 1, 7, 4, 7, 4).mean((3, 5)).round().astype(np.uint8)  # noqa: E731
+    pooled = Dataset("fashion-mnist 7x7", pool(fmnist.x), fmnist.y, fmnist.sample_id, pool(fmnist.x_test),
+                     fmnist.y_test, 10)  # 7x7 average-pooled: p = 500, so the check runs in seconds
+    gaps = evaluation.gap_check("linear", pooled, samples=1500, points=5, weight_decay=0.01)
+    assert len(gaps) >= 4 and all(g["n_pruned"] > 0 for g in gaps)
+    assert sorted(g["n_pruned"] for g in gaps) == [g["n_pruned"] for g in gaps]  # larger ε, larger R
+    assert evaluation.pearson([g["predicted_norm"] for g in gaps], [g["measured_norm"] for g in gaps]) >= 0.95
+    assert gaps[0]["cosine"] > 0.99 and abs(gaps[0]["measured_norm"] / gaps[0]["predicted_norm"] - 1) < 0.1
+    assert all(g["predicted_norm"] <= g["epsilon"] * (1 + 1e-9) for g in gaps)
+    assert all(abs(g["test_loss_gap"]) <= g["bound"] for g in gaps)
+
+
+def test_evaluate_flow_end_to_end(prefect_api, small_npz, tmp_path, capsys):
+    out = tmp_path / "runs"
+    code = main(["evaluate", "--dataset", f"npz:{small_npz}", "--model", "linear", "--methods", "influence,random",
+                 "--ratios", "0.5", "--seeds", "0,1", "--gap-samples", "300", "--gap-points", "3",
+                 "--evaluations-per-epoch", "2", "--shards", "2", "--out", str(out), "--target", str(tmp_path / "t")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    folder = next(p for p in out.iterdir() if p.name.startswith("eval-"))
+    assert f"report:            {folder / 'report.md'}" in printed
+    table = pq.read_table(folder / "evaluation.parquet").to_pylist()
+    assert sorted((r["method"], r["prune_ratio"], r["seed"]) for r in table) == [
+        ("full", 0.0, 0), ("full", 0.0, 1), ("influence", 0.5, 0), ("influence", 0.5, 1),
+        ("random", 0.5, 0), ("random", 0.5, 1)]
+    assert {r["n_kept"] for r in table if r["method"] != "full"} == {1000}
+    assert all(0.3 < r["test_accuracy"] <= 1 and r["target_accuracy"] is not None for r in table)
+    summary = json.loads((folder / "evaluation.json").read_text())
+    assert summary["scores_from"] and (folder / "selections" / "influence-r0.5.parquet").is_file()
+    report = (folder / "report.md").read_text()
+    for name in ("accuracy_vs_ratio", "accuracy_vs_time", "generalization_gap"):
+        assert f"(plots/{name}.png)" in report
+        image = mpimg.imread(folder / "plots" / f"{name}.png")
+        assert image.shape[0] > 400 and image.shape[1] > 600 and image.std() > 0.05  # drawn, not blank
+    assert "| 0.5 | **influence** | 1000 |" in report and "Pearson(predicted, measured)" in report
+    assert not any((out / ".staging").iterdir())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ratios", "0.4,1.5"], "--ratios"),
+    (["--methods", "influence,bogus"], "--methods"),
+    (["--seeds", "0,x"], "--seeds"),
+    (["--gap-samples", "50"], "--gap-samples"),
+    (["--from-run", "/nonexistent/run"], "--from-run"),
+])
+def test_evaluate_bad_input_exits_2(argv, message, small_npz, tmp_path, capsys):
+    assert main(["evaluate", "--dataset", f"npz:{small_npz}", "--out", str(tmp_path / "runs"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "runs").exists()
+
