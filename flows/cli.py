@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--target")
     run.add_argument("--block-size", type=int, default=1024)
     run.add_argument("--gpu", action="store_true", help="shard tasks request the Dask resource GPU=1")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar (shown when stderr is a terminal)")
     run.add_argument("--dry-run", action="store_true", help="print the influence stage's memory/time estimate and stop")
 
     select = sub.add_parser("select", help="selection alone, over an existing scores.parquet")
@@ -128,7 +130,7 @@ def _pydantic_message(exc: ValidationError) -> str:
 def cmd_run(ns: argparse.Namespace) -> int:
     from flows.parameters import RunParameters
 
-    values = {k: v for k, v in vars(ns).items() if k not in ("command", "dry_run") and v is not None}
+    values = {k: v for k, v in vars(ns).items() if k not in ("command", "dry_run", "no_progress") and v is not None}
     try:
         params = RunParameters(**values)
     except ValidationError as exc:
@@ -141,7 +143,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from flows.prune import prune_dataset
 
     started = time.perf_counter()
-    with prefect_api():
+    with prefect_api(), progress_bar(not ns.no_progress and sys.stderr.isatty()):
         manifest = prune_dataset(params)
     print(f"run folder:    {manifest['run_dir']}")
     print(f"delta version: {manifest['version']['uri']}@{manifest['version']['version']}")
@@ -151,6 +153,44 @@ def cmd_run(ns: argparse.Namespace) -> int:
           f"objective ‖Σ s_i‖ = {sel['objective']:.6g}")
     print(f"wall time:     {time.perf_counter() - started:.1f} s")
     return 0
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool):
+    """A terminal progress bar on stderr fed by the run's progress updates (the same figures as
+    the progress artifact in the UI); log lines print above it."""
+    if not enabled:
+        yield
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    from tasks.progress import listening
+
+    bar = Progress(TextColumn("pruning"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"), console=Console(stderr=True), redirect_stdout=False,
+                   redirect_stderr=True)
+    task = bar.add_task("starting", total=100)
+    width = max(30, bar.console.width - 60)  # leave the bar its room: a long note is cut on the left
+
+    def show(value: float, text: str) -> None:
+        if len(text) > width:
+            step, _, note = text.partition(": ")
+            text = f"{step}: …{note[-max(1, width - len(step) - 3):]}"
+        bar.update(task, completed=value, description=text)
+
+    with bar, listening(show):
+        # Prefect's console handlers hold the real stderr: point them at the bar's proxy so
+        # that log lines print above the bar instead of through it
+        handlers = [h for name in ("", "prefect") for h in logging.getLogger(name).handlers if hasattr(h, "console")]
+        saved = [(h, h.console.file) for h in handlers]
+        for h in handlers:
+            h.console.file = sys.stderr
+        try:
+            yield
+        finally:
+            for h, file in saved:
+                h.console.file = file
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dask
 from prefect import flow, get_run_logger
+from prefect.futures import as_completed
 from prefect_dask import DaskTaskRunner
 
 import pruning_core
@@ -24,6 +25,7 @@ from pruning_core.influence import format_estimate, shard_ranges, stage_estimate
 from pruning_core.models import build_model
 from pruning_core.scopes import scope_parameter_names
 from tasks.influence import features_shard, influence_shard, inverse_hessian, merge_scores
+from tasks.progress import RunProgress
 from tasks.publish import class_balance, commit_dataset_version, emit_version_event, publish_artifacts
 from tasks.select import select_samples
 from tasks.train import load_checkpoint, train_model
@@ -43,8 +45,11 @@ def dask_runner(params: RunParameters) -> DaskTaskRunner:
 
 
 @flow(name="influence-scores")
-def influence_scores(params: RunParameters, model: dict, cache: str, scores_out: str, metadata: dict) -> dict:
-    """Features per shard → H⁻¹ → influence per shard → merged scores.parquet."""
+def influence_scores(params: RunParameters, model: dict, cache: str, scores_out: str, metadata: dict,
+                     progress: str | None = None) -> dict:
+    """Features per shard → H⁻¹ → influence per shard → merged scores.parquet. `progress`: the
+    run's progress artifact, advanced as each shard finishes."""
+    track = RunProgress.attach(progress)
     ds = load_dataset(params.dataset, params.data_root)
     args = params.influence_args()
     ranges = shard_ranges(ds.n, params.shards, args.block_size)
@@ -55,11 +60,18 @@ def influence_scores(params: RunParameters, model: dict, cache: str, scores_out:
     common = dict(cache=cache, model=model, dataset=params.dataset, data_root=params.data_root)
     with shard_resources(params):
         feature_futures = [features_shard.submit(**common, start=a, end=b, args=args) for a, b in ranges]
+    shard_of = {id(f): r for f, r in zip(feature_futures, ranges)}
+    for done, future in enumerate(as_completed(feature_futures), 1):
+        track.update("features", done, len(ranges), "samples {}–{}".format(*shard_of[id(future)]))
     feature_paths = [f.result() for f in feature_futures]
     inverse = inverse_hessian(**common, feature_paths=feature_paths, weight_decay=params.weight_decay, args=args)
+    track.update("inverse", 1, 1, inverse["strategy"])
     with shard_resources(params):
         score_futures = [influence_shard.submit(**common, start=a, end=b, inverse=inverse["path"], args=args)
                          for a, b in ranges]
+    shard_of = {id(f): r for f, r in zip(score_futures, ranges)}
+    for done, future in enumerate(as_completed(score_futures), 1):
+        track.update("influence", done, len(ranges), "samples {}–{}".format(*shard_of[id(future)]))
     solve = {k: v for k, v in inverse.items() if k not in ("path", "seconds")}  # equal inputs, equal bytes
     merged = merge_scores([f.result() for f in score_futures], scores_out, {**metadata, "inverse": solve},
                           model.get("forgetting"))
@@ -100,6 +112,7 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
         raise FileExistsError(f"run folder {final} already exists")
     staging.mkdir(parents=True)
     timings: dict[str, float] = {}
+    progress = RunProgress.create(run_id)
 
     def timed(stage, started):
         timings[stage] = round(time.perf_counter() - started, 3)
@@ -116,6 +129,7 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
             model = train_model(params.dataset, params.data_root, params.train_args(), ckpt)
         model["name"] = params.model
         timed("train", t)
+        progress.update("train", 1, 1, f"test accuracy {model['test_accuracy']:.4f}")
 
         t = time.perf_counter()
         influence_args = params.influence_args()
@@ -125,12 +139,12 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
         scores_meta = {"influence": asdict(influence_args), "weight_decay": params.weight_decay,
                        "dataset_fingerprint": ds.fingerprint, "checkpoint_sha256": model["checkpoint_sha256"]}
         scores = influence_scores.with_options(task_runner=dask_runner(params))(
-            params, model, str(cache), str(artifacts.scores_path(staging)), scores_meta)
+            params, model, str(cache), str(artifacts.scores_path(staging)), scores_meta, progress.artifact_id)
         timed("influence", t)
 
         t = time.perf_counter()
         selection = select_samples(scores["path"], params.selection_args(), str(artifacts.selection_path(staging)),
-                                   params.dask_address, params.workers)
+                                   params.dask_address, params.workers, progress=progress.artifact_id)
         timed("selection", t)
         logger.info("pruned %d of %d samples, objective ‖Σ s_i‖ = %.6g", selection["n_pruned"], ds.n,
                     selection["objective"])
@@ -145,6 +159,7 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
         version = commit_dataset_version(target, params.dataset, params.data_root,
                                          str(artifacts.selection_path(staging)), provenance)
         timed("materialise", t)
+        progress.update("publish", 1, 1, f"{version['uri']}@{version['version']}")
 
         manifest = {
             "run_id": run_id, "run_dir": str(final), "dataset": dataset_summary(ds),

@@ -174,13 +174,18 @@ def merge_scores_stage(shard_paths: list[str], out: Path, metadata: dict, forget
     return {"path": str(out), "n": table.num_rows, "p": table.schema.field("influence").type.list_size}
 
 
-def selection_stage(scores: Path, args: SelectionArgs, out: Path, map_fn=None) -> dict:
-    """Select over stored vectors; write selection.parquet; return the manifest's `selection`."""
+def selection_stage(scores: Path, args: SelectionArgs, out: Path, map_fn=None, progress=None) -> dict:
+    """Select over stored vectors; write selection.parquet; return the manifest's `selection`.
+    `progress(done, total, note)`, if given, is called as each of the 3 phases (read, solve,
+    write) finishes."""
+    progress = progress or (lambda done, total, note="": None)
     table, vectors, _ = artifacts.load_scores(scores)
+    progress(1, 3, f"read {len(vectors)} vectors")
     started = time.perf_counter()
     columns = {name: artifacts.column_array(table, name) for name in table.column_names
                if name in ("label", "el2n", "grand", "forgetting", "embedding")}
     result = select(vectors, args, columns, map_fn)
+    progress(2, 3, f"solved ({args.method}{'/' + args.solver if args.method == 'influence' else ''})")
     n = len(vectors)
     summary = {"method": args.method, "solver": result.info.get("solver"), "prune_ratio": args.prune_ratio,
                "epsilon": args.epsilon, "n": n, "n_pruned": int(result.pruned.sum()),
@@ -189,4 +194,5 @@ def selection_stage(scores: Path, args: SelectionArgs, out: Path, map_fn=None) -
                "seconds": time.perf_counter() - started,
                "solver_info": {k: v for k, v in result.info.items() if k not in ("method", "solver", "seconds")}}
     artifacts.save_parquet(artifacts.selection_table(table.column("sample_id").to_numpy(), result.pruned, summary), out)
+    progress(3, 3, f"wrote {summary['n_pruned']} pruned of {n}")
     return summary

@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pruning_core import pipeline
 from pruning_core.selection import SelectionArgs
+from tasks.progress import RunProgress
 
 
 @contextlib.contextmanager
@@ -28,8 +29,10 @@ def dask_map(address: str | None, workers: int):
 
 @task(name="select-samples", cache_policy=NO_CACHE)
 def select_samples(scores: str, args: SelectionArgs, out: str, dask_address: str | None = None,
-                   workers: int = 2) -> dict:
+                   workers: int = 2, progress: str | None = None) -> dict:
+    """`progress`: the run's progress artifact id, advanced per selection phase."""
+    phase = RunProgress.attach(progress).phase_callback("selection") if progress else None
     if args.solver != "bucketed":
-        return pipeline.selection_stage(Path(scores), args, Path(out))
+        return pipeline.selection_stage(Path(scores), args, Path(out), progress=phase)
     with dask_map(dask_address, workers) as map_fn:
-        return pipeline.selection_stage(Path(scores), args, Path(out), map_fn)
+        return pipeline.selection_stage(Path(scores), args, Path(out), map_fn, progress=phase)
