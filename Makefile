@@ -1,18 +1,21 @@
 # `make demo` and `make test` work on a fresh machine: they create the virtual environment,
-# install the package with its pinned dependencies, and install Debian's Fashion-MNIST.
+# install the package with its pinned dependencies, and install Debian's Fashion-MNIST, Chromium
+# (the browser test drives the Prefect UI with it) and git (the DVC versioning target).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SYSTEM_TOOLS := /usr/bin/chromium /usr/bin/git
+POOL ?= dataset-pruning
 DEMO_ARGS ?= --dataset fashion-mnist --model cnn --prune-ratio 0.4
 DEMO_EVAL_ARGS ?= --dataset fashion-mnist --model cnn --methods influence,random --ratios 0.4 --seeds 0 \
 	--gap-samples 2000 --gap-points 5 --out runs
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean serve deploy
 
-setup: $(STAMP) $(FMNIST)
+setup: $(STAMP) $(FMNIST) $(SYSTEM_TOOLS)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +30,13 @@ $(FMNIST):
 	  echo "Fashion-MNIST is missing: install Debian's package (sudo apt-get install dataset-fashion-mnist)" >&2; exit 1; \
 	fi
 
+$(SYSTEM_TOOLS):
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium git; \
+	else \
+	  echo "$@ is missing: install Debian's packages (sudo apt-get install chromium git)" >&2; exit 1; \
+	fi
+
 demo: setup
 	$(BIN)/dataset-prune run $(DEMO_ARGS)
 	@# a quick evaluation of that run: full data vs influence vs random at 0.4, one seed, and the
@@ -35,6 +45,17 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# the embedded default: a local Prefect server (SQLite) on 127.0.0.1:4200 serving the deployments of
+# deployments/prefect.yaml; with PREFECT_API_URL set, serves onto that server instead
+serve: setup
+	$(BIN)/python deployments/serve.py $(SERVE_ARGS)
+
+# `prefect deploy --all` onto the server at PREFECT_API_URL, for a process worker:
+# $(BIN)/prefect worker start --pool $(POOL)
+deploy: setup
+	$(BIN)/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || $(BIN)/prefect work-pool create $(POOL) --type process
+	cd deployments && $(abspath $(BIN))/prefect --no-prompt deploy --all
 
 bench: setup
 	$(BIN)/python benchmarks/pipeline.py

@@ -27,12 +27,31 @@ def resolve_coverage(coverage: str, method: str, prune_ratio: float | None, solv
     return "difficulty" if applies else "none"
 
 
+# Labels of the deployment form in the Prefect UI ("Custom run"); other fields get their name.
+FIELD_TITLES = {
+    "dataset": "Dataset", "data_root": "Data folder", "model": "Model", "checkpoint": "Checkpoint (skips training)",
+    "epochs": "Training epochs", "lr": "Learning rate", "batch_size": "Batch size", "weight_decay": "Weight decay λ",
+    "seed": "Seed", "scope": "Influence scope", "hessian": "Inverse-Hessian strategy", "damping": "Damping",
+    "projection_dim": "Projection dimension", "gpu": "GPU workers", "prune_ratio": "Prune ratio (fraction removed)",
+    "epsilon": "ε: bound on ‖Σ s_i‖₂", "method": "Selection method", "solver": "Solver",
+    "class_balanced": "Class-balanced", "coverage": "Difficulty coverage", "shards": "Influence shards",
+    "workers": "Local Dask workers", "dask_address": "Dask scheduler address", "out": "Run folder root",
+    "target": "Version target", "block_size": "Block size (rows)",
+}
+DATASET_PATTERN = r"^(fashion-mnist|mnist|cifar10|cifar100|npz:.+|delta:.+)$"  # checked again by parse_dataset_spec
+
+
+def _field_title(name: str, info) -> str:
+    return FIELD_TITLES.get(name, name.replace("_", " ").capitalize())
+
+
 class RunParameters(BaseModel):
     """One pruning run: dataset → model → influence → selection → Delta version."""
 
-    model_config = ConfigDict(extra="forbid", title="Pruning run")
+    model_config = ConfigDict(extra="forbid", title="Pruning run", field_title_generator=_field_title)
 
-    dataset: str = Field("fashion-mnist", description="fashion-mnist, mnist, cifar10, cifar100, npz:PATH or delta:URI[@VERSION]")
+    dataset: str = Field("fashion-mnist", description="fashion-mnist, mnist, cifar10, cifar100, npz:PATH or delta:URI[@VERSION]",
+                         json_schema_extra={"pattern": DATASET_PATTERN})
     data_root: str | None = Field(None, description="Folder holding torchvision datasets; Fashion-MNIST defaults to the system copy")
     model: Literal["linear", "cnn", "resnet18"] = Field("cnn", description="Model trained on the dataset")
     checkpoint: str | None = Field(None, description="Use these weights (a state_dict) instead of training")
@@ -62,9 +81,11 @@ class RunParameters(BaseModel):
                             "(influence, prune_ratio, greedy/scip, not class_balanced), else none")
     shards: int = Field(4, ge=1, le=10000, description="Influence shards (contiguous sample ranges)")
     workers: int = Field(2, ge=1, le=256, description="Workers of the local Dask cluster (ignored with dask_address)")
-    dask_address: str | None = Field(None, description="tcp://host:port of an existing Dask scheduler")
+    dask_address: str | None = Field(None, description="tcp://host:port of an existing Dask scheduler",
+                                     json_schema_extra={"pattern": r"^(tcp|tls|inproc|ucx)://\S+$"})
     out: str = Field("runs", description="Root of run folders")
-    target: str | None = Field(None, description="Delta table receiving the version (default datasets/<name>-pruned)")
+    target: str | None = Field(None, description="Receives the version: a Delta table path or URI (default "
+                                                 "datasets/NAME-pruned), dvc:REPO#PATH or lakefs://REPO/BRANCH/PATH")
     block_size: int = Field(1024, ge=1, description="Rows per fixed computation block")
 
     @model_validator(mode="after")
