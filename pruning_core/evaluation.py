@@ -246,6 +246,19 @@ _COLOURS = {"influence": "#d62728", "random": "#7f7f7f", "el2n": "#1f77b4", "inf
             "kcenter": "#e377c2", "moderate": "#bcbd22", FULL: "#000000"}
 
 
+def _save(fig, axes, path: Path) -> str:
+    """Grid and legend on every panel, then the PNG."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
 def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: Path) -> dict[str, str]:
     """accuracy_vs_ratio.png, accuracy_vs_time.png, generalization_gap.png under `out`."""
     import matplotlib
@@ -280,17 +293,10 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
     delta.set_xlabel("prune ratio (% of training samples removed)")
     delta.set_ylabel("test accuracy − random's (points)")
     delta.set_title("Gain over random selection (error bars: the method's std over seeds)")
-    delta.grid(alpha=0.3)
-    delta.legend(fontsize=8)
     ax.set_xlabel("prune ratio (% of training samples removed)")
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
     ax.set_title("Test accuracy after retraining on the pruned set")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths["accuracy_vs_ratio"] = str(out / "accuracy_vs_ratio.png")
-    fig.savefig(paths["accuracy_vs_ratio"], dpi=120)
-    plt.close(fig)
+    paths["accuracy_vs_ratio"] = _save(fig, (ax, delta), out / "accuracy_vs_ratio.png")
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     seed0 = min(r["seed"] for r in records)
@@ -309,14 +315,9 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
     ax.set_xlabel("training time (s, evaluations excluded)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Convergence, seed {seed0}")
-    ax.grid(alpha=0.3)
     lo = min([100 * c["test_accuracy"] for r in records for c in r["curve"][len(r["curve"]) // 2:]] or [0])
     ax.set_ylim(max(lo - 2, 0), None)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths["accuracy_vs_time"] = str(out / "accuracy_vs_time.png")
-    fig.savefig(paths["accuracy_vs_time"], dpi=120)
-    plt.close(fig)
+    paths["accuracy_vs_time"] = _save(fig, (ax,), out / "accuracy_vs_time.png")
 
     if gaps:
         kinds = list(dict.fromkeys(g["kind"] for g in gaps))
@@ -338,13 +339,7 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
         axes[1].set_ylabel("change in mean test loss (nats)")
         axes[1].set_title("Test-loss gap under the bound")
         axes[1].set_yscale("symlog", linthresh=1e-4)
-        for ax in axes:
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths["generalization_gap"] = str(out / "generalization_gap.png")
-        fig.savefig(paths["generalization_gap"], dpi=120)
-        plt.close(fig)
+        paths["generalization_gap"] = _save(fig, axes, out / "generalization_gap.png")
     return paths
 
 
