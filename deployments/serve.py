@@ -127,8 +127,10 @@ def local_server(port: int, timeout: float = 180.0):
            "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}  # the UI calls the API at this address
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     prefect = Path(sys.executable).parent / "prefect"
+    # its own session: Ctrl-C in the terminal reaches this process only, which stops serving
+    # (pausing the deployments through the server) before it stops the server
     server = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     api = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.monotonic() + timeout
