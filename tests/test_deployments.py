@@ -43,7 +43,14 @@ def clean_env(home: Path, **extra) -> dict:
 
 
 def stop(proc: subprocess.Popen, grace: float = 60) -> None:
-    """SIGTERM the process we started (it stops its own server), then kill its group if anything is left."""
+    """SIGTERM the process we started (it stops its own server and runs), then kill whatever of
+    its process tree is left, by pid: its session, and descendants in sessions of their own."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -55,6 +62,11 @@ def stop(proc: subprocess.Popen, grace: float = 60) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 @dataclass
