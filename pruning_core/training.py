@@ -184,12 +184,13 @@ def train(ds: Dataset, args: TrainArgs, device=None,
     device = device or default_device()
     started = time.perf_counter()
     torch.manual_seed(args.seed)
+    curve: list[dict] = []
     if args.model == "linear":
         model, info = fit_linear(ds.x, ds.y, ds.n_classes, args.weight_decay, grad_tol=args.grad_tol, device=device)
         correctness = None
     else:
         model = build_model(args.model, ds.sample_shape, ds.n_classes)
-        correctness = train_network(model, ds, args, device, progress, evaluations_per_epoch, curve := [])
+        correctness = train_network(model, ds, args, device, progress, evaluations_per_epoch, curve)
         info = {}
     seconds = time.perf_counter() - started
     test_accuracy = accuracy(model, ds.x_test, ds.y_test, device)
