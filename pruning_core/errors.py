@@ -24,3 +24,7 @@ class CheckpointError(BadInputError):
 
 class ArgumentsMismatchError(PruningError):
     """A folder already holds results computed with different arguments; they will not be mixed."""
+
+
+class CommitConflictError(PruningError):
+    """A version could not be committed: concurrent writers kept winning the race for the table."""

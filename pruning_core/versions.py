@@ -2,24 +2,40 @@
 its kept samples, as one atomic commit whose custom metadata holds the provenance; earlier
 versions stay readable by time travel.
 
+Concurrent runs on one table: Delta's optimistic concurrency lets one of two simultaneous
+overwrites win; the other gets `CommitFailedError` with nothing of it visible, and is retried on
+a fresh snapshot, so both end as distinct versions (in either order) and none is lost. The
+first commit of a local table is serialised by a file lock inside the table's folder: deltalake
+(1.6) rebases an overwrite that lost the race to create a table as an append, which would
+publish a version holding both runs' rows.
+
 Row schema: sample_id int64, label int64, data binary (the sample's array, C order),
 dtype string (numpy dtype), shape list<int32>.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
+import os
+import random
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, write_deltalake
-from deltalake.exceptions import DeltaError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from .data import Dataset
-from .errors import DatasetError
+from .errors import CommitConflictError, DatasetError
 
 METADATA_KEY = "dataset_pruning"
+COMMIT_ATTEMPTS = 10  # per run, against concurrent writers of the same table
+CREATE_LOCK = ".dataset-prune-create.lock"  # hidden: Delta's vacuum leaves it alone
+log = logging.getLogger(__name__)
 
 
 def table_name(uri: str) -> str:
@@ -47,16 +63,73 @@ def commit_version(uri: str, ds: Dataset, keep: np.ndarray, provenance: dict) ->
     """Commit the kept samples as the table's new version; return that version's number.
 
     The version is found by this run's `run_id` in the log, so a concurrent writer committing
-    in between cannot make it report the other's version.
+    in between cannot make it report the other's version. A commit that loses a race to another
+    writer (`CommitFailedError`: nothing of it is visible) is retried on a fresh snapshot, up to
+    `COMMIT_ATTEMPTS` times with jittered backoff; a run whose `run_id` is already in the log (its
+    commit landed before a failure, and the task is retried) gets that version back instead of
+    committing the same samples twice.
     """
     provenance = {**provenance, "origin": ds.origin, "n_classes": ds.n_classes}
+    run_id = provenance.get("run_id")
     Path(uri).parent.mkdir(parents=True, exist_ok=True) if "://" not in uri else None
-    write_deltalake(uri, version_table(ds, keep), mode="overwrite", schema_mode="overwrite",
-                    commit_properties=CommitProperties(custom_metadata={METADATA_KEY: json.dumps(provenance, default=str)}))
-    for entry in DeltaTable(uri).history():
-        if provenance_of(entry).get("run_id") == provenance.get("run_id"):
+    rows = version_table(ds, keep)
+    metadata = CommitProperties(custom_metadata={METADATA_KEY: json.dumps(provenance, default=str)})
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        done = version_of_run(uri, run_id)
+        if done is not None:
+            return done
+        try:
+            with first_commit_lock(uri):
+                write_deltalake(uri, rows, mode="overwrite", schema_mode="overwrite", commit_properties=metadata)
+            break
+        except CommitFailedError as exc:
+            if attempt == COMMIT_ATTEMPTS:
+                raise CommitConflictError(f"{uri}: the commit of run {run_id} lost {attempt} races to concurrent "
+                                          f"writers; nothing of it was committed, rerun it") from exc
+            delay = min(2.0, 0.05 * 2 ** attempt) * random.uniform(0.5, 1.5)
+            log.warning("%s: commit of run %s conflicted with a concurrent writer (%s); retrying in %.2f s "
+                        "(attempt %d of %d)", uri, run_id, str(exc).splitlines()[0][:120], delay, attempt + 1,
+                        COMMIT_ATTEMPTS)
+            time.sleep(delay)
+    if run_id is None:  # nothing to find it by: the table's newest version
+        return DeltaTable(uri).version()
+    done = version_of_run(uri, run_id)
+    if done is None:
+        raise RuntimeError(f"{uri}: the commit of run {run_id} is not in the table's log")
+    return done
+
+
+@contextlib.contextmanager
+def first_commit_lock(uri: str):
+    """Hold an exclusive lock on `<uri>/.dataset-prune-create.lock` while a local table that does
+    not exist yet is written; a no-op once it exists (Delta detects conflicts between overwrites
+    of an existing table) and for remote URIs (no shared lock there: concurrent first commits
+    to a new remote table are not safe with deltalake 1.6)."""
+    if "://" in uri or DeltaTable.is_deltatable(uri):
+        yield
+        return
+    Path(uri).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(uri) / CREATE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits for a creator that holds it
+        yield
+    finally:
+        os.close(fd)
+
+
+def version_of_run(uri: str, run_id: str | None) -> int | None:
+    """The version committed by `run_id` (newest first in the log), or None: no such commit,
+    no table yet, or no run_id to look for."""
+    if run_id is None:
+        return None
+    try:
+        history = DeltaTable(uri).history()
+    except TableNotFoundError:
+        return None
+    for entry in history:
+        if provenance_of(entry).get("run_id") == run_id:
             return int(entry["version"])
-    raise RuntimeError(f"{uri}: the commit of run {provenance.get('run_id')} is not in the table's log")
+    return None
 
 
 def provenance_of(history_entry: dict) -> dict:
