@@ -6,10 +6,13 @@ is renamed into place, so a reader never sees half a file.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -65,6 +68,75 @@ def claim_folder(folder: str | Path, arguments: dict) -> Path:
     else:
         write_json(saved, arguments)
     return folder
+
+
+# --- run folders: staged as <out>/.staging/<run_id>, locked while their run lives ---------
+
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id names one folder under `--out`: it cannot be a path, absolute or with '..'."""
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id) or ".." in run_id:
+        raise BadInputError(f"run id {run_id!r} must be one folder name (letters, digits, '.', '_', '-'; "
+                            f"no '/', no '..', at most 128 characters)")
+    return run_id
+
+
+def staging_path(out: Path, run_id: str) -> Path:
+    return Path(out) / ".staging" / run_id
+
+
+def staging_lock_path(out: Path, run_id: str) -> Path:
+    return Path(out) / ".staging" / f"{run_id}.lock"
+
+
+def lock_staging(out: Path, run_id: str) -> int:
+    """Create and exclusively lock `<out>/.staging/<run_id>.lock`; return its descriptor. Taken
+    before the staging folder is made and held until `release_staging`: the kernel drops the
+    lock when the process dies however it dies, which is what marks a staging folder stale."""
+    path = staging_lock_path(out, run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BadInputError(f"run {run_id} is already running in {out} (its staging folder is locked)") from None
+    return fd
+
+
+def release_staging(out: Path, run_id: str, fd: int) -> None:
+    """Remove the lock file, then release the lock (the staging folder is gone by now)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(staging_lock_path(out, run_id))
+    os.close(fd)
+
+
+def remove_stale_staging(out: Path) -> list[str]:
+    """Remove the staging folders of runs that died (killed, out of memory, machine lost): those
+    whose lock file no live process holds. Return their run ids. A folder without a lock file
+    is not touched: it is not this mechanism's to judge."""
+    root = Path(out) / ".staging"
+    removed = []
+    for lock in sorted(root.glob("*.lock")) if root.is_dir() else []:
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:  # its run finished meanwhile
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # its run is alive
+                continue
+            run_id = lock.name[:-len(".lock")]
+            shutil.rmtree(root / run_id, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+            removed.append(run_id)
+        finally:
+            os.close(fd)
+    return removed
 
 
 # --- model checkpoint ---------------------------------------------------------------------

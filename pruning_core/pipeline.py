@@ -97,24 +97,29 @@ def _curvature(cache: Path, model, args: InfluenceArgs, dataset: str, data_root:
 
 
 def inverse_stage(cache: Path, checkpoint: str, sha256: str, model_name: str, dataset: str, data_root: str | None,
-                  feature_paths: list[str], weight_decay: float, args: InfluenceArgs) -> dict:
+                  feature_paths: list[str], weight_decay: float, args: InfluenceArgs, threads: int | None = 1) -> dict:
     """M = B H⁻¹ by the chosen strategy (B: identity or the seeded projection), saved beside
-    a JSON record of the strategy, the damping actually used and convergence figures."""
+    a JSON record of the strategy, the damping actually used and convergence figures. On the
+    CPU it runs on `threads` intra-op threads like the shards: the bits of M (a Cholesky, block
+    sums) depend on the thread count, which otherwise depends on the process (a LocalCluster
+    leaves OMP_NUM_THREADS=1 behind in the process that started it)."""
     path = artifacts.inverse_path(cache)
     if path.exists() and artifacts.inverse_info_path(cache).exists():
         return artifacts.load_inverse_info(cache)
     model = _model_once(checkpoint, sha256, model_name, dataset, data_root)
     device = default_device()
     started = time.perf_counter()
-    curv = _curvature(cache, model, args, dataset, data_root, feature_paths, device)
-    damping = hessians.automatic_damping(curv) if args.damping == "auto" else float(args.damping)
-    if args.projection_dim:
-        B = hessians.projection_matrix(curv.p, args.projection_dim, args.projection_seed, args.projection_kind, device)
-    else:
-        B = torch.eye(curv.p, dtype=torch.float64, device=device)
-    M, solve = hessians.inverse_apply(curv, B, args.hessian, weight_decay + damping, tol=args.cg_tol,
-                                      max_iter=args.cg_max_iter, depth=args.lissa_depth,
-                                      batch_size=args.lissa_batch_size, seed=args.projection_seed)
+    with torch_threads(threads if device.type == "cpu" else None):
+        curv = _curvature(cache, model, args, dataset, data_root, feature_paths, device)
+        damping = hessians.automatic_damping(curv) if args.damping == "auto" else float(args.damping)
+        if args.projection_dim:
+            B = hessians.projection_matrix(curv.p, args.projection_dim, args.projection_seed, args.projection_kind,
+                                           device)
+        else:
+            B = torch.eye(curv.p, dtype=torch.float64, device=device)
+        M, solve = hessians.inverse_apply(curv, B, args.hessian, weight_decay + damping, tol=args.cg_tol,
+                                          max_iter=args.cg_max_iter, depth=args.lissa_depth,
+                                          batch_size=args.lissa_batch_size, seed=args.projection_seed)
     info = {"path": str(path), "strategy": solve.strategy, "damping": damping, "shift": solve.shift,
             "iterations": solve.iterations, "residual": solve.residual, "p": curv.p, "k": int(B.shape[0]),
             "seconds": time.perf_counter() - started, **solve.extra}
