@@ -223,23 +223,12 @@ def prefect_api():
 
 
 def preflight(params) -> dict:
-    """Read the data and the checkpoint before the flow starts, so bad files fail in one line
-    with nothing written; return the influence stage's estimate."""
-    from pruning_core.data import load_dataset
-    from pruning_core.models import build_model
-    from pruning_core.training import load_model
+    """Read the data and the checkpoint, reach a given Dask scheduler and check the influence
+    stage's estimated peak memory against what is available, before the flow starts, so bad
+    input fails in one line with nothing written; return the stage's estimate."""
+    from flows.preflight import run_preflight
 
-    from pruning_core.influence import stage_estimate
-    from pruning_core.scopes import scope_parameter_names
-
-    ds = load_dataset(params.dataset, params.data_root)
-    if params.checkpoint:
-        model = load_model(params.checkpoint, params.model, ds, device="cpu")
-    else:
-        model = build_model(params.model, ds.sample_shape, ds.n_classes)
-    names = scope_parameter_names(model, params.influence_args().scope)
-    sizes = dict(model.named_parameters())
-    return stage_estimate(ds.n, sum(sizes[k].numel() for k in names), model.fc.in_features, params.influence_args())
+    return run_preflight(params)
 
 
 def cmd_evaluate(ns: argparse.Namespace) -> int:
@@ -282,7 +271,11 @@ def cmd_select(ns: argparse.Namespace) -> int:
     if not Path(ns.scores).is_file():
         raise BadInputError(f"--scores {ns.scores}: file not found")
     if args.solver == "bucketed":
+        from flows.preflight import scheduler_info
         from tasks.select import dask_map
+
+        if ns.dask_address:
+            scheduler_info(ns.dask_address)  # refuses, in one line, an address where none answers
 
         with dask_map(ns.dask_address, ns.workers) as map_fn:
             summary = selection_stage(Path(ns.scores), args, Path(ns.out), map_fn)

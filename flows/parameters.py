@@ -137,6 +137,10 @@ class RunParameters(BaseModel):
         out = Path(self.out).expanduser().resolve()
         if out.exists() and not out.is_dir():
             raise BadInputError(f"--out {self.out}: exists and is not a folder")
+        delta_target = self.target is not None and not self.target.startswith(("dvc:", "lakefs://"))  # checked there
+        if delta_target and ".." in re.split(r"[/\\]", self.target):
+            raise BadInputError(f"--target {self.target}: '..' is not allowed in a table path (it would leave the "
+                                f"folder it names); give the path without it, an absolute path is fine")
         open_target(self.target_uri()).check()
 
     def as_json(self) -> dict:

@@ -21,6 +21,7 @@ from prefect_dask import DaskTaskRunner
 import pruning_core
 from pruning_core import artifacts
 from pruning_core.data import dataset_summary, load_dataset
+from pruning_core.errors import BadInputError
 from pruning_core.influence import format_estimate, shard_ranges, stage_estimate
 from pruning_core.models import build_model
 from pruning_core.scopes import scope_parameter_names
@@ -31,6 +32,7 @@ from tasks.select import select_samples
 from tasks.train import load_checkpoint, train_model
 
 from .parameters import RunParameters
+from .preflight import run_preflight
 
 
 def dask_runner(params: RunParameters) -> DaskTaskRunner:
@@ -102,14 +104,20 @@ def new_run_id() -> str:
 @flow(name="prune-dataset")
 def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
     """Train, score every sample's influence, select, and publish the kept samples as a new
-    Delta version. Returns the manifest. On any failure the staged run folder is removed."""
+    Delta version. Returns the manifest. On any failure the staged run folder is removed; the
+    staging folder of a run that was killed is removed by the next run on the same `out`."""
     logger = get_run_logger()
     params.validate_all()
-    run_id = run_id or new_run_id()
+    run_id = artifacts.check_run_id(run_id) if run_id is not None else new_run_id()
     out = Path(params.out).expanduser().resolve()
-    staging, final = out / ".staging" / run_id, out / run_id
+    staging, final = artifacts.staging_path(out, run_id), out / run_id
     if final.exists():
-        raise FileExistsError(f"run folder {final} already exists")
+        raise BadInputError(f"run folder {final} already exists; choose another run id")
+    run_preflight(params, load_checkpoint=False)  # the scheduler answers, the estimate fits in memory
+    lock = artifacts.lock_staging(out, run_id)
+    for stale in artifacts.remove_stale_staging(out):
+        logger.warning("removed the staging folder of run %s, which died before it finished", stale)
+    shutil.rmtree(staging, ignore_errors=True)  # ours by the lock: left by an earlier attempt of this run id
     staging.mkdir(parents=True)
     timings: dict[str, float] = {}
     progress = RunProgress.create(run_id)
@@ -184,6 +192,8 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        artifacts.release_staging(out, run_id, lock)
     emit_version_event(version["uri"], version["version"], run_id, version["n_kept"])
     publish_artifacts(manifest, class_balance(params.dataset, params.data_root, str(artifacts.selection_path(final))))
     logger.info("run folder %s; version %s@%d", final, version["uri"], version["version"])

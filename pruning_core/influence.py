@@ -15,6 +15,7 @@ results are bit-identical whatever the shard or worker count.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -313,3 +314,59 @@ def format_estimate(estimate: dict) -> str:
     parts = ", ".join(f"{k.replace('_', ' ')} {gib(v)}" for k, v in estimate["memory_bytes"].items() if v)
     return (f"influence stage estimate: n={estimate['n']}, p={estimate['p']}, stored dim={estimate['k']}; "
             f"peak ≈ {gib(estimate['peak_bytes'])} ({parts}); ≈ {estimate['seconds']:.0f} s of math")
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB"
+
+
+def memory_available() -> dict:
+    """This machine's memory in bytes: `total` (MemTotal, or the process's cgroup limit if
+    lower) and `available` (MemAvailable, or what that limit leaves once reclaimable page cache
+    is counted free, if lower); None where the kernel does not say."""
+    info = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    total, available = info.get("MemTotal"), info.get("MemAvailable")
+    limit = _cgroup_memory()
+    if limit is not None:
+        total = min(total or limit["limit"], limit["limit"])
+        available = min(available if available is not None else limit["free"], limit["free"])
+    return {"total": total, "available": available}
+
+
+def _cgroup_memory() -> dict | None:
+    """The memory limit of this process's cgroup (v2, or v1 as mounted in a container) and what
+    it leaves free, reclaimable page cache counted free; None without a limit."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    v2 = next((line.split("::", 1)[1].strip("/") for line in lines if line.startswith("0::")), None)
+    layouts = [(Path("/sys/fs/cgroup") / v2, "memory.max", "memory.current", "inactive_file")] if v2 is not None else []
+    layouts.append((Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "memory.usage_in_bytes",
+                    "total_inactive_file"))
+    for folder, max_file, current_file, cache_key in layouts:
+        try:
+            raw = (folder / max_file).read_text().strip()
+            if raw == "max" or int(raw) >= 2**60:  # no limit
+                continue
+            stat = dict(line.split()[:2] for line in (folder / "memory.stat").read_text().splitlines())
+            used = int((folder / current_file).read_text()) - int(stat.get(cache_key, 0))
+            return {"limit": int(raw), "free": max(0, int(raw) - used)}
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def check_memory(estimate: dict, limit_bytes: int | None, where: str) -> None:
+    """Refuse, before anything runs, an influence stage whose estimated peak (`stage_estimate`)
+    exceeds `limit_bytes` (None: unknown, not checked); the message carries the estimate."""
+    if limit_bytes is not None and estimate["peak_bytes"] > limit_bytes:
+        raise BadInputError(f"the influence stage needs ≈ {_gib(estimate['peak_bytes'])} but only "
+                            f"{_gib(limit_bytes)} is available ({where}); lower --projection-dim, use --hessian ekfac, cg or lissa, or run "
+                            f"where there is more memory ({format_estimate(estimate)})")

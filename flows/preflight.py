@@ -1,0 +1,109 @@
+"""What a run checks before it writes anything: the data and the checkpoint load, a given Dask
+scheduler answers, and the influence stage's estimated peak memory fits where it will run.
+Each failure is a `BadInputError`: one line, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from pruning_core.errors import BadInputError
+from pruning_core.influence import check_memory, memory_available, stage_estimate
+
+
+def connect_timeout() -> float:
+    """Seconds to wait for a scheduler: Dask's own `distributed.comm.timeouts.connect` (30 s by
+    default; `DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=5s` shortens it)."""
+    import dask
+    import distributed  # noqa: F401  (registers Dask's distributed defaults)
+    from dask.utils import parse_timedelta
+
+    return float(parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="s"))
+
+
+def scheduler_info(address: str, timeout: float | None = None) -> dict:
+    """Ask the Dask scheduler at `address` for its identity (its workers with their memory
+    limits); refuse an address where none answers within `timeout` seconds (default:
+    `connect_timeout()`). The whole exchange is bounded: a port that accepts but never speaks
+    Dask fails like a closed one."""
+    timeout = connect_timeout() if timeout is None else timeout
+
+    async def ask() -> dict:
+        from distributed.comm import connect
+
+        comm = await connect(address, timeout=timeout)
+        try:
+            await comm.write({"op": "identity", "n_workers": -1, "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    outcome: dict = {}
+
+    def probe() -> None:  # an event loop of its own, whatever loop the caller runs in
+        try:
+            outcome["info"] = asyncio.run(asyncio.wait_for(ask(), timeout + 1))
+        except BaseException as exc:  # reported below, in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=probe, name="dask-address-check", daemon=True)
+    thread.start()
+    thread.join(timeout + 10)  # wait_for ends it by then; the margin covers closing the comm
+    info, exc = outcome.get("info"), outcome.get("error")
+    if isinstance(info, dict) and info.get("type") == "Scheduler":
+        return info
+    if exc is not None and not isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError)):
+        raise exc
+    if exc is None:
+        reason = "no reply" if info is None else f"the reply is not a Dask scheduler's: {str(info)[:80]}"
+    elif isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not str(exc).strip():
+        reason = "it accepted the connection but never replied"
+    else:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    raise BadInputError(f"--dask-address {address}: no Dask scheduler answered within {timeout:g} s ({reason}); "
+                        f"start one (dask scheduler) or leave --dask-address out for a local cluster")
+
+
+def memory_limit(workers: int, info: dict | None) -> tuple[int | None, str]:
+    """Bytes the process computing M = B H⁻¹ may use, and where that is. On a given cluster: the
+    smallest worker's Dask memory limit (None if the workers have none). On a local cluster:
+    the smaller of this machine's available memory and the limit Dask gives each of `workers`
+    local workers (total / workers; the nanny restarts a worker past 95 % of it)."""
+    import dask
+
+    terminate = dask.config.get("distributed.worker.memory.terminate", default=0.95) or 1.0
+    if info is not None:
+        limits = [w.get("memory_limit") or 0 for w in info.get("workers", {}).values()]
+        limits = [int(limit * terminate) for limit in limits if limit > 0]
+        return (min(limits), "the memory limit of the Dask cluster's smallest worker") if limits else (None, "")
+    memory = memory_available()
+    options = []
+    if memory["available"] is not None:
+        options.append((memory["available"], "this machine's available memory"))
+    if memory["total"] is not None:
+        options.append((int(memory["total"] / workers * terminate),
+                        f"the memory limit of each of the {workers} local Dask workers"))
+    return min(options) if options else (None, "")
+
+
+def run_preflight(params, load_checkpoint: bool = True) -> dict:
+    """Check a run's inputs and resources before anything is written; return the influence
+    stage's estimate (`stage_estimate`)."""
+    from pruning_core.data import load_dataset
+    from pruning_core.models import build_model
+    from pruning_core.scopes import scope_parameter_names
+    from pruning_core.training import load_model
+
+    ds = load_dataset(params.dataset, params.data_root)
+    if params.checkpoint and load_checkpoint:
+        model = load_model(params.checkpoint, params.model, ds, device="cpu")
+    else:
+        model = build_model(params.model, ds.sample_shape, ds.n_classes)
+    args = params.influence_args()
+    sizes = dict(model.named_parameters())
+    p = sum(sizes[k].numel() for k in scope_parameter_names(model, args.scope))
+    estimate = stage_estimate(ds.n, p, model.fc.in_features, args)
+    info = scheduler_info(params.dask_address) if params.dask_address else None
+    limit, where = memory_limit(params.workers, info)
+    check_memory(estimate, limit, where)
+    return estimate
