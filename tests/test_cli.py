@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,18 @@ import pytest
 import torch
 
 from flows.cli import main
-from pruning_core.models import LinearModel
+from pruning_core.errors import BadInputError
+from pruning_core.models import LinearModel, build_model
+
+
+class Payload:
+    """Unpickling this runs code (it creates `path`): what weights_only=True must refuse."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +37,43 @@ def files(tmp_path_factory, small_npz):
     with open(root / "pickled.pt", "wb") as f:  # a pickle with a non-tensor object: refused by weights_only
         pickle.dump({"fc.weight": torch.zeros(2), "payload": Path("/etc/passwd")}, f)
     (root / "empty").mkdir()
+    labels = np.array([0, 1, 0, 1, 0])
+    np.savez(root / "inf.npz", x=np.full((5, 4), np.inf), y=labels, x_test=np.zeros((2, 4)), y_test=np.array([0, 1]))
+    np.savez(root / "nan-test.npz", x=np.zeros((5, 4)), y=labels, x_test=np.full((2, 4), np.nan), y_test=np.array([0, 1]))
+    np.savez(root / "empty.npz", x=np.zeros((0, 4)), y=np.zeros(0, int), x_test=np.zeros((2, 4)), y_test=np.array([0, 1]))
+    np.savez(root / "negative-label.npz", x=np.zeros((5, 4)), y=np.array([0, 1, -1, 1, 0]), x_test=np.zeros((2, 4)),
+             y_test=np.array([0, 1]))
+    np.savez(root / "float-labels.npz", x=np.zeros((5, 4)), y=labels + 0.5, x_test=np.zeros((2, 4)), y_test=np.array([0, 1]))
+    np.savez(root / "one-class.npz", x=np.zeros((5, 4)), y=np.zeros(5, int), x_test=np.zeros((2, 4)), y_test=np.zeros(2, int))
+    torch.save(build_model("cnn", (1, 28, 28), 12).state_dict(), root / "cnn-12-classes.pt")
+    torch.save({**LinearModel(784, 10).state_dict(), "extra": Payload(root / "pwned")}, root / "payload.pt")
+    # Delta versions as only another writer could make them: duplicate sample ids, a label past
+    # the class count recorded in the provenance
+    from pruning_core.data import Dataset, load_dataset
+    from pruning_core.versions import commit_version
+
+    ds = load_dataset(f"npz:{small_npz}")
+    ids = np.r_[np.arange(49), 0].astype(np.int64)
+    commit_version(str(root / "duplicates"), Dataset("d", ds.x[:50], ds.y[:50], ids, ds.x_test, ds.y_test, 10,
+                                                     dict(ds.origin)), np.ones(50, bool), {"run_id": "duplicates"})
+    y = np.r_[ds.y[:49], 12].astype(np.int64)
+    commit_version(str(root / "labels"), Dataset("l", ds.x[:50], y, np.arange(50), ds.x_test, ds.y_test, 10,
+                                                 dict(ds.origin)), np.ones(50, bool), {"run_id": "labels"})
     return root
+
+
+@pytest.fixture(scope="module")
+def dead_ports():
+    """A loopback port nothing listens on, and one that accepts connections and never replies."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    ports = {"closed": closed.getsockname()[1], "silent": silent.getsockname()[1]}
+    closed.close()
+    yield ports
+    silent.close()
 
 
 CASES = {
@@ -55,22 +103,90 @@ CASES = {
     "zero projection": (["--projection-dim", "0"], "--projection-dim 0"),
     "zero shards": (["--shards", "0"], "--shards 0"),
     "bad dask address": (["--dask-address", "localhost"], "must look like tcp://host:port"),
+    "unknown solver": (["--solver", "magic"], "--solver 'magic'"),
+    "unknown coverage": (["--coverage", "most"], "invalid choice: 'most'"),
+    "zero epochs": (["--epochs", "0"], "--epochs 0"),
+    "infinite lr": (["--lr", "inf"], "lr must be finite"),
+    "NaN lr": (["--lr", "nan"], "--lr nan"),
+    "negative weight decay": (["--weight-decay", "-1"], "--weight-decay -1.0"),
+    "negative seed": (["--seed", "-1"], "--seed -1"),
+    "zero batch size": (["--batch-size", "0"], "--batch-size 0"),
+    "zero workers": (["--workers", "0"], "--workers 0"),
+    "zero block size": (["--block-size", "0"], "--block-size 0"),
+    "too many shards": (["--shards", "100000"], "--shards 100000"),
+    "ratio one": (["--prune-ratio", "1"], "--prune-ratio 1.0"),
+    "negative epsilon": (["--epsilon", "-1"], "--epsilon -1.0"),
+    "infinite epsilon": (["--epsilon", "inf"], "epsilon must be finite"),
+    "NaN epsilon": (["--epsilon", "nan"], "--epsilon nan"),
+    "npz Inf": (["--dataset", "npz:{root}/inf.npz", "--model", "linear"], "train samples contain NaN or Inf"),
+    "npz NaN in the test split": (["--dataset", "npz:{root}/nan-test.npz", "--model", "linear"],
+                                  "test samples contain NaN or Inf"),
+    "empty dataset": (["--dataset", "npz:{root}/empty.npz", "--model", "linear"], "must both be non-empty"),
+    "negative label": (["--dataset", "npz:{root}/negative-label.npz", "--model", "linear"],
+                       "train labels must lie in [0, 2), found [-1, 1]"),
+    "float labels": (["--dataset", "npz:{root}/float-labels.npz", "--model", "linear"], "y must be a 1-d integer array"),
+    "one class": (["--dataset", "npz:{root}/one-class.npz", "--model", "linear"], "at least two classes"),
+    "duplicate sample ids": (["--dataset", "delta:{root}/duplicates"], "sample_id values must be unique"),
+    "labels outside the classes": (["--dataset", "delta:{root}/labels"], "train labels must lie in [0, 10), found [0, 12]"),
+    "missing delta table": (["--dataset", "delta:{root}/absent"], "no Delta table there"),
+    "missing delta version": (["--dataset", "delta:{root}/duplicates@7"], "cannot be opened"),
+    "checkpoint of another class count": (["--dataset", "npz:{small}", "--checkpoint", "{root}/cnn-12-classes.pt"],
+                                          "does not fit --model cnn"),
+    "checkpoint that runs code": (["--dataset", "npz:{small}", "--model", "linear", "--checkpoint", "{root}/payload.pt"],
+                                  "not a loadable state_dict"),
+    "checkpoint is a folder": (["--checkpoint", "{root}"], "file not found"),
+    "target escaping with ..": (["--target", "../escape"], "'..' is not allowed"),
+    "absolute target with ..": (["--target", "{root}/x/../../escape"], "'..' is not allowed"),
+    "target is a file": (["--target", "{root}/corrupt.pt"], "exists and is not a folder"),
+    "dask address refused": (["--dask-address", "tcp://127.0.0.1:{closed}"], "no Dask scheduler answered within 3 s"),
+    "dask address silent": (["--dask-address", "tcp://127.0.0.1:{silent}"], "accepted the connection but never replied"),
+    "beyond memory": (["--dataset", "npz:{small}", "--projection-dim", "100000000"], "the influence stage needs ≈"),
+    "exact Hessian beyond memory": (["--dataset", "npz:{small}", "--scope", "all"], "the influence stage needs ≈"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, files, small_npz, tmp_path, capsys):
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, files, dead_ports, small_npz, tmp_path, capsys):
+    import dask
+    import distributed  # noqa: F401  (its config defaults, before one of them is overridden below)
+
     argv, expected = CASES[case]
-    argv = [a.format(root=files, small=small_npz) for a in argv]
+    argv = [a.format(root=files, small=small_npz, **dead_ports) for a in argv]
     if case != "neither" and not any(a in ("--prune-ratio", "--epsilon") for a in argv):
         argv += ["--prune-ratio", "0.4"]
     out, target = tmp_path / "runs", tmp_path / "table"
-    code = main(["run", *argv, "--out", str(out), "--target", str(target)])
+    if "--target" not in argv:
+        argv += ["--target", str(target)]
+    with dask.config.set({"distributed.comm.timeouts.connect": "3s"}):  # a scheduler that does not answer
+        code = main(["run", *argv, "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("dataset-prune: error: ") and expected in err, err
     assert not out.exists() and not target.exists()
+    assert not (files / "pwned").exists() and not (files / "x").exists() and not Path("../escape").exists()
+
+
+RUN_IDS = {"parent folder": "../escape", "absolute path": "/tmp/escaped-run", "nested": "a/b", "dots": "..",
+           "empty": "", "existing run folder": "done"}
+
+
+@pytest.mark.parametrize("case", list(RUN_IDS))
+def test_run_ids_that_leave_their_folder_are_refused(case, small_npz, tmp_path, prefect_api):
+    """The flow's `run_id` (a deployment parameter, not a command-line option) names one folder
+    under `out`; anything else is refused before anything is written."""
+    from flows.parameters import RunParameters
+    from flows.prune import prune_dataset
+
+    out = tmp_path / "runs"
+    (out / "done").mkdir(parents=True)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    expected = "already exists" if case == "existing run folder" else "must be one folder name"
+    with pytest.raises(BadInputError, match=expected):
+        prune_dataset(RunParameters(dataset=f"npz:{small_npz}", prune_ratio=0.4, out=str(out),
+                                    target=str(tmp_path / "table")), run_id=RUN_IDS[case])
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert not Path("/tmp/escaped-run").exists() and not (tmp_path / "escape").exists()
 
 
 def test_console_script_exit_status(tmp_path):
@@ -83,6 +199,23 @@ def test_console_script_exit_status(tmp_path):
         "dataset-prune: error: --dataset 'nope' is not a known dataset; valid: fashion-mnist, mnist, cifar10, "
         "cifar100, npz:PATH, delta:URI[@VERSION]"]
     assert not (tmp_path / "r").exists()
+
+
+def test_a_dask_address_that_never_answers_fails_within_the_connect_timeout(small_npz, dead_ports, tmp_path):
+    """The installed command against a port that accepts and never replies: one line, exit 2,
+    within Dask's connect timeout (set to 3 s here), the command bounded by a 60 s timeout."""
+    exe = Path(sys.executable).parent / "dataset-prune"
+    out = tmp_path / "runs"
+    result = subprocess.run([str(exe), "run", "--dataset", f"npz:{small_npz}", "--prune-ratio", "0.4", "--dask-address",
+                             f"tcp://127.0.0.1:{dead_ports['silent']}", "--out", str(out)], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "PREFECT_API_URL": "",
+                                                        "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"dataset-prune: error: --dask-address tcp://127.0.0.1:{dead_ports['silent']}: no Dask scheduler answered "
+        f"within 3 s (it accepted the connection but never replied); start one (dask scheduler) or leave "
+        f"--dask-address out for a local cluster"]
+    assert not out.exists()
 
 
 def test_versions_command_lists_provenance(tmp_path, small_npz, capsys):

@@ -1,5 +1,8 @@
-"""An interrupted run resumes: shards already written for the same inputs are reused."""
+"""An interrupted run resumes: shards already written for the same inputs are reused. A run
+killed at any stage leaves no run folder that claims success and no partial version."""
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -10,20 +13,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 
-def command(small_npz, checkpoint, out, target):
+def command(small_npz, checkpoint, out, target, shards=16):
     exe = Path(sys.executable).parent / "dataset-prune"
     return [str(exe), "run", "--dataset", f"npz:{small_npz}", "--checkpoint", checkpoint, "--prune-ratio", "0.4",
-            "--shards", "16", "--workers", "1", "--block-size", "125", "--out", str(out), "--target", str(target)]
+            "--shards", str(shards), "--workers", "1", "--block-size", "125", "--out", str(out), "--target", str(target)]
 
 
-def test_killed_run_recomputes_only_missing_shards(small_npz, tmp_path, prefect_api):
-    from pruning_core.artifacts import save_checkpoint
-    from pruning_core.data import load_dataset
-    from pruning_core.training import TrainArgs, train
-
-    ds = load_dataset(f"npz:{small_npz}")
-    checkpoint = str(tmp_path / "cnn.pt")
-    save_checkpoint(train(ds, TrainArgs(model="cnn", epochs=2)).model, checkpoint)
+def test_killed_run_recomputes_only_missing_shards(small_npz, cnn_checkpoint, tmp_path, prefect_api):
+    checkpoint = cnn_checkpoint
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
 
     # 1. start, and kill the whole process group once the first influence shards exist
@@ -54,3 +51,81 @@ def test_killed_run_recomputes_only_missing_shards(small_npz, tmp_path, prefect_
     resumed = pq.read_table(next(out.glob("2*/scores.parquet")))
     reference = pq.read_table(next(clean.glob("2*/scores.parquet")))
     assert resumed.equals(reference)
+
+
+FAULTS = Path(__file__).with_name("fault_injection.py")
+
+
+def test_killed_in_selection_or_commit_leaves_nothing_visible_and_the_rerun_is_identical(
+        small_npz, cnn_checkpoint, tmp_path, prefect_api):
+    """The whole run process is killed (SIGKILL) mid-selection, right after its Delta commit, and
+    with a commit in flight over an existing version; then the run is repeated. No run folder
+    ever claims success, no partial version appears, the version already there stays readable,
+    dead runs' staging folders are removed by the next run, every shard is reused, and the rerun
+    publishes exactly what an undisturbed run publishes."""
+    from deltalake import DeltaTable
+
+    from flows.parameters import RunParameters
+    from flows.prune import prune_dataset
+
+    reference = prune_dataset(RunParameters(dataset=f"npz:{small_npz}", checkpoint=cnn_checkpoint, prune_ratio=0.4,
+                                            shards=4, workers=1, block_size=125, out=str(tmp_path / "clean"),
+                                            target=str(tmp_path / "clean-table")))
+    ref_dir = Path(reference["run_dir"])
+    ref_rows = sorted(DeltaTable(reference["version"]["uri"]).to_pyarrow_table().column("sample_id").to_pylist())
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    out, target = tmp_path / "runs", tmp_path / "table"
+    argv = command(small_npz, cnn_checkpoint, out, target, shards=4)[1:]
+
+    def crash(point):
+        with open(tmp_path / f"{point}.log", "w") as log:
+            proc = subprocess.Popen([sys.executable, str(FAULTS), point, *argv], env=env, stdout=log, stderr=log,
+                                    start_new_session=True)
+            code = proc.wait(timeout=600)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # anything it started
+        assert code == -signal.SIGKILL, (tmp_path / f"{point}.log").read_text()[-3000:]
+        assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == [], "a killed run left a run folder"
+        staged = [p for p in (out / ".staging").iterdir() if p.is_dir()]
+        assert len(staged) == 1, "the staging folder of an earlier dead run was not removed"
+        return staged[0]
+
+    def cache_files():
+        return {p.name: p.stat().st_mtime_ns for p in out.glob(".cache/*/*") if not p.name.startswith(".")}
+
+    # 1. killed mid-selection: scores merged, no selection written, no table
+    dead = crash("selection")
+    assert (dead / "scores.parquet").exists() and not (dead / "selection.parquet").exists()
+    assert not DeltaTable.is_deltatable(str(target))
+    cache = cache_files()
+    assert sum(name.startswith("scores-") for name in cache) == 4
+
+    # 2. killed right after its commit: a complete version 0, its run folder never published
+    dead = crash("committed")
+    table = DeltaTable(str(target))
+    assert table.version() == 0
+    assert sorted(table.to_pyarrow_table().column("sample_id").to_pylist()) == ref_rows
+    assert json.loads(table.history()[0]["dataset_pruning"])["run_id"] == dead.name
+
+    # 3. killed with a commit in flight over version 0: no version 1, version 0 intact
+    crash("commit")
+    table = DeltaTable(str(target))
+    assert table.version() == 0 and [h["version"] for h in table.history()] == [0]
+    assert sorted(table.to_pyarrow_table().column("sample_id").to_pylist()) == ref_rows
+
+    # 4. the rerun: every shard reused, the undisturbed result, nothing stale left
+    subprocess.run(command(small_npz, cnn_checkpoint, out, target, shards=4), env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert cache_files() == cache
+    (run_dir,) = [p for p in out.iterdir() if not p.name.startswith(".")]
+    assert (run_dir / "selection.parquet").read_bytes() == (ref_dir / "selection.parquet").read_bytes()
+    assert pq.read_table(run_dir / "scores.parquet").equals(pq.read_table(ref_dir / "scores.parquet"))
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["version"]["version"] == 1
+    table = DeltaTable(str(target))
+    assert [h["version"] for h in table.history()] == [1, 0]
+    for version in (0, 1):
+        rows = DeltaTable(str(target), version=version).to_pyarrow_table()
+        assert sorted(rows.column("sample_id").to_pylist()) == ref_rows
+    assert list((out / ".staging").iterdir()) == []

@@ -1,0 +1,104 @@
+"""Faults for the reliability tests, run in processes of their own.
+
+`python tests/fault_injection.py POINT run ARGS…` runs `dataset-prune run ARGS…` and kills its
+own process with SIGKILL (no cleanup handlers, no `finally`) at one point of a stage. The real
+functions do the work; only the kill is added:
+
+- `selection`: the solver has returned, `selection.parquet` is not yet written;
+- `commit`: the Delta writer has taken the first quarter of the kept rows, its log entry is not
+  yet written (a commit in flight);
+- `committed`: the Delta version is committed, the run folder is not yet published.
+
+`commit_rounds` is the body of one of several processes committing to one Delta table at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+POINTS = ("selection", "commit", "committed")
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(point: str) -> None:
+    import pyarrow as pa
+
+    import pruning_core.pipeline as pipeline
+    import pruning_core.versions as versions
+
+    if point == "selection":
+        solve = pipeline.select
+
+        def select_then_die(*args, **kwargs):
+            solve(*args, **kwargs)
+            die()
+
+        pipeline.select = select_then_die
+    elif point == "commit":
+        write = versions.write_deltalake
+
+        def write_part_then_die(uri, data, **kwargs):
+            batches = data.to_batches(max_chunksize=max(1, data.num_rows // 4))
+
+            def stream():
+                yield batches[0]
+                die()  # the writer asks for the second batch: its commit is in flight
+
+            write(uri, pa.RecordBatchReader.from_batches(data.schema, stream()), **kwargs)
+
+        versions.write_deltalake = write_part_then_die
+    elif point == "committed":
+        write = versions.write_deltalake
+
+        def write_then_die(*args, **kwargs):
+            write(*args, **kwargs)
+            die()
+
+        versions.write_deltalake = write_then_die
+    else:
+        raise SystemExit(f"unknown point {point!r}; valid: {', '.join(POINTS)}")
+
+
+class _Count(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record):
+        self.count += 1
+
+
+def commit_rounds(uri: str, dataset: str, writer: int, rounds: int, barrier, results) -> None:
+    """Commit `rounds` versions to `uri`, each after every writer reached `barrier`; put
+    (writer, [(round, run_id, version, kept sample ids)], conflicts retried) on `results`."""
+    import numpy as np
+
+    from pruning_core import versions
+    from pruning_core.data import load_dataset
+
+    conflicts = _Count()
+    logging.getLogger(versions.__name__).addHandler(conflicts)
+    ds = load_dataset(dataset)
+    done = []
+    for r in range(rounds):
+        keep = np.random.default_rng(100 * writer + r).random(ds.n) < 0.5
+        run_id = f"writer{writer}-round{r}"
+        barrier.wait(timeout=120)
+        version = versions.commit_version(uri, ds, keep, {"run_id": run_id})
+        done.append((r, run_id, version, ds.sample_id[keep].tolist()))
+    results.put((writer, done, conflicts.count))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    install(sys.argv[1])
+    from flows.cli import main
+
+    sys.exit(main(sys.argv[2:]))

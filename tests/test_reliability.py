@@ -1,0 +1,154 @@
+"""Reliability: a lost Dask worker, concurrent commits to one Delta table, stale staging
+folders of dead runs, and runs that would not fit in memory. Crashes of the whole run process
+at each stage are in test_resume.py; bad input in test_cli.py."""
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from deltalake import DeltaTable
+
+from fault_injection import commit_rounds
+from flows.cli import main
+from flows.parameters import RunParameters
+from pruning_core import artifacts
+from pruning_core.errors import BadInputError
+
+
+def test_worker_killed_during_influence_shards_leaves_identical_scores(small_npz, cnn_checkpoint, prefect_api,
+                                                                       tmp_path):
+    """The OS process of a Dask worker that is running an influence shard is killed; the flow
+    still completes (Dask reschedules the shard, the nanny restarts the worker) and its scores,
+    selection and version equal those of an undisturbed run."""
+    from distributed import Client, LocalCluster
+
+    from flows.prune import prune_dataset
+
+    def run(name, address):
+        return prune_dataset(RunParameters(dataset=f"npz:{small_npz}", checkpoint=cnn_checkpoint, prune_ratio=0.3,
+                                           shards=8, block_size=250, dask_address=address,
+                                           out=str(tmp_path / name), target=str(tmp_path / f"{name}-table")))
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      host="127.0.0.1") as cluster, Client(cluster) as client:
+        pids = client.run(os.getpid)
+        killed, stop = {}, threading.Event()
+
+        def kill_a_worker_running_an_influence_shard():
+            while not stop.is_set():
+                for worker, keys in client.processing().items():
+                    running = [str(k) for k in keys if str(k).startswith("influence_shard")]
+                    if running and worker in pids:
+                        done = list((tmp_path / "disturbed").glob(".cache/*/scores-*.parquet"))
+                        os.kill(pids[worker], signal.SIGKILL)
+                        killed.update(worker=worker, pid=pids[worker], keys=running, shards_done=len(done))
+                        return
+                stop.wait(0.005)
+
+        killer = threading.Thread(target=kill_a_worker_running_an_influence_shard, daemon=True)
+        killer.start()
+        try:
+            disturbed = run("disturbed", cluster.scheduler_address)
+        finally:
+            stop.set()
+            killer.join()
+        assert killed, "no worker was seen running an influence shard"
+        assert killed["shards_done"] < 8
+        assert killed["pid"] not in client.run(os.getpid).values()  # that process is gone (the nanny started another)
+        undisturbed = run("undisturbed", cluster.scheduler_address)
+
+    a, b = Path(disturbed["run_dir"]), Path(undisturbed["run_dir"])
+    assert pq.read_table(a / "scores.parquet").equals(pq.read_table(b / "scores.parquet"))
+    assert (a / "selection.parquet").read_bytes() == (b / "selection.parquet").read_bytes()
+    rows = [DeltaTable(m["version"]["uri"]).to_pyarrow_table().sort_by("sample_id") for m in (disturbed, undisturbed)]
+    assert rows[0].equals(rows[1]) and rows[0].num_rows == 1400
+
+
+def test_concurrent_commits_to_one_table_all_land_as_distinct_versions(small_npz, tmp_path):
+    """Three processes commit three versions each to one Delta table, every round started at
+    the same moment. Writers collide (Delta refuses all but one commit per version) and the
+    losers retry: all nine commits become distinct versions, each exactly what its writer
+    wrote, and every version stays readable."""
+    uri = str(tmp_path / "table")
+    writers, rounds = 3, 3
+    spawn = multiprocessing.get_context("spawn")  # deltalake's runtime does not survive fork
+    barrier, results = spawn.Barrier(writers), spawn.Queue()
+    procs = [spawn.Process(target=commit_rounds, args=(uri, f"npz:{small_npz}", w, rounds, barrier, results))
+             for w in range(writers)]
+    for proc in procs:
+        proc.start()
+    outcomes = [results.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+
+    commits = [c for _, done, _ in outcomes for c in done]
+    assert sorted(version for _, _, version, _ in commits) == list(range(writers * rounds))
+    assert sum(conflicts for *_, conflicts in outcomes) >= 1, "the writers never collided: nothing was tested"
+    history = {int(h["version"]): h for h in DeltaTable(uri).history()}
+    assert sorted(history) == list(range(writers * rounds))
+    for _, run_id, version, kept in commits:
+        assert f'"run_id": "{run_id}"' in history[version]["dataset_pruning"]
+        rows = DeltaTable(uri, version=version).to_pyarrow_table()
+        assert sorted(rows.column("sample_id").to_pylist()) == kept
+
+
+def test_stale_staging_folders_are_removed_and_live_ones_kept(tmp_path):
+    """A staging folder whose run died (its lock released by the kernel) is removed; one whose
+    run is alive, and one without a lock file (not this mechanism's), are kept."""
+    out = tmp_path / "runs"
+    live = artifacts.lock_staging(out, "live")
+    artifacts.staging_path(out, "live").mkdir()
+    dead = (f"from pruning_core import artifacts; artifacts.lock_staging({str(out)!r}, 'dead'); "
+            f"folder = artifacts.staging_path({str(out)!r}, 'dead'); folder.mkdir(); "
+            f"(folder / 'scores.parquet').write_text('partial'); import os; os._exit(0)")
+    subprocess.run([sys.executable, "-c", dead], check=True, cwd=Path(__file__).parents[1])
+    (out / ".staging" / "foreign").mkdir()
+    try:
+        with pytest.raises(BadInputError, match="already running"):
+            artifacts.lock_staging(out, "live")
+        assert artifacts.remove_stale_staging(out) == ["dead"]
+        assert sorted(p.name for p in (out / ".staging").iterdir()) == ["foreign", "live", "live.lock"]
+    finally:
+        artifacts.release_staging(out, "live", live)
+    assert artifacts.remove_stale_staging(out) == []
+
+
+def test_a_run_that_would_exceed_memory_is_refused_early_with_the_estimate(small_npz, tmp_path, capsys):
+    """A projection dimension whose M = P H⁻¹ alone needs four times the available memory is
+    refused before anything runs, naming the estimate; a small one passes the same check."""
+    from pruning_core.influence import memory_available
+
+    available = memory_available()["available"]
+    p = 10 * 128 + 10  # cnn last layer
+    huge = 4 * available // (8 * p) + 1
+    out, target = tmp_path / "runs", tmp_path / "table"
+    common = ["run", "--dataset", f"npz:{small_npz}", "--prune-ratio", "0.4", "--out", str(out), "--target", str(target)]
+    assert main([*common, "--projection-dim", str(huge)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "the influence stage needs ≈" in err and "is available" in err and f"stored dim={huge}" in err, err
+    assert not out.exists() and not target.exists()
+
+    assert main([*common, "--projection-dim", str(max(1, available // (100 * 8 * p))), "--dry-run"]) == 0
+    assert "influence stage estimate" in capsys.readouterr().out
+    assert not out.exists() and not target.exists()
+
+
+def test_the_flow_itself_refuses_what_would_not_fit(small_npz, tmp_path, prefect_api):
+    """The same check inside the flow (deployments do not pass through the command line)."""
+    from flows.prune import prune_dataset
+    from pruning_core.influence import memory_available
+
+    huge = 4 * memory_available()["available"] // (8 * 1290) + 1
+    out = tmp_path / "runs"
+    with pytest.raises(BadInputError, match="the influence stage needs"):
+        prune_dataset(RunParameters(dataset=f"npz:{small_npz}", prune_ratio=0.4, projection_dim=huge, out=str(out),
+                                    target=str(tmp_path / "table")))
+    assert not out.exists() and not (tmp_path / "table").exists()
