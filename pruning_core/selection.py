@@ -288,15 +288,23 @@ def solve_size(vectors: np.ndarray, m: int, args: SelectionArgs, labels=None, qu
     info["path_objective"] = float(path[-1]) if m else 0.0
     pruned, info["swaps"] = swap_refine(vectors, _mask(n, order), args.swap_candidates, args.swap_rounds, labels)
     restarts = args.restarts if args.restarts is not None else (8 if n <= 5000 else 0)
-    rng = np.random.default_rng(args.seed)
     best = objective(vectors, pruned)
-    for _ in range(restarts):  # random starts (class counts kept), then the same local search
+    rows = [row.tobytes() for row in np.ascontiguousarray(vectors)] if restarts else []
+    for restart in range(restarts):  # random starts (class counts kept), then the same local search
+        # each start takes the rows with the smallest seeded hash of their values, not of their
+        # index: a random set that does not depend on the order of the rows (equal rows tie)
+        import hashlib
+
+        salt = f"{args.seed}:{restart}".encode()
+        keys = np.array([int.from_bytes(hashlib.blake2b(row, digest_size=8, key=salt).digest(), "little")
+                         for row in rows], dtype=np.uint64)
         start = np.zeros(n, bool)
         if quotas is None:
-            start[rng.choice(n, m, replace=False)] = True
+            start[np.argsort(keys, kind="stable")[:m]] = True
         else:
             for c, q in enumerate(quotas):
-                start[rng.choice(np.flatnonzero(labels == c), q, replace=False)] = True
+                members = np.flatnonzero(labels == c)
+                start[members[np.argsort(keys[members], kind="stable")[:q]]] = True
         candidate, _ = swap_refine(vectors, start, args.swap_candidates, args.swap_rounds, labels)
         value = objective(vectors, candidate)
         if value < best:

@@ -1,0 +1,177 @@
+"""Property tests (hypothesis) of the selection solvers, on small random instances:
+
+- constraints always hold: exactly round(ratio·n) removed; per-class quotas with
+  --class-balanced; per-stratum quotas with --coverage difficulty; ‖Σ s_i‖ ≤ ε in ε mode;
+- the result does not depend on the order of the rows, up to ties (a different set is allowed
+  only when it reaches the same objective);
+- the objective reported equals ‖Σ_{pruned} s_i‖₂ recomputed exactly (math.fsum per coordinate),
+  in the result and in the summary written beside selection.parquet.
+"""
+
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pruning_core import artifacts
+from pruning_core.baselines import coverage_strata
+from pruning_core.pipeline import selection_stage
+from pruning_core.selection import SelectionArgs, class_quotas, select
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def instances(draw, max_n=40):
+    """(vectors (n, p), labels (n,)): heavy-tailed norms around a common drift, as influence
+    vectors are; float64 or float32."""
+    n = draw(st.integers(2, max_n))
+    p = draw(st.integers(1, 5))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    drift = draw(st.floats(0.0, 1.0))
+    V = rng.normal(size=(n, p)) * rng.exponential(size=(n, 1)) + drift * rng.normal(size=p)
+    V *= 10.0 ** draw(st.integers(-6, 2))
+    dtype = draw(st.sampled_from([np.float64, np.float32]))
+    labels = rng.integers(0, draw(st.integers(1, 4)), n)
+    return V.astype(dtype), labels
+
+
+def exact_objective(vectors, pruned) -> float:
+    """‖Σ_{pruned} s_i‖₂ with every coordinate summed exactly."""
+    rows = np.asarray(vectors, dtype=np.float64)[np.asarray(pruned, bool)]
+    return math.sqrt(math.fsum(math.fsum(column) ** 2 for column in rows.T)) if len(rows) else 0.0
+
+
+def assert_reported_objective(vectors, result):
+    assert math.isclose(result.objective, exact_objective(vectors, result.pruned), rel_tol=1e-9, abs_tol=1e-300)
+
+
+def assert_same_up_to_ties(vectors, a, b_permuted, perm):
+    """b was solved on vectors[perm]: mapped back it must be a's set, or reach a's objective."""
+    b = np.zeros(len(vectors), bool)
+    b[perm[b_permuted.pruned]] = True
+    assert b.sum() == a.pruned.sum()
+    if not np.array_equal(a.pruned, b):  # a tie: another set, the same objective
+        scale = max(float(np.abs(np.asarray(vectors, np.float64)).sum(0).max()), 1e-300)
+        assert abs(exact_objective(vectors, a.pruned) - exact_objective(vectors, b)) <= 1e-9 * scale, \
+            (exact_objective(vectors, a.pruned), exact_objective(vectors, b))
+
+
+@SETTINGS
+@given(instance=instances(), ratio=st.floats(0.01, 0.99), data=st.data())
+def test_size_mode_exact_count_order_free_and_true_objective(instance, ratio, data):
+    vectors, _ = instance
+    n = len(vectors)
+    args = SelectionArgs(prune_ratio=ratio)
+    result = select(vectors, args)
+    assert result.pruned.dtype == bool and result.pruned.shape == (n,)
+    assert result.pruned.sum() == round(ratio * n) == result.info["n_pruned"]
+    assert_reported_objective(vectors, result)
+    perm = np.asarray(data.draw(st.permutations(range(n))))
+    assert_same_up_to_ties(vectors, result, select(vectors[perm], args), perm)
+
+
+@SETTINGS
+@given(instance=instances(), ratio=st.floats(0.01, 0.99), data=st.data())
+def test_class_balanced_quotas_hold_for_every_method(instance, ratio, data):
+    vectors, labels = instance
+    method = data.draw(st.sampled_from(["influence", "random", "el2n", "influence-score"]))
+    el2n = np.random.default_rng(0).random(len(vectors))
+    args = SelectionArgs(method=method, prune_ratio=ratio, class_balanced=True)
+    result = select(vectors, args, {"label": labels, "el2n": el2n})
+    m = round(ratio * len(vectors))
+    counts = np.bincount(labels, minlength=labels.max() + 1)
+    quotas = class_quotas(labels, m)
+    assert quotas.sum() == m and (quotas <= counts).all()
+    assert np.array_equal(np.bincount(labels[result.pruned], minlength=len(quotas)), quotas)
+    assert (np.abs(quotas - m * counts / counts.sum()) < 1).all()  # proportional, to within one sample
+    assert_reported_objective(vectors, result)
+    if method == "influence":
+        perm = np.asarray(data.draw(st.permutations(range(len(vectors)))))
+        permuted = select(vectors[perm], args, {"label": labels[perm], "el2n": el2n[perm]})
+        assert_same_up_to_ties(vectors, result, permuted, perm)
+
+
+@SETTINGS
+@given(instance=instances(), ratio=st.floats(0.01, 0.99))
+def test_coverage_keeps_each_difficulty_stratum_quota(instance, ratio):
+    vectors, _ = instance
+    el2n = np.random.default_rng(len(vectors)).random(len(vectors)) * np.sqrt(2)
+    result = select(vectors, SelectionArgs(prune_ratio=ratio, coverage="difficulty"), {"el2n": el2n})
+    stratum, removals = coverage_strata(el2n, round(ratio * len(vectors)))
+    assert np.array_equal(np.bincount(stratum[result.pruned], minlength=len(removals)), removals)
+    assert_reported_objective(vectors, result)
+
+
+@SETTINGS
+@given(instance=instances(), fraction=st.floats(0.0, 1.5), data=st.data())
+def test_epsilon_mode_never_exceeds_epsilon_and_is_order_free(instance, fraction, data):
+    vectors, _ = instance
+    n = len(vectors)
+    # ε from a fraction of the typical single-vector norm, so that the answer ranges from none to all
+    epsilon = max(fraction * float(np.median(np.linalg.norm(vectors.astype(np.float64), axis=1))), 1e-300)
+    args = SelectionArgs(epsilon=epsilon)
+    result = select(vectors, args)
+    assert exact_objective(vectors, result.pruned) <= epsilon
+    assert result.objective <= epsilon
+    assert_reported_objective(vectors, result)
+    perm = np.asarray(data.draw(st.permutations(range(n))))
+    assert_same_up_to_ties(vectors, result, select(vectors[perm], args), perm)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instance=instances(max_n=200), ratio=st.floats(0.01, 0.99), buckets=st.integers(1, 6))
+def test_bucketed_solver_exact_count_and_true_objective(instance, ratio, buckets):
+    vectors, _ = instance
+    result = select(vectors, SelectionArgs(prune_ratio=ratio, solver="bucketed", buckets=buckets), map_fn=map)
+    assert result.pruned.sum() == round(ratio * len(vectors))
+    assert_reported_objective(vectors, result)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instance=instances(max_n=10), ratio=st.floats(0.1, 0.9))
+def test_scip_reference_holds_the_constraint_and_bounds_its_objective(instance, ratio):
+    vectors, _ = instance
+    vectors = vectors.astype(np.float64)
+    result = select(vectors, SelectionArgs(prune_ratio=ratio, solver="scip", time_limit=10))
+    assert result.pruned.sum() == round(ratio * len(vectors))
+    assert_reported_objective(vectors, result)
+    greedy = select(vectors, SelectionArgs(prune_ratio=ratio))
+    assert result.objective <= greedy.objective * (1 + 1e-6) + 1e-12  # warm-started with the greedy set
+    if result.info["status"] == "optimal":
+        assert result.info["bound"] <= result.objective * (1 + 1e-4) + 1e-9
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instance=instances(), ratio=st.floats(0.01, 0.99), method=st.sampled_from(["influence", "random", "el2n"]))
+def test_written_summary_reports_the_objective_of_the_written_selection(instance, ratio, method):
+    vectors, labels = instance
+    n = len(vectors)
+    columns = {"sample_id": np.arange(n, dtype=np.int64) * 7, "label": labels.astype(np.int64),
+               "loss": np.zeros(n), "el2n": np.linspace(0, 1, n)}
+    with tempfile.TemporaryDirectory() as folder:
+        scores, out = Path(folder) / "scores.parquet", Path(folder) / "selection.parquet"
+        artifacts.save_parquet(artifacts.scores_table(columns, vectors), scores)
+        summary = selection_stage(scores, SelectionArgs(method=method, prune_ratio=ratio), out)
+        table = pq.read_table(out)
+    pruned = table.column("pruned").to_numpy(zero_copy_only=False)
+    assert table.column("sample_id").to_pylist() == columns["sample_id"].tolist()
+    assert summary["n_pruned"] == pruned.sum() == round(ratio * n) and summary["n_kept"] == n - pruned.sum()
+    assert math.isclose(summary["objective"], exact_objective(vectors, pruned), rel_tol=1e-9, abs_tol=1e-300)
+
+
+def test_order_free_past_the_greedy_paths_refresh():
+    """n > 5,000 (no restarts) and m > 2,048 steps: the path's second queue, refreshed from an
+    exact ranking, is in play; the result still does not depend on the order of the rows."""
+    rng = np.random.default_rng(3)
+    for dtype in (np.float64, np.float32):
+        vectors = (rng.normal(size=(6000, 8)) * rng.exponential(size=(6000, 1)) + 0.3 * rng.normal(size=8)).astype(dtype)
+        perm = rng.permutation(6000)
+        result = select(vectors, SelectionArgs(prune_ratio=0.45))
+        assert result.pruned.sum() == 2700
+        assert_reported_objective(vectors, result)
+        assert_same_up_to_ties(vectors, result, select(vectors[perm], SelectionArgs(prune_ratio=0.45)), perm)
