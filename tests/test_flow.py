@@ -86,11 +86,22 @@ def test_scores_identical_for_any_shard_and_worker_count(first_run, small_npz):
                 shards=shards, workers=workers)
         folder = tmp / f"s{shards}w{workers}" / "runs" / m["run_id"]
         outputs.append(((folder / "scores.parquet").read_bytes(), (folder / "selection.parquet").read_bytes(),
-                        pq.read_table(folder / "scores.parquet")))
-    reference = pq.read_table(tmp / "first" / "runs" / manifest["run_id"] / "scores.parquet").drop_columns(["forgetting"])
-    for scores_bytes, selection_bytes, table in outputs:
+                        pq.read_table(folder / "scores.parquet"), version_rows(m)))
+    first = tmp / "first" / "runs" / manifest["run_id"]
+    reference = pq.read_table(first / "scores.parquet").drop_columns(["forgetting"])
+    for scores_bytes, selection_bytes, table, rows in outputs:
         assert table.equals(reference.replace_schema_metadata(table.schema.metadata))
         assert scores_bytes == outputs[0][0] and selection_bytes == outputs[0][1]
+        # the same selection and the same published rows (every column, the sample bytes too) as
+        # the run that trained the model
+        assert selection_bytes == (first / "selection.parquet").read_bytes()
+        assert rows.equals(version_rows(manifest)) and rows.num_rows == 1200
+
+
+def version_rows(manifest):
+    """The rows of a run's Delta version, in sample order."""
+    return DeltaTable(manifest["version"]["uri"], version=manifest["version"]["version"]).to_pyarrow_table() \
+        .sort_by("sample_id")
 
 
 def test_pruned_version_trains_and_scores_again(first_run):
