@@ -152,3 +152,24 @@ def test_the_flow_itself_refuses_what_would_not_fit(small_npz, tmp_path, prefect
         prune_dataset(RunParameters(dataset=f"npz:{small_npz}", prune_ratio=0.4, projection_dim=huge, out=str(out),
                                     target=str(tmp_path / "table")))
     assert not out.exists() and not (tmp_path / "table").exists()
+
+
+def test_memory_limit_where_the_stage_will_run():
+    """On a given cluster the smallest worker's Dask limit (less the nanny's 5 % margin) counts,
+    and no limit means no check; locally, at most this machine's available memory."""
+    from flows.preflight import memory_limit
+    from pruning_core.influence import check_memory, memory_available
+
+    gib = 2**30
+    info = {"workers": {"a": {"memory_limit": 4 * gib}, "b": {"memory_limit": 2 * gib}}}
+    limit, where = memory_limit(2, info)
+    assert limit == int(2 * gib * 0.95) and "smallest worker" in where
+    assert memory_limit(2, {"workers": {"a": {"memory_limit": 0}}}) == (None, "")
+    local, _ = memory_limit(1, None)
+    assert 0 < local <= memory_available()["available"]
+    estimate = {"n": 10, "p": 10, "k": 10, "memory_bytes": {"hessian": 3 * gib}, "peak_bytes": 3 * gib,
+                "seconds": 1.0}
+    with pytest.raises(BadInputError, match=r"needs ≈ 3.00 GiB but only 1.90 GiB is available \(the memory limit"):
+        check_memory(estimate, limit, where)
+    check_memory(estimate, None, "")  # unknown: not refused
+    check_memory(estimate, 4 * gib, "this machine")
