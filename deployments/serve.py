@@ -62,11 +62,11 @@ def params_model(flow):
 def load_deployments(path: Path, overrides: dict, only: list[str] | None = None) -> list:
     """RunnerDeployments of the prefect.yaml at `path`, each with its schedules and triggers,
     `overrides` applied to its `params` and validated by that flow's parameter model."""
-    from pydantic import ValidationError
     from prefect.events import DeploymentEventTrigger
     from prefect.flows import load_flow_from_entrypoint
     from prefect.schedules import Cron
     from prefect.types.entrypoint import EntrypointType
+    from pydantic import ValidationError
 
     spec = yaml.safe_load(path.read_text())
     names = [d["name"] for d in spec["deployments"]]

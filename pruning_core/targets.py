@@ -160,7 +160,7 @@ class DvcTarget(VersionTarget):
         return env
 
     def _run(self, argv: list[str], check: bool = True, env: dict | None = None) -> str:
-        result = subprocess.run(argv, cwd=self.repo, capture_output=True, text=True,
+        result = subprocess.run(argv, cwd=self.repo, capture_output=True, text=True, check=False,
                                 env=env or {**os.environ, "DVC_NO_ANALYTICS": "1"})
         if check and result.returncode != 0:
             detail = (result.stderr or result.stdout).strip().splitlines()
@@ -179,7 +179,8 @@ class DvcTarget(VersionTarget):
             raise BadInputError(f"--target {self.uri}: {self.repo} is not a folder")
         if shutil.which("git") is None:
             raise BadInputError("--target dvc:…: git is not installed")
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=self.repo, capture_output=True, text=True)
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=self.repo, capture_output=True, text=True,
+                             check=False)
         if top.returncode != 0 or Path(top.stdout.strip()).resolve() != self.repo:
             raise BadInputError(f"--target {self.uri}: {self.repo} is not the top folder of a git repository (git init)")
         dvc_executable()
@@ -190,7 +191,7 @@ class DvcTarget(VersionTarget):
     def default_remote(self, env: dict | None = None) -> str | None:
         """The DVC default remote's name, if the repository has one (then versions are pushed)."""
         result = subprocess.run([dvc_executable(), "remote", "default"], cwd=self.repo, capture_output=True, text=True,
-                                env=env or {**os.environ, "DVC_NO_ANALYTICS": "1"})
+                                check=False, env=env or {**os.environ, "DVC_NO_ANALYTICS": "1"})
         return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else None
 
     def _tags(self) -> dict[int, str]:

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from fake_lakefs import FakeLakeFS
+
 from flows.cli import main
 from pruning_core.data import load_dataset
 from pruning_core.errors import BadInputError
