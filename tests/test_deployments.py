@@ -140,12 +140,16 @@ def served(tiny_npz, tmp_path_factory):
 def browser():
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (make test installs it)")
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
-            yield chromium
+            context = chromium.new_context(viewport={"width": 1400, "height": 1000})
+            # Waits, not assertions on speed: on a loaded 2-core machine the UI can take a minute to settle.
+            context.set_default_timeout(120_000)
+            expect.set_options(timeout=120_000)
+            yield context
         finally:
             chromium.close()
 
@@ -156,8 +160,10 @@ def form_field(page, label: str):
         "xpath=ancestor::div[contains(concat(' ', normalize-space(@class), ' '), ' schema-form-property ')][1]")
 
 
-def new_run(served: Served, deployment_id: str, known: set[str], timeout: float = 60) -> str:
-    """The id of the one run of the deployment created since `known` was listed."""
+def new_run(served: Served, deployment_id: str, known: set[str], timeout: float = 240) -> str:
+    """The id of the one run of the deployment created since `known` was listed.
+
+    Generous: on a loaded 2-core machine the UI's request can take a minute to reach the API."""
     deadline = time.monotonic() + timeout
     while not (new := {r["id"] for r in served.runs_of(deployment_id)} - known):
         if time.monotonic() > deadline:
@@ -181,7 +187,7 @@ def test_ui_quick_run_and_custom_run_complete_and_publish_versions(served, brows
     from playwright.sync_api import expect
 
     nightly = served.deployment("nightly")
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page = browser.new_page()
     page.goto(f"{served.ui}/deployments/deployment/{nightly['id']}")
     expect(page.get_by_text("At 02:00 AM every day")).to_be_visible()  # the cron schedule, in the UI
 
@@ -228,7 +234,7 @@ def test_invalid_parameters_are_rejected_before_a_run_starts(served, browser):
 
     nightly = served.deployment("nightly")
     before = len(served.runs_of(nightly["id"]))
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page = browser.new_page()
     page.goto(f"{served.ui}/deployments/deployment/{nightly['id']}/run")
     field = form_field(page, "Prune ratio (fraction removed)")
     field.locator("input").fill("1.5")
