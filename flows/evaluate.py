@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import as_completed
 
 from pruning_core import artifacts, evaluation
 from pruning_core.data import load_dataset
@@ -28,8 +29,9 @@ from .prune import dask_runner, new_run_id, prune_dataset
 
 
 @flow(name="evaluation-runs")
-def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, folder: str) -> dict:
-    """Selections, retrainings and gap checks, fanned out on the Dask task runner."""
+def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, folder: str, cache: str) -> dict:
+    """Selections, retrainings and gap checks, fanned out on the Dask task runner. Each finished
+    retraining is recorded in `cache` as it completes, so a rerun does not train it again."""
     logger = get_run_logger()
     args = params.eval_args()
     base = params.train_args()
@@ -54,21 +56,25 @@ def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, fo
         wait = [sel[0]] if sel else []
         futures.append((labels, sel, retrain.submit(params.dataset, params.data_root, sel[1] if sel else None,
                                                     replace(base, seed=seed), args.evaluations_per_epoch, labels,
-                                                    wait_for=wait)))
+                                                    cache, wait_for=wait)))
     gap_futures = []
     if args.gap_samples:
         for kind in ("linear", "head") if params.model != "linear" else ("linear",):
             gap_futures.append(generalization_gap.submit(kind, params.dataset, params.data_root, args.gap_samples,
                                                          args.gap_points, args.gap_weight_decay,
                                                          checkpoint if kind == "head" else None, params.model))
-    records = []
-    for i, (labels, sel, future) in enumerate(futures, 1):
+    records = [None] * len(futures)
+    index = {id(future): i for i, (_, _, future) in enumerate(futures)}
+    for done, future in enumerate(as_completed([f for _, _, f in futures]), 1):  # logged as they finish
+        i = index[id(future)]
+        labels, sel, _ = futures[i]
         record = future.result()
         if sel:
             record["objective"] = sel[0].result()["objective"]
-        records.append(record)
-        logger.info("retrained %d/%d: %s seed %d → test accuracy %.4f in %.1f s", i, len(futures),
-                    labels["selection"], record["seed"], record["test_accuracy"], record["train_seconds"])
+        records[i] = record
+        logger.info("retrained %d/%d: %s seed %d → test accuracy %.4f in %.1f s%s", done, len(futures),
+                    labels["selection"], record["seed"], record["test_accuracy"], record["train_seconds"],
+                    " (recorded by an earlier run, reused)" if record.pop("reused", False) else "")
     gaps = [g for f in gap_futures for g in f.result()]
     return {"records": records, "gaps": gaps,
             "selections": {name: {"path": path, **future.result()} for name, (job, future, path) in selections.items()}}
@@ -95,7 +101,10 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
     scores, checkpoint = str(artifacts.scores_path(Path(manifest["run_dir"]))), manifest["model"]["checkpoint"]
     staging.mkdir(parents=True)
     try:
-        results = evaluation_runs.with_options(task_runner=dask_runner(params))(params, scores, checkpoint, str(staging))
+        cache = out / ".cache" / "retrain"
+        cache.mkdir(parents=True, exist_ok=True)
+        results = evaluation_runs.with_options(task_runner=dask_runner(params))(params, scores, checkpoint, str(staging),
+                                                                                str(cache))
         records = evaluation.add_convergence(results["records"], args.target_drop)
         summary = evaluation.summarise(records)
         goal = evaluation.targets(summary, records, drop=args.target_drop)

@@ -15,6 +15,8 @@ paper's generalization-gap theory. Imports numpy/torch/pyarrow (matplotlib only 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -74,9 +76,23 @@ def selection_jobs(args: EvalArgs) -> list[dict]:
     return jobs
 
 
+def retrain_key(ds: Dataset, rows: np.ndarray, train_args: TrainArgs, evaluations_per_epoch: int) -> str:
+    """Names one retraining by what determines it: the data's content, the kept sample ids, the
+    recipe (seed included) and the evaluation schedule."""
+    kept = hashlib.sha256(np.ascontiguousarray(ds.sample_id[rows]).tobytes()).hexdigest()
+    return artifacts.arguments_key({"format": 1, "data": ds.fingerprint, "kept": kept, "recipe": asdict(train_args),
+                                    "evaluations_per_epoch": evaluations_per_epoch})
+
+
 def retrain_stage(dataset: str, data_root: str | None, selection: str | None, train_args: TrainArgs,
-                  evaluations_per_epoch: int, labels: dict, threads: int | None = 1) -> dict:
-    """Train from scratch on the rows a selection keeps (all rows when `selection` is None)."""
+                  evaluations_per_epoch: int, labels: dict, threads: int | None = 1,
+                  cache: str | Path | None = None) -> dict:
+    """Train from scratch on the rows a selection keeps (all rows when `selection` is None).
+
+    With `cache`, each finished record is written there (atomically) under `retrain_key`, and a
+    retraining already recorded is not run again: an interrupted evaluation resumes where it
+    stopped, and evaluations sharing runs (the full-data references, the same selection) share them.
+    """
     from .pipeline import torch_threads
 
     with torch_threads(threads):
@@ -85,11 +101,19 @@ def retrain_stage(dataset: str, data_root: str | None, selection: str | None, tr
         if selection is not None:
             sample_id, pruned = artifacts.load_selection(selection)
             rows = np.flatnonzero(np.isin(ds.sample_id, sample_id[~pruned]))
+        saved = None
+        if cache is not None:
+            saved = Path(cache) / f"{retrain_key(ds, rows, train_args, evaluations_per_epoch)}.json"
+            if saved.exists():
+                return {**json.loads(saved.read_text()), **labels, "seed": train_args.seed, "reused": True}
         result = train(ds.subset(rows), train_args, evaluations_per_epoch=evaluations_per_epoch)
-    return {**labels, "seed": train_args.seed, "n_kept": int(len(rows)), "test_accuracy": result.test_accuracy,
-            "train_accuracy": result.train_accuracy, "train_seconds": result.seconds,
-            "samples_seen": int(result.curve[-1]["samples_seen"]) if result.curve else int(len(rows)) * train_args.epochs,
-            "curve": result.curve}
+    record = {**labels, "seed": train_args.seed, "n_kept": int(len(rows)), "test_accuracy": result.test_accuracy,
+              "train_accuracy": result.train_accuracy, "train_seconds": result.seconds,
+              "samples_seen": int(result.curve[-1]["samples_seen"]) if result.curve else int(len(rows)) * train_args.epochs,
+              "curve": result.curve}
+    if saved is not None:
+        artifacts.write_json(saved, record)
+    return {**record, "reused": False}
 
 
 def add_convergence(records: list[dict], target_drop: float) -> list[dict]:

@@ -10,8 +10,9 @@ from pruning_core.training import TrainArgs
 
 @task(name="retrain", cache_policy=NO_CACHE, task_run_name="retrain-{labels[selection]}-seed{train_args.seed}")
 def retrain(dataset: str, data_root: str | None, selection: str | None, train_args: TrainArgs,
-            evaluations_per_epoch: int, labels: dict) -> dict:
-    return evaluation.retrain_stage(dataset, data_root, selection, train_args, evaluations_per_epoch, labels)
+            evaluations_per_epoch: int, labels: dict, cache: str | None = None) -> dict:
+    return evaluation.retrain_stage(dataset, data_root, selection, train_args, evaluations_per_epoch, labels,
+                                    cache=cache)
 
 
 @task(name="generalization-gap", cache_policy=NO_CACHE, task_run_name="gap-{kind}")

@@ -85,6 +85,18 @@ def test_evaluate_flow_end_to_end(prefect_api, small_npz, tmp_path, capsys):
     assert "| 0.5 | **influence** | 1000 |" in report and "Pearson(predicted, measured)" in report
     assert not any((out / ".staging").iterdir())
 
+    # Each finished retraining was recorded as it completed: a second evaluation (as after an
+    # interruption) trains nothing again, and reports the very same runs.
+    assert len(list((out / ".cache" / "retrain").glob("*.json"))) == 6
+    assert main(["evaluate", "--dataset", f"npz:{small_npz}", "--model", "linear", "--methods", "influence,random",
+                 "--ratios", "0.5", "--seeds", "0,1", "--gap-samples", "0", "--evaluations-per-epoch", "2",
+                 "--from-run", summary["scores_from"], "--out", str(out), "--target", str(tmp_path / "t")]) == 0
+    again = next(p for p in out.iterdir() if p.name.startswith("eval-") and p != folder)
+    key = ("method", "prune_ratio", "seed", "n_kept", "test_accuracy", "train_seconds", "curve")
+    assert sorted(tuple(str(r[k]) for k in key) for r in pq.read_table(again / "evaluation.parquet").to_pylist()) == \
+        sorted(tuple(str(r[k]) for k in key) for r in table)
+    assert len(list((out / ".cache" / "retrain").glob("*.json"))) == 6
+
 
 @pytest.mark.parametrize("argv, message", [
     (["--ratios", "0.4,1.5"], "--ratios"),
