@@ -19,12 +19,16 @@ def fmnist():
     return load_dataset("fashion-mnist")
 
 
+def write_npz(ds, path, n: int, n_test: int) -> str:
+    """The first n training and n_test test samples of `ds` as an `npz:` dataset file."""
+    np.savez(path, x=ds.x[:n], y=ds.y[:n], x_test=ds.x_test[:n_test], y_test=ds.y_test[:n_test])
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def small_npz(fmnist, tmp_path_factory) -> str:
     """2,000 training and 500 test samples of Fashion-MNIST, uint8 (n, 1, 28, 28)."""
-    path = tmp_path_factory.mktemp("data") / "fmnist-small.npz"
-    np.savez(path, x=fmnist.x[:2000], y=fmnist.y[:2000], x_test=fmnist.x_test[:500], y_test=fmnist.y_test[:500])
-    return str(path)
+    return write_npz(fmnist, tmp_path_factory.mktemp("data") / "fmnist-small.npz", 2000, 500)
 
 
 @pytest.fixture(scope="session")

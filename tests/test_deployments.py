@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import write_npz
 from deltalake import DeltaTable
 
 from pruning_core.data import load_dataset
@@ -107,9 +108,7 @@ class Served:
 @pytest.fixture(scope="module")
 def tiny_npz(fmnist, tmp_path_factory) -> str:
     """800 training and 200 test samples of Fashion-MNIST: each served run trains in seconds."""
-    path = tmp_path_factory.mktemp("tiny") / "fmnist-tiny.npz"
-    np.savez(path, x=fmnist.x[:800], y=fmnist.y[:800], x_test=fmnist.x_test[:200], y_test=fmnist.y_test[:200])
-    return str(path)
+    return write_npz(fmnist, tmp_path_factory.mktemp("tiny") / "fmnist-tiny.npz", 800, 200)
 
 
 @pytest.fixture(scope="module")
