@@ -213,8 +213,8 @@ def _flat(model) -> np.ndarray:
 
 def _mean_loss(model, X: np.ndarray, y: np.ndarray) -> float:
     with torch.no_grad():
-        logits = model(torch.as_tensor(X))
-        return float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(y)))
+        logits = model(torch.from_numpy(np.array(X)))  # a copy: X may be a read-only view
+        return float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(np.array(y))))
 
 
 def gap_check(kind: str, ds: Dataset, samples: int, points: int, weight_decay: float, seed: int = 0,
