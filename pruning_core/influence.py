@@ -310,10 +310,14 @@ def stage_estimate(n: int, p: int, feature_dim: int, args: InfluenceArgs, flops_
 
 
 def format_estimate(estimate: dict) -> str:
-    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
-    parts = ", ".join(f"{k.replace('_', ' ')} {gib(v)}" for k, v in estimate["memory_bytes"].items() if v)
+    """One line: the math's arrays held at once (not the process's whole footprint), then the
+    vectors written out shard by shard, then the time of the math."""
+    memory = estimate["memory_bytes"]
+    parts = ", ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in memory.items() if v and k != "stored_vectors")
+    stored = f"vectors stored {_gib(memory['stored_vectors'])}; " if memory.get("stored_vectors") else ""
     return (f"influence stage estimate: n={estimate['n']}, p={estimate['p']}, stored dim={estimate['k']}; "
-            f"peak ≈ {gib(estimate['peak_bytes'])} ({parts}); ≈ {estimate['seconds']:.0f} s of math")
+            f"math arrays held at once ≈ {_gib(estimate['peak_bytes'])} ({parts}); "
+            f"{stored}≈ {estimate['seconds']:.0f} s of math")
 
 
 def _gib(b: float) -> str:

@@ -237,5 +237,5 @@ def test_dry_run_prints_the_estimate_and_writes_nothing(tmp_path, small_npz, cap
                  "--projection-dim", "256", "--dry-run", "--out", str(tmp_path / "runs")])
     out = capsys.readouterr().out
     assert code == 0
-    assert "n=2000, p=1290, stored dim=256" in out and "peak" in out
+    assert "n=2000, p=1290, stored dim=256" in out and "math arrays held at once ≈" in out and "vectors stored" in out
     assert not (tmp_path / "runs").exists()
