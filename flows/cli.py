@@ -13,6 +13,7 @@ import time
 
 from pydantic import ValidationError
 
+from flows.preflight import run_preflight
 from pruning_core.errors import BadInputError
 from pruning_core.influence import format_estimate
 
@@ -136,7 +137,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise BadInputError(_pydantic_message(exc)) from None
     params.validate_all()
-    estimate = preflight(params)
+    estimate = run_preflight(params)  # bad files, a silent scheduler, too little memory: before the flow
     print(format_estimate(estimate), file=sys.stderr if not ns.dry_run else sys.stdout)
     if ns.dry_run:
         return 0
@@ -222,15 +223,6 @@ def prefect_api():
         server.stop()
 
 
-def preflight(params) -> dict:
-    """Read the data and the checkpoint, reach a given Dask scheduler and check the influence
-    stage's estimated peak memory against what is available, before the flow starts, so bad
-    input fails in one line with nothing written; return the stage's estimate."""
-    from flows.preflight import run_preflight
-
-    return run_preflight(params)
-
-
 def cmd_evaluate(ns: argparse.Namespace) -> int:
     from flows.parameters import EvaluateParameters
 
@@ -241,7 +233,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
         raise BadInputError(_pydantic_message(exc)) from None
     params.validate_all()
     if not params.from_run:
-        print(format_estimate(preflight(params.run_parameters())), file=sys.stderr)
+        print(format_estimate(run_preflight(params.run_parameters())), file=sys.stderr)
     from flows.evaluate import evaluate_pruning
 
     with prefect_api():

@@ -64,9 +64,9 @@ def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, fo
                                                          args.gap_points, args.gap_weight_decay,
                                                          checkpoint if kind == "head" else None, params.model))
     records = [None] * len(futures)
-    index = {id(future): i for i, (_, _, future) in enumerate(futures)}
-    for done, future in enumerate(as_completed([f for _, _, f in futures]), 1):  # logged as they finish
-        i = index[id(future)]
+    position = {future: i for i, (_, _, future) in enumerate(futures)}
+    for done, future in enumerate(as_completed(list(position)), 1):  # logged as they finish
+        i = position[future]
         labels, sel, _ = futures[i]
         record = future.result()
         if sel:

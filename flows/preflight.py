@@ -86,23 +86,28 @@ def memory_limit(workers: int, info: dict | None) -> tuple[int | None, str]:
     return min(options) if options else (None, "")
 
 
-def run_preflight(params, load_checkpoint: bool = True) -> dict:
-    """Check a run's inputs and resources before anything is written; return the influence
-    stage's estimate (`stage_estimate`)."""
-    from pruning_core.data import load_dataset
+def influence_estimate(params, ds, model=None) -> dict:
+    """The influence stage's estimate (`stage_estimate`) for this run's data, model and scope;
+    `model` defaults to a freshly built one (only its shapes matter)."""
     from pruning_core.models import build_model
     from pruning_core.scopes import scope_parameter_names
-    from pruning_core.training import load_model
 
-    ds = load_dataset(params.dataset, params.data_root)
-    if params.checkpoint and load_checkpoint:
-        model = load_model(params.checkpoint, params.model, ds, device="cpu")
-    else:
-        model = build_model(params.model, ds.sample_shape, ds.n_classes)
+    model = model if model is not None else build_model(params.model, ds.sample_shape, ds.n_classes)
     args = params.influence_args()
     sizes = dict(model.named_parameters())
     p = sum(sizes[k].numel() for k in scope_parameter_names(model, args.scope))
-    estimate = stage_estimate(ds.n, p, model.fc.in_features, args)
+    return stage_estimate(ds.n, p, model.fc.in_features, args)
+
+
+def run_preflight(params, load_checkpoint: bool = True) -> dict:
+    """Check a run's inputs and resources before anything is written; return the influence
+    stage's estimate (`influence_estimate`)."""
+    from pruning_core.data import load_dataset
+    from pruning_core.training import load_model
+
+    ds = load_dataset(params.dataset, params.data_root)
+    model = load_model(params.checkpoint, params.model, ds, device="cpu") if params.checkpoint and load_checkpoint else None
+    estimate = influence_estimate(params, ds, model)
     info = scheduler_info(params.dask_address) if params.dask_address else None
     limit, where = memory_limit(params.workers, info)
     check_memory(estimate, limit, where)

@@ -22,9 +22,7 @@ import pruning_core
 from pruning_core import artifacts
 from pruning_core.data import dataset_summary, load_dataset
 from pruning_core.errors import BadInputError
-from pruning_core.influence import format_estimate, shard_ranges, stage_estimate
-from pruning_core.models import build_model
-from pruning_core.scopes import scope_parameter_names
+from pruning_core.influence import format_estimate, shard_ranges
 from tasks.influence import features_shard, influence_shard, inverse_hessian, merge_scores
 from tasks.progress import RunProgress
 from tasks.publish import class_balance, commit_dataset_version, emit_version_event, publish_artifacts
@@ -32,7 +30,7 @@ from tasks.select import select_samples
 from tasks.train import load_checkpoint, train_model
 
 from .parameters import RunParameters
-from .preflight import run_preflight
+from .preflight import influence_estimate, run_preflight
 
 
 def dask_runner(params: RunParameters) -> DaskTaskRunner:
@@ -55,10 +53,7 @@ def influence_scores(params: RunParameters, model: dict, cache: str, scores_out:
     ds = load_dataset(params.dataset, params.data_root)
     args = params.influence_args()
     ranges = shard_ranges(ds.n, params.shards, args.block_size)
-    shapes = build_model(params.model, ds.sample_shape, ds.n_classes)
-    sizes = dict(shapes.named_parameters())
-    p = sum(sizes[k].numel() for k in scope_parameter_names(shapes, args.scope))
-    get_run_logger().info(format_estimate(stage_estimate(ds.n, p, shapes.fc.in_features, args)))
+    get_run_logger().info(format_estimate(influence_estimate(params, ds)))
     common = dict(cache=cache, model=model, dataset=params.dataset, data_root=params.data_root)
     with shard_resources(params):
         feature_futures = [features_shard.submit(**common, start=a, end=b, args=args) for a, b in ranges]

@@ -16,6 +16,7 @@ Solver `greedy`: a pool greedy path then swap local search.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import math
 import time
@@ -293,8 +294,6 @@ def solve_size(vectors: np.ndarray, m: int, args: SelectionArgs, labels=None, qu
     for restart in range(restarts):  # random starts (class counts kept), then the same local search
         # each start takes the rows with the smallest seeded hash of their values, not of their
         # index: a random set that does not depend on the order of the rows (equal rows tie)
-        import hashlib
-
         salt = f"{args.seed}:{restart}".encode()
         keys = np.array([int.from_bytes(hashlib.blake2b(row, digest_size=8, key=salt).digest(), "little")
                          for row in rows], dtype=np.uint64)
