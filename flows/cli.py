@@ -55,6 +55,8 @@ def _add_selection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--solver", default="greedy")
     parser.add_argument("--coverage", choices=("auto", "none", "difficulty"), default="auto",
                         help="influence method: keep every EL2N difficulty stratum covered (default auto: where it applies)")
+    parser.add_argument("--candidates", choices=("auto", "smallest", "uniform"), default="auto",
+                        help="influence solver: feed its pool smallest ‖s_i‖ first or in a seeded uniform order")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ratios", type=_list(_float), default=None, help="comma-separated prune ratios")
     evaluate.add_argument("--seeds", type=_list(int), default=None, help="comma-separated training seeds")
     evaluate.add_argument("--coverage", choices=("auto", "none", "difficulty"), default="auto")
+    evaluate.add_argument("--candidates", choices=("auto", "smallest", "uniform"), default="auto")
     evaluate.add_argument("--gpu", action="store_true")
 
     versions = sub.add_parser("versions", help="a target's versions (Delta, dvc:REPO#PATH, lakefs://…) with their provenance")
@@ -255,11 +258,13 @@ def cmd_select(ns: argparse.Namespace) -> int:
     from pruning_core.pipeline import selection_stage
     from pruning_core.selection import SelectionArgs
 
-    from flows.parameters import resolve_coverage
+    from flows.parameters import resolve_candidates, resolve_coverage
 
     coverage = resolve_coverage(ns.coverage, ns.method, ns.prune_ratio, ns.solver, ns.class_balanced)
+    candidates = resolve_candidates(ns.candidates, coverage) if ns.method == "influence" else "smallest"
     args = SelectionArgs(method=ns.method, prune_ratio=ns.prune_ratio, epsilon=ns.epsilon, solver=ns.solver,
-                         seed=ns.seed, class_balanced=ns.class_balanced, time_limit=ns.time_limit, coverage=coverage)
+                         seed=ns.seed, class_balanced=ns.class_balanced, time_limit=ns.time_limit, coverage=coverage,
+                         candidates=candidates)
     if not Path(ns.scores).is_file():
         raise BadInputError(f"--scores {ns.scores}: file not found")
     if args.solver == "bucketed":

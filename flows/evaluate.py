@@ -20,11 +20,10 @@ from prefect.futures import as_completed
 
 from pruning_core import artifacts, evaluation
 from pruning_core.data import load_dataset
-from pruning_core.selection import SelectionArgs
 from tasks.evaluate import generalization_gap, retrain
 from tasks.select import select_samples
 
-from .parameters import EvaluateParameters, resolve_coverage
+from .parameters import EvaluateParameters
 from .prune import dask_runner, new_run_id, prune_dataset
 
 
@@ -37,8 +36,7 @@ def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, fo
     base = params.train_args()
     selections = {}
     for job in evaluation.selection_jobs(args):
-        sel_args = SelectionArgs(method=job["method"], prune_ratio=job["ratio"], seed=job["seed"] or 0,
-                                 coverage=resolve_coverage(params.coverage, job["method"], job["ratio"], "greedy", False))
+        sel_args = params.selection_args_for(job["method"], job["ratio"], job["seed"] or 0)
         path = str(Path(folder) / "selections" / f"{job['name']}.parquet")
         selections[job["name"]] = (job, select_samples.submit(scores, sel_args, path), path)
     runs = []

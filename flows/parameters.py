@@ -27,6 +27,11 @@ def resolve_coverage(coverage: str, method: str, prune_ratio: float | None, solv
     return "difficulty" if applies else "none"
 
 
+def resolve_candidates(candidates: str, coverage: str) -> str:
+    """`auto` → `smallest` (the paper's path: ascending ‖s_i‖)."""
+    return "smallest" if candidates == "auto" else candidates
+
+
 # Labels of the deployment form in the Prefect UI ("Custom run"); other fields get their name.
 FIELD_TITLES = {
     "dataset": "Dataset", "data_root": "Data folder", "model": "Model", "checkpoint": "Checkpoint (skips training)",
@@ -34,7 +39,8 @@ FIELD_TITLES = {
     "seed": "Seed", "scope": "Influence scope", "hessian": "Inverse-Hessian strategy", "damping": "Damping",
     "projection_dim": "Projection dimension", "gpu": "GPU workers", "prune_ratio": "Prune ratio (fraction removed)",
     "epsilon": "ε: bound on ‖Σ s_i‖₂", "method": "Selection method", "solver": "Solver",
-    "class_balanced": "Class-balanced", "coverage": "Difficulty coverage", "shards": "Influence shards",
+    "class_balanced": "Class-balanced", "coverage": "Difficulty coverage",
+    "candidates": "Candidate order of the solver", "shards": "Influence shards",
     "workers": "Local Dask workers", "dask_address": "Dask scheduler address", "out": "Run folder root",
     "target": "Version target", "block_size": "Block size (rows)",
 }
@@ -79,6 +85,10 @@ class RunParameters(BaseModel):
         "auto", description="difficulty: the influence method keeps every EL2N difficulty stratum covered (CCS's "
                             "budget layout) and minimises ‖Σ s_i‖ within it; auto: difficulty wherever it applies "
                             "(influence, prune_ratio, greedy/scip, not class_balanced), else none")
+    candidates: Literal["auto", "smallest", "uniform"] = Field(
+        "auto", description="order the influence solver's candidate pool is fed in: smallest ‖s_i‖ first (the "
+                            "paper's path), or a seeded uniform order (a near-uniform draw within each stratum "
+                            "whose summed influence is still minimised); auto: smallest")
     shards: int = Field(4, ge=1, le=10000, description="Influence shards (contiguous sample ranges)")
     workers: int = Field(2, ge=1, le=256, description="Workers of the local Dask cluster (ignored with dask_address)")
     dask_address: str | None = Field(None, description="tcp://host:port of an existing Dask scheduler",
@@ -113,10 +123,14 @@ class RunParameters(BaseModel):
                              storage_dtype="float64" if self.model == "linear" else "float32")
 
     def selection_args(self) -> SelectionArgs:
-        return SelectionArgs(method=self.method, prune_ratio=self.prune_ratio, epsilon=self.epsilon,
-                             solver=self.solver, seed=self.seed, class_balanced=self.class_balanced,
-                             coverage=resolve_coverage(self.coverage, self.method, self.prune_ratio, self.solver,
-                                                       self.class_balanced))
+        return self.selection_args_for(self.method, self.prune_ratio, self.seed)
+
+    def selection_args_for(self, method: str, prune_ratio: float | None, seed: int) -> SelectionArgs:
+        coverage = resolve_coverage(self.coverage, method, prune_ratio, self.solver, self.class_balanced)
+        candidates = resolve_candidates(self.candidates, coverage) if method == "influence" else "smallest"
+        return SelectionArgs(method=method, prune_ratio=prune_ratio, epsilon=self.epsilon if prune_ratio is None
+                             else None, solver=self.solver, seed=seed, class_balanced=self.class_balanced,
+                             coverage=coverage, candidates=candidates)
 
     def target_uri(self) -> str:
         """Where the version goes: a URI with a scheme as given, `dvc:REPO#PATH` with REPO made

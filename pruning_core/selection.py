@@ -30,6 +30,7 @@ from .errors import BadInputError
 METHODS = ("influence", *ORDER_METHODS)
 SOLVERS = ("greedy", "scip", "bucketed")
 COVERAGE = ("none", "difficulty")
+CANDIDATES = ("smallest", "uniform")
 
 
 @dataclass
@@ -47,6 +48,7 @@ class SelectionArgs:
     restarts: int | None = None  # extra random-start local searches (None: 8 when n ≤ 5,000, else 0)
     class_balanced: bool = False  # prune every class in proportion to its size
     coverage: str = "none"  # "difficulty": per-stratum removal quotas over EL2N (CCS's layout), see `select`
+    candidates: str = "smallest"  # order the greedy path's pool is fed in: ascending ‖s_i‖, or seeded uniform
     time_limit: float = 60.0  # seconds, for the `scip` reference solver
     buckets: int = 8  # for the `bucketed` solver
 
@@ -63,6 +65,12 @@ class SelectionArgs:
             raise BadInputError(f"--epsilon {self.epsilon} must be a positive finite number")
         if self.coverage not in COVERAGE:
             raise BadInputError(f"--coverage {self.coverage!r} is not known; valid: {', '.join(COVERAGE)}")
+        if self.candidates not in CANDIDATES:
+            raise BadInputError(f"--candidates {self.candidates!r} is not known; valid: {', '.join(CANDIDATES)}")
+        if self.candidates != "smallest" and (self.method != "influence" or self.solver == "bucketed"
+                                              or self.epsilon is not None):
+            raise BadInputError("--candidates uniform applies to --method influence with --prune-ratio "
+                                "(greedy or scip solver)")
         if self.coverage != "none" and (self.epsilon is not None or self.class_balanced or self.method != "influence"):
             raise BadInputError("--coverage difficulty applies to --method influence with --prune-ratio, "
                                 "without --class-balanced")
@@ -94,13 +102,15 @@ def objective(vectors: np.ndarray, pruned: np.ndarray) -> float:
 
 def greedy_path(vectors: np.ndarray, steps: int, pool_size: int, labels: np.ndarray | None = None,
                 quotas: np.ndarray | None = None, start: np.ndarray | None = None,
-                exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                exclude: np.ndarray | None = None, stream: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The first `steps` samples of the pool greedy path, and ‖S_k‖ after each, (steps,) each.
+    The pool is fed in the order `stream` (default: ascending ‖s_i‖, ties by index).
     With `quotas` (removals allowed per class), a class that reaches its quota leaves the
     stream: its pool members are dropped and never picked again."""
     n = len(vectors)
     norms2 = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
-    stream = np.argsort(norms2, kind="stable")  # ascending ‖s_i‖, ties by index
+    if stream is None:
+        stream = np.argsort(norms2, kind="stable")
     if quotas is not None:
         return _greedy_path_quotas(vectors, norms2, stream, steps, pool_size, labels, quotas.copy())
     K = min(pool_size, n)
@@ -265,6 +275,14 @@ def swap_refine(vectors: np.ndarray, pruned: np.ndarray, candidates: int, rounds
     return pruned, swaps
 
 
+def row_keys(vectors: np.ndarray, salt: str) -> np.ndarray:
+    """A seeded hash of each row's values, (n,) uint64: a random order that does not depend on
+    the order of the rows (equal rows tie)."""
+    key = salt.encode()
+    return np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8, key=key).digest(), "little")
+                     for row in np.ascontiguousarray(vectors)], dtype=np.uint64)
+
+
 def _mask(n: int, rows) -> np.ndarray:
     m = np.zeros(n, dtype=bool)
     m[rows] = True
@@ -285,18 +303,15 @@ def solve_size(vectors: np.ndarray, m: int, args: SelectionArgs, labels=None, qu
     """The greedy solver for |R| = m: pool greedy path, swap search, random restarts."""
     n = len(vectors)
     info: dict = {}
-    order, path = greedy_path(vectors, m, args.pool_size, labels, quotas)
+    stream = np.argsort(row_keys(vectors, f"{args.seed}:candidates"), kind="stable") \
+        if args.candidates == "uniform" else None
+    order, path = greedy_path(vectors, m, args.pool_size, labels, quotas, stream=stream)
     info["path_objective"] = float(path[-1]) if m else 0.0
     pruned, info["swaps"] = swap_refine(vectors, _mask(n, order), args.swap_candidates, args.swap_rounds, labels)
     restarts = args.restarts if args.restarts is not None else (8 if n <= 5000 else 0)
     best = objective(vectors, pruned)
-    rows = [row.tobytes() for row in np.ascontiguousarray(vectors)] if restarts else []
     for restart in range(restarts):  # random starts (class counts kept), then the same local search
-        # each start takes the rows with the smallest seeded hash of their values, not of their
-        # index: a random set that does not depend on the order of the rows (equal rows tie)
-        salt = f"{args.seed}:{restart}".encode()
-        keys = np.array([int.from_bytes(hashlib.blake2b(row, digest_size=8, key=salt).digest(), "little")
-                         for row in rows], dtype=np.uint64)
+        keys = row_keys(vectors, f"{args.seed}:{restart}")  # not of the index: order-free
         start = np.zeros(n, bool)
         if quotas is None:
             start[np.argsort(keys, kind="stable")[:m]] = True
@@ -402,7 +417,8 @@ def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarr
             pruned = _largest_prefix_within(vectors, order, path, args.epsilon)
     elif args.solver == "scip":
         warm = select(vectors, SelectionArgs(prune_ratio=args.prune_ratio, epsilon=args.epsilon, seed=args.seed,
-                                             class_balanced=args.class_balanced, coverage=args.coverage), columns).pruned
+                                             class_balanced=args.class_balanced, coverage=args.coverage,
+                                             candidates=args.candidates), columns).pruned
         pruned, scip_info = solve_scip(vectors, args, warm, labels if quotas is not None else None, quotas)
         info.update(scip_info)
     elif args.solver == "bucketed":

@@ -94,6 +94,10 @@ def test_random_method_is_seeded():
     ({"epsilon": float("nan")}, "positive"),
     ({"prune_ratio": 0.3, "method": "nope"}, "not known"),
     ({"prune_ratio": 0.3, "solver": "nope"}, "not known"),
+    ({"prune_ratio": 0.3, "candidates": "nope"}, "not known"),
+    ({"epsilon": 0.1, "candidates": "uniform"}, "applies to --method influence with --prune-ratio"),
+    ({"prune_ratio": 0.3, "method": "random", "candidates": "uniform"}, "applies to --method influence"),
+    ({"prune_ratio": 0.3, "solver": "bucketed", "candidates": "uniform"}, "greedy or scip"),
 ])
 def test_bad_selection_arguments(kwargs, message):
     with pytest.raises(BadInputError, match=message):
@@ -164,3 +168,38 @@ def test_coverage_keeps_every_difficulty_stratum_and_beats_random_within_it():
         assert chosen.objective <= objective(vectors, ccs)
     with pytest.raises(BadInputError, match="coverage"):
         SelectionArgs(epsilon=0.1, coverage="difficulty")
+
+
+def test_uniform_candidates_draw_near_uniformly_inside_each_stratum_and_still_minimise():
+    """--candidates uniform feeds the min-norm path in a seeded uniform order: inside each
+    difficulty stratum the removed samples are close to a uniform draw (their mean ‖s_i‖ near the
+    stratum's, where `smallest` removes the smallest), the objective stays below CCS's uniform
+    draw under the same layout, and the seed changes the set."""
+    from pruning_core.baselines import ccs_order, coverage_strata
+
+    rng = np.random.default_rng(5)
+    n = 4000
+    el2n = rng.beta(0.5, 3.0, n) * np.sqrt(2)
+    vectors = rng.normal(size=(n, 12)) * (el2n[:, None] * rng.lognormal(0.0, 1.0, (n, 1)))
+    norms = np.linalg.norm(vectors, axis=1)
+    ratio = 0.6
+    m = int(round(ratio * n))
+    label, removals = coverage_strata(el2n, m)
+    ccs = np.zeros(n, bool)
+    ccs[ccs_order(el2n, m, seed=0)[:m]] = True
+    # the path and its swaps alone, with a pool as small a share of n as 256 is of 60,000
+    picked = {c: select(vectors, SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates=c, restarts=0,
+                                               pool_size=16), {"el2n": el2n}) for c in ("smallest", "uniform")}
+
+    def removed_norm_vs_stratum(pruned):  # mean over strata of mean ‖s_i‖ removed / mean ‖s_i‖ in the stratum
+        rows = [b for b in range(len(removals) - 1) if 20 <= removals[b] < (label == b).sum()]
+        return np.mean([norms[pruned & (label == b)].mean() / norms[label == b].mean() for b in rows])
+
+    assert removed_norm_vs_stratum(picked["smallest"].pruned) < 0.6
+    assert 0.8 < removed_norm_vs_stratum(picked["uniform"].pruned) < 1.2
+    for c, result in picked.items():
+        assert np.array_equal(np.bincount(label[result.pruned], minlength=len(removals)), removals), c
+        assert result.objective < 0.5 * objective(vectors, ccs), c
+    other = select(vectors, SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates="uniform", seed=1,
+                                          restarts=0, pool_size=16), {"el2n": el2n})
+    assert not np.array_equal(other.pruned, picked["uniform"].pruned)
