@@ -78,6 +78,17 @@ def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, fo
             "selections": {name: {"path": path, **future.result()} for name, (job, future, path) in selections.items()}}
 
 
+def influence_selection(params: EvaluateParameters) -> str:
+    """How the influence method chose its sets, in words, for the report."""
+    sel = params.selection_args_for("influence", params.ratios[0], 0)
+    if sel.coverage == "none":
+        return "over the whole dataset (`--coverage none`)"
+    order = {"smallest": "its candidates fed smallest ‖s_i‖ first", "uniform": "its candidates fed in a seeded "
+             "uniform order, so each stratum's removals are a near-uniform draw"}[sel.candidates]
+    return (f"under per-difficulty-stratum removal quotas (`--coverage difficulty`), {order} "
+            f"(`--candidates {sel.candidates}`)")
+
+
 @flow(name="evaluate-pruning")
 def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, command: str | None = None) -> dict:
     """Retrain on pruned versions and write the evidence. Returns the summary (report path,
@@ -113,7 +124,7 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
                    "machine": f"{platform.node()} · {platform.platform()} · {os.cpu_count()} CPUs",
                    "run_dir": str(final), "scores_from": manifest["run_dir"],
                    "recipe": json.dumps({k: v for k, v in vars(params.train_args()).items() if k != "seed"}),
-                   "command": command}
+                   "command": command, "influence_selection": influence_selection(params)}
         report = evaluation.report_markdown(summary, records, results["gaps"], goal, plots, context, relative_to=final)
         artifacts.save_parquet(evaluation.evaluation_table(records), staging / "evaluation.parquet")
         if results["gaps"]:

@@ -376,10 +376,10 @@ def report_markdown(summary: list[dict], records: list[dict], gaps: list[dict], 
     rel = (lambda p: str(Path(p).relative_to(relative_to))) if relative_to else (lambda p: p)  # noqa: E731
     lines = [f"# Pruning evaluation — {context.get('dataset')} / {context.get('model')}", "",
              "`influence` is this product's method: the removal set minimising the predicted parameter change "
-             "‖Σ_{i∈R} s_i‖ (Yang et al. 2023), under per-difficulty-stratum removal quotas (`--coverage difficulty`). "
+             f"‖Σ_{{i∈R}} s_i‖ (Yang et al. 2023), {context.get('influence_selection', 'as configured')}. "
              "Every run retrains from scratch with the same recipe; the target is the same seed's full-data "
              "accuracy minus 1.3 points.", ""]
-    for key in ("date", "machine", "command", "run_dir", "scores_from", "recipe"):
+    for key in ("date", "machine", "command", "run_dir", "scores_from", "recipe"):  # influence_selection: said above
         if context.get(key):
             lines.append(f"- **{key.replace('_', ' ')}**: {context[key]}")
     lines += ["", "## Test accuracy (%) and training time (s), mean ± std over seeds", "",
