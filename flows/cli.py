@@ -261,7 +261,7 @@ def cmd_select(ns: argparse.Namespace) -> int:
     from flows.parameters import resolve_candidates, resolve_coverage
 
     coverage = resolve_coverage(ns.coverage, ns.method, ns.prune_ratio, ns.solver, ns.class_balanced)
-    candidates = resolve_candidates(ns.candidates, coverage) if ns.method == "influence" else "smallest"
+    candidates = resolve_candidates(ns.candidates, coverage, ns.prune_ratio) if ns.method == "influence" else "smallest"
     args = SelectionArgs(method=ns.method, prune_ratio=ns.prune_ratio, epsilon=ns.epsilon, solver=ns.solver,
                          seed=ns.seed, class_balanced=ns.class_balanced, time_limit=ns.time_limit, coverage=coverage,
                          candidates=candidates)

@@ -80,13 +80,18 @@ def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, fo
 
 def influence_selection(params: EvaluateParameters) -> str:
     """How the influence method chose its sets, in words, for the report."""
-    sel = params.selection_args_for("influence", params.ratios[0], 0)
-    if sel.coverage == "none":
+    chosen = {r: params.selection_args_for("influence", r, 0) for r in params.ratios}
+    if all(sel.coverage == "none" for sel in chosen.values()):
         return "over the whole dataset (`--coverage none`)"
-    order = {"smallest": "its candidates fed smallest ‖s_i‖ first", "uniform": "its candidates fed in a seeded "
-             "uniform order, so each stratum's removals are a near-uniform draw"}[sel.candidates]
-    return (f"under per-difficulty-stratum removal quotas (`--coverage difficulty`), {order} "
-            f"(`--candidates {sel.candidates}`)")
+    words = {"smallest": "smallest ‖s_i‖ first", "uniform": "in a seeded uniform order (each stratum's removals "
+             "a near-uniform draw)"}
+    by_order = {}
+    for r, sel in chosen.items():
+        by_order.setdefault(sel.candidates, []).append(f"{r:g}")
+    orders = "; ".join(f"{words[c]}" + (f" at ratio {', '.join(rs)}" if len(by_order) > 1 else "")
+                       for c, rs in by_order.items())
+    return (f"under per-difficulty-stratum removal quotas (`--coverage difficulty`), the solver's candidates fed "
+            f"{orders} (`--candidates {params.candidates}`)")
 
 
 @flow(name="evaluate-pruning")

@@ -27,9 +27,16 @@ def resolve_coverage(coverage: str, method: str, prune_ratio: float | None, solv
     return "difficulty" if applies else "none"
 
 
-def resolve_candidates(candidates: str, coverage: str) -> str:
-    """`auto` → `smallest` (the paper's path: ascending ‖s_i‖)."""
-    return "smallest" if candidates == "auto" else candidates
+def resolve_candidates(candidates: str, coverage: str, prune_ratio: float | None) -> str:
+    """`auto` → `uniform` under difficulty coverage where its layout cuts no hardest fraction
+    (β = 0, below 70 % pruned), else `smallest`: the order that retrained best in each regime on
+    a held-out validation split (benchmarks/results/candidate-order.md)."""
+    if candidates != "auto":
+        return candidates
+    from pruning_core.baselines import ccs_hard_fraction
+
+    no_hard_cut = prune_ratio is not None and ccs_hard_fraction(prune_ratio) == 0
+    return "uniform" if coverage == "difficulty" and no_hard_cut else "smallest"
 
 
 # Labels of the deployment form in the Prefect UI ("Custom run"); other fields get their name.
@@ -88,7 +95,8 @@ class RunParameters(BaseModel):
     candidates: Literal["auto", "smallest", "uniform"] = Field(
         "auto", description="order the influence solver's candidate pool is fed in: smallest ‖s_i‖ first (the "
                             "paper's path), or a seeded uniform order (a near-uniform draw within each stratum "
-                            "whose summed influence is still minimised); auto: smallest")
+                            "whose summed influence is still minimised); auto: uniform under difficulty coverage "
+                            "below 70 % pruned, else smallest")
     shards: int = Field(4, ge=1, le=10000, description="Influence shards (contiguous sample ranges)")
     workers: int = Field(2, ge=1, le=256, description="Workers of the local Dask cluster (ignored with dask_address)")
     dask_address: str | None = Field(None, description="tcp://host:port of an existing Dask scheduler",
@@ -127,7 +135,7 @@ class RunParameters(BaseModel):
 
     def selection_args_for(self, method: str, prune_ratio: float | None, seed: int) -> SelectionArgs:
         coverage = resolve_coverage(self.coverage, method, prune_ratio, self.solver, self.class_balanced)
-        candidates = resolve_candidates(self.candidates, coverage) if method == "influence" else "smallest"
+        candidates = resolve_candidates(self.candidates, coverage, prune_ratio) if method == "influence" else "smallest"
         return SelectionArgs(method=method, prune_ratio=prune_ratio, epsilon=self.epsilon if prune_ratio is None
                              else None, solver=self.solver, seed=seed, class_balanced=self.class_balanced,
                              coverage=coverage, candidates=candidates)
