@@ -21,6 +21,7 @@ Run:  .venv/bin/python benchmarks/candidate_order.py --out runs/candidate-order
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import platform
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -82,7 +84,7 @@ def main() -> int:
     run = Path(ns.from_run).resolve() if ns.from_run else score(out, dataset)
     scores = artifacts.scores_path(run)
     ratios = [float(r) for r in ns.ratios.split(",")]
-    jobs, objectives = [], {}
+    jobs, objectives = [], {}  # objectives: (variant, ratio) → each set's ‖Σ_R s_i‖
     for k, ratio in enumerate(ratios):
         seeds = [int(s) for s in (ns.seeds if k == 0 else ns.other_seeds).split(",")]
         for variant in VARIANTS:
@@ -93,7 +95,9 @@ def main() -> int:
                     args = SelectionArgs(method="ccs", prune_ratio=ratio, seed=sel_seed) if variant == "ccs" else \
                         SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates=variant)
                     path.parent.mkdir(exist_ok=True)
-                    objectives[(variant, ratio, sel_seed)] = selection_stage(scores, args, path)["objective"]
+                    selection_stage(scores, args, path)
+                meta = json.loads(pq.read_schema(path).metadata[b"dataset_pruning"])
+                objectives.setdefault((variant, ratio), []).append(meta["objective"])
                 labels = {"variant": variant, "prune_ratio": ratio}
                 jobs.append((dataset, str(path), seed, labels, str(out / "cache")))
     (out / "cache").mkdir(exist_ok=True)
@@ -106,7 +110,8 @@ def main() -> int:
                   f"{100 * record['test_accuracy']:.2f} % ({record['train_seconds']:.0f} s)", flush=True)
     lines = ["# Candidate order inside the difficulty strata: a validation-split experiment", "",
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · {platform.node()} · {os.cpu_count()} CPUs · "
-             f"{time.perf_counter() - started:.0f} s of retraining", "",
+             f"{time.perf_counter() - started:.0f} s of retraining · "
+             f"{sum(r['reused'] for r in records)} of {len(records)} runs reused from {out / 'cache'}", "",
              f"Command: `.venv/bin/python benchmarks/candidate_order.py {' '.join(sys.argv[1:])}`", "",
              f"Fashion-MNIST training rows 0–{ns.train - 1} train, rows {ns.train}–59999 validate (the test set is "
              "not used); `cnn`, the evaluation's recipe (4 epochs). Validation accuracy %:", "",
@@ -118,9 +123,10 @@ def main() -> int:
             acc = np.array([100 * r["test_accuracy"] for r in rs])
             lines.append(f"| {ratio:g} | {variant} | {acc.mean():.2f} ± {acc.std(ddof=1) if len(acc) > 1 else 0:.2f} | "
                          + " / ".join(f"{a:.2f}" for a in acc) + " |")
-    if objectives:
-        lines += ["", "Objective ‖Σ_R s_i‖ of each set: " + "; ".join(
-            f"{v} r{r:g}{'' if v != 'ccs' else f' s{s}'} {o:.4g}" for (v, r, s), o in sorted(objectives.items()))]
+    lines += ["", "Objective ‖Σ_R s_i‖ of the removed set (ccs: mean over its per-seed draws):", "",
+              "| prune ratio | " + " | ".join(VARIANTS) + " |", "|---:|" + "---:|" * len(VARIANTS)]
+    for ratio in ratios:
+        lines.append(f"| {ratio:g} | " + " | ".join(f"{np.mean(objectives[(v, ratio)]):.4g}" for v in VARIANTS) + " |")
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     print(text)
