@@ -37,6 +37,13 @@ def dask_runner(params: RunParameters) -> DaskTaskRunner:
     logging.getLogger("distributed").setLevel(logging.WARNING)  # cluster start/stop chatter
     if params.dask_address:
         return DaskTaskRunner(address=params.dask_address)
+    # Dask starts local workers with MALLOC_TRIM_THRESHOLD_=65536, which fixes glibc's mmap
+    # threshold too: every large tensor is then mapped and unmapped afresh, and training runs
+    # 2x slower (13.3 s vs 26.9 s for one retraining). Our workers keep glibc's defaults and the
+    # stages release freed memory themselves (`pipeline.release_memory`). The Nanny also copies
+    # the variable into this process's environment, so it is removed here for later clusters.
+    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+    os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
     kwargs = {"n_workers": params.workers, "threads_per_worker": 1, "processes": True,
               "dashboard_address": None, "host": "127.0.0.1", "silence_logs": logging.WARNING}
     if params.gpu:

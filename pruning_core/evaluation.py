@@ -93,7 +93,7 @@ def retrain_stage(dataset: str, data_root: str | None, selection: str | None, tr
     retraining already recorded is not run again: an interrupted evaluation resumes where it
     stopped, and evaluations sharing runs (the full-data references, the same selection) share them.
     """
-    from .pipeline import torch_threads
+    from .pipeline import release_memory, torch_threads
 
     with torch_threads(threads):
         ds = load_dataset(dataset, data_root)
@@ -111,6 +111,8 @@ def retrain_stage(dataset: str, data_root: str | None, selection: str | None, tr
               "train_accuracy": result.train_accuracy, "train_seconds": result.seconds,
               "samples_seen": int(result.curve[-1]["samples_seen"]) if result.curve else int(len(rows)) * train_args.epochs,
               "curve": result.curve}
+    del result
+    release_memory()
     if saved is not None:
         artifacts.write_json(saved, record)
     return {**record, "reused": False}

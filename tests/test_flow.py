@@ -146,3 +146,34 @@ def test_select_command_over_stored_scores(first_run, tmp_path, extra, capsys):
         labels = pq.read_table(scores).column("label").to_numpy()
         counts = np.bincount(labels[pruned], minlength=10)
         assert np.abs(counts - 0.3 * np.bincount(labels, minlength=10)).max() <= 1
+
+
+def test_local_dask_workers_keep_glibc_malloc_defaults():
+    """Dask's default MALLOC_TRIM_THRESHOLD_=65536 halves training speed in a worker (every large
+    tensor mapped afresh); the product's local clusters start their workers without it, also
+    when an earlier cluster copied it into this process's environment."""
+    import os
+
+    from distributed import Client, LocalCluster
+
+    from flows.prune import dask_runner
+
+    os.environ["MALLOC_TRIM_THRESHOLD_"] = "65536"  # as a previous Nanny leaves it
+    runner = dask_runner(RunParameters(prune_ratio=0.4, workers=1))
+    with LocalCluster(**runner.cluster_kwargs) as cluster, Client(cluster) as client:
+        seen = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+    assert list(seen.values()) == [None]
+
+
+def test_release_memory_runs_where_there_is_no_glibc_too(monkeypatch):
+    import ctypes
+
+    from pruning_core.pipeline import release_memory
+
+    release_memory()  # glibc here: malloc_trim(0)
+
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    release_memory()  # elsewhere: nothing to do, no error
