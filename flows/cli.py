@@ -256,15 +256,10 @@ def cmd_select(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pruning_core.pipeline import selection_stage
-    from pruning_core.selection import SelectionArgs
+    from flows.parameters import selection_args
 
-    from flows.parameters import resolve_candidates, resolve_coverage
-
-    coverage = resolve_coverage(ns.coverage, ns.method, ns.prune_ratio, ns.solver, ns.class_balanced)
-    candidates = resolve_candidates(ns.candidates, coverage, ns.prune_ratio) if ns.method == "influence" else "smallest"
-    args = SelectionArgs(method=ns.method, prune_ratio=ns.prune_ratio, epsilon=ns.epsilon, solver=ns.solver,
-                         seed=ns.seed, class_balanced=ns.class_balanced, time_limit=ns.time_limit, coverage=coverage,
-                         candidates=candidates)
+    args = selection_args(ns.method, ns.prune_ratio, ns.epsilon, ns.solver, ns.seed, ns.class_balanced, ns.coverage,
+                          ns.candidates, time_limit=ns.time_limit)
     if not Path(ns.scores).is_file():
         raise BadInputError(f"--scores {ns.scores}: file not found")
     if args.solver == "bucketed":

@@ -39,6 +39,16 @@ def resolve_candidates(candidates: str, coverage: str, prune_ratio: float | None
     return "uniform" if coverage == "difficulty" and no_hard_cut else "smallest"
 
 
+def selection_args(method: str, prune_ratio: float | None, epsilon: float | None, solver: str, seed: int,
+                   class_balanced: bool, coverage: str, candidates: str, **extra) -> SelectionArgs:
+    """SelectionArgs with `auto` coverage and candidate order resolved (the order applies to the
+    influence method only): one place for the run, the evaluation and `select`."""
+    coverage = resolve_coverage(coverage, method, prune_ratio, solver, class_balanced)
+    candidates = resolve_candidates(candidates, coverage, prune_ratio) if method == "influence" else "smallest"
+    return SelectionArgs(method=method, prune_ratio=prune_ratio, epsilon=epsilon, solver=solver, seed=seed,
+                         class_balanced=class_balanced, coverage=coverage, candidates=candidates, **extra)
+
+
 # Labels of the deployment form in the Prefect UI ("Custom run"); other fields get their name.
 FIELD_TITLES = {
     "dataset": "Dataset", "data_root": "Data folder", "model": "Model", "checkpoint": "Checkpoint (skips training)",
@@ -134,11 +144,8 @@ class RunParameters(BaseModel):
         return self.selection_args_for(self.method, self.prune_ratio, self.seed)
 
     def selection_args_for(self, method: str, prune_ratio: float | None, seed: int) -> SelectionArgs:
-        coverage = resolve_coverage(self.coverage, method, prune_ratio, self.solver, self.class_balanced)
-        candidates = resolve_candidates(self.candidates, coverage, prune_ratio) if method == "influence" else "smallest"
-        return SelectionArgs(method=method, prune_ratio=prune_ratio, epsilon=self.epsilon if prune_ratio is None
-                             else None, solver=self.solver, seed=seed, class_balanced=self.class_balanced,
-                             coverage=coverage, candidates=candidates)
+        return selection_args(method, prune_ratio, self.epsilon if prune_ratio is None else None, self.solver, seed,
+                              self.class_balanced, self.coverage, self.candidates)
 
     def target_uri(self) -> str:
         """Where the version goes: a URI with a scheme as given, `dvc:REPO#PATH` with REPO made
