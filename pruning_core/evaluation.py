@@ -161,6 +161,13 @@ def summarise(records: list[dict]) -> list[dict]:
     return rows
 
 
+def paired_differences(records: list[dict], method: str, other: str, ratio: float) -> np.ndarray:
+    """Test accuracy of `method` minus `other` at `ratio`, per training seed both ran."""
+    acc = {(r["method"], r["seed"]): r["test_accuracy"] for r in records if abs(r["prune_ratio"] - ratio) < 1e-9}
+    return np.array([acc[(method, seed)] - acc[(other, seed)] for m, seed in sorted(acc)
+                     if m == method and (other, seed) in acc], dtype=np.float64)
+
+
 def targets(summary: list[dict], records: list[dict], ratio: float = 0.4, drop: float = 0.013) -> dict:
     """The issue's targets: drop at `ratio` ≤ drop, time to target ≤ 0.6× full, influence ≥
     random at every ratio and above every other method at ratios ≥ `ratio`."""
@@ -182,8 +189,11 @@ def targets(summary: list[dict], records: list[dict], ratio: float = 0.4, drop: 
                 continue
             needed = other["method"] == "random" or s["prune_ratio"] >= ratio - 1e-9
             if needed:
+                diffs = paired_differences(records, "influence", other["method"], s["prune_ratio"])
                 comparisons.append({"prune_ratio": s["prune_ratio"], "versus": other["method"],
-                                    "margin": s["accuracy"] - other["accuracy"],
+                                    "margin": s["accuracy"] - other["accuracy"], "paired_seeds": len(diffs),
+                                    "margin_se": float(np.std(diffs, ddof=1) / math.sqrt(len(diffs)))
+                                    if len(diffs) > 1 else math.nan,
                                     "met": s["accuracy"] > other["accuracy"] or (
                                         other["method"] == "random" and s["accuracy"] >= other["accuracy"])})
     out["comparisons"] = comparisons
@@ -402,8 +412,11 @@ def report_markdown(summary: list[dict], records: list[dict], gaps: list[dict], 
                      f"{'never' if t is None or math.isnan(t) else f'{t:.2f}×'} the full run's time (target ≤ 0.6): "
                      f"{'met' if goal.get('time_met') else 'NOT met'}")
     for c in goal.get("comparisons", []):
-        lines.append(f"- ratio {c['prune_ratio']:g}: influence − {c['versus']} = {100 * c['margin']:+.2f} points: "
-                     f"{'met' if c['met'] else 'NOT met'}")
+        se = c.get("margin_se", math.nan)
+        noise = "" if math.isnan(se) else (f" (± {100 * se:.2f} standard error, paired over {c['paired_seeds']} seeds"
+                                           + ("; within seed noise" if abs(c["margin"]) < 2 * se else "") + ")")
+        lines.append(f"- ratio {c['prune_ratio']:g}: influence − {c['versus']} = {100 * c['margin']:+.2f} points"
+                     f"{noise}: {'met' if c['met'] else 'NOT met'}")
     if gaps:
         lines += ["", "## Generalization-gap check (the paper's theory experiment)", "",
                   "| problem | ε | removed | predicted ‖Σ s_i‖ | measured ‖Δθ‖ | cosine | test-loss gap | bound Lip·‖Σ s_i‖ |",

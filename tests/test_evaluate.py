@@ -42,6 +42,25 @@ def test_convergence_targets_and_summary():
     assert goal["accuracy_drop"] == pytest.approx(0.91 - 0.8895)
     assert not goal["accuracy_drop_met"] and not goal["time_met"]
     assert [(c["versus"], c["met"]) for c in goal["comparisons"]] == [("random", True)]
+    (c,) = goal["comparisons"]  # per seed: 0.899 − 0.85 and 0.88 − 0.86
+    assert c["paired_seeds"] == 2 and c["margin"] == pytest.approx(0.0345)
+    assert c["margin_se"] == pytest.approx(np.std([0.049, 0.02], ddof=1) / np.sqrt(2))
+
+
+def test_report_says_when_a_margin_is_within_seed_noise():
+    """Each comparison carries the standard error of its per-seed paired differences, and the
+    report says so where the margin is under two of them."""
+    records = [_record("full", 0.0, s, [0.9], [3.0]) for s in range(3)]
+    for seed, (a, b, c) in enumerate([(0.885, 0.880, 0.870), (0.881, 0.886, 0.871), (0.887, 0.882, 0.869)]):
+        records += [_record("influence", 0.6, seed, [a], [1.0]), _record("ccs", 0.6, seed, [b], [1.0]),
+                    _record("random", 0.6, seed, [c], [1.0])]
+    evaluation.add_convergence(records, 0.013)
+    summary = evaluation.summarise(records)
+    goal = evaluation.targets(summary, records)
+    text = evaluation.report_markdown(summary, records, [], goal, {}, {"dataset": "d", "model": "m"})
+    assert "ratio 0.6: influence − ccs = +0.17 points (± 0.33 standard error, paired over 3 seeds; within seed " \
+           "noise): met" in text
+    assert "ratio 0.6: influence − random = +1.43 points (± 0.23 standard error, paired over 3 seeds): met" in text
 
 
 def test_generalization_gap_on_real_linear_data(fmnist):
