@@ -57,6 +57,8 @@ def _add_selection_options(parser: argparse.ArgumentParser) -> None:
                         help="influence method: keep every EL2N difficulty stratum covered (default auto: where it applies)")
     parser.add_argument("--candidates", choices=("auto", "smallest", "uniform"), default="auto",
                         help="influence solver: feed its pool smallest ‖s_i‖ first or in a seeded uniform order")
+    parser.add_argument("--hard-cut", type=_float, help="under difficulty coverage: share of the hardest samples "
+                        "removed first (default: the schedule by prune ratio)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seeds", type=_list(int), default=None, help="comma-separated training seeds")
     evaluate.add_argument("--coverage", choices=("auto", "none", "difficulty"), default="auto")
     evaluate.add_argument("--candidates", choices=("auto", "smallest", "uniform"), default="auto")
+    evaluate.add_argument("--hard-cut", type=_float)
     evaluate.add_argument("--gpu", action="store_true")
 
     versions = sub.add_parser("versions", help="a target's versions (Delta, dvc:REPO#PATH, lakefs://…) with their provenance")
@@ -259,7 +262,7 @@ def cmd_select(ns: argparse.Namespace) -> int:
     from flows.parameters import selection_args
 
     args = selection_args(ns.method, ns.prune_ratio, ns.epsilon, ns.solver, ns.seed, ns.class_balanced, ns.coverage,
-                          ns.candidates, time_limit=ns.time_limit)
+                          ns.candidates, ns.hard_cut, time_limit=ns.time_limit)
     if not Path(ns.scores).is_file():
         raise BadInputError(f"--scores {ns.scores}: file not found")
     if args.solver == "bucketed":

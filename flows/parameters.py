@@ -28,25 +28,24 @@ def resolve_coverage(coverage: str, method: str, prune_ratio: float | None, solv
 
 
 def resolve_candidates(candidates: str, coverage: str, prune_ratio: float | None) -> str:
-    """`auto` → `uniform` under difficulty coverage where its layout cuts no hardest fraction
-    (β = 0, below 70 % pruned), else `smallest`: the order that retrained best in each regime on
-    a held-out validation split (benchmarks/results/candidate-order.md)."""
+    """`auto` → `uniform` under difficulty coverage below 70 % pruned, else `smallest`: the order
+    that retrained best in each regime on a held-out validation split
+    (benchmarks/results/candidate-order.md)."""
     if candidates != "auto":
         return candidates
-    from pruning_core.baselines import ccs_hard_fraction
-
-    no_hard_cut = prune_ratio is not None and ccs_hard_fraction(prune_ratio) == 0
-    return "uniform" if coverage == "difficulty" and no_hard_cut else "smallest"
+    return "uniform" if coverage == "difficulty" and prune_ratio is not None and prune_ratio < 0.7 else "smallest"
 
 
 def selection_args(method: str, prune_ratio: float | None, epsilon: float | None, solver: str, seed: int,
-                   class_balanced: bool, coverage: str, candidates: str, **extra) -> SelectionArgs:
+                   class_balanced: bool, coverage: str, candidates: str, hard_cut: float | None = None,
+                   **extra) -> SelectionArgs:
     """SelectionArgs with `auto` coverage and candidate order resolved (the order applies to the
     influence method only): one place for the run, the evaluation and `select`."""
     coverage = resolve_coverage(coverage, method, prune_ratio, solver, class_balanced)
     candidates = resolve_candidates(candidates, coverage, prune_ratio) if method == "influence" else "smallest"
     return SelectionArgs(method=method, prune_ratio=prune_ratio, epsilon=epsilon, solver=solver, seed=seed,
-                         class_balanced=class_balanced, coverage=coverage, candidates=candidates, **extra)
+                         class_balanced=class_balanced, coverage=coverage, candidates=candidates,
+                         hard_cut=hard_cut, **extra)
 
 
 # Labels of the deployment form in the Prefect UI ("Custom run"); other fields get their name.
@@ -57,7 +56,7 @@ FIELD_TITLES = {
     "projection_dim": "Projection dimension", "gpu": "GPU workers", "prune_ratio": "Prune ratio (fraction removed)",
     "epsilon": "ε: bound on ‖Σ s_i‖₂", "method": "Selection method", "solver": "Solver",
     "class_balanced": "Class-balanced", "coverage": "Difficulty coverage",
-    "candidates": "Candidate order of the solver", "shards": "Influence shards",
+    "candidates": "Candidate order of the solver", "hard_cut": "Hardest share cut first", "shards": "Influence shards",
     "workers": "Local Dask workers", "dask_address": "Dask scheduler address", "out": "Run folder root",
     "target": "Version target", "block_size": "Block size (rows)",
 }
@@ -107,6 +106,10 @@ class RunParameters(BaseModel):
                             "paper's path), or a seeded uniform order (a near-uniform draw within each stratum "
                             "whose summed influence is still minimised); auto: uniform under difficulty coverage "
                             "below 70 % pruned, else smallest")
+    hard_cut: float | None = Field(
+        None, ge=0, lt=1, description="Under difficulty coverage: the share of the hardest (highest-EL2N) samples "
+                                      "removed first; empty: the product's schedule, none up to 50 % pruned, then "
+                                      "half of every further removal (β = (ratio − 0.5) / 2)")
     shards: int = Field(4, ge=1, le=10000, description="Influence shards (contiguous sample ranges)")
     workers: int = Field(2, ge=1, le=256, description="Workers of the local Dask cluster (ignored with dask_address)")
     dask_address: str | None = Field(None, description="tcp://host:port of an existing Dask scheduler",
@@ -145,7 +148,8 @@ class RunParameters(BaseModel):
 
     def selection_args_for(self, method: str, prune_ratio: float | None, seed: int) -> SelectionArgs:
         return selection_args(method, prune_ratio, self.epsilon if prune_ratio is None else None, self.solver, seed,
-                              self.class_balanced, self.coverage, self.candidates)
+                              self.class_balanced, self.coverage, self.candidates,
+                              self.hard_cut if method == self.method else None)  # baselines as published
 
     def target_uri(self) -> str:
         """Where the version goes: a URI with a scheme as given, `dvc:REPO#PATH` with REPO made

@@ -128,8 +128,9 @@ def ccs_order(el2n: np.ndarray, n_prune: int, seed: int, strata: int = 50, hard_
 
 
 def removal_order(method: str, columns: dict[str, np.ndarray], vectors: np.ndarray | None, seed: int,
-                  n_prune: int | None = None) -> np.ndarray:
-    """The removal order of a baseline; `columns` holds `label` and the score columns."""
+                  n_prune: int | None = None, hard_fraction: float | None = None) -> np.ndarray:
+    """The removal order of a baseline; `columns` holds `label` and the score columns;
+    `hard_fraction` is CCS's β (None: its CIFAR-10 schedule)."""
     need = NEEDS.get(method)
     if need and need not in columns:
         raise BadInputError(f"--method {method} needs the score column {need!r}, which these scores lack"
@@ -161,5 +162,5 @@ def removal_order(method: str, columns: dict[str, np.ndarray], vectors: np.ndarr
     if method == "ccs":
         if n_prune is None:
             raise BadInputError("--method ccs needs --prune-ratio (its strata are laid out for a budget)")
-        return ccs_order(columns["el2n"], n_prune, seed)
+        return ccs_order(columns["el2n"], n_prune, seed, hard_fraction=hard_fraction)
     raise BadInputError(f"--method {method!r} is not known; valid: influence, {', '.join(ORDER_METHODS)}")

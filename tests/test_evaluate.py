@@ -103,6 +103,7 @@ def test_evaluate_flow_end_to_end(prefect_api, small_npz, tmp_path, capsys):
         assert image.shape[0] > 400 and image.shape[1] > 600 and image.std() > 0.05  # drawn, not blank
     assert "| 0.5 | **influence** | 1000 |" in report and "Pearson(predicted, measured)" in report
     assert "(`--coverage difficulty`)" in report and "(`--candidates " in report  # how influence chose, in words
+    assert "hardest share cut first (0 % at ratio 0.5: the schedule (r − 0.5) / 2)" in report
     assert not any((out / ".staging").iterdir())
 
     # Each finished retraining was recorded as it completed: a second evaluation (as after an

@@ -6,7 +6,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pruning_core.errors import BadInputError
-from pruning_core.selection import SelectionArgs, objective, select, select_size_constrained_bruteforce
+from pruning_core.selection import (
+    SelectionArgs,
+    hard_cut_for,
+    objective,
+    select,
+    select_size_constrained_bruteforce,
+)
 
 
 def instance(rng, n, p, drift=0.3):
@@ -98,6 +104,10 @@ def test_random_method_is_seeded():
     ({"epsilon": 0.1, "candidates": "uniform"}, "applies to --method influence with --prune-ratio"),
     ({"prune_ratio": 0.3, "method": "random", "candidates": "uniform"}, "applies to --method influence"),
     ({"prune_ratio": 0.3, "solver": "bucketed", "candidates": "uniform"}, "greedy or scip"),
+    ({"prune_ratio": 0.3, "coverage": "difficulty", "hard_cut": 1.0}, r"must lie in \[0, 1\)"),
+    ({"prune_ratio": 0.3, "coverage": "difficulty", "hard_cut": -0.1}, r"must lie in \[0, 1\)"),
+    ({"prune_ratio": 0.3, "hard_cut": 0.1}, "applies to --coverage difficulty and --method ccs"),
+    ({"prune_ratio": 0.3, "method": "el2n", "hard_cut": 0.1}, "applies to --coverage difficulty and --method ccs"),
 ])
 def test_bad_selection_arguments(kwargs, message):
     with pytest.raises(BadInputError, match=message):
@@ -184,12 +194,13 @@ def test_uniform_candidates_draw_near_uniformly_inside_each_stratum_and_still_mi
     norms = np.linalg.norm(vectors, axis=1)
     ratio = 0.6
     m = int(round(ratio * n))
-    label, removals = coverage_strata(el2n, m)
+    cut = 0.0  # the layout without a hard cut, whose fixed sum would dominate both objectives
+    label, removals = coverage_strata(el2n, m, hard_fraction=cut)
     ccs = np.zeros(n, bool)
-    ccs[ccs_order(el2n, m, seed=0)[:m]] = True
+    ccs[ccs_order(el2n, m, seed=0, hard_fraction=cut)[:m]] = True
     # the path and its swaps alone, with a pool as small a share of n as 256 is of 60,000
-    picked = {c: select(vectors, SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates=c, restarts=0,
-                                               pool_size=16), {"el2n": el2n}) for c in ("smallest", "uniform")}
+    picked = {c: select(vectors, SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates=c, hard_cut=cut,
+                                               restarts=0, pool_size=16), {"el2n": el2n}) for c in ("smallest", "uniform")}
 
     def removed_norm_vs_stratum(pruned):  # mean over strata of mean ‖s_i‖ removed / mean ‖s_i‖ in the stratum
         rows = [b for b in range(len(removals) - 1) if 20 <= removals[b] < (label == b).sum()]
@@ -200,6 +211,26 @@ def test_uniform_candidates_draw_near_uniformly_inside_each_stratum_and_still_mi
     for c, result in picked.items():
         assert np.array_equal(np.bincount(label[result.pruned], minlength=len(removals)), removals), c
         assert result.objective < 0.5 * objective(vectors, ccs), c
-    other = select(vectors, SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates="uniform", seed=1,
+    other = select(vectors, SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates="uniform", hard_cut=cut, seed=1,
                                           restarts=0, pool_size=16), {"el2n": el2n})
     assert not np.array_equal(other.pruned, picked["uniform"].pruned)
+
+
+def test_hard_cut_schedule_and_override():
+    """Under difficulty coverage the hardest share β goes first: by default the product's schedule
+    by prune ratio, or the --hard-cut given; --method ccs takes the same override."""
+    rng = np.random.default_rng(2)
+    n = 2000
+    el2n = rng.random(n) * np.sqrt(2)
+    vectors = rng.normal(size=(n, 6)) * el2n[:, None]
+    hardest = np.argsort(-el2n, kind="stable")
+    assert [hard_cut_for(r) for r in (0.2, 0.4, 0.5, 0.6, 0.8, 0.9)] == [0.0, 0.0, 0.0, 0.05, 0.15, 0.2]
+    for ratio, cut in [(0.4, None), (0.6, None), (0.8, None), (0.6, 0.0), (0.6, 0.25)]:
+        beta = hard_cut_for(ratio) if cut is None else cut
+        result = select(vectors, SelectionArgs(prune_ratio=ratio, coverage="difficulty", hard_cut=cut), {"el2n": el2n})
+        assert result.pruned[hardest[:int(beta * n)]].all(), (ratio, cut)
+        assert result.info["coverage"]["hard_cut"] == int(beta * n) and result.info["coverage"]["hard_fraction"] == beta
+    ccs = select(vectors, SelectionArgs(method="ccs", prune_ratio=0.6, hard_cut=0.25), {"el2n": el2n})
+    assert ccs.pruned[hardest[:500]].all() and ccs.pruned.sum() == 1200
+    published = select(vectors, SelectionArgs(method="ccs", prune_ratio=0.6), {"el2n": el2n})  # CCS: β = 0 below 70 %
+    assert not published.pruned[hardest[:500]].all()

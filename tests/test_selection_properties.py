@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from pruning_core import artifacts
 from pruning_core.baselines import coverage_strata
 from pruning_core.pipeline import selection_stage
-from pruning_core.selection import SelectionArgs, class_quotas, select
+from pruning_core.selection import SelectionArgs, class_quotas, hard_cut_for, select
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -108,13 +108,16 @@ def test_class_balanced_quotas_hold_for_every_method(instance, ratio, data):
 
 @SETTINGS
 @given(instance=instances(), ratio=st.floats(0.01, 0.99), candidates=st.sampled_from(["smallest", "uniform"]),
-       data=st.data())
-def test_coverage_keeps_each_difficulty_stratum_quota(instance, ratio, candidates, data):
+       hard_cut=st.one_of(st.none(), st.floats(0.0, 0.95)), data=st.data())
+def test_coverage_keeps_each_difficulty_stratum_quota(instance, ratio, candidates, hard_cut, data):
     vectors, _ = instance
     el2n = np.random.default_rng(len(vectors)).random(len(vectors)) * np.sqrt(2)
-    args = SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates=candidates)
+    args = SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates=candidates, hard_cut=hard_cut)
     result = select(vectors, args, {"el2n": el2n})
-    stratum, removals = coverage_strata(el2n, round(ratio * len(vectors)))
+    cut = hard_cut_for(ratio) if hard_cut is None else hard_cut  # None: the product's schedule
+    stratum, removals = coverage_strata(el2n, round(ratio * len(vectors)), hard_fraction=cut)
+    hardest = np.argsort(-el2n, kind="stable")[:min(int(cut * len(vectors)), round(ratio * len(vectors)))]
+    assert result.pruned[hardest].all()  # the hardest share goes first
     assert np.array_equal(np.bincount(stratum[result.pruned], minlength=len(removals)), removals)
     assert_reported_objective(vectors, result)
     perm = np.asarray(data.draw(st.permutations(range(len(vectors)))))

@@ -1,21 +1,25 @@
-"""Design experiment, on a held-out validation split: which removal set inside each difficulty
-stratum retrains best — the paper's min-norm path fed smallest ‖s_i‖ first (`smallest`), the
-same min-norm path fed in a seeded uniform order (`uniform`), or CCS's uniform draw (`ccs`)?
+"""Design experiments on a held-out validation split: which selection retrains best? Used to
+choose the influence method's defaults — the candidate order inside the difficulty strata
+(benchmarks/results/candidate-order.md) and the hardest share cut first (hard-cut.md) — without
+ever looking at the test set.
 
-The test set is not used. Fashion-MNIST's 60,000 training images are split: the first 50,000
-train (and are scored and pruned), the last 10,000 are the validation set the retrained models
-are measured on. Steps:
+Fashion-MNIST's 60,000 training images are split: the first 50,000 train (and are scored and
+pruned), the last 10,000 are the validation set the retrained models are measured on. Steps:
 
   1. writes the split as an npz dataset under --out;
   2. scores it with the product itself: `dataset-prune run --dataset npz:… --model cnn`
      (skipped with --from-run);
-  3. selects per ratio × variant with the product's selection (coverage difficulty for the
-     influence variants; CCS draws one set per seed, as in the evaluation);
+  3. selects per ratio × variant with the product's selection. A variant is
+       smallest | uniform [@β]  the influence method under difficulty coverage, candidates fed
+                                smallest ‖s_i‖ first or in a seeded uniform order, cutting the
+                                hardest share β first (default: CCS's schedule, 0 below 70 %)
+       ccs [@β]                 CCS, one random draw per seed, as in the evaluation
+       influence-score          the score baseline (prune smallest ‖s_i‖ first)
   4. retrains every (ratio, variant, seed) from scratch with the evaluation's recipe, two
      processes at a time, each finished run recorded in --out/cache (a rerun resumes);
   5. prints and writes a Markdown table: validation accuracy mean ± std and per seed.
 
-Run:  .venv/bin/python benchmarks/candidate_order.py --out runs/candidate-order
+Run:  .venv/bin/python benchmarks/validation_split.py --out runs/candidate-order
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -37,13 +42,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pruning_core import artifacts  # noqa: E402
+from pruning_core.baselines import ccs_hard_fraction  # noqa: E402
 from pruning_core.data import load_dataset  # noqa: E402
 from pruning_core.evaluation import retrain_stage  # noqa: E402
 from pruning_core.pipeline import selection_stage  # noqa: E402
 from pruning_core.selection import SelectionArgs  # noqa: E402
 from pruning_core.training import TrainArgs  # noqa: E402
 
-VARIANTS = ("smallest", "uniform", "ccs")
+VARIANTS = ("smallest", "uniform", "ccs")  # the candidate-order experiment
+
+
+def selection_args(variant: str, ratio: float, seed: int) -> SelectionArgs:
+    """The SelectionArgs of a variant `NAME[@β]` (module docstring)."""
+    name, _, beta = variant.partition("@")
+    cut = float(beta) if beta else ccs_hard_fraction(ratio)
+    if name == "ccs":
+        return SelectionArgs(method="ccs", prune_ratio=ratio, seed=seed, hard_cut=float(beta) if beta else None)
+    if name == "influence-score":
+        return SelectionArgs(method="influence-score", prune_ratio=ratio)
+    if name not in ("smallest", "uniform"):
+        raise SystemExit(f"unknown variant {variant!r}: smallest|uniform|ccs[@β] or influence-score")
+    return SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates=name, hard_cut=cut)
 
 
 def write_split(out: Path, n_train: int) -> Path:
@@ -77,7 +96,11 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds at the first ratio")
     parser.add_argument("--other-seeds", default="0,1,2", help="seeds at the other ratios")
     parser.add_argument("--train", type=int, default=50000, help="training rows; the rest validate")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, e.g. uniform,uniform@0.05,ccs")
+    parser.add_argument("--title", default="Candidate order inside the difficulty strata")
+    parser.add_argument("--report", default="report.md", help="file name of the table, under --out")
     ns = parser.parse_args()
+    variants = ns.variants.split(",")
     out = Path(ns.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     dataset = f"npz:{write_split(out, ns.train)}"
@@ -87,15 +110,13 @@ def main() -> int:
     jobs, objectives = [], {}  # objectives: (variant, ratio) → each set's ‖Σ_R s_i‖
     for k, ratio in enumerate(ratios):
         seeds = [int(s) for s in (ns.seeds if k == 0 else ns.other_seeds).split(",")]
-        for variant in VARIANTS:
+        for variant in variants:
             for seed in seeds:
-                sel_seed = seed if variant == "ccs" else 0
+                sel_seed = seed if variant.startswith("ccs") else 0
                 path = out / "selections" / f"{variant}-r{ratio:g}-s{sel_seed}.parquet"
                 if not path.exists():
-                    args = SelectionArgs(method="ccs", prune_ratio=ratio, seed=sel_seed) if variant == "ccs" else \
-                        SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates=variant)
                     path.parent.mkdir(exist_ok=True)
-                    selection_stage(scores, args, path)
+                    selection_stage(scores, selection_args(variant, ratio, sel_seed), path)
                 meta = json.loads(pq.read_schema(path).metadata[b"dataset_pruning"])
                 objectives.setdefault((variant, ratio), []).append(meta["objective"])
                 labels = {"variant": variant, "prune_ratio": ratio}
@@ -108,27 +129,27 @@ def main() -> int:
             records.append(record)
             print(f"{i}/{len(jobs)} {record['variant']} r{record['prune_ratio']:g} seed {record['seed']}: "
                   f"{100 * record['test_accuracy']:.2f} % ({record['train_seconds']:.0f} s)", flush=True)
-    lines = ["# Candidate order inside the difficulty strata: a validation-split experiment", "",
+    lines = [f"# {ns.title}: a validation-split experiment", "",
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · {platform.node()} · {os.cpu_count()} CPUs · "
              f"{time.perf_counter() - started:.0f} s of retraining · "
              f"{sum(r['reused'] for r in records)} of {len(records)} runs reused from {out / 'cache'}", "",
-             f"Command: `.venv/bin/python benchmarks/candidate_order.py {' '.join(sys.argv[1:])}`", "",
+             f"Command: `.venv/bin/python benchmarks/validation_split.py {shlex.join(sys.argv[1:])}`", "",
              f"Fashion-MNIST training rows 0–{ns.train - 1} train, rows {ns.train}–59999 validate (the test set is "
              "not used); `cnn`, the evaluation's recipe (4 epochs). Validation accuracy %:", "",
              "| prune ratio | variant | mean ± std | per seed |", "|---:|---|---:|---|"]
     for ratio in ratios:
-        for variant in VARIANTS:
+        for variant in variants:
             rs = sorted((r for r in records if r["variant"] == variant and r["prune_ratio"] == ratio),
                         key=lambda r: r["seed"])
             acc = np.array([100 * r["test_accuracy"] for r in rs])
             lines.append(f"| {ratio:g} | {variant} | {acc.mean():.2f} ± {acc.std(ddof=1) if len(acc) > 1 else 0:.2f} | "
                          + " / ".join(f"{a:.2f}" for a in acc) + " |")
     lines += ["", "Objective ‖Σ_R s_i‖ of the removed set (ccs: mean over its per-seed draws):", "",
-              "| prune ratio | " + " | ".join(VARIANTS) + " |", "|---:|" + "---:|" * len(VARIANTS)]
+              "| prune ratio | " + " | ".join(variants) + " |", "|---:|" + "---:|" * len(variants)]
     for ratio in ratios:
-        lines.append(f"| {ratio:g} | " + " | ".join(f"{np.mean(objectives[(v, ratio)]):.4g}" for v in VARIANTS) + " |")
+        lines.append(f"| {ratio:g} | " + " | ".join(f"{np.mean(objectives[(v, ratio)]):.4g}" for v in variants) + " |")
     text = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(text)
+    (out / ns.report).write_text(text)
     print(text)
     return 0
 
