@@ -157,7 +157,7 @@ def test_bucketed_on_a_local_cluster_matches_the_unbucketed_solver():
 
 def test_coverage_keeps_every_difficulty_stratum_and_beats_random_within_it():
     """--coverage difficulty: removals per EL2N stratum follow CCS's budget layout exactly (the
-    hardest β cut whole, every stratum keeps samples) and ‖Σ s_i‖ is no worse than CCS's random
+    hardest β of the schedule cut whole, every stratum keeps samples) and ‖Σ s_i‖ is no worse than CCS's random
     draw under the same layout."""
     from pruning_core.baselines import ccs_order, coverage_strata
 
@@ -167,14 +167,14 @@ def test_coverage_keeps_every_difficulty_stratum_and_beats_random_within_it():
     vectors = rng.normal(size=(n, 12)) * el2n[:, None]
     for ratio in (0.4, 0.8):
         m = int(round(ratio * n))
-        label, removals = coverage_strata(el2n, m)
+        label, removals = coverage_strata(el2n, m, hard_fraction=hard_cut_for(ratio))  # the default cut
         chosen = select(vectors, SelectionArgs(prune_ratio=ratio, coverage="difficulty"), {"el2n": el2n})
         assert chosen.pruned.sum() == m
         assert np.array_equal(np.bincount(label[chosen.pruned], minlength=len(removals)), removals)
         kept_per_stratum = np.bincount(label[~chosen.pruned], minlength=len(removals))[:-1]
         assert (kept_per_stratum[np.bincount(label, minlength=len(removals))[:-1] > 0] > 0).all()
         ccs = np.zeros(n, bool)
-        ccs[ccs_order(el2n, m, seed=0)[:m]] = True
+        ccs[ccs_order(el2n, m, seed=0, hard_fraction=hard_cut_for(ratio))[:m]] = True
         assert chosen.objective <= objective(vectors, ccs)
     with pytest.raises(BadInputError, match="coverage"):
         SelectionArgs(epsilon=0.1, coverage="difficulty")
