@@ -189,11 +189,15 @@ def test_ui_quick_run_and_custom_run_complete_and_publish_versions(served, brows
     page = browser.new_page()
     page.goto(f"{served.ui}/deployments/deployment/{nightly['id']}")
     expect(page.get_by_text("At 02:00 AM every day")).to_be_visible()  # the cron schedule, in the UI
+    page.wait_for_load_state("networkidle")  # the page's own requests done before the first click
 
     assert served.runs_of(nightly["id"]) == []
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Quick run", exact=True).click()
-    page.locator("#p-modal-teleport-target").get_by_role("button", name="Run", exact=True).click()
+    confirm = page.locator("#p-modal-teleport-target").get_by_role("button", name="Run", exact=True)
+    expect(confirm).to_be_enabled()
+    page.wait_for_load_state("networkidle")
+    confirm.click()
     quick = new_run(served, nightly["id"], set())
 
     page.goto(f"{served.ui}/deployments/deployment/{nightly['id']}")
