@@ -20,7 +20,6 @@ from prefect.futures import as_completed
 
 from pruning_core import artifacts, evaluation
 from pruning_core.data import load_dataset
-from pruning_core.selection import hard_cut_for
 from tasks.evaluate import generalization_gap, retrain
 from tasks.select import select_samples
 
@@ -91,8 +90,7 @@ def influence_selection(params: EvaluateParameters) -> str:
         by_order.setdefault(sel.candidates, []).append(f"{r:g}")
     orders = "; ".join(f"{words[c]}" + (f" at ratio {', '.join(rs)}" if len(by_order) > 1 else "")
                        for c, rs in by_order.items())
-    cuts = [(r, sel.hard_cut if sel.hard_cut is not None else hard_cut_for(r)) for r, sel in chosen.items()
-            if sel.coverage == "difficulty"]
+    cuts = [(r, sel.coverage_cut()) for r, sel in chosen.items() if sel.coverage == "difficulty"]
     cut_words = ", ".join(f"{100 * b:g} % at ratio {r:g}" for r, b in cuts)
     source = f"`--hard-cut {params.hard_cut:g}`" if params.hard_cut is not None else "the schedule (r − 0.5) / 2"
     return (f"under per-difficulty-stratum removal quotas (`--coverage difficulty`) with the hardest share cut first "

@@ -87,6 +87,10 @@ class SelectionArgs:
     def n_prune(self, n: int) -> int:
         return int(round(self.prune_ratio * n))
 
+    def coverage_cut(self) -> float:
+        """β the difficulty coverage cuts first: --hard-cut as given, else the schedule."""
+        return self.hard_cut if self.hard_cut is not None else hard_cut_for(self.prune_ratio)
+
 
 def hard_cut_for(prune_ratio: float) -> float:
     """β of the influence method's difficulty coverage, the share of the hardest (highest-EL2N)
@@ -413,7 +417,7 @@ def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarr
     if args.coverage == "difficulty":  # minimise ‖Σ s_i‖ with every difficulty stratum's removals fixed
         if "el2n" not in columns:
             raise BadInputError("--coverage difficulty needs the score column 'el2n', which these scores lack")
-        cut = args.hard_cut if args.hard_cut is not None else hard_cut_for(args.prune_ratio)
+        cut = args.coverage_cut()
         labels, quotas = coverage_strata(np.asarray(columns["el2n"], np.float64), args.n_prune(n), hard_fraction=cut)
         info["coverage"] = {"strata": int(len(quotas) - 1), "hard_cut": int(quotas[-1]), "hard_fraction": cut}
     if args.method != "influence":
