@@ -8,7 +8,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 from pydantic import ValidationError
@@ -220,10 +222,11 @@ def prefect_api():
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield server.api_url
-            # deliver buffered logs and events while the server still listens
-            APILogWorker.drain_all()
-            EventsWorker.drain_all()
+            try:
+                yield server.api_url
+            finally:  # deliver buffered logs and events (a crash's too) while the server still listens
+                APILogWorker.drain_all()
+                EventsWorker.drain_all()
     finally:
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
@@ -319,7 +322,16 @@ def _lineage_text(chain: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    handles_sigterm = threading.current_thread() is threading.main_thread()
+    if handles_sigterm:
+        # a scheduler's SIGTERM unwinds like Ctrl-C: staged output is removed, the run is marked
+        # crashed and the Prefect server this command started is stopped (the default would leave it running)
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         _ARGV[:] = sys.argv[1:] if argv is None else argv
         ns = build_parser().parse_args(argv)
@@ -327,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     except BadInputError as exc:
         print(f"dataset-prune: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        if handles_sigterm:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

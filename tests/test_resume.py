@@ -129,3 +129,43 @@ def test_killed_in_selection_or_commit_leaves_nothing_visible_and_the_rerun_is_i
         rows = DeltaTable(str(target), version=version).to_pyarrow_table()
         assert sorted(rows.column("sample_id").to_pylist()) == ref_rows
     assert list((out / ".staging").iterdir()) == []
+
+
+def test_sigterm_marks_the_run_crashed_and_stops_the_server_the_command_started(small_npz, tmp_path):
+    """What a scheduler or `kill` sends, here mid-training: the command unwinds — the flow run ends
+    Crashed, its staged output is removed, the Prefect server it started for itself (no API
+    configured) stops with it, and it exits 128 + SIGTERM."""
+    import psutil
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    out = tmp_path / "runs"
+    log = tmp_path / "log.txt"
+    with log.open("w") as sink:
+        # it trains its own model for 30 epochs: the signal lands in the flow's training task
+        argv = [str(Path(sys.executable).parent / "dataset-prune"), "run", "--dataset", f"npz:{small_npz}",
+                "--epochs", "30", "--prune-ratio", "0.4", "--out", str(out), "--target", str(tmp_path / "table")]
+        proc = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None and "epoch 1/30" not in log.read_text():
+            time.sleep(0.05)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        started_server = any("prefect.server" in " ".join(c.cmdline()) for c in tree)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            returncode = proc.wait(timeout=120)
+            _, alive = psutil.wait_procs(tree, timeout=30)  # what the command started ends with it
+            survivors = [" ".join(c.cmdline())[:120] for c in alive]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            for child in tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+    text = log.read_text()
+    assert started_server, "the command started no Prefect server of its own"
+    assert returncode == 128 + signal.SIGTERM, text[-2000:]
+    assert not survivors, f"processes the command started outlived it: {survivors}"
+    assert "Finished in state Crashed" in text
+    assert not [p for p in out.iterdir() if not p.name.startswith(".")], "a terminated run left a run folder"
+    assert not any((out / ".staging").iterdir()), "a terminated run left staged output"
