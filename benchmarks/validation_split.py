@@ -133,7 +133,7 @@ def main() -> int:
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · {platform.node()} · {os.cpu_count()} CPUs · "
              f"{time.perf_counter() - started:.0f} s of retraining · "
              f"{sum(r['reused'] for r in records)} of {len(records)} runs reused from {out / 'cache'}", "",
-             f"Command: `.venv/bin/python benchmarks/validation_split.py {shlex.join(sys.argv[1:])}`", "",
+             f"Command: `.venv/bin/python benchmarks/{Path(sys.argv[0]).name} {shlex.join(sys.argv[1:])}`", "",
              f"Fashion-MNIST training rows 0–{ns.train - 1} train, rows {ns.train}–59999 validate (the test set is "
              "not used); `cnn`, the evaluation's recipe (4 epochs). Validation accuracy %:", "",
              "| prune ratio | variant | mean ± std | per seed |", "|---:|---|---:|---|"]
