@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import typing
 
 from pydantic import ValidationError
 
@@ -63,6 +64,18 @@ def _add_selection_options(parser: argparse.ArgumentParser) -> None:
                         "removed first (default: the schedule by prune ratio)")
 
 
+def _describe(parser: argparse.ArgumentParser, model) -> None:
+    """Help for every option without its own: the description of the flow parameter of the same
+    name (what the UI form shows), and its default."""
+    for action in parser._actions:
+        field = model.model_fields.get(action.dest)
+        if action.help is None and field is not None and field.description:
+            values = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else ()
+            one_of = f"; one of {', '.join(map(str, values))}" if values and action.choices is None else ""
+            default = "" if action.default is None or action.default is False else f" (default: {action.default})"
+            action.help = (field.description + one_of + default).replace("%", "%%")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dataset-prune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -94,14 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the influence stage's memory/time estimate and stop")
 
     select = sub.add_parser("select", help="selection alone, over an existing scores.parquet")
-    select.add_argument("--scores", required=True)
+    select.add_argument("--scores", required=True, help="a run folder's scores.parquet")
     _add_selection_options(select)
     select.add_argument("--seed", type=int, default=0)
     select.add_argument("--class-balanced", action="store_true")
     select.add_argument("--time-limit", type=_float, default=60.0, help="seconds, for --solver scip")
     select.add_argument("--dask-address", help="scheduler for --solver bucketed (default: a local cluster)")
     select.add_argument("--workers", type=int, default=2)
-    select.add_argument("--out", required=True)
+    select.add_argument("--out", required=True, help="the selection's Parquet file (sample_id, pruned)")
 
     evaluate = sub.add_parser("evaluate", help="retrain on pruned sets per method x ratio x seed; report and plots")
     for flag, kind, default in (("--dataset", str, "fashion-mnist"), ("--data-root", str, None), ("--model", str, "cnn"),
@@ -120,9 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--candidates", choices=("auto", "smallest", "uniform"), default="auto")
     evaluate.add_argument("--hard-cut", type=_float)
     evaluate.add_argument("--gpu", action="store_true")
+    from flows.parameters import EvaluateParameters, RunParameters
+
+    for command, model in ((run, RunParameters), (select, RunParameters), (evaluate, EvaluateParameters)):
+        _describe(command, model)
 
     versions = sub.add_parser("versions", help="a target's versions (Delta, dvc:REPO#PATH, lakefs://…) with their provenance")
-    versions.add_argument("uri")
+    versions.add_argument("uri", help="a Delta table path or URI, dvc:REPO#PATH or lakefs://REPO/BRANCH/PATH")
     versions.add_argument("--json", action="store_true", help="print JSON instead of a table")
     versions.add_argument("--lineage", action="store_true",
                           help="per version, the chain of sources it was pruned from, across runs and tables")

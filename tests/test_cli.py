@@ -246,3 +246,23 @@ def test_dry_run_prints_the_estimate_and_writes_nothing(tmp_path, small_npz, cap
     assert code == 0
     assert "n=2000, p=1290, stored dim=256" in out and "math arrays held at once ≈" in out and "vectors stored" in out
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_option_of_every_command_says_what_it_does(capsys):
+    """`--help` documents each option: its own help, or the flow parameter's description (the
+    UI form's text) with the allowed values and the default."""
+    import argparse
+
+    from flows.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"run", "select", "evaluate", "versions"}
+    for name, command in commands.items():
+        bare = [a.option_strings or [a.dest] for a in command._actions if not a.help]
+        assert not bare, f"dataset-prune {name}: options without help: {bare}"
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--method METHOD The paper's optimisation, or a baseline; one of influence, random, el2n" in text
+    assert "--seed SEED Seed of training and of random selection (default: 0)" in text
