@@ -35,7 +35,10 @@ def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, fo
     args = params.eval_args()
     base = params.train_args()
     selections = {}
-    for job in evaluation.selection_jobs(args):
+    def uniform(method: str, ratio: float) -> bool:  # the influence method's seeded candidate order draws at random
+        return params.selection_args_for(method, ratio, 0).candidates == "uniform"
+
+    for job in evaluation.selection_jobs(args, draws=uniform):
         sel_args = params.selection_args_for(job["method"], job["ratio"], job["seed"] or 0)
         path = str(Path(folder) / "selections" / f"{job['name']}.parquet")
         selections[job["name"]] = (job, select_samples.submit(scores, sel_args, path), path)
@@ -84,7 +87,7 @@ def influence_selection(params: EvaluateParameters) -> str:
     if all(sel.coverage == "none" for sel in chosen.values()):
         return "over the whole dataset (`--coverage none`)"
     words = {"smallest": "smallest ‖s_i‖ first", "uniform": "in a seeded uniform order (each stratum's removals "
-             "a near-uniform draw)"}
+             "a near-uniform draw, one per training seed)"}
     by_order = {}
     for r, sel in chosen.items():
         by_order.setdefault(sel.candidates, []).append(f"{r:g}")

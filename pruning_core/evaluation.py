@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -65,12 +66,15 @@ class EvalArgs:
             raise BadInputError("--gap-samples must be 0 (skip) or ≥ 200, with at least 2 ε values")
 
 
-def selection_jobs(args: EvalArgs) -> list[dict]:
-    """One selection per (method, ratio); `random` and `ccs` draw at random, so one per seed."""
+def selection_jobs(args: EvalArgs, draws: Callable[[str, float], bool] | None = None) -> list[dict]:
+    """One selection per (method, ratio); a selection that draws at random (`random`, `ccs`, and
+    whatever `draws(method, ratio)` says does) is drawn once per seed, with that seed, so the
+    table measures the method and not one of its draws."""
     jobs = []
     for method in args.methods:
         for ratio in args.ratios:
-            for seed in (args.seeds if method in ("random", "ccs") else (None,)):
+            seeded = method in ("random", "ccs") or (draws is not None and draws(method, ratio))
+            for seed in (args.seeds if seeded else (None,)):
                 name = f"{method}-r{ratio:g}" + (f"-s{seed}" if seed is not None else "")
                 jobs.append({"name": name, "method": method, "ratio": ratio, "seed": seed})
     return jobs
@@ -340,7 +344,7 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
     for r in records:
         if r["seed"] != seed0 or r["prune_ratio"] not in (0.0, ratio) or not r["curve"]:
             continue
-        if r["method"] in ("random", "ccs") and r.get("selection_seed") not in (None, seed0):
+        if r.get("selection_seed") not in (None, seed0):  # methods drawn per seed: seed0's draw
             continue
         ax.plot([c["train_seconds"] for c in r["curve"]], [100 * c["test_accuracy"] for c in r["curve"]],
                 marker=".", color=_COLOURS.get(r["method"]), lw=2.2 if r["method"] in ("influence", FULL) else 1.2,

@@ -95,7 +95,11 @@ def test_evaluate_flow_end_to_end(prefect_api, small_npz, tmp_path, capsys):
     assert {r["n_kept"] for r in table if r["method"] != "full"} == {1000}
     assert all(0.3 < r["test_accuracy"] <= 1 and r["target_accuracy"] is not None for r in table)
     summary = json.loads((folder / "evaluation.json").read_text())
-    assert summary["scores_from"] and (folder / "selections" / "influence-r0.5.parquet").is_file()
+    assert summary["scores_from"]
+    # at 0.5 the influence method's candidates come in a seeded uniform order: one draw per seed, as random's
+    assert all(r["selection_seed"] == r["seed"] for r in table if r["method"] != "full")
+    draws = [pq.read_table(folder / "selections" / f"influence-r0.5-s{seed}.parquet").column("pruned") for seed in (0, 1)]
+    assert not draws[0].equals(draws[1])
     report = (folder / "report.md").read_text()
     for name in ("accuracy_vs_ratio", "accuracy_vs_time", "generalization_gap"):
         assert f"(plots/{name}.png)" in report
@@ -132,3 +136,18 @@ def test_evaluate_bad_input_exits_2(argv, message, small_npz, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and message in err
     assert not (tmp_path / "runs").exists()
 
+
+
+def test_selections_that_draw_at_random_are_drawn_once_per_seed():
+    from flows.parameters import EvaluateParameters
+
+    params = EvaluateParameters(methods=["influence", "el2n", "ccs"], ratios=[0.4, 0.8], seeds=[0, 1])
+
+    def uniform(method, ratio):
+        return params.selection_args_for(method, ratio, 0).candidates == "uniform"
+
+    names = [job["name"] for job in evaluation.selection_jobs(params.eval_args(), draws=uniform)]
+    assert names == ["influence-r0.4-s0", "influence-r0.4-s1", "influence-r0.8",  # 0.8: smallest ‖s_i‖ first
+                     "el2n-r0.4", "el2n-r0.8", "ccs-r0.4-s0", "ccs-r0.4-s1", "ccs-r0.8-s0", "ccs-r0.8-s1"]
+    assert [job["name"] for job in evaluation.selection_jobs(params.eval_args())][:2] == ["influence-r0.4",
+                                                                                        "influence-r0.8"]
