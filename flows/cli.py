@@ -234,6 +234,11 @@ def prefect_api():
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
+    # a server that lives for one command sends no usage telemetry (offline it would log an ERROR
+    # per run); an environment setting of the user's own is kept
+    quiet = "PREFECT_SERVER_ANALYTICS_ENABLED" not in os.environ
+    if quiet:
+        os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     server = SubprocessASGIServer()
     server.start()
     os.environ["PREFECT_API_URL"] = server.api_url
@@ -246,6 +251,8 @@ def prefect_api():
                 EventsWorker.drain_all()
     finally:
         os.environ.pop("PREFECT_API_URL", None)
+        if quiet:
+            os.environ.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)
         server.stop()
 
 

@@ -266,3 +266,22 @@ def test_every_option_of_every_command_says_what_it_does(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--method METHOD The paper's optimisation, or a baseline; one of influence, random, el2n" in text
     assert "--seed SEED Seed of training and of random selection (default: 0)" in text
+
+
+@pytest.mark.parametrize("setting, expected", [(None, "false"), ("true", "true")])
+def test_the_server_a_command_starts_for_itself_sends_no_telemetry_unless_asked(setting, expected, tmp_path):
+    """Offline, the temporary server's telemetry logged an ERROR into every run's output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), DO_NOT_TRACK="1")
+    if setting is not None:
+        env["PREFECT_SERVER_ANALYTICS_ENABLED"] = setting
+    probe = ("import os, psutil\nfrom flows.cli import prefect_api\nwith prefect_api():\n"
+             "    servers = [p for p in psutil.Process().children(recursive=True) if 'prefect.server' in ' '.join(p.cmdline())]\n"
+             "    print('server', [p.environ().get('PREFECT_SERVER_ANALYTICS_ENABLED') for p in servers])\n"
+             "print('after', os.environ.get('PREFECT_SERVER_ANALYTICS_ENABLED'))\n")
+    done = subprocess.run([sys.executable, "-c", probe], env=env, cwd=Path(__file__).parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"server ['{expected}']" in done.stdout.lower()  # as Prefect passes it on: False/True
+    assert f"after {setting}".lower() in done.stdout.lower()  # the command's own environment is left as it was
+    assert ("Failed to send telemetry" in done.stderr) <= (expected == "true")
