@@ -34,10 +34,11 @@ def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, fo
     logger = get_run_logger()
     args = params.eval_args()
     base = params.train_args()
-    selections = {}
+
     def uniform(method: str, ratio: float) -> bool:  # the influence method's seeded candidate order draws at random
         return params.selection_args_for(method, ratio, 0).candidates == "uniform"
 
+    selections = {}
     for job in evaluation.selection_jobs(args, draws=uniform):
         sel_args = params.selection_args_for(job["method"], job["ratio"], job["seed"] or 0)
         path = str(Path(folder) / "selections" / f"{job['name']}.parquet")

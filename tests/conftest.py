@@ -12,6 +12,15 @@ import pytest
 from pruning_core.data import FASHION_MNIST_ROOT, load_dataset
 
 
+def clean_env(home: Path, **extra) -> dict:
+    """A subprocess environment with its own PREFECT_HOME and none of this session's Prefect
+    settings (telemetry off unless `extra` says otherwise)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", COLUMNS="200")
+    env.update(extra)
+    return env
+
+
 @pytest.fixture(scope="session")
 def fmnist():
     if not (FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz").exists():

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import clean_env
 
 from flows.cli import main
 from pruning_core.errors import BadInputError
@@ -271,8 +272,8 @@ def test_every_option_of_every_command_says_what_it_does(capsys):
 @pytest.mark.parametrize("setting, expected", [(None, "false"), ("true", "true")])
 def test_the_server_a_command_starts_for_itself_sends_no_telemetry_unless_asked(setting, expected, tmp_path):
     """Offline, the temporary server's telemetry logged an ERROR into every run's output."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "home"), DO_NOT_TRACK="1")
+    env = clean_env(tmp_path / "home")
+    env.pop("PREFECT_SERVER_ANALYTICS_ENABLED")
     if setting is not None:
         env["PREFECT_SERVER_ANALYTICS_ENABLED"] = setting
     probe = ("import os, psutil\nfrom flows.cli import prefect_api\nwith prefect_api():\n"

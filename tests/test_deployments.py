@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import write_npz
+from conftest import clean_env, write_npz
 from deltalake import DeltaTable
 
 from pruning_core.data import load_dataset
@@ -33,14 +33,6 @@ BIN = Path(sys.executable).parent
 CHROMIUM = "/usr/bin/chromium"
 SPEC = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-def clean_env(home: Path, **extra) -> dict:
-    """A subprocess environment with its own PREFECT_HOME and none of this session's Prefect settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", COLUMNS="200",
-               **extra)
-    return env
 
 
 def stop(proc: subprocess.Popen, grace: float = 60) -> None:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from conftest import clean_env
 
 
 def command(small_npz, checkpoint, out, target, shards=16):
@@ -137,8 +138,7 @@ def test_sigterm_marks_the_run_crashed_and_stops_the_server_the_command_started(
     configured) stops with it, and it exits 128 + SIGTERM."""
     import psutil
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    env = clean_env(tmp_path / "home")
     out = tmp_path / "runs"
     log = tmp_path / "log.txt"
     with log.open("w") as sink:
