@@ -62,6 +62,7 @@ class TrainResult:
     correctness: np.ndarray | None = None  # (n, epochs) bool: right at its mini-batch, per epoch
     info: dict = field(default_factory=dict)
     curve: list[dict] = field(default_factory=list)  # test accuracy during training (`evaluations_per_epoch`)
+    test_correct: np.ndarray | None = None  # (n_test,) bool: each test sample classified right at the end
 
 
 @torch.inference_mode()
@@ -193,13 +194,14 @@ def train(ds: Dataset, args: TrainArgs, device=None,
         correctness = train_network(model, ds, args, device, progress, evaluations_per_epoch, curve)
         info = {}
     seconds = time.perf_counter() - started
-    test_accuracy = accuracy(model, ds.x_test, ds.y_test, device)
+    test_correct = predict_logits(model, ds.x_test, device=device).argmax(1) == ds.y_test
+    test_accuracy = float(test_correct.mean())
     if args.model != "linear" and evaluations_per_epoch:
         seconds = curve[-1]["train_seconds"]  # training alone
     elif args.model == "linear" and evaluations_per_epoch:  # trained to the optimum: one point
         curve = [{"epoch": 1.0, "samples_seen": ds.n, "train_seconds": seconds, "test_accuracy": test_accuracy}]
     return TrainResult(model, test_accuracy, accuracy(model, ds.x, ds.y, device), seconds, correctness,
-                       {**info, "args": asdict(args)}, curve)
+                       {**info, "args": asdict(args)}, curve, test_correct)
 
 
 def load_model(path: str, model_name: str, ds: Dataset, device=None) -> nn.Module:

@@ -63,6 +63,47 @@ def test_report_says_when_a_margin_is_within_seed_noise():
     assert "ratio 0.6: influence − random = +1.43 points (± 0.23 standard error, paired over 3 seeds): met" in text
 
 
+def _with_predictions(record, correct):
+    return {**record, "test_accuracy": float(correct.mean()), "n_test": len(correct),
+            "test_correct": evaluation.pack_correct(correct)}
+
+
+def test_comparisons_carry_an_interval_over_seeds_and_test_samples():
+    """Every seed agreeing is not enough: a 0.3-point lead that three seeds repeat exactly has no
+    seed noise at all, yet on 2,000 test samples, with the two models disagreeing on 114 of them,
+    it is within the test set's own sampling noise.
+    A 3-point lead is resolved; without per-sample results there is no interval."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    base = rng.random(n) < 0.88
+    wrong, right = np.flatnonzero(~base), np.flatnonzero(base)
+    small, large = base.copy(), base.copy()  # two retrained models disagree on some samples both ways
+    small[wrong[:60]], small[right[:54]] = True, False  # net 6 more right: +0.3 points, the same every seed
+    large[wrong[:90]], large[right[:30]] = True, False  # net 60: +3 points
+    assert evaluation.unpack_correct(evaluation.pack_correct(small), n).tolist() == small.tolist()
+    records = [_with_predictions(_record("full", 0.0, s, [0.9], [3.0]), base) for s in range(3)]
+    for seed in range(3):
+        records += [_with_predictions(_record("influence", 0.6, seed, [0.0], [1.0]), small),
+                    _with_predictions(_record("ccs", 0.6, seed, [0.0], [1.0]), base),
+                    _with_predictions(_record("influence", 0.8, seed, [0.0], [1.0]), large),
+                    _with_predictions(_record("ccs", 0.8, seed, [0.0], [1.0]), base)]
+    evaluation.add_convergence(records, 0.013)
+    summary = evaluation.summarise(records)
+    goal = evaluation.targets(summary, records)
+    near, far = sorted((c for c in goal["comparisons"] if c["versus"] == "ccs"), key=lambda c: c["prune_ratio"])
+    assert near["margin"] == pytest.approx(0.003) and near["margin_se"] == 0  # the seeds agree exactly
+    lo, hi = near["interval"]
+    assert lo < 0 < 0.003 < hi and not near["resolved"]
+    assert hi - lo > 0.015  # the test draw alone: about ±1.96·√114 / 2000, a point either way
+    assert far["resolved"] and 0 < far["interval"][0] < 0.03 < far["interval"][1]
+    text = evaluation.report_markdown(summary, records, [], goal, {}, {"dataset": "d", "model": "m"})
+    assert (f"ratio 0.6: influence − ccs = +0.30 points (± 0.00 standard error, paired over 3 seeds); 95 % interval "
+            f"over seeds and test samples [{100 * lo:+.2f}, {100 * hi:+.2f}], not resolved by this test set: met") in text
+    assert "ratio 0.8: influence − ccs = +3.00 points (± 0.00 standard error, paired over 3 seeds); 95 % interval" in text
+    bare = [{k: v for k, v in r.items() if k != "test_correct"} for r in records]
+    assert evaluation.paired_interval(bare, "influence", "ccs", 0.6) is None
+
+
 def test_generalization_gap_on_real_linear_data(fmnist):
     """The paper's theory check on Fashion-MNIST `linear`: the measured parameter change tracks
     the predicted one over ε and the test-loss change stays under Lip·‖Σ s_i‖ (the full-size
@@ -94,6 +135,9 @@ def test_evaluate_flow_end_to_end(prefect_api, small_npz, tmp_path, capsys):
         ("random", 0.5, 0), ("random", 0.5, 1)]
     assert {r["n_kept"] for r in table if r["method"] != "full"} == {1000}
     assert all(0.3 < r["test_accuracy"] <= 1 and r["target_accuracy"] is not None for r in table)
+    for r in table:  # which test samples each run got right, as the accuracy counts them
+        correct = np.unpackbits(np.frombuffer(r["test_correct"], np.uint8), count=r["n_test"])
+        assert r["n_test"] == 500 and correct.mean() == pytest.approx(r["test_accuracy"])
     summary = json.loads((folder / "evaluation.json").read_text())
     assert summary["scores_from"]
     # at 0.5 the influence method's candidates come in a seeded uniform order: one draw per seed, as random's
@@ -101,7 +145,9 @@ def test_evaluate_flow_end_to_end(prefect_api, small_npz, tmp_path, capsys):
     draws = [pq.read_table(folder / "selections" / f"influence-r0.5-s{seed}.parquet").column("pruned") for seed in (0, 1)]
     assert not draws[0].equals(draws[1])
     report = (folder / "report.md").read_text()
-    for name in ("accuracy_vs_ratio", "accuracy_vs_time", "generalization_gap"):
+    (c,) = [c for c in summary["targets"]["comparisons"] if c["versus"] == "random"]
+    assert c["interval"][0] < c["margin"] < c["interval"][1] and "95 % interval over seeds and test samples" in report
+    for name in ("accuracy_vs_ratio", "accuracy_vs_time", "generalization_gap", "comparisons"):
         assert f"(plots/{name}.png)" in report
         image = mpimg.imread(folder / "plots" / f"{name}.png")
         assert image.shape[0] > 400 and image.shape[1] > 600 and image.std() > 0.05  # drawn, not blank
