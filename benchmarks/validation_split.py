@@ -17,7 +17,9 @@ pruned), the last 10,000 are the validation set the retrained models are measure
        influence-score          the score baseline (prune smallest ‖s_i‖ first)
   4. retrains every (ratio, variant, seed) from scratch with the evaluation's recipe, two
      processes at a time, each finished run recorded in --out/cache (a rerun resumes);
-  5. prints and writes a Markdown table: validation accuracy mean ± std and per seed.
+  5. prints and writes a Markdown table: validation accuracy mean ± std and per seed, and each
+     variant's paired difference from the first with its 95 % interval over seeds and
+     validation samples.
 
 Run:  .venv/bin/python benchmarks/validation_split.py --out runs/candidate-order
 """
@@ -44,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from pruning_core import artifacts  # noqa: E402
 from pruning_core.baselines import ccs_hard_fraction  # noqa: E402
 from pruning_core.data import load_dataset  # noqa: E402
-from pruning_core.evaluation import retrain_stage  # noqa: E402
+from pruning_core.evaluation import paired_differences, paired_interval, retrain_stage  # noqa: E402
 from pruning_core.pipeline import selection_stage  # noqa: E402
 from pruning_core.selection import SelectionArgs  # noqa: E402
 from pruning_core.training import TrainArgs  # noqa: E402
@@ -88,7 +90,11 @@ def _retrain(job):
     return retrain_stage(dataset, None, selection, TrainArgs(model="cnn", seed=seed), 4, labels, threads=1, cache=cache)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None, command: str | None = None) -> int:
+    """`argv` as on the command line (default sys.argv[1:]); `command`, the one the report names
+    (default this script's)."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = command or f".venv/bin/python benchmarks/{Path(sys.argv[0]).name} {shlex.join(argv)}"
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/candidate-order")
     parser.add_argument("--from-run", help="a run folder of the split already scored")
@@ -99,7 +105,7 @@ def main() -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, e.g. uniform,uniform@0.05,ccs")
     parser.add_argument("--title", default="Candidate order inside the difficulty strata")
     parser.add_argument("--report", default="report.md", help="file name of the table, under --out")
-    ns = parser.parse_args()
+    ns = parser.parse_args(argv)
     variants = ns.variants.split(",")
     out = Path(ns.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +139,7 @@ def main() -> int:
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · {platform.node()} · {os.cpu_count()} CPUs · "
              f"{time.perf_counter() - started:.0f} s of retraining · "
              f"{sum(r['reused'] for r in records)} of {len(records)} runs reused from {out / 'cache'}", "",
-             f"Command: `.venv/bin/python benchmarks/{Path(sys.argv[0]).name} {shlex.join(sys.argv[1:])}`", "",
+             f"Command: `{command}`", "",
              f"Fashion-MNIST training rows 0–{ns.train - 1} train, rows {ns.train}–59999 validate (the test set is "
              "not used); `cnn`, the evaluation's recipe (4 epochs). Validation accuracy %:", "",
              "| prune ratio | variant | mean ± std | per seed |", "|---:|---|---:|---|"]
@@ -144,6 +150,18 @@ def main() -> int:
             acc = np.array([100 * r["test_accuracy"] for r in rs])
             lines.append(f"| {ratio:g} | {variant} | {acc.mean():.2f} ± {acc.std(ddof=1) if len(acc) > 1 else 0:.2f} | "
                          + " / ".join(f"{a:.2f}" for a in acc) + " |")
+    first = variants[0]
+    lines += ["", f"Each variant against `{first}`, paired by seed: mean difference in points and its 95 % interval "
+              "over seeds and validation samples (evaluation.paired_interval):", "",
+              "| prune ratio | variant | − " + first + " | 95 % interval |", "|---:|---|---:|---|"]
+    for ratio in ratios:
+        for variant in variants[1:]:
+            runs = [{**r, "method": r["variant"]} for r in records if r["prune_ratio"] == ratio]
+            diffs = paired_differences(runs, variant, first, ratio)
+            interval = paired_interval(runs, variant, first, ratio)
+            lines.append(f"| {ratio:g} | {variant} | {100 * diffs.mean():+.2f} | "
+                         + ("–" if interval is None else f"[{100 * interval[0]:+.2f}, {100 * interval[1]:+.2f}]")
+                         + " |")
     lines += ["", "Objective ‖Σ_R s_i‖ of the removed set (ccs: mean over its per-seed draws):", "",
               "| prune ratio | " + " | ".join(variants) + " |", "|---:|" + "---:|" * len(variants)]
     for ratio in ratios:
