@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
               "over seeds and validation samples (evaluation.paired_interval):", "",
               "| prune ratio | variant | − " + first + " | 95 % interval |", "|---:|---|---:|---|"]
     for ratio in ratios:
+        runs = [{**r, "method": r["variant"]} for r in records if r["prune_ratio"] == ratio]
         for variant in variants[1:]:
-            runs = [{**r, "method": r["variant"]} for r in records if r["prune_ratio"] == ratio]
             diffs = paired_differences(runs, variant, first, ratio)
             interval = paired_interval(runs, variant, first, ratio)
             lines.append(f"| {ratio:g} | {variant} | {100 * diffs.mean():+.2f} | "
