@@ -177,11 +177,17 @@ def summarise(records: list[dict]) -> list[dict]:
     return rows
 
 
+def _paired_runs(records: list[dict], method: str, other: str, ratio: float) -> list[tuple[dict, dict]]:
+    """(run of `method`, run of `other`) at `ratio` for every training seed both ran, by seed."""
+    runs = {(r["method"], r["seed"]): r for r in records if abs(r["prune_ratio"] - ratio) < 1e-9}
+    return [(runs[(method, seed)], runs[(other, seed)]) for m, seed in sorted(runs)
+            if m == method and (other, seed) in runs]
+
+
 def paired_differences(records: list[dict], method: str, other: str, ratio: float) -> np.ndarray:
     """Test accuracy of `method` minus `other` at `ratio`, per training seed both ran."""
-    acc = {(r["method"], r["seed"]): r["test_accuracy"] for r in records if abs(r["prune_ratio"] - ratio) < 1e-9}
-    return np.array([acc[(method, seed)] - acc[(other, seed)] for m, seed in sorted(acc)
-                     if m == method and (other, seed) in acc], dtype=np.float64)
+    return np.array([a["test_accuracy"] - b["test_accuracy"] for a, b in _paired_runs(records, method, other, ratio)],
+                    dtype=np.float64)
 
 
 def paired_interval(records: list[dict], method: str, other: str, ratio: float, level: float = 0.95,
@@ -192,9 +198,7 @@ def paired_interval(records: list[dict], method: str, other: str, ratio: float, 
     real test set is). The seeds' standard error alone treats the test set as the population;
     on 10,000 test samples, two runs that disagree on 5 % of them differ by ±0.2 points from the
     test draw alone. None without per-sample results for at least two paired seeds."""
-    runs = {(r["method"], r["seed"]): r for r in records if abs(r["prune_ratio"] - ratio) < 1e-9}
-    seeds = sorted(s for m, s in runs if m == method and (other, s) in runs)
-    pairs = [(runs[(method, s)], runs[(other, s)]) for s in seeds]
+    pairs = _paired_runs(records, method, other, ratio)
     if len(pairs) < 2 or any(not a.get("test_correct") or not b.get("test_correct") for a, b in pairs):
         return None
     n_test = int(pairs[0][0]["n_test"])
@@ -454,10 +458,7 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
                                           label="not resolved (includes 0)")], fontsize=8, loc="lower right")
         fig.suptitle("This product's method against each baseline: test-accuracy difference, mean over seeds, "
                      "95 % interval over seeds and test samples", fontsize=10)
-        fig.tight_layout()
-        paths["comparisons"] = str(out / "comparisons.png")
-        fig.savefig(paths["comparisons"], dpi=120)
-        plt.close(fig)
+        paths["comparisons"] = _save(fig, [], out / "comparisons.png")  # grids and the one legend set above
     return paths
 
 
