@@ -13,7 +13,7 @@ DEMO_ARGS ?= --dataset fashion-mnist --model cnn --prune-ratio 0.4
 DEMO_EVAL_ARGS ?= --dataset fashion-mnist --model cnn --methods influence,random --ratios 0.4 --seeds 0 \
 	--gap-samples 2000 --gap-points 5 --out runs
 
-.PHONY: setup demo test bench clean serve deploy
+.PHONY: setup demo lint test bench clean serve deploy
 
 setup: $(STAMP) $(FMNIST) $(SYSTEM_TOOLS)
 
@@ -43,7 +43,11 @@ demo: setup
 	@# generalization-gap check; `dataset-prune evaluate` without these flags runs the whole matrix
 	$(BIN)/dataset-prune evaluate --from-run "$$(ls -td runs/2*/ | head -1)" $(DEMO_EVAL_ARGS)
 
-test: setup
+# pyflakes, pycodestyle, import order, bugbear and pyupgrade, as configured in pyproject.toml
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup lint
 	$(BIN)/python -m pytest
 
 # the embedded default: a local Prefect server (SQLite) on 127.0.0.1:4200 serving the deployments of

@@ -27,9 +27,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import validation_split as vs  # noqa: E402
+import validation_split as vs
 
-from pruning_core import artifacts  # noqa: E402
+from pruning_core import artifacts
 
 
 def model_el2n(job) -> np.ndarray:

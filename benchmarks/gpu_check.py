@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pruning_core import hessians, influence as inf
+from pruning_core import hessians
+from pruning_core import influence as inf
 from pruning_core.data import load_dataset
 from pruning_core.models import build_model
 

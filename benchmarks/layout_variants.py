@@ -26,12 +26,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import validation_split as vs  # noqa: E402
+import validation_split as vs
 
-import pruning_core.selection as selection  # noqa: E402
-from pruning_core import artifacts  # noqa: E402
-from pruning_core import baselines  # noqa: E402
-from pruning_core.selection import SelectionArgs  # noqa: E402
+import pruning_core.selection as selection
+from pruning_core import artifacts, baselines
+from pruning_core.selection import SelectionArgs
 
 LAYOUT: dict = {}  # the variant being selected: strata, alpha, per_class, dense
 

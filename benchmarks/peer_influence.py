@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pruning_core.models import build_model  # noqa: E402  (the architecture only)
+from pruning_core.models import build_model  # the architecture only
 
 
 class _Batches(torch.utils.data.Dataset):

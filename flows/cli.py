@@ -229,10 +229,9 @@ def prefect_api():
     if PREFECT_API_URL.value():
         yield PREFECT_API_URL.value()
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
 
     # a server that lives for one command sends no usage telemetry (offline it would log an ERROR
     # per run); an environment setting of the user's own is kept
@@ -274,7 +273,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     goal = result["targets"]
     print(f"evaluation folder: {result['run_dir']}")
     print(f"report:            {result['report']}")
-    for name, path in result["plots"].items():
+    for path in result["plots"].values():
         print(f"plot:              {path}")
     if "accuracy_drop" in goal:
         print(f"at prune ratio {goal['ratio']:g}: accuracy drop {100 * goal['accuracy_drop']:.2f} points, "
@@ -285,8 +284,8 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
 def cmd_select(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pruning_core.pipeline import selection_stage
     from flows.parameters import selection_args
+    from pruning_core.pipeline import selection_stage
 
     args = selection_args(ns.method, ns.prune_ratio, ns.epsilon, ns.solver, ns.seed, ns.class_balanced, ns.coverage,
                           ns.candidates, ns.hard_cut, time_limit=ns.time_limit)

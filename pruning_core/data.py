@@ -107,7 +107,7 @@ class Dataset:
             digest.update(np.ascontiguousarray(array).tobytes())
         return digest.hexdigest()
 
-    def subset(self, rows: np.ndarray, name: str | None = None) -> "Dataset":
+    def subset(self, rows: np.ndarray, name: str | None = None) -> Dataset:
         """The training rows `rows` (indices or a boolean mask), same test split."""
         return Dataset(name or self.name, self.x[rows], self.y[rows], self.sample_id[rows],
                        self.x_test, self.y_test, self.n_classes, dict(self.origin))

@@ -468,7 +468,7 @@ def _pct(x) -> str:
 
 def report_markdown(summary: list[dict], records: list[dict], gaps: list[dict], goal: dict, plots: dict[str, str],
                     context: dict, relative_to: Path | None = None) -> str:
-    rel = (lambda p: str(Path(p).relative_to(relative_to))) if relative_to else (lambda p: p)  # noqa: E731
+    rel = (lambda p: str(Path(p).relative_to(relative_to))) if relative_to else (lambda p: p)
     lines = [f"# Pruning evaluation — {context.get('dataset')} / {context.get('model')}", "",
              "`influence` is this product's method: the removal set minimising the predicted parameter change "
              f"‖Σ_{{i∈R}} s_i‖ (Yang et al. 2023), {context.get('influence_selection', 'as configured')}. "

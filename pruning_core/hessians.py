@@ -16,8 +16,8 @@ shift = λ + damping (DESIGN.md).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ class Curvature:
     device: torch.device
     hvp: Callable[[torch.Tensor, np.ndarray | None], torch.Tensor]
     dense: Callable[[], torch.Tensor] | None = None
-    kron: "Callable[[], KroneckerFactors] | None" = None
+    kron: Callable[[], KroneckerFactors] | None = None
     diag: Callable[[], torch.Tensor] | None = None
 
 

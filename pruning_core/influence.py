@@ -23,10 +23,9 @@ from torch import nn
 
 from .data import as_float, np_float_dtype
 from .errors import BadInputError
-from .models import inference_features
 from .hessians import STRATEGIES, Curvature, KroneckerFactors
+from .models import inference_features
 from .scopes import validate_scope
-
 
 
 @dataclass

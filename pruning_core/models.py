@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -111,7 +111,7 @@ def inference_features(model: nn.Module, example: torch.Tensor) -> Callable[[tor
             fast, eager = graph(example), model.features(example)
         if fast.shape == eager.shape and torch.allclose(fast, eager, rtol=1e-4, atol=1e-5 * float(eager.abs().max()) + 1e-7):
             return graph
-    except Exception:  # noqa: BLE001 - any failure to compile leaves the eager path, which is always right
+    except Exception:  # any failure to compile leaves the eager path, which is always right
         pass
     return model.features
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from . import artifacts, hessians, influence
-from .scopes import ScopedLoss, autograd_curvature, scope_parameter_names
 from .data import load_dataset
 from .influence import InfluenceArgs
+from .scopes import ScopedLoss, autograd_curvature, scope_parameter_names
 from .selection import SelectionArgs, generalization_bound, select
 from .training import TrainArgs, default_device, load_model, predict_logits, train
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pickle
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from .data import Dataset, np_float_dtype, as_float
+from .data import Dataset, as_float, np_float_dtype
 from .errors import BadInputError, CheckpointError
 from .models import LinearModel, build_model, inference_features
 

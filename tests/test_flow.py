@@ -54,11 +54,10 @@ def test_flow_publishes_exactly_the_kept_samples(first_run, prefect_api):
 
 
 def test_flow_emits_the_version_event(first_run, prefect_api):
-    from prefect.client.orchestration import get_client
-    from prefect.events.filters import EventFilter, EventNameFilter
-
     import time
 
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
     from prefect.events.worker import EventsWorker
 
     _, manifest = first_run

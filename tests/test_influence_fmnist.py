@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pruning_core import hessians, influence as inf
+from pruning_core import hessians
+from pruning_core import influence as inf
 from pruning_core.selection import SelectionArgs, objective, select
 from pruning_core.training import TrainArgs, train
 

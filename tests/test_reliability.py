@@ -13,8 +13,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
-
 from fault_injection import commit_rounds
+
 from flows.cli import main
 from flows.parameters import RunParameters
 from pruning_core import artifacts
