@@ -16,6 +16,7 @@ from pathlib import Path
 import dask
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
+from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
 import pruning_core
@@ -103,6 +104,29 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
+def mark_crashed(flow_run_id: str | None, run_id: str, logger) -> None:
+    """End the flow run of a run found dead Crashed. A run killed outright (SIGKILL, out of memory,
+    machine lost) cannot report its own end, so Prefect would show it Running for ever. Nothing
+    happens when that flow run is already final or lives on another Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    if not flow_run_id:
+        return
+    with get_client(sync_client=True) as client:
+        try:
+            state = client.read_flow_run(flow_run_id).state
+        except ObjectNotFound:
+            return
+        if state is not None and state.is_final():
+            return
+        client.set_flow_run_state(flow_run_id, Crashed(message=f"run {run_id} died before it finished (found by a "
+                                                                "later run on the same --out)"), force=True)
+    logger.warning("flow run %s of run %s was %s; marked Crashed", flow_run_id, run_id,
+                   state.name if state else "without a state")
+
+
 @flow(name="prune-dataset")
 def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
     """Train, score every sample's influence, select, and publish the kept samples as a new
@@ -116,9 +140,10 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
     if final.exists():
         raise BadInputError(f"run folder {final} already exists; choose another run id")
     run_preflight(params, load_checkpoint=False)  # the scheduler answers, the estimate fits in memory
-    lock = artifacts.lock_staging(out, run_id)
-    for stale in artifacts.remove_stale_staging(out):
+    lock = artifacts.lock_staging(out, run_id, {"flow_run_id": flow_run.get_id(), "pid": os.getpid()})
+    for stale, owner in artifacts.remove_stale_staging(out).items():
         logger.warning("removed the staging folder of run %s, which died before it finished", stale)
+        mark_crashed(owner.get("flow_run_id"), stale, logger)
     shutil.rmtree(staging, ignore_errors=True)  # ours by the lock: left by an earlier attempt of this run id
     staging.mkdir(parents=True)
     timings: dict[str, float] = {}

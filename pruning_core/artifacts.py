@@ -91,10 +91,11 @@ def staging_lock_path(out: Path, run_id: str) -> Path:
     return Path(out) / ".staging" / f"{run_id}.lock"
 
 
-def lock_staging(out: Path, run_id: str) -> int:
+def lock_staging(out: Path, run_id: str, owner: dict | None = None) -> int:
     """Create and exclusively lock `<out>/.staging/<run_id>.lock`; return its descriptor. Taken
     before the staging folder is made and held until `release_staging`: the kernel drops the
-    lock when the process dies however it dies, which is what marks a staging folder stale."""
+    lock when the process dies however it dies, which is what marks a staging folder stale.
+    `owner` (JSON) is written into the lock file, for whoever finds the run dead."""
     path = staging_lock_path(out, run_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -103,6 +104,8 @@ def lock_staging(out: Path, run_id: str) -> int:
     except BlockingIOError:
         os.close(fd)
         raise BadInputError(f"run {run_id} is already running in {out} (its staging folder is locked)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(owner or {}).encode())
     return fd
 
 
@@ -113,12 +116,12 @@ def release_staging(out: Path, run_id: str, fd: int) -> None:
     os.close(fd)
 
 
-def remove_stale_staging(out: Path) -> list[str]:
+def remove_stale_staging(out: Path) -> dict[str, dict]:
     """Remove the staging folders of runs that died (killed, out of memory, machine lost): those
-    whose lock file no live process holds. Return their run ids. A folder without a lock file
-    is not touched: it is not this mechanism's to judge."""
+    whose lock file no live process holds. Return {run id: the owner its lock file recorded}. A
+    folder without a lock file is not touched: it is not this mechanism's to judge."""
     root = Path(out) / ".staging"
-    removed = []
+    removed = {}
     for lock in sorted(root.glob("*.lock")) if root.is_dir() else []:
         try:
             fd = os.open(lock, os.O_RDWR)
@@ -130,10 +133,14 @@ def remove_stale_staging(out: Path) -> list[str]:
             except BlockingIOError:  # its run is alive
                 continue
             run_id = lock.name[:-len(".lock")]
+            try:
+                owner = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+            except ValueError:  # written by a run that died mid-write, or by an older version
+                owner = {}
             shutil.rmtree(root / run_id, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(lock)
-            removed.append(run_id)
+            removed[run_id] = owner if isinstance(owner, dict) else {}
         finally:
             os.close(fd)
     return removed

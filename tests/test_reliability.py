@@ -105,7 +105,7 @@ def test_stale_staging_folders_are_removed_and_live_ones_kept(tmp_path):
     out = tmp_path / "runs"
     live = artifacts.lock_staging(out, "live")
     artifacts.staging_path(out, "live").mkdir()
-    dead = (f"from pruning_core import artifacts; artifacts.lock_staging({str(out)!r}, 'dead'); "
+    dead = (f"from pruning_core import artifacts; artifacts.lock_staging({str(out)!r}, 'dead', {{'pid': 7}}); "
             f"folder = artifacts.staging_path({str(out)!r}, 'dead'); folder.mkdir(); "
             f"(folder / 'scores.parquet').write_text('partial'); import os; os._exit(0)")
     subprocess.run([sys.executable, "-c", dead], check=True, cwd=Path(__file__).parents[1])
@@ -113,11 +113,11 @@ def test_stale_staging_folders_are_removed_and_live_ones_kept(tmp_path):
     try:
         with pytest.raises(BadInputError, match="already running"):
             artifacts.lock_staging(out, "live")
-        assert artifacts.remove_stale_staging(out) == ["dead"]
+        assert artifacts.remove_stale_staging(out) == {"dead": {"pid": 7}}  # with what its lock recorded
         assert sorted(p.name for p in (out / ".staging").iterdir()) == ["foreign", "live", "live.lock"]
     finally:
         artifacts.release_staging(out, "live", live)
-    assert artifacts.remove_stale_staging(out) == []
+    assert artifacts.remove_stale_staging(out) == {}
 
 
 def test_a_run_that_would_exceed_memory_is_refused_early_with_the_estimate(small_npz, tmp_path, capsys):

@@ -37,10 +37,17 @@ def test_killed_run_recomputes_only_missing_shards(small_npz, cnn_checkpoint, tm
     assert any(name.startswith("scores-") for name in before), "the run ended before it could be interrupted"
     assert sum(name.startswith("scores-") for name in before) < 16, "nothing was left to resume"
     assert not [p for p in out.iterdir() if not p.name.startswith(".")], "a killed run left a run folder"
+    (lock,) = out.glob(".staging/*.lock")
+    killed = json.loads(lock.read_text())["flow_run_id"]
+    assert flow_run_state(killed).name == "Running"  # it could not report its own end
 
-    # 2. rerun: finished shards are not rewritten, the missing ones are computed
+    # 2. rerun: finished shards are not rewritten, the missing ones are computed; the killed run's
+    #    flow run is marked Crashed
     subprocess.run(command(small_npz, checkpoint, out, tmp_path / "table"), env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert flow_run_state(killed).name == "Crashed"
+    assert "died before it finished" in flow_run_state(killed).message
+    assert not list(out.glob(".staging/*"))
     after = {p.name: p.stat().st_mtime_ns for p in out.glob(".cache/*/*-*.*")}
     assert all(after[name] == mtime for name, mtime in before.items())
     assert sum(name.startswith("scores-") for name in after) == 16
@@ -52,6 +59,13 @@ def test_killed_run_recomputes_only_missing_shards(small_npz, cnn_checkpoint, tm
     resumed = pq.read_table(next(out.glob("2*/scores.parquet")))
     reference = pq.read_table(next(clean.glob("2*/scores.parquet")))
     assert resumed.equals(reference)
+
+
+def flow_run_state(flow_run_id: str):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state
 
 
 FAULTS = Path(__file__).with_name("fault_injection.py")
