@@ -34,6 +34,7 @@ from .errors import CommitConflictError, DatasetError
 
 METADATA_KEY = "dataset_pruning"
 COMMIT_ATTEMPTS = 10  # per run, against concurrent writers of the same table
+MAINTENANCE_OPERATIONS = {"VACUUM START", "VACUUM END", "OPTIMIZE", "SET TBLPROPERTIES"}  # same rows after
 CREATE_LOCK = ".dataset-prune-create.lock"  # hidden: Delta's vacuum leaves it alone
 log = logging.getLogger(__name__)
 
@@ -123,13 +124,30 @@ def version_of_run(uri: str, run_id: str | None) -> int | None:
     if run_id is None:
         return None
     try:
-        history = DeltaTable(uri).history()
+        history = commit_history(uri)
     except TableNotFoundError:
         return None
     for entry in history:
         if provenance_of(entry).get("run_id") == run_id:
             return int(entry["version"])
     return None
+
+
+def commit_history(uri: str, attempts: int = 20) -> list[dict]:
+    """The table's commit log, newest first, each entry with its true `version`.
+
+    deltalake 1.6's `DeltaTable.history()` lists every commit in storage but numbers them down
+    from the version of the snapshot it was called on (delta-rs #4488): on a table opened at an
+    older version, or when another writer commits while it runs, every number is shifted — a
+    concurrent commit would report another run's version, and after a `vacuum()` (which commits)
+    an old version would be read with a VACUUM commit's (empty) provenance. So the history is
+    read from the newest snapshot, and read again if a commit landed meanwhile."""
+    for _ in range(attempts):
+        table = DeltaTable(uri)
+        history = table.history()
+        if DeltaTable(uri).version() == table.version():  # nothing landed while the log was listed
+            return history
+    raise CommitConflictError(f"{uri}: the log kept changing while it was read ({attempts} attempts); retry")
 
 
 def provenance_of(history_entry: dict) -> dict:
@@ -156,7 +174,10 @@ def read_version(uri: str, version: int | None = None) -> Dataset:
 
     table = open_table(uri, version)
     version = table.version()
-    entry = next((h for h in table.history() if int(h["version"]) == version), {})
+    # the newest commit up to `version` that wrote data: table maintenance (a vacuum, an optimize)
+    # commits without changing which rows the table holds
+    entry = next((h for h in commit_history(uri) if int(h["version"]) <= version
+                  and h.get("operation") not in MAINTENANCE_OPERATIONS), {})
     provenance = provenance_of(entry)
     origin = provenance.get("origin") or {}
     if not origin.get("source"):
@@ -180,9 +201,9 @@ def read_version(uri: str, version: int | None = None) -> Dataset:
 
 def list_versions(uri: str) -> list[dict]:
     """Every version of the table, newest first: version, timestamp (ms), rows added, provenance."""
-    table = open_table(uri)
+    open_table(uri)  # a clear error for a missing table
     out = []
-    for entry in table.history():
+    for entry in commit_history(uri):
         out.append({"version": int(entry["version"]), "timestamp": entry.get("timestamp"),
                     "operation": entry.get("operation"),
                     "rows": (entry.get("operationMetrics") or {}).get("num_added_rows"),

@@ -66,6 +66,57 @@ def test_delta_version_round_trip_with_time_travel(tmp_path, small_npz):
     assert [v["provenance"]["run_id"] for v in list_versions(uri)] == ["c", "b", "a"]
 
 
+def test_old_versions_keep_their_own_provenance_after_newer_commits_and_a_vacuum(tmp_path, small_npz):
+    """deltalake 1.6's history() numbers the log from the snapshot it is called on: reading an
+    old version took a newer commit's provenance, and after a vacuum (which commits) the table
+    read as "not written by dataset-prune"."""
+    import shutil
+
+    from deltalake import DeltaTable
+
+    other = tmp_path / "other.npz"
+    shutil.copy(small_npz, other)
+    uri = str(tmp_path / "table")
+    first, second = load_dataset(f"npz:{small_npz}"), load_dataset(f"npz:{other}")
+    commit_version(uri, first, np.arange(first.n) % 2 == 0, {"run_id": "a"})
+    commit_version(uri, second, np.arange(second.n) % 3 == 0, {"run_id": "b"})
+    old = read_version(uri, 0)
+    assert old.origin["source"] == f"npz:{small_npz}" and old.n == (first.n + 1) // 2
+    # a vacuum that deletes version 0's files commits twice; the data stays version 1's
+    assert DeltaTable(uri).vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
+    assert [(v["version"], v["operation"], v["provenance"].get("run_id")) for v in list_versions(uri)] == [
+        (3, "VACUUM END", None), (2, "VACUUM START", None), (1, "WRITE", "b"), (0, "WRITE", "a")]
+    for version in (1, 3, None):
+        new = read_version(uri, version)
+        assert new.origin["source"] == f"npz:{other}" and new.n == (second.n + 2) // 3
+    assert read_version(uri, None).name == f"delta:{uri}@3"
+
+
+def test_a_commit_landing_while_the_log_is_read_does_not_shift_the_versions(tmp_path, small_npz, monkeypatch):
+    """Another writer commits while history() lists the log: the listing is read again, so a
+    run is never told another run's version number."""
+    import deltalake
+    import pyarrow as pa
+
+    ds = load_dataset(f"npz:{small_npz}")
+    uri = str(tmp_path / "table")
+    assert commit_version(uri, ds, np.arange(ds.n) % 2 == 0, {"run_id": "a"}) == 0
+    history, calls = deltalake.DeltaTable.history, []
+
+    def history_with_a_concurrent_commit(table, limit=None):
+        calls.append(table.version())
+        if len(calls) == 2:  # run b has committed and looks up its version: another writer commits
+            deltalake.write_deltalake(uri, pa.table({"x": [1]}), mode="overwrite", schema_mode="overwrite")
+        return history(table, limit)
+
+    monkeypatch.setattr(deltalake.DeltaTable, "history", history_with_a_concurrent_commit)
+    assert commit_version(uri, ds, np.arange(ds.n) % 3 == 0, {"run_id": "b"}) == 1
+    assert calls == [0, 1, 2]  # the listing made while version 2 landed was read again
+    monkeypatch.undo()
+    assert [(v["version"], v["provenance"].get("run_id")) for v in list_versions(uri)] == [(2, None), (1, "b"),
+                                                                                          (0, "a")]
+
+
 def test_missing_delta_table(tmp_path):
     with pytest.raises(DatasetError, match="no Delta table"):
         load_dataset(f"delta:{tmp_path / 'nothing'}@0")
