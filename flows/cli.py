@@ -351,10 +351,15 @@ def _exit_on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     handles_sigterm = threading.current_thread() is threading.main_thread()
+    terminated = []
     if handles_sigterm:
         # a scheduler's SIGTERM unwinds like Ctrl-C: staged output is removed, the run is marked
         # crashed and the Prefect server this command started is stopped (the default would leave it running)
-        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        def on_sigterm(signum, frame):
+            terminated.append(signum)
+            _exit_on_sigterm(signum, frame)
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         _ARGV[:] = sys.argv[1:] if argv is None else argv
         ns = build_parser().parse_args(argv)
@@ -362,6 +367,13 @@ def main(argv: list[str] | None = None) -> int:
     except BadInputError as exc:
         print(f"dataset-prune: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception:
+        # the SystemExit the signal raised can come back wrapped by what it interrupted (Prefect
+        # serialising a task's context re-raises it as a serialization error): still a stop
+        if not terminated:
+            raise
+        print("dataset-prune: stopped by SIGTERM", file=sys.stderr)
+        return 128 + terminated[0]
     finally:
         if handles_sigterm:
             signal.signal(signal.SIGTERM, previous)

@@ -286,3 +286,41 @@ def test_the_server_a_command_starts_for_itself_sends_no_telemetry_unless_asked(
     assert f"server ['{expected}']" in done.stdout.lower()  # as Prefect passes it on: False/True
     assert f"after {setting}".lower() in done.stdout.lower()  # the command's own environment is left as it was
     assert ("Failed to send telemetry" in done.stderr) <= (expected == "true")
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_sigterm_exits_143_even_when_what_it_interrupted_wraps_it(wrapped, small_npz, tmp_path, monkeypatch,
+                                                                  capsys):
+    """A real SIGTERM lands inside a command; when the code it interrupted re-raises it as another
+    exception (Prefect does so while serialising a task's context), the command still reports a
+    stop (128 + SIGTERM) rather than a failure (1). Without a signal, an error stays an error."""
+    import signal
+
+    import flows.cli as cli
+
+    def select_that_is_stopped(ns):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, in the main thread
+        except SystemExit as stop:
+            if wrapped:
+                raise RuntimeError("Error calling to_json: SystemExit") from stop
+            raise
+        raise AssertionError("the signal did not interrupt the command")
+
+    monkeypatch.setattr(cli, "cmd_select", select_that_is_stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    argv = ["select", "--scores", str(tmp_path / "scores.parquet"), "--prune-ratio", "0.4",
+            "--out", str(tmp_path / "sel.parquet")]
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is removed again
+
+    def select_that_fails(ns):
+        raise RuntimeError("a real failure")
+
+    monkeypatch.setattr(cli, "cmd_select", select_that_fails)
+    with pytest.raises(RuntimeError, match="a real failure"):
+        main(argv)
