@@ -101,6 +101,8 @@ def selection_args(variant: str, ratio: float, seed: int) -> SelectionArgs:
     LAYOUT.clear()
     if variant in ("el2n", "forgetting"):
         return SelectionArgs(method=variant, prune_ratio=ratio)
+    if variant == "influence-score" or variant.startswith("ccs"):
+        return _selection_args(variant, ratio, seed)
     run = Path(sys.argv[sys.argv.index("--from-run") + 1])
     if variant.startswith("dense"):
         _, _, k = variant.partition("#")
