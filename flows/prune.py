@@ -114,15 +114,18 @@ def mark_crashed(flow_run_id: str | None, run_id: str, logger) -> None:
 
     if not flow_run_id:
         return
-    with get_client(sync_client=True) as client:
-        try:
+    try:
+        with get_client(sync_client=True) as client:
             state = client.read_flow_run(flow_run_id).state
-        except ObjectNotFound:
-            return
-        if state is not None and state.is_final():
-            return
-        client.set_flow_run_state(flow_run_id, Crashed(message=f"run {run_id} died before it finished (found by a "
-                                                                "later run on the same --out)"), force=True)
+            if state is not None and state.is_final():
+                return
+            client.set_flow_run_state(flow_run_id, Crashed(message=f"run {run_id} died before it finished (found "
+                                                                    "by a later run on the same --out)"), force=True)
+    except ObjectNotFound:
+        return
+    except Exception as exc:  # bookkeeping of a dead run: never a reason for this run to fail
+        logger.warning("could not mark flow run %s of run %s Crashed: %s", flow_run_id, run_id, exc)
+        return
     logger.warning("flow run %s of run %s was %s; marked Crashed", flow_run_id, run_id,
                    state.name if state else "without a state")
 
