@@ -345,10 +345,6 @@ def _lineage_text(chain: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     handles_sigterm = threading.current_thread() is threading.main_thread()
     terminated = []
@@ -357,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         # crashed and the Prefect server this command started is stopped (the default would leave it running)
         def on_sigterm(signum, frame):
             terminated.append(signum)
-            _exit_on_sigterm(signum, frame)
+            raise SystemExit(128 + signum)
 
         previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
