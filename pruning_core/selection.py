@@ -436,9 +436,7 @@ def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarr
             path = np.linalg.norm(np.cumsum(vectors[order], axis=0, dtype=np.float64), axis=1)
             pruned = _largest_prefix_within(vectors, order, path, args.epsilon)
     elif args.solver == "scip":
-        warm = select(vectors, SelectionArgs(prune_ratio=args.prune_ratio, epsilon=args.epsilon, seed=args.seed,
-                                             class_balanced=args.class_balanced, coverage=args.coverage,
-                                             candidates=args.candidates, hard_cut=args.hard_cut), columns).pruned
+        warm = select(vectors, dataclasses.replace(args, solver="greedy"), columns).pruned  # SCIP's warm start
         pruned, scip_info = solve_scip(vectors, args, warm, labels if quotas is not None else None, quotas)
         info.update(scip_info)
     elif args.solver == "bucketed":
