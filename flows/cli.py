@@ -62,6 +62,8 @@ def _add_selection_options(parser: argparse.ArgumentParser) -> None:
                         help="influence solver: feed its pool smallest ‖s_i‖ first or in a seeded uniform order")
     parser.add_argument("--hard-cut", type=_float, help="under difficulty coverage: share of the hardest samples "
                         "removed first (default: the schedule by prune ratio)")
+    parser.add_argument("--train-epochs", type=int, help="epochs the pruned set will be trained for, when longer "
+                        "than the scoring run's: the hard-cut schedule cuts less (default: the same)")
 
 
 def _describe(parser: argparse.ArgumentParser, model) -> None:
@@ -284,13 +286,20 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
 def cmd_select(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from flows.parameters import selection_args
+    from flows.parameters import scoring_recipe, selection_args, train_budget
     from pruning_core.pipeline import selection_stage
 
-    args = selection_args(ns.method, ns.prune_ratio, ns.epsilon, ns.solver, ns.seed, ns.class_balanced, ns.coverage,
-                          ns.candidates, ns.hard_cut, time_limit=ns.time_limit)
     if not Path(ns.scores).is_file():
         raise BadInputError(f"--scores {ns.scores}: file not found")
+    budget = 1.0
+    if ns.train_epochs is not None:
+        if ns.train_epochs < 1:
+            raise BadInputError(f"--train-epochs {ns.train_epochs} must be at least 1")
+        recipe = scoring_recipe(Path(ns.scores).resolve().parent)  # the run folder of --scores
+        budget = train_budget(ns.train_epochs, recipe.epochs, recipe.model)
+    args = selection_args(ns.method, ns.prune_ratio, ns.epsilon, ns.solver, ns.seed, ns.class_balanced, ns.coverage,
+                          ns.candidates, ns.hard_cut, time_limit=ns.time_limit,
+                          train_budget=budget if ns.method == "influence" else 1.0)
     if args.solver == "bucketed":
         from flows.preflight import scheduler_info
         from tasks.select import dask_map

@@ -48,6 +48,22 @@ def selection_args(method: str, prune_ratio: float | None, epsilon: float | None
                          hard_cut=hard_cut, **extra)
 
 
+def scoring_recipe(run_dir: Path) -> TrainArgs:
+    """The training recipe of a finished run, from its manifest (the model's default epochs when
+    none were given)."""
+    path = run_dir / "manifest.json"
+    if not path.is_file():
+        raise BadInputError(f"{run_dir}: no manifest.json, so the scoring run's epochs are not known")
+    used = json.loads(path.read_text()).get("arguments", {})
+    return TrainArgs(model=used.get("model", "cnn"), epochs=used.get("epochs"))
+
+
+def train_budget(train_epochs: int | None, scoring_epochs: int, model: str) -> float:
+    """The pruned set's training epochs ÷ the scoring run's (SelectionArgs.train_budget); 1 when
+    not given and for `linear`, which trains to the optimum."""
+    return 1.0 if train_epochs is None or model == "linear" else train_epochs / scoring_epochs
+
+
 # Labels of the deployment form in the Prefect UI ("Custom run"); other fields get their name.
 FIELD_TITLES = {
     "dataset": "Dataset", "data_root": "Data folder", "model": "Model", "checkpoint": "Checkpoint (skips training)",
@@ -56,7 +72,8 @@ FIELD_TITLES = {
     "projection_dim": "Projection dimension", "gpu": "GPU workers", "prune_ratio": "Prune ratio (fraction removed)",
     "epsilon": "ε: bound on ‖Σ s_i‖₂", "method": "Selection method", "solver": "Solver",
     "class_balanced": "Class-balanced", "coverage": "Difficulty coverage",
-    "candidates": "Candidate order of the solver", "hard_cut": "Hardest share cut first", "shards": "Influence shards",
+    "candidates": "Candidate order of the solver", "hard_cut": "Hardest share cut first",
+    "train_epochs": "Epochs the pruned set will be trained for", "shards": "Influence shards",
     "workers": "Local Dask workers", "dask_address": "Dask scheduler address", "out": "Run folder root",
     "target": "Version target", "block_size": "Block size (rows)",
 }
@@ -109,7 +126,13 @@ class RunParameters(BaseModel):
     hard_cut: float | None = Field(
         None, ge=0, lt=1, description="Under difficulty coverage: the share of the hardest (highest-EL2N) samples "
                                       "removed first; empty: the product's schedule, none up to 50 % pruned, then "
-                                      "half of every further removal (β = (ratio − 0.5) / 2)")
+                                      "half of every further removal (β = (ratio − 0.5) / 2), shifted by "
+                                      "train_epochs")
+    train_epochs: int | None = Field(
+        None, ge=1, le=10000, description="Epochs the pruned set will be trained for, when longer than the scoring "
+                                          "run's: the hard-cut schedule shifts right by 0.1 in ratio per doubling "
+                                          "(a longer recipe learns from more of the hard tail); empty: the same "
+                                          "as the scoring run's epochs")
     shards: int = Field(4, ge=1, le=10000, description="Influence shards (contiguous sample ranges)")
     workers: int = Field(2, ge=1, le=256, description="Workers of the local Dask cluster (ignored with dask_address)")
     dask_address: str | None = Field(None, description="tcp://host:port of an existing Dask scheduler",
@@ -149,7 +172,17 @@ class RunParameters(BaseModel):
     def selection_args_for(self, method: str, prune_ratio: float | None, seed: int) -> SelectionArgs:
         return selection_args(method, prune_ratio, self.epsilon if prune_ratio is None else None, self.solver, seed,
                               self.class_balanced, self.coverage, self.candidates,
-                              self.hard_cut if method == self.method else None)  # baselines as published
+                              self.hard_cut if method == self.method else None,  # baselines as published
+                              train_budget=self.train_budget() if method == "influence" else 1.0)
+
+    def scoring_epochs(self) -> int:
+        """Epochs of the model the scores come from: the recipe's (also for --checkpoint, whose
+        training is not known)."""
+        return self.train_args().epochs
+
+    def train_budget(self) -> float:
+        """The pruned set's training epochs ÷ the scoring run's (SelectionArgs.train_budget)."""
+        return train_budget(self.train_epochs, self.scoring_epochs(), self.model)
 
     def target_uri(self) -> str:
         """Where the version goes: a URI with a scheme as given, `dvc:REPO#PATH` with REPO made
@@ -212,11 +245,24 @@ class EvaluateParameters(RunParameters):
     def run_parameters(self) -> RunParameters:
         return RunParameters(**{k: v for k, v in self.model_dump().items() if k in RunParameters.model_fields})
 
+    def scoring_epochs(self) -> int:
+        """Epochs of the scoring run: --from-run's recipe, else this one (the scoring run trains with it)."""
+        return super().scoring_epochs() if self.from_run is None else scoring_recipe(Path(self.from_run)).epochs
+
+    def train_budget(self) -> float:
+        """The evaluation retrains with --epochs: its epochs ÷ the scoring run's."""
+        return train_budget(self.train_args().epochs, self.scoring_epochs(), self.model)
+
     def validate_all(self) -> None:
+        if self.train_epochs is not None:
+            raise BadInputError("train_epochs: an evaluation retrains with its own epochs (--epochs); to evaluate a "
+                                "longer recipe, retrain a run's scores longer (--from-run RUN --epochs N)")
+        if self.from_run is not None:  # first: the selection's training budget reads its manifest
+            self._check_from_run()
         super().validate_all()
         self.eval_args()
-        if self.from_run is None:
-            return
+
+    def _check_from_run(self) -> None:
         run = Path(self.from_run)
         if not (run / "manifest.json").is_file() or not (run / "scores.parquet").is_file():
             raise BadInputError(f"--from-run {self.from_run}: not a finished run folder (no manifest.json/scores.parquet)")

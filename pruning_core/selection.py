@@ -50,6 +50,7 @@ class SelectionArgs:
     coverage: str = "none"  # "difficulty": per-stratum removal quotas over EL2N (CCS's layout), see `select`
     candidates: str = "smallest"  # order the greedy path's pool is fed in: ascending ‖s_i‖, or seeded uniform
     hard_cut: float | None = None  # under coverage: share of the hardest samples removed first (None: hard_cut_for)
+    train_budget: float = 1.0  # epochs the pruned set will be trained for ÷ the scoring run's (shifts hard_cut_for)
     time_limit: float = 60.0  # seconds, for the `scip` reference solver
     buckets: int = 8  # for the `bucketed` solver
 
@@ -79,6 +80,9 @@ class SelectionArgs:
             raise BadInputError(f"--hard-cut {self.hard_cut} must lie in [0, 1)")
         if self.hard_cut is not None and self.coverage == "none" and self.method != "ccs":
             raise BadInputError("--hard-cut applies to --coverage difficulty and --method ccs")
+        if not (self.train_budget > 0 and math.isfinite(self.train_budget)):
+            raise BadInputError(f"the training budget {self.train_budget} (--train-epochs ÷ the scoring run's epochs) "
+                                "must be a positive finite number")
         if self.class_balanced and self.epsilon is not None:
             raise BadInputError("--class-balanced applies to --prune-ratio, not --epsilon")
         if self.pool_size < 1 or self.swap_candidates < 1 or self.swap_rounds < 0:
@@ -89,17 +93,26 @@ class SelectionArgs:
 
     def coverage_cut(self) -> float:
         """β the difficulty coverage cuts first: --hard-cut as given, else the schedule."""
-        return self.hard_cut if self.hard_cut is not None else hard_cut_for(self.prune_ratio)
+        return self.hard_cut if self.hard_cut is not None else hard_cut_for(self.prune_ratio, self.train_budget)
 
 
-def hard_cut_for(prune_ratio: float) -> float:
+def hard_cut_for(prune_ratio: float, train_budget: float = 1.0) -> float:
     """β of the influence method's difficulty coverage, the share of the hardest (highest-EL2N)
-    samples removed before the strata share out the rest: none up to 50 % pruned, then half of
+    samples removed before the strata share out the rest.
+
+    With the scoring run's own recipe (train_budget 1): none up to 50 % pruned, then half of
     every further removal, β = (r − 0.5) / 2. CCS's CIFAR-10 schedule (none below 70 %, 10 % at
     70–80 %) kept Fashion-MNIST's hardest, often mislabelled, tail where the kept set is small; on
     a held-out validation split this line beat it and every other β measured at 40, 60 and 80 %
-    pruned (benchmarks/results/hard-cut.md)."""
-    return round(max(0.0, (prune_ratio - 0.5) / 2), 6)
+    pruned (benchmarks/results/hard-cut.md).
+
+    A longer downstream recipe learns from more of the hard tail, so the line shifts right by
+    0.1 in r per doubling of the training epochs: β = (r − 0.5 − 0.1·log2 b) / 2, b = train_budget
+    (the pruned set's epochs ÷ the scoring run's). With twice the epochs the validation split's
+    best β was 0 at 60 % and 0.1 at 80 % pruned (benchmarks/results/recipe-8.md). A budget below 1
+    is taken as 1: a shorter recipe than the scoring run's was not measured."""
+    shift = 0.1 * math.log2(max(1.0, train_budget))
+    return round(max(0.0, (prune_ratio - 0.5 - shift) / 2), 6)
 
 
 @dataclass
@@ -419,7 +432,8 @@ def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarr
             raise BadInputError("--coverage difficulty needs the score column 'el2n', which these scores lack")
         cut = args.coverage_cut()
         labels, quotas = coverage_strata(np.asarray(columns["el2n"], np.float64), args.n_prune(n), hard_fraction=cut)
-        info["coverage"] = {"strata": int(len(quotas) - 1), "hard_cut": int(quotas[-1]), "hard_fraction": cut}
+        info["coverage"] = {"strata": int(len(quotas) - 1), "hard_cut": int(quotas[-1]), "hard_fraction": cut,
+                            "train_budget": args.train_budget}
     if args.method != "influence":
         order = removal_order(args.method, columns, vectors, args.seed,
                               args.n_prune(n) if args.prune_ratio is not None else None, args.hard_cut)

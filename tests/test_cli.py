@@ -114,6 +114,7 @@ CASES = {
                               "--hard-cut applies to --coverage difficulty and --method ccs"),
     "hard cut for random": (["--method", "random", "--hard-cut", "0.1"], "--hard-cut applies to"),
     "zero epochs": (["--epochs", "0"], "--epochs 0"),
+    "zero train epochs": (["--train-epochs", "0"], "--train-epochs 0"),
     "infinite lr": (["--lr", "inf"], "lr must be finite"),
     "NaN lr": (["--lr", "nan"], "--lr nan"),
     "negative weight decay": (["--weight-decay", "-1"], "--weight-decay -1.0"),

@@ -197,3 +197,27 @@ def test_selections_that_draw_at_random_are_drawn_once_per_seed():
                      "el2n-r0.4", "el2n-r0.8", "ccs-r0.4-s0", "ccs-r0.4-s1", "ccs-r0.8-s0", "ccs-r0.8-s1"]
     assert [job["name"] for job in evaluation.selection_jobs(params.eval_args())][:2] == ["influence-r0.4",
                                                                                         "influence-r0.8"]
+
+
+def test_retraining_longer_than_the_scoring_run_shifts_the_hard_cut(tmp_path):
+    """An evaluation that retrains a --from-run's scores with twice its epochs selects with the
+    schedule shifted (10 % cut at 80 % pruned, not 15 %); the baselines keep their published
+    schedules; a scoring run of its own trains as long as it retrains; train_epochs is refused."""
+    import pyarrow as pa
+
+    from flows.parameters import EvaluateParameters
+    from pruning_core.errors import BadInputError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    arguments = {"dataset": "fashion-mnist", "model": "cnn", "data_root": None, "epochs": None}  # cnn default: 4
+    (run / "manifest.json").write_text(json.dumps({"arguments": arguments}))
+    pq.write_table(pa.table({"forgetting": [0], "embedding": [[0.0]]}), run / "scores.parquet")
+    params = EvaluateParameters(from_run=str(run), epochs=8, ratios=[0.6, 0.8])
+    params.validate_all()
+    assert params.train_budget() == 2.0
+    assert [params.selection_args_for("influence", r, 0).coverage_cut() for r in (0.6, 0.8)] == [0.0, 0.1]
+    assert params.selection_args_for("ccs", 0.8, 0).train_budget == 1.0
+    assert EvaluateParameters(epochs=8).selection_args_for("influence", 0.8, 0).coverage_cut() == 0.15
+    with pytest.raises(BadInputError, match="retrains with its own epochs"):
+        EvaluateParameters(from_run=str(run), train_epochs=8).validate_all()

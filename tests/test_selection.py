@@ -225,6 +225,12 @@ def test_hard_cut_schedule_and_override():
     vectors = rng.normal(size=(n, 6)) * el2n[:, None]
     hardest = np.argsort(-el2n, kind="stable")
     assert [hard_cut_for(r) for r in (0.2, 0.4, 0.5, 0.6, 0.8, 0.9)] == [0.0, 0.0, 0.0, 0.05, 0.15, 0.2]
+    # a longer downstream recipe shifts the line right by 0.1 per doubling; a shorter one is taken as the same
+    assert [hard_cut_for(r, 2) for r in (0.4, 0.6, 0.8, 0.9)] == [0.0, 0.0, 0.1, 0.15]
+    assert [hard_cut_for(r, 4) for r in (0.6, 0.8)] == [0.0, 0.05] and hard_cut_for(0.8, 0.5) == 0.15
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(BadInputError, match="training budget"):
+            SelectionArgs(prune_ratio=0.6, coverage="difficulty", train_budget=bad)
     for ratio, cut in [(0.4, None), (0.6, None), (0.8, None), (0.6, 0.0), (0.6, 0.25)]:
         beta = hard_cut_for(ratio) if cut is None else cut
         result = select(vectors, SelectionArgs(prune_ratio=ratio, coverage="difficulty", hard_cut=cut), {"el2n": el2n})
