@@ -108,8 +108,9 @@ def hard_cut_for(prune_ratio: float, train_budget: float = 1.0) -> float:
 
     A longer downstream recipe learns from more of the hard tail, so the line shifts right by
     0.1 in r per doubling of the training epochs: β = (r − 0.5 − 0.1·log2 b) / 2, b = train_budget
-    (the pruned set's epochs ÷ the scoring run's). With twice the epochs the validation split's
-    best β was 0 at 60 % and 0.1 at 80 % pruned (benchmarks/results/recipe-8.md). A budget below 1
+    (the pruned set's epochs ÷ the scoring run's). On the validation split the best β was 0 at 60 %
+    and 0.1 at 80 % pruned with twice the epochs, 0.05 at 80 % with four times
+    (benchmarks/results/recipe-8.md). A budget below 1
     is taken as 1: a shorter recipe than the scoring run's was not measured."""
     shift = 0.1 * math.log2(max(1.0, train_budget))
     return round(max(0.0, (prune_ratio - 0.5 - shift) / 2), 6)
