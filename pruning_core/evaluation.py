@@ -197,9 +197,10 @@ def paired_interval(records: list[dict], method: str, other: str, ratio: float, 
     the test samples (one resample of the test set shared by both methods and every seed, as the
     real test set is). The seeds' standard error alone treats the test set as the population;
     on 10,000 test samples, two runs that disagree on 5 % of them differ by ±0.2 points from the
-    test draw alone. None without per-sample results for at least two paired seeds."""
+    test draw alone. With one paired seed the interval is over the test samples alone (seed
+    noise not included: `interval_over` says so). None without per-sample results."""
     pairs = _paired_runs(records, method, other, ratio)
-    if len(pairs) < 2 or any(not a.get("test_correct") or not b.get("test_correct") for a, b in pairs):
+    if not pairs or any(not a.get("test_correct") or not b.get("test_correct") for a, b in pairs):
         return None
     n_test = int(pairs[0][0]["n_test"])
     D = np.stack([unpack_correct(a["test_correct"], n_test).astype(np.int8) -
@@ -213,6 +214,11 @@ def paired_interval(records: list[dict], method: str, other: str, ratio: float, 
         stats.append((by_seed * weights).sum(axis=1) / n_test)
     lo, hi = np.quantile(np.concatenate(stats), [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
+
+
+def interval_over(paired_seeds: int) -> str:
+    """What a paired_interval is taken over, in words, for the report and the plot."""
+    return "seeds and test samples" if paired_seeds > 1 else "test samples (one seed: seed noise not included)"
 
 
 def targets(summary: list[dict], records: list[dict], ratio: float = 0.4, drop: float = 0.013) -> dict:
@@ -456,8 +462,8 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
         axes[0][0].legend(handles=[Line2D([], [], marker="o", ls="", color="#333333", label="interval excludes 0"),
                                    Line2D([], [], marker="o", ls="", color="#333333", mfc="white",
                                           label="not resolved (includes 0)")], fontsize=8, loc="lower right")
-        fig.suptitle("This product's method against each baseline: test-accuracy difference, mean over seeds, "
-                     "95 % interval over seeds and test samples", fontsize=10)
+        fig.suptitle("This product's method against each baseline: test-accuracy difference, mean over seeds,\n"
+                     f"95 % interval over {interval_over(min(c.get('paired_seeds', 2) for c in shown))}", fontsize=10)
         paths["comparisons"] = _save(fig, [], out / "comparisons.png")  # grids and the one legend set above
     return paths
 
@@ -500,7 +506,7 @@ def report_markdown(summary: list[dict], records: list[dict], gaps: list[dict], 
                                            + ("; within seed noise" if abs(c["margin"]) < 2 * se else "") + ")")
         if c.get("interval"):
             lo, hi = c["interval"]
-            noise += (f"; 95 % interval over seeds and test samples [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+            noise += (f"; 95 % interval over {interval_over(c['paired_seeds'])} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
                       + ("" if c["resolved"] else ", not resolved by this test set"))
         lines.append(f"- ratio {c['prune_ratio']:g}: influence − {c['versus']} = {100 * c['margin']:+.2f} points"
                      f"{noise}: {'met' if c['met'] else 'NOT met'}")

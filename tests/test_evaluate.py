@@ -72,7 +72,8 @@ def test_comparisons_carry_an_interval_over_seeds_and_test_samples():
     """Every seed agreeing is not enough: a 0.3-point lead that three seeds repeat exactly has no
     seed noise at all, yet on 2,000 test samples, with the two models disagreeing on 114 of them,
     it is within the test set's own sampling noise.
-    A 3-point lead is resolved; without per-sample results there is no interval."""
+    A 3-point lead is resolved; with one seed the interval is over the test samples alone, and
+    says so; without per-sample results there is no interval."""
     rng = np.random.default_rng(0)
     n = 2000
     base = rng.random(n) < 0.88
@@ -102,6 +103,12 @@ def test_comparisons_carry_an_interval_over_seeds_and_test_samples():
     assert "ratio 0.8: influence − ccs = +3.00 points (± 0.00 standard error, paired over 3 seeds); 95 % interval" in text
     bare = [{k: v for k, v in r.items() if k != "test_correct"} for r in records]
     assert evaluation.paired_interval(bare, "influence", "ccs", 0.6) is None
+    one = [r for r in records if r["seed"] == 0]  # as `make demo` evaluates
+    goal = evaluation.targets(evaluation.summarise(one), one)
+    (single,) = [c for c in goal["comparisons"] if c["versus"] == "ccs" and c["prune_ratio"] == 0.8]
+    assert single["paired_seeds"] == 1 and single["resolved"] and single["interval"][0] < 0.03 < single["interval"][1]
+    text = evaluation.report_markdown(evaluation.summarise(one), one, [], goal, {}, {"dataset": "d", "model": "m"})
+    assert "+3.00 points; 95 % interval over test samples (one seed: seed noise not included) [" in text
 
 
 def test_generalization_gap_on_real_linear_data(fmnist):
