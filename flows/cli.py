@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -286,20 +287,17 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
 def cmd_select(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from flows.parameters import scoring_recipe, selection_args, train_budget
+    from flows.parameters import check_train_epochs, scoring_recipe, selection_args, train_budget
     from pruning_core.pipeline import selection_stage
 
+    args = selection_args(ns.method, ns.prune_ratio, ns.epsilon, ns.solver, ns.seed, ns.class_balanced, ns.coverage,
+                          ns.candidates, ns.hard_cut, time_limit=ns.time_limit)
+    check_train_epochs(ns.train_epochs, args)
     if not Path(ns.scores).is_file():
         raise BadInputError(f"--scores {ns.scores}: file not found")
-    budget = 1.0
     if ns.train_epochs is not None:
-        if ns.train_epochs < 1:
-            raise BadInputError(f"--train-epochs {ns.train_epochs} must be at least 1")
         recipe = scoring_recipe(Path(ns.scores).resolve().parent)  # the run folder of --scores
-        budget = train_budget(ns.train_epochs, recipe.epochs, recipe.model)
-    args = selection_args(ns.method, ns.prune_ratio, ns.epsilon, ns.solver, ns.seed, ns.class_balanced, ns.coverage,
-                          ns.candidates, ns.hard_cut, time_limit=ns.time_limit,
-                          train_budget=budget if ns.method == "influence" else 1.0)
+        args = dataclasses.replace(args, train_budget=train_budget(ns.train_epochs, recipe.epochs, recipe.model))
     if args.solver == "bucketed":
         from flows.preflight import scheduler_info
         from tasks.select import dask_map

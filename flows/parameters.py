@@ -38,14 +38,30 @@ def resolve_candidates(candidates: str, coverage: str, prune_ratio: float | None
 
 def selection_args(method: str, prune_ratio: float | None, epsilon: float | None, solver: str, seed: int,
                    class_balanced: bool, coverage: str, candidates: str, hard_cut: float | None = None,
-                   **extra) -> SelectionArgs:
+                   train_budget: float = 1.0, **extra) -> SelectionArgs:
     """SelectionArgs with `auto` coverage and candidate order resolved (the order applies to the
-    influence method only): one place for the run, the evaluation and `select`."""
+    influence method only) and the training budget kept where it shifts something (the hard-cut
+    schedule of the influence method under difficulty coverage, no --hard-cut given): one place
+    for the run, the evaluation and `select`."""
     coverage = resolve_coverage(coverage, method, prune_ratio, solver, class_balanced)
     candidates = resolve_candidates(candidates, coverage, prune_ratio) if method == "influence" else "smallest"
+    shifts = method == "influence" and coverage == "difficulty" and hard_cut is None
     return SelectionArgs(method=method, prune_ratio=prune_ratio, epsilon=epsilon, solver=solver, seed=seed,
                          class_balanced=class_balanced, coverage=coverage, candidates=candidates,
-                         hard_cut=hard_cut, **extra)
+                         hard_cut=hard_cut, train_budget=train_budget if shifts else 1.0, **extra)
+
+
+def check_train_epochs(train_epochs: int | None, selection: SelectionArgs) -> None:
+    """--train-epochs refused, in one line, where it would change nothing."""
+    if train_epochs is None:
+        return
+    if train_epochs < 1:
+        raise BadInputError(f"--train-epochs {train_epochs} must be at least 1")
+    if selection.method != "influence" or selection.coverage != "difficulty":
+        raise BadInputError("--train-epochs shifts the hard cut of --method influence under difficulty coverage "
+                            "(--prune-ratio); it does not apply here")
+    if selection.hard_cut is not None:
+        raise BadInputError("--train-epochs shifts the hard-cut schedule; with --hard-cut given there is none to shift")
 
 
 def scoring_recipe(run_dir: Path) -> TrainArgs:
@@ -173,7 +189,7 @@ class RunParameters(BaseModel):
         return selection_args(method, prune_ratio, self.epsilon if prune_ratio is None else None, self.solver, seed,
                               self.class_balanced, self.coverage, self.candidates,
                               self.hard_cut if method == self.method else None,  # baselines as published
-                              train_budget=self.train_budget() if method == "influence" else 1.0)
+                              train_budget=self.train_budget())
 
     def scoring_epochs(self) -> int:
         """Epochs of the model the scores come from: the recipe's (also for --checkpoint, whose
@@ -197,7 +213,8 @@ class RunParameters(BaseModel):
     def validate_all(self) -> None:
         """Build every stage's arguments so that bad values fail before anything runs."""
         parse_dataset_spec(self.dataset)
-        self.train_args(), self.influence_args(), self.selection_args()
+        self.train_args(), self.influence_args()
+        check_train_epochs(self.train_epochs, self.selection_args())
         if self.checkpoint is not None and not Path(self.checkpoint).is_file():
             raise BadInputError(f"--checkpoint {self.checkpoint}: file not found")
         out = Path(self.out).expanduser().resolve()

@@ -115,6 +115,8 @@ CASES = {
     "hard cut for random": (["--method", "random", "--hard-cut", "0.1"], "--hard-cut applies to"),
     "zero epochs": (["--epochs", "0"], "--epochs 0"),
     "zero train epochs": (["--train-epochs", "0"], "--train-epochs 0"),
+    "train epochs for a baseline": (["--method", "el2n", "--train-epochs", "8"], "--train-epochs shifts the hard cut"),
+    "train epochs with a hard cut": (["--hard-cut", "0.1", "--train-epochs", "8"], "with --hard-cut given"),
     "infinite lr": (["--lr", "inf"], "lr must be finite"),
     "NaN lr": (["--lr", "nan"], "--lr nan"),
     "negative weight decay": (["--weight-decay", "-1"], "--weight-decay -1.0"),
