@@ -97,9 +97,12 @@ def influence_selection(params: EvaluateParameters) -> str:
     cuts = [(r, sel.coverage_cut()) for r, sel in chosen.items() if sel.coverage == "difficulty"]
     cut_words = ", ".join(f"{100 * b:g} % at ratio {r:g}" for r, b in cuts)
     budget = params.train_budget()
-    source = (f"`--hard-cut {params.hard_cut:g}`" if params.hard_cut is not None else "the schedule (r − 0.5) / 2"
-              if budget <= 1 else f"the schedule (r − 0.5 − 0.1·log2 {budget:g}) / 2, retraining {budget:g}× the "
-              f"scoring run's epochs")
+    if params.hard_cut is not None:
+        source = f"`--hard-cut {params.hard_cut:g}`"
+    elif budget <= 1:
+        source = "the schedule (r − 0.5) / 2"
+    else:
+        source = f"the schedule (r − 0.5 − 0.1·log2 {budget:g}) / 2, retraining {budget:g}× the scoring run's epochs"
     return (f"under per-difficulty-stratum removal quotas (`--coverage difficulty`) with the hardest share cut first "
             f"({cut_words}: {source}), the solver's candidates fed {orders} (`--candidates {params.candidates}`)")
 

@@ -191,14 +191,10 @@ class RunParameters(BaseModel):
                               self.hard_cut if method == self.method else None,  # baselines as published
                               train_budget=self.train_budget())
 
-    def scoring_epochs(self) -> int:
-        """Epochs of the model the scores come from: the recipe's (also for --checkpoint, whose
-        training is not known)."""
-        return self.train_args().epochs
-
     def train_budget(self) -> float:
-        """The pruned set's training epochs ÷ the scoring run's (SelectionArgs.train_budget)."""
-        return train_budget(self.train_epochs, self.scoring_epochs(), self.model)
+        """The pruned set's training epochs ÷ the scoring run's, whose epochs are the recipe's (also
+        for --checkpoint, whose training is not known)."""
+        return train_budget(self.train_epochs, self.train_args().epochs, self.model)
 
     def target_uri(self) -> str:
         """Where the version goes: a URI with a scheme as given, `dvc:REPO#PATH` with REPO made
@@ -262,13 +258,12 @@ class EvaluateParameters(RunParameters):
     def run_parameters(self) -> RunParameters:
         return RunParameters(**{k: v for k, v in self.model_dump().items() if k in RunParameters.model_fields})
 
-    def scoring_epochs(self) -> int:
-        """Epochs of the scoring run: --from-run's recipe, else this one (the scoring run trains with it)."""
-        return super().scoring_epochs() if self.from_run is None else scoring_recipe(Path(self.from_run)).epochs
-
     def train_budget(self) -> float:
-        """The evaluation retrains with --epochs: its epochs ÷ the scoring run's."""
-        return train_budget(self.train_args().epochs, self.scoring_epochs(), self.model)
+        """The evaluation retrains with --epochs: its epochs ÷ --from-run's (1 without: the scoring
+        run then trains with --epochs too)."""
+        if self.from_run is None:
+            return 1.0
+        return train_budget(self.train_args().epochs, scoring_recipe(Path(self.from_run)).epochs, self.model)
 
     def validate_all(self) -> None:
         if self.train_epochs is not None:

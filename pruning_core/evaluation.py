@@ -463,7 +463,7 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
                                    Line2D([], [], marker="o", ls="", color="#333333", mfc="white",
                                           label="not resolved (includes 0)")], fontsize=8, loc="lower right")
         fig.suptitle("This product's method against each baseline: test-accuracy difference, mean over seeds,\n"
-                     f"95 % interval over {interval_over(min(c.get('paired_seeds', 2) for c in shown))}", fontsize=10)
+                     f"95 % interval over {interval_over(min(c['paired_seeds'] for c in shown))}", fontsize=10)
         paths["comparisons"] = _save(fig, [], out / "comparisons.png")  # grids and the one legend set above
     return paths
 
