@@ -45,8 +45,10 @@ def dask_runner(params: RunParameters) -> DaskTaskRunner:
     # the variable into this process's environment, so it is removed here for later clusters.
     dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
     os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    # The dashboard on a free loopback port: prefect-dask logs its link at the start of every run (with no
+    # dashboard, Dask still serves its health routes on 8787 and the logged link answers 404).
     kwargs = {"n_workers": params.workers, "threads_per_worker": 1, "processes": True,
-              "dashboard_address": None, "host": "127.0.0.1", "silence_logs": logging.WARNING}
+              "dashboard_address": "127.0.0.1:0", "host": "127.0.0.1", "silence_logs": logging.WARNING}
     if params.gpu:
         kwargs["resources"] = {"GPU": 1}
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)

@@ -192,6 +192,25 @@ def test_local_dask_workers_keep_glibc_malloc_defaults():
     assert list(seen.values()) == [None]
 
 
+def test_local_cluster_dashboard_link_answers_on_loopback():
+    """prefect-dask logs the client's dashboard link at the start of a run: the link must open
+    (with no dashboard, Dask still answers on 8787 with its health routes only: 404)."""
+    import urllib.parse
+    import urllib.request
+
+    from distributed import Client, LocalCluster
+
+    from flows.prune import dask_runner
+
+    runner = dask_runner(RunParameters(prune_ratio=0.4, workers=1))
+    with LocalCluster(**runner.cluster_kwargs) as cluster, Client(cluster) as client:
+        link = client.dashboard_link
+        with urllib.request.urlopen(link, timeout=30) as page:
+            status, body = page.status, page.read()
+    assert urllib.parse.urlsplit(link).hostname == "127.0.0.1"
+    assert status == 200 and b"Dask" in body
+
+
 def test_release_memory_runs_where_there_is_no_glibc_too(monkeypatch):
     import ctypes
 
