@@ -10,7 +10,7 @@ is unchanged). Extra variant syntax, on top of validation_split.py's:
   uniform+class    the strata laid out within each class (every class pruned by the same share)
   dense[#k]        candidates fed densest first: ascending distance to the k-th nearest neighbour
                    (default 10) of the same class in the scoring model's embedding
-  el2n, forgetting the score baselines
+  el2n, forgetting the score baselines; random (seed 0)
 
 Run:  .venv/bin/python benchmarks/layout_variants.py --out runs/candidate-order --from-run RUN \\
         --ratios 0.4 --seeds 0,1,2,3,4 --variants uniform,uniform/100,dense,... --report layout-0.4.md
@@ -97,16 +97,22 @@ def row_keys(vectors, salt):
 _selection_args = vs.selection_args
 
 
+def scoring_run() -> Path:
+    """The scored split's run folder (the variants that read its embedding or labels need --from-run)."""
+    if "--from-run" not in sys.argv:
+        raise SystemExit("dense and +class variants read the scoring run: pass --from-run RUN")
+    return Path(sys.argv[sys.argv.index("--from-run") + 1])
+
+
 def selection_args(variant: str, ratio: float, seed: int) -> SelectionArgs:
     LAYOUT.clear()
-    if variant in ("el2n", "forgetting"):
-        return SelectionArgs(method=variant, prune_ratio=ratio)
+    if variant in ("el2n", "forgetting", "random"):
+        return SelectionArgs(method=variant, prune_ratio=ratio, seed=seed)
     if variant == "influence-score" or variant.startswith("ccs"):
         return _selection_args(variant, ratio, seed)
-    run = Path(sys.argv[sys.argv.index("--from-run") + 1])
     if variant.startswith("dense"):
         _, _, k = variant.partition("#")
-        LAYOUT["dense"] = density(artifacts.scores_path(run), int(k or 10))
+        LAYOUT["dense"] = density(artifacts.scores_path(scoring_run()), int(k or 10))
         return _selection_args("uniform", ratio, seed)
     m = re.fullmatch(r"(\w+(?:@[\d.]+)?)(?:/(\d+))?(\+class)?(?:~(-?[\d.]+))?", variant)
     if not m:
@@ -117,7 +123,7 @@ def selection_args(variant: str, ratio: float, seed: int) -> SelectionArgs:
     LAYOUT.update(strata=int(k or 50), per_class=bool(per_class), alpha=float(alpha or 0))
     if per_class:
         import pyarrow.parquet as pq
-        LAYOUT["labels"] = pq.read_table(artifacts.scores_path(run), columns=["label"]).column("label").to_numpy()
+        LAYOUT["labels"] = pq.read_table(artifacts.scores_path(scoring_run()), columns=["label"]).column("label").to_numpy()
     return _selection_args(base if "@" in base else base + "@0", ratio, seed)
 
 

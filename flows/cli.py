@@ -63,8 +63,8 @@ def _add_selection_options(parser: argparse.ArgumentParser) -> None:
                         help="influence solver: feed its pool smallest ‖s_i‖ first or in a seeded uniform order")
     parser.add_argument("--hard-cut", type=_float, help="under difficulty coverage: share of the hardest samples "
                         "removed first (default: the schedule by prune ratio)")
-    parser.add_argument("--train-epochs", type=int, help="epochs the pruned set will be trained for, when longer "
-                        "than the scoring run's: the hard-cut schedule cuts less (default: the same)")
+    parser.add_argument("--train-epochs", type=int, help="epochs the pruned set will be trained for, when not the "
+                        "scoring run's: longer cuts less of the hardest share, shorter more (default: the same)")
 
 
 def _describe(parser: argparse.ArgumentParser, model) -> None:

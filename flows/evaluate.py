@@ -99,10 +99,13 @@ def influence_selection(params: EvaluateParameters) -> str:
     budget = params.train_budget()
     if params.hard_cut is not None:
         source = f"`--hard-cut {params.hard_cut:g}`"
-    elif budget <= 1:
+    elif budget == 1:
         source = "the schedule (r − 0.5) / 2"
-    else:
+    elif budget > 1:
         source = f"the schedule (r − 0.5 − 0.1·log2 {budget:g}) / 2, retraining {budget:g}× the scoring run's epochs"
+    else:
+        source = (f"the schedule (r − 0.5 − 0.2·log2 {max(0.5, budget):g}) / 2, retraining {budget:g}× the scoring "
+                  f"run's epochs")
     return (f"under per-difficulty-stratum removal quotas (`--coverage difficulty`) with the hardest share cut first "
             f"({cut_words}: {source}), the solver's candidates fed {orders} (`--candidates {params.candidates}`)")
 

@@ -145,10 +145,10 @@ class RunParameters(BaseModel):
                                       "half of every further removal (β = (ratio − 0.5) / 2), shifted by "
                                       "train_epochs")
     train_epochs: int | None = Field(
-        None, ge=1, le=10000, description="Epochs the pruned set will be trained for, when longer than the scoring "
-                                          "run's: the hard-cut schedule shifts right by 0.1 in ratio per doubling "
-                                          "(a longer recipe learns from more of the hard tail); empty: the same "
-                                          "as the scoring run's epochs")
+        None, ge=1, le=10000, description="Epochs the pruned set will be trained for, when not the scoring run's: "
+                                          "the hard-cut schedule shifts right by 0.1 in ratio per doubling (a "
+                                          "longer recipe learns from more of the hard tail), left by 0.2 per "
+                                          "halving down to half; empty: the same as the scoring run's epochs")
     shards: int = Field(4, ge=1, le=10000, description="Influence shards (contiguous sample ranges)")
     workers: int = Field(2, ge=1, le=256, description="Workers of the local Dask cluster (ignored with dask_address)")
     dask_address: str | None = Field(None, description="tcp://host:port of an existing Dask scheduler",

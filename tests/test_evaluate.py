@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.cli import main
+from flows.evaluate import influence_selection
 from pruning_core import evaluation
 from pruning_core.data import Dataset
 
@@ -208,7 +209,7 @@ def test_selections_that_draw_at_random_are_drawn_once_per_seed():
 
 def test_retraining_longer_than_the_scoring_run_shifts_the_hard_cut(tmp_path):
     """An evaluation that retrains a --from-run's scores with twice its epochs selects with the
-    schedule shifted (10 % cut at 80 % pruned, not 15 %); the baselines keep their published
+    schedule shifted (10 % cut at 80 % pruned, not 15 %), with half of them 25 %; the baselines keep their published
     schedules; a scoring run of its own trains as long as it retrains; train_epochs is refused."""
     import pyarrow as pa
 
@@ -226,5 +227,8 @@ def test_retraining_longer_than_the_scoring_run_shifts_the_hard_cut(tmp_path):
     assert [params.selection_args_for("influence", r, 0).coverage_cut() for r in (0.6, 0.8)] == [0.0, 0.1]
     assert params.selection_args_for("ccs", 0.8, 0).train_budget == 1.0
     assert EvaluateParameters(epochs=8).selection_args_for("influence", 0.8, 0).coverage_cut() == 0.15
+    shorter = EvaluateParameters(from_run=str(run), epochs=2, ratios=[0.6, 0.8])  # half the epochs: more is cut
+    assert [shorter.selection_args_for("influence", r, 0).coverage_cut() for r in (0.6, 0.8)] == [0.15, 0.25]
+    assert "25 % at ratio 0.8: the schedule (r − 0.5 − 0.2·log2 0.5) / 2, retraining 0.5×" in influence_selection(shorter)
     with pytest.raises(BadInputError, match="retrains with its own epochs"):
         EvaluateParameters(from_run=str(run), train_epochs=8).validate_all()

@@ -148,22 +148,22 @@ def test_select_command_over_stored_scores(first_run, tmp_path, extra, capsys):
 
 
 def test_select_train_epochs_shifts_the_hard_cut_by_the_run_s_own_epochs(first_run, tmp_path, capsys):
-    """`select --train-epochs N` reads the scoring run's epochs from the manifest beside --scores:
-    twice them cuts 10 % at 80 % pruned instead of 15 %, four times 5 %; without the run's
-    manifest the budget is not known and the command refuses in one line."""
+    """`select --train-epochs N` reads the scoring run's epochs (5) from the manifest beside --scores:
+    twice them cuts 10 % at 80 % pruned instead of 15 %, four times 5 %, fewer than half of them 25 %;
+    without the run's manifest the budget is not known and the command refuses in one line."""
     from flows.cli import main
 
     tmp, manifest = first_run
     scores = tmp / "first" / "runs" / manifest["run_id"] / "scores.parquet"
-    epochs = manifest["arguments"]["epochs"] or 4  # the cnn's default
+    assert manifest["arguments"]["epochs"] == 5
     cuts = {}
-    for factor in (None, 2, 4):
-        out = tmp_path / f"selection-{factor}.parquet"
-        extra = ["--train-epochs", str(factor * epochs)] if factor else []
+    for train_epochs in (None, 10, 20, 2):
+        out = tmp_path / f"selection-{train_epochs}.parquet"
+        extra = ["--train-epochs", str(train_epochs)] if train_epochs else []
         assert main(["select", "--scores", str(scores), "--prune-ratio", "0.8", *extra, "--out", str(out)]) == 0
         coverage = json.loads(pq.read_schema(out).metadata[b"dataset_pruning"])["solver_info"]["coverage"]
-        cuts[factor] = (coverage["hard_fraction"], coverage["hard_cut"], coverage["train_budget"])
-    assert cuts == {None: (0.15, 300, 1.0), 2: (0.1, 200, 2.0), 4: (0.05, 100, 4.0)}
+        cuts[train_epochs] = (coverage["hard_fraction"], coverage["hard_cut"], coverage["train_budget"])
+    assert cuts == {None: (0.15, 300, 1.0), 10: (0.1, 200, 2.0), 20: (0.05, 100, 4.0), 2: (0.25, 500, 0.4)}
     alone = tmp_path / "alone"
     alone.mkdir()
     (alone / "scores.parquet").write_bytes(scores.read_bytes())

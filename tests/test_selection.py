@@ -225,9 +225,12 @@ def test_hard_cut_schedule_and_override():
     vectors = rng.normal(size=(n, 6)) * el2n[:, None]
     hardest = np.argsort(-el2n, kind="stable")
     assert [hard_cut_for(r) for r in (0.2, 0.4, 0.5, 0.6, 0.8, 0.9)] == [0.0, 0.0, 0.0, 0.05, 0.15, 0.2]
-    # a longer downstream recipe shifts the line right by 0.1 per doubling; a shorter one is taken as the same
+    # a longer downstream recipe shifts the line right by 0.1 per doubling; a shorter one left by 0.2 per
+    # halving, down to half the scoring run's epochs
     assert [hard_cut_for(r, 2) for r in (0.4, 0.6, 0.8, 0.9)] == [0.0, 0.0, 0.1, 0.15]
-    assert [hard_cut_for(r, 4) for r in (0.6, 0.8)] == [0.0, 0.05] and hard_cut_for(0.8, 0.5) == 0.15
+    assert [hard_cut_for(r, 4) for r in (0.6, 0.8)] == [0.0, 0.05]
+    assert [hard_cut_for(r, 0.5) for r in (0.2, 0.4, 0.6, 0.8)] == [0.0, 0.05, 0.15, 0.25]
+    assert hard_cut_for(0.8, 0.75) == 0.191504 and hard_cut_for(0.8, 0.1) == hard_cut_for(0.8, 0.5)
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(BadInputError, match="training budget"):
             SelectionArgs(prune_ratio=0.6, coverage="difficulty", train_budget=bad)
