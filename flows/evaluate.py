@@ -20,6 +20,7 @@ from prefect.futures import as_completed
 
 from pruning_core import artifacts, evaluation
 from pruning_core.data import load_dataset
+from pruning_core.selection import hard_cut_formula
 from tasks.evaluate import generalization_gap, retrain
 from tasks.select import select_samples
 
@@ -100,12 +101,9 @@ def influence_selection(params: EvaluateParameters) -> str:
     if params.hard_cut is not None:
         source = f"`--hard-cut {params.hard_cut:g}`"
     elif budget == 1:
-        source = "the schedule (r − 0.5) / 2"
-    elif budget > 1:
-        source = f"the schedule (r − 0.5 − 0.1·log2 {budget:g}) / 2, retraining {budget:g}× the scoring run's epochs"
+        source = f"the schedule {hard_cut_formula()}"
     else:
-        source = (f"the schedule (r − 0.5 − 0.2·log2 {max(0.5, budget):g}) / 2, retraining {budget:g}× the scoring "
-                  f"run's epochs")
+        source = f"the schedule {hard_cut_formula(budget)}, retraining {budget:g}× the scoring run's epochs"
     return (f"under per-difficulty-stratum removal quotas (`--coverage difficulty`) with the hardest share cut first "
             f"({cut_words}: {source}), the solver's candidates fed {orders} (`--candidates {params.candidates}`)")
 

@@ -118,9 +118,22 @@ def hard_cut_for(prune_ratio: float, train_budget: float = 1.0) -> float:
     three quarters 0.2 at 80 %; 0.2 per halving keeps the rule within 0.84 points of the best in
     each, 0.1 would lose 1.65 at 80 % (benchmarks/results/recipe-2.md). Budgets below 1/2 were not
     measured and are taken as 1/2."""
+    b, slope = _budget_terms(train_budget)
+    return round(max(0.0, (prune_ratio - 0.5 - slope * math.log2(b)) / 2), 6)
+
+
+def _budget_terms(train_budget: float) -> tuple[float, float]:
+    """The budget hard_cut_for uses (below ½ taken as ½) and its slope per doubling."""
     b = max(0.5, train_budget)
-    shift = (0.1 if b >= 1 else 0.2) * math.log2(b)
-    return round(max(0.0, (prune_ratio - 0.5 - shift) / 2), 6)
+    return b, (0.1 if b >= 1 else 0.2)
+
+
+def hard_cut_formula(train_budget: float = 1.0) -> str:
+    """hard_cut_for's line at this budget, in words (for reports)."""
+    if train_budget == 1:
+        return "(r − 0.5) / 2"
+    b, slope = _budget_terms(train_budget)
+    return f"(r − 0.5 − {slope:g}·log2 {b:g}) / 2"
 
 
 @dataclass
