@@ -100,10 +100,9 @@ def influence_selection(params: EvaluateParameters) -> str:
     budget = params.train_budget()
     if params.hard_cut is not None:
         source = f"`--hard-cut {params.hard_cut:g}`"
-    elif budget == 1:
-        source = f"the schedule {hard_cut_formula()}"
     else:
-        source = f"the schedule {hard_cut_formula(budget)}, retraining {budget:g}× the scoring run's epochs"
+        source = f"the schedule {hard_cut_formula(budget)}" + (
+            "" if budget == 1 else f", retraining {budget:g}× the scoring run's epochs")
     return (f"under per-difficulty-stratum removal quotas (`--coverage difficulty`) with the hardest share cut first "
             f"({cut_words}: {source}), the solver's candidates fed {orders} (`--candidates {params.candidates}`)")
 
