@@ -184,11 +184,16 @@ def influence_vectors(phi: np.ndarray, probs: np.ndarray, y: np.ndarray, M: np.n
     Mt = torch.as_tensor(M, device=device).to(tdtype)
     out = []
     for a, b in block_ranges(0, len(y), block_size):
-        f = torch.as_tensor(phi[a:b], device=device).to(tdtype)  # (b, d)
-        r = torch.as_tensor(residuals(probs[a:b], y[a:b]), device=device).to(tdtype)  # (b, C)
-        g = torch.cat([(r[:, :, None] * f[:, None, :]).reshape(b - a, -1), r], 1)  # (b, p), contract order
-        out.append((g @ Mt.T / n_total).cpu())
+        out.append((last_layer_gradients(phi[a:b], probs[a:b], y[a:b], device, tdtype) @ Mt.T / n_total).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, M.shape[0]), dtype=dtype)
+
+
+def last_layer_gradients(phi: np.ndarray, probs: np.ndarray, y: np.ndarray, device="cpu",
+                         dtype=torch.float64) -> torch.Tensor:
+    """∇ℓ_i over (fc.weight, fc.bias) = (p_i − e_{y_i}) ⊗ (φ_i, 1), (b, p) in contract order."""
+    f = torch.as_tensor(phi, device=device).to(dtype)  # (b, d)
+    r = torch.as_tensor(residuals(probs, y), device=device).to(dtype)  # (b, C)
+    return torch.cat([(r[:, :, None] * f[:, None, :]).reshape(len(f), -1), r], 1)
 
 
 def last_layer_curvature(phi: np.ndarray, probs: np.ndarray, block_size: int, device="cpu") -> Curvature:
