@@ -128,9 +128,21 @@ def test_generalization_gap_on_real_linear_data(fmnist):
     assert all(abs(g["test_loss_gap"]) <= g["bound"] for g in gaps)
 
 
-def test_evaluate_flow_end_to_end(prefect_api, small_npz, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def pooled_npz(small_npz, tmp_path_factory) -> str:
+    """`small_npz` 2x2 average-pooled to 14x14: `linear` then has 1,970 parameters instead of
+    7,850, so the exact H⁻¹ of its scoring run and gap check take a second, not a minute."""
+    with np.load(small_npz) as data:
+        pooled = {k: data[k].astype(np.float64).reshape(len(data[k]), 1, 14, 2, 14, 2).mean((3, 5)).round()
+                  .astype(np.uint8) if k.startswith("x") else data[k] for k in data.files}
+    path = tmp_path_factory.mktemp("pooled") / "fmnist-small-14x14.npz"
+    np.savez(path, **pooled)
+    return str(path)
+
+
+def test_evaluate_flow_end_to_end(prefect_api, pooled_npz, tmp_path, capsys):
     out = tmp_path / "runs"
-    code = main(["evaluate", "--dataset", f"npz:{small_npz}", "--model", "linear", "--methods", "influence,random",
+    code = main(["evaluate", "--dataset", f"npz:{pooled_npz}", "--model", "linear", "--methods", "influence,random",
                  "--ratios", "0.5", "--seeds", "0,1", "--gap-samples", "300", "--gap-points", "3",
                  "--evaluations-per-epoch", "2", "--shards", "2", "--out", str(out), "--target", str(tmp_path / "t")])
     assert code == 0
@@ -167,7 +179,7 @@ def test_evaluate_flow_end_to_end(prefect_api, small_npz, tmp_path, capsys):
     # Each finished retraining was recorded as it completed: a second evaluation (as after an
     # interruption) trains nothing again, and reports the very same runs.
     assert len(list((out / ".cache" / "retrain").glob("*.json"))) == 6
-    assert main(["evaluate", "--dataset", f"npz:{small_npz}", "--model", "linear", "--methods", "influence,random",
+    assert main(["evaluate", "--dataset", f"npz:{pooled_npz}", "--model", "linear", "--methods", "influence,random",
                  "--ratios", "0.5", "--seeds", "0,1", "--gap-samples", "0", "--evaluations-per-epoch", "2",
                  "--from-run", summary["scores_from"], "--out", str(out), "--target", str(tmp_path / "t")]) == 0
     again = next(p for p in out.iterdir() if p.name.startswith("eval-") and p != folder)

@@ -80,7 +80,7 @@ def test_scores_identical_for_any_shard_and_worker_count(first_run, small_npz):
     tmp, manifest = first_run
     checkpoint = manifest["model"]["checkpoint"]
     outputs = []
-    for shards, workers in [(1, 1), (3, 2), (7, 2), (7, 1)]:
+    for shards, workers in [(1, 1), (7, 2), (7, 1)]:  # and the first run's (3, 2), the reference
         m = run(tmp, f"s{shards}w{workers}", dataset=f"npz:{small_npz}", checkpoint=checkpoint,
                 shards=shards, workers=workers)
         folder = tmp / f"s{shards}w{workers}" / "runs" / m["run_id"]
