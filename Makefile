@@ -66,6 +66,7 @@ bench: setup
 	$(BIN)/python benchmarks/selection.py
 	$(BIN)/python benchmarks/selection_reference.py
 	$(BIN)/python benchmarks/influence.py
+	$(BIN)/python benchmarks/exact_inverse.py
 	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
