@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from conftest import clean_env
 
 
@@ -20,7 +21,19 @@ def command(small_npz, checkpoint, out, target, shards=16):
             "--shards", str(shards), "--workers", "1", "--block-size", "125", "--out", str(out), "--target", str(target)]
 
 
-def test_killed_run_recomputes_only_missing_shards(small_npz, cnn_checkpoint, tmp_path, prefect_api):
+@pytest.fixture(scope="module")
+def reference(small_npz, cnn_checkpoint, prefect_api, tmp_path_factory) -> dict:
+    """An undisturbed run of the same inputs (4 shards; scores do not depend on the shard count)."""
+    from flows.parameters import RunParameters
+    from flows.prune import prune_dataset
+
+    tmp = tmp_path_factory.mktemp("reference")
+    return prune_dataset(RunParameters(dataset=f"npz:{small_npz}", checkpoint=cnn_checkpoint, prune_ratio=0.4,
+                                       shards=4, workers=1, block_size=125, out=str(tmp / "runs"),
+                                       target=str(tmp / "table")))
+
+
+def test_killed_run_recomputes_only_missing_shards(small_npz, cnn_checkpoint, tmp_path, prefect_api, reference):
     checkpoint = cnn_checkpoint
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
 
@@ -52,13 +65,9 @@ def test_killed_run_recomputes_only_missing_shards(small_npz, cnn_checkpoint, tm
     assert all(after[name] == mtime for name, mtime in before.items())
     assert sum(name.startswith("scores-") for name in after) == 16
 
-    # 3. the same scores as an uninterrupted run in a fresh folder
-    clean = tmp_path / "clean"
-    subprocess.run(command(small_npz, checkpoint, clean, tmp_path / "table2"), env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # 3. the same scores as an uninterrupted run
     resumed = pq.read_table(next(out.glob("2*/scores.parquet")))
-    reference = pq.read_table(next(clean.glob("2*/scores.parquet")))
-    assert resumed.equals(reference)
+    assert resumed.equals(pq.read_table(Path(reference["run_dir"]) / "scores.parquet"))
 
 
 def flow_run_state(flow_run_id: str):
@@ -72,7 +81,7 @@ FAULTS = Path(__file__).with_name("fault_injection.py")
 
 
 def test_killed_in_selection_or_commit_leaves_nothing_visible_and_the_rerun_is_identical(
-        small_npz, cnn_checkpoint, tmp_path, prefect_api):
+        small_npz, cnn_checkpoint, tmp_path, prefect_api, reference):
     """The whole run process is killed (SIGKILL) mid-selection, right after its Delta commit, and
     with a commit in flight over an existing version; then the run is repeated. No run folder
     ever claims success, no partial version appears, the version already there stays readable,
@@ -80,12 +89,6 @@ def test_killed_in_selection_or_commit_leaves_nothing_visible_and_the_rerun_is_i
     publishes exactly what an undisturbed run publishes."""
     from deltalake import DeltaTable
 
-    from flows.parameters import RunParameters
-    from flows.prune import prune_dataset
-
-    reference = prune_dataset(RunParameters(dataset=f"npz:{small_npz}", checkpoint=cnn_checkpoint, prune_ratio=0.4,
-                                            shards=4, workers=1, block_size=125, out=str(tmp_path / "clean"),
-                                            target=str(tmp_path / "clean-table")))
     ref_dir = Path(reference["run_dir"])
     ref_rows = sorted(DeltaTable(reference["version"]["uri"]).to_pyarrow_table().column("sample_id").to_pylist())
 
