@@ -77,9 +77,8 @@ def _check_exact_memory(p: int) -> None:
                             f"or a --projection-dim")
 
 
-def _is_identity(B: torch.Tensor) -> bool:
-    return B.ndim == 2 and B.shape[0] == B.shape[1] and bool((B.diagonal() == 1).all()) \
-        and int(torch.count_nonzero(B)) == B.shape[0]
+def _is_identity(B: torch.Tensor, p: int) -> bool:
+    return B.shape == (p, p) and bool((B.diagonal() == 1).all()) and int(torch.count_nonzero(B)) == p
 
 
 def solve_exact(curv: Curvature, B: torch.Tensor, shift: float) -> tuple[torch.Tensor, SolveInfo]:
@@ -91,7 +90,7 @@ def solve_exact(curv: Curvature, B: torch.Tensor, shift: float) -> tuple[torch.T
     del H
     if int(info) != 0:
         raise BadInputError("the Hessian is not positive definite; raise --damping (or --weight-decay)")
-    if B.shape == (curv.p, curv.p) and _is_identity(B):
+    if _is_identity(B, curv.p):
         return torch.cholesky_inverse(L), SolveInfo("exact", shift)
     return torch.cholesky_solve(B.T.to(torch.float64), L).T, SolveInfo("exact", shift)
 
