@@ -112,12 +112,17 @@ def test_comparisons_carry_an_interval_over_seeds_and_test_samples():
     assert "+3.00 points; 95 % interval over test samples (one seed: seed noise not included) [" in text
 
 
+def pool(x: np.ndarray, side: int) -> np.ndarray:
+    """28x28 uint8 images (n, 1, 28, 28) average-pooled to side x side, still uint8."""
+    k = 28 // side
+    return x.astype(np.float64).reshape(len(x), 1, side, k, side, k).mean((3, 5)).round().astype(np.uint8)
+
+
 def test_generalization_gap_on_real_linear_data(fmnist):
     """The paper's theory check on Fashion-MNIST `linear`: the measured parameter change tracks
     the predicted one over ε and the test-loss change stays under Lip·‖Σ s_i‖ (the full-size
     check, 784 pixels and 5,000 samples, runs in every evaluation and is in its report)."""
-    pool = lambda x: x.astype(np.float64).reshape(len(x), 1, 7, 4, 7, 4).mean((3, 5)).round().astype(np.uint8)  # noqa: E731
-    pooled = Dataset("fashion-mnist 7x7", pool(fmnist.x), fmnist.y, fmnist.sample_id, pool(fmnist.x_test),
+    pooled = Dataset("fashion-mnist 7x7", pool(fmnist.x, 7), fmnist.y, fmnist.sample_id, pool(fmnist.x_test, 7),
                      fmnist.y_test, 10)  # 7x7 average-pooled: p = 500, so the check runs in seconds
     gaps = evaluation.gap_check("linear", pooled, samples=1500, points=5, weight_decay=0.01)
     assert len(gaps) >= 4 and all(g["n_pruned"] > 0 for g in gaps)
@@ -133,8 +138,7 @@ def pooled_npz(small_npz, tmp_path_factory) -> str:
     """`small_npz` 2x2 average-pooled to 14x14: `linear` then has 1,970 parameters instead of
     7,850, so the exact H⁻¹ of its scoring run and gap check take a second, not a minute."""
     with np.load(small_npz) as data:
-        pooled = {k: data[k].astype(np.float64).reshape(len(data[k]), 1, 14, 2, 14, 2).mean((3, 5)).round()
-                  .astype(np.uint8) if k.startswith("x") else data[k] for k in data.files}
+        pooled = {k: pool(data[k], 14) if k.startswith("x") else data[k] for k in data.files}
     path = tmp_path_factory.mktemp("pooled") / "fmnist-small-14x14.npz"
     np.savez(path, **pooled)
     return str(path)
