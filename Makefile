@@ -13,7 +13,7 @@ DEMO_ARGS ?= --dataset fashion-mnist --model cnn --prune-ratio 0.4
 DEMO_EVAL_ARGS ?= --dataset fashion-mnist --model cnn --methods influence,random --ratios 0.4 --seeds 0 \
 	--gap-samples 2000 --gap-points 5 --out runs
 
-.PHONY: setup demo lint test bench clean serve deploy
+.PHONY: setup demo lint test bench clean serve deploy options
 
 setup: $(STAMP) $(FMNIST) $(SYSTEM_TOOLS)
 
@@ -49,6 +49,10 @@ lint: setup
 
 test: setup lint
 	$(BIN)/python -m pytest
+
+# rewrites the README's "Every option" tables from the parser (a test fails while they differ)
+options: setup
+	$(BIN)/python -c "from flows.cli import write_options_reference; write_options_reference('README.md')"
 
 # the embedded default: a local Prefect server (SQLite) on 127.0.0.1:4200 serving the deployments of
 # deployments/prefect.yaml; with PREFECT_API_URL set, serves onto that server instead

@@ -272,6 +272,18 @@ def test_every_option_of_every_command_says_what_it_does(capsys):
     assert "--seed SEED Seed of training and of random selection (default: 0)" in text
 
 
+def test_the_readme_lists_every_option_as_help_says_it():
+    """The README's option tables are the parser's own text: an option added, renamed or
+    re-described without `make options` fails here."""
+    from flows.cli import OPTIONS_BEGIN, OPTIONS_END, options_reference
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.partition(OPTIONS_BEGIN)[2].partition(OPTIONS_END)[0]
+    assert block.strip() == options_reference().strip(), "README's option tables are stale: run `make options`"
+    for flag in ("--prune-ratio PRUNE_RATIO", "--train-epochs TRAIN_EPOCHS", "--lineage", "--from-run FROM_RUN"):
+        assert f"| `{flag}` |" in block
+
+
 @pytest.mark.parametrize("setting, expected", [(None, "false"), ("true", "true")])
 def test_the_server_a_command_starts_for_itself_sends_no_telemetry_unless_asked(setting, expected, tmp_path):
     """Offline, the temporary server's telemetry logged an ERROR into every run's output."""
