@@ -150,7 +150,7 @@ class RunParameters(BaseModel):
                                           "longer recipe learns from more of the hard tail), left by 0.2 per "
                                           "halving down to half; empty: the same as the scoring run's epochs")
     shards: int = Field(4, ge=1, le=10000, description="Influence shards (contiguous sample ranges)")
-    workers: int = Field(2, ge=1, le=256, description="Workers of the local Dask cluster (ignored with dask_address)")
+    workers: int = Field(2, ge=1, le=256, description="Workers of the local Dask cluster (ignored when a Dask scheduler address is given)")
     dask_address: str | None = Field(None, description="tcp://host:port of an existing Dask scheduler",
                                      json_schema_extra={"pattern": r"^(tcp|tls|inproc|ucx)://\S+$"})
     out: str = Field("runs", description="Root of run folders")
