@@ -44,7 +44,9 @@ def selection_args(method: str, prune_ratio: float | None, epsilon: float | None
     schedule of the influence method under difficulty coverage, no --hard-cut given): one place
     for the run, the evaluation and `select`."""
     coverage = resolve_coverage(coverage, method, prune_ratio, solver, class_balanced)
-    candidates = resolve_candidates(candidates, coverage, prune_ratio) if method == "influence" else "smallest"
+    # `auto` resolves for the influence method only; an order given for another method is refused below
+    candidates = resolve_candidates(candidates, coverage, prune_ratio) if method == "influence" else \
+        ("smallest" if candidates == "auto" else candidates)
     shifts = method == "influence" and coverage == "difficulty" and hard_cut is None
     return SelectionArgs(method=method, prune_ratio=prune_ratio, epsilon=epsilon, solver=solver, seed=seed,
                          class_balanced=class_balanced, coverage=coverage, candidates=candidates,
@@ -187,7 +189,7 @@ class RunParameters(BaseModel):
 
     def selection_args_for(self, method: str, prune_ratio: float | None, seed: int) -> SelectionArgs:
         return selection_args(method, prune_ratio, self.epsilon if prune_ratio is None else None, self.solver, seed,
-                              self.class_balanced, self.coverage, self.candidates,
+                              self.class_balanced, self.coverage, self.candidates if method == self.method else "auto",
                               self.hard_cut if method == self.method else None,  # baselines as published
                               train_budget=self.train_budget())
 

@@ -109,6 +109,8 @@ CASES = {
     "unknown candidate order": (["--candidates", "best"], "invalid choice: 'best'"),
     "uniform candidates with epsilon": (["--epsilon", "0.1", "--candidates", "uniform"],
                                         "--candidates uniform applies to --method influence with --prune-ratio"),
+    "uniform candidates for a baseline": (["--method", "ccs", "--candidates", "uniform"],
+                                          "--candidates uniform applies to --method influence with --prune-ratio"),
     "hard cut of one": (["--hard-cut", "1"], "--hard-cut 1.0"),
     "hard cut with epsilon": (["--epsilon", "0.1", "--hard-cut", "0.1"],
                               "--hard-cut applies to --coverage difficulty and --method ccs"),
