@@ -15,6 +15,8 @@ import hashlib
 import json
 import re
 import struct
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,13 +186,16 @@ def _load_torchvision(name: str, root: Path) -> Dataset:
 def _load_npz(path: str) -> Dataset:
     if not Path(path).is_file():
         raise DatasetError(f"npz:{path}: file not found")
+    if not zipfile.is_zipfile(path):  # np.load would return a .npy's array, or try to unpickle anything else
+        raise DatasetError(f"npz:{path}: not an .npz archive (a zip of the arrays x, y, x_test, y_test, as np.savez "
+                           "writes it)")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("x", "y", "x_test", "y_test") if k not in f.files]
             if missing:
                 raise DatasetError(f"npz:{path}: missing arrays {missing}; it must hold x, y, x_test, y_test")
             x, y, x_test, y_test = (f[k] for k in ("x", "y", "x_test", "y_test"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
         if isinstance(exc, DatasetError):
             raise
         raise DatasetError(f"npz:{path}: cannot be read as an .npz file ({exc})") from exc

@@ -34,6 +34,10 @@ def files(tmp_path_factory, small_npz):
     np.savez(root / "nan.npz", x=np.full((5, 4), np.nan), y=np.array([0, 1, 0, 1, 0]), x_test=np.zeros((2, 4)),
              y_test=np.array([0, 1]))
     (root / "corrupt.pt").write_bytes(b"not a checkpoint at all")
+    np.save(root / "array.npy", np.zeros((5, 4)))
+    (root / "truncated.npz").write_bytes((root / "short.npz").read_bytes()[:200])
+    good = (root / "nan.npz").read_bytes()  # the first member's data bytes flipped: its CRC no longer matches
+    (root / "bad-crc.npz").write_bytes(good[:100] + bytes(b ^ 0xFF for b in good[100:110]) + good[110:])
     torch.save(LinearModel(784, 10).state_dict(), root / "linear.pt")
     with open(root / "pickled.pt", "wb") as f:  # a pickle with a non-tensor object: refused by weights_only
         pickle.dump({"fc.weight": torch.zeros(2), "payload": Path("/etc/passwd")}, f)
@@ -87,6 +91,9 @@ CASES = {
     "neither": ([], "exactly one of prune_ratio and epsilon"),
     "epsilon zero": (["--epsilon", "0"], "--epsilon 0.0"),
     "missing npz": (["--dataset", "npz:{root}/absent.npz"], "file not found"),
+    "npy file as npz": (["--dataset", "npz:{root}/array.npy"], "not an .npz archive"),
+    "truncated npz": (["--dataset", "npz:{root}/truncated.npz"], "not an .npz archive"),
+    "npz with a corrupt member": (["--dataset", "npz:{root}/bad-crc.npz"], "cannot be read as an .npz file"),
     "missing idx files": (["--data-root", "{root}/empty"], "train-images-idx3-ubyte.gz is missing"),
     "npz lengths": (["--dataset", "npz:{root}/short.npz", "--model", "linear"], "5 samples but 4 labels"),
     "npz NaN": (["--dataset", "npz:{root}/nan.npz", "--model", "linear"], "NaN or Inf"),
