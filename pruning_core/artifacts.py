@@ -274,7 +274,14 @@ def load_scores(path: str | Path, with_vectors: bool = True) -> tuple[pa.Table, 
             raise BadInputError(f"--scores {path}: column {name} ({dtype}) is missing or of another type")
     if "influence" not in table.column_names or not pa.types.is_fixed_size_list(table.schema.field("influence").type):
         raise BadInputError(f"--scores {path}: column influence (fixed-size list of floats) is missing")
+    if table.num_rows == 0:
+        raise BadInputError(f"--scores {path}: no rows")
+    ids = table.column("sample_id").to_numpy()
+    if len(np.unique(ids)) != len(ids):
+        raise BadInputError(f"--scores {path}: sample_id values must be unique")
     vectors = column_array(table, "influence") if with_vectors else None
+    if vectors is not None and not np.isfinite(vectors).all():
+        raise BadInputError(f"--scores {path}: influence vectors contain NaN or Inf")
     meta = table.schema.metadata or {}
     metadata = json.loads(meta.get(b"dataset_pruning", b"{}"))
     return table.drop_columns(["influence"]), vectors, metadata

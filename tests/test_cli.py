@@ -187,6 +187,39 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, files, dead_po
     assert not (files / "pwned").exists() and not (files / "x").exists() and not Path("../escape").exists()
 
 
+def _scores(n: int, ids=None, vectors=None):
+    from pruning_core.artifacts import scores_table
+
+    rng = np.random.default_rng(0)
+    columns = {"sample_id": np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64),
+               "label": rng.integers(0, 2, n), "loss": rng.random(n), "el2n": rng.random(n)}
+    return scores_table(columns, rng.normal(size=(n, 3)) if vectors is None else vectors)
+
+
+SCORES = {
+    "no rows": (lambda: _scores(0), "no rows"),
+    "duplicate sample ids": (lambda: _scores(4, ids=[0, 1, 1, 2]), "sample_id values must be unique"),
+    "NaN in a vector": (lambda: _scores(4, vectors=np.array([[0.0, 1], [np.nan, 0], [1, 1], [2, 0]])),
+                        "influence vectors contain NaN or Inf"),
+    "no influence column": (lambda: _scores(4).drop_columns(["influence"]), "column influence"),
+}
+
+
+@pytest.mark.parametrize("case", list(SCORES))
+def test_select_refuses_bad_scores_in_one_line(case, tmp_path, capsys):
+    """A scores file another tool wrote, or a run's cut short: one line, exit 2, no selection file
+    (an empty one divided by zero, NaN vectors were solved over)."""
+    import pyarrow.parquet as pq
+
+    make, expected = SCORES[case]
+    pq.write_table(make(), tmp_path / "scores.parquet")
+    out = tmp_path / "selection.parquet"
+    assert main(["select", "--scores", str(tmp_path / "scores.parquet"), "--prune-ratio", "0.5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and expected in err, err
+    assert not out.exists()
+
+
 RUN_IDS = {"parent folder": "../escape", "absolute path": "/tmp/escaped-run", "nested": "a/b", "dots": "..",
            "empty": "", "existing run folder": "done"}
 
