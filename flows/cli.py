@@ -352,9 +352,27 @@ def cmd_select(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _table_uri(uri: str) -> str:
+    """`versions` takes a table as `run --target` does, or in the `delta:URI` form that lineage
+    and provenance print; a version suffix (`@N`) is refused: every version is listed."""
+    from pathlib import Path
+
+    from pruning_core.targets import is_versioning_uri
+
+    if uri.startswith("delta:"):
+        uri = uri[len("delta:"):]
+    elif is_versioning_uri(uri):
+        return uri
+    table, at, version = uri.rpartition("@")
+    if at and version.isdigit() and not Path(uri).exists():
+        raise BadInputError(f"versions {uri}: lists every version of the table; give {table} without @{version}")
+    return uri
+
+
 def cmd_versions(ns: argparse.Namespace) -> int:
     from pruning_core.targets import lineage, open_target
 
+    ns.uri = _table_uri(ns.uri)
     if ns.lineage:
         chains = lineage(ns.uri)
         if ns.json:

@@ -175,6 +175,13 @@ class DvcTarget(VersionTarget):
         return self._run([dvc_executable(), *args], env=env)
 
     def check(self) -> None:
+        self._check_repository()
+        dvc_executable()
+        dirty = self._git("status", "--porcelain", "--", f"{self.path}.dvc")
+        if dirty.strip():
+            raise BadInputError(f"--target {self.uri}: {self.path}.dvc has uncommitted changes; commit or restore them")
+
+    def _check_repository(self) -> None:
         if not self.repo.is_dir():
             raise BadInputError(f"--target {self.uri}: {self.repo} is not a folder")
         if shutil.which("git") is None:
@@ -183,10 +190,6 @@ class DvcTarget(VersionTarget):
                              check=False)
         if top.returncode != 0 or Path(top.stdout.strip()).resolve() != self.repo:
             raise BadInputError(f"--target {self.uri}: {self.repo} is not the top folder of a git repository (git init)")
-        dvc_executable()
-        dirty = self._git("status", "--porcelain", "--", f"{self.path}.dvc")
-        if dirty.strip():
-            raise BadInputError(f"--target {self.uri}: {self.path}.dvc has uncommitted changes; commit or restore them")
 
     def default_remote(self, env: dict | None = None) -> str | None:
         """The DVC default remote's name, if the repository has one (then versions are pushed)."""
@@ -269,6 +272,7 @@ class DvcTarget(VersionTarget):
             shutil.rmtree(folder, ignore_errors=True)
 
     def versions(self) -> list[dict]:
+        self._check_repository()
         out = self._git("for-each-ref", "--sort=-creatordate",
                         "--format=%(refname:strip=2)%09%(creatordate:unix)%09%(contents:subject)",
                         f"refs/tags/{self.slug}-v*")

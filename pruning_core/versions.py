@@ -163,8 +163,9 @@ def open_table(uri: str, version: int | None = None) -> DeltaTable:
         return DeltaTable(uri, version=version)
     except TableNotFoundError as exc:
         raise DatasetError(f"delta:{uri}: no Delta table there") from exc
-    except DeltaError as exc:
-        raise DatasetError(f"delta:{uri}@{version}: cannot be opened ({str(exc).splitlines()[0][:160]})") from exc
+    except (DeltaError, OSError) as exc:  # OSError: an object store that cannot be reached or read
+        at = "" if version is None else f"@{version}"
+        raise DatasetError(f"delta:{uri}{at}: cannot be opened ({str(exc).splitlines()[0][:160]})") from exc
 
 
 def read_version(uri: str, version: int | None = None) -> Dataset:

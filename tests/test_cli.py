@@ -282,7 +282,18 @@ def test_versions_command_lists_provenance(tmp_path, small_npz, capsys):
     assert main(["versions", str(tmp_path / "t")]) == 0
     out = capsys.readouterr().out
     assert "r1" in out and "random / 0.95" in out and "100" in out
-    assert main(["versions", str(tmp_path / "missing")]) == 2
+    assert main(["versions", f"delta:{tmp_path / 't'}"]) == 0  # the form lineage and provenance print
+    assert capsys.readouterr().out == out
+    (tmp_path / "not-git").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    for uri, expected in ((str(tmp_path / "missing"), "no Delta table there"),
+                          (f"delta:{tmp_path / 't'}@0", f"give {tmp_path / 't'} without @0"),
+                          (str(tmp_path / "a-file"), "cannot be opened"),
+                          (f"dvc:{tmp_path / 'absent'}#x", "is not a folder"),
+                          (f"dvc:{tmp_path / 'not-git'}#x", "is not the top folder of a git repository")):
+        assert main(["versions", uri]) == 2, uri
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and expected in err and "@None" not in err, err
 
 
 def test_dry_run_prints_the_estimate_and_writes_nothing(tmp_path, small_npz, capsys):
