@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         _describe(command, model)
 
     versions = sub.add_parser("versions", help="a target's versions (Delta, dvc:REPO#PATH, lakefs://…) with their provenance")
-    versions.add_argument("uri", help="a Delta table path or URI, dvc:REPO#PATH or lakefs://REPO/BRANCH/PATH")
+    versions.add_argument("uri", help="a Delta table path or URI (delta:URI too), dvc:REPO#PATH or lakefs://REPO/BRANCH/PATH")
     versions.add_argument("--json", action="store_true", help="print JSON instead of a table")
     versions.add_argument("--lineage", action="store_true",
                           help="per version, the chain of sources it was pruned from, across runs and tables")
