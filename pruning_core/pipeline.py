@@ -16,6 +16,7 @@ import torch
 
 from . import artifacts, hessians, influence
 from .data import load_dataset
+from .errors import BadInputError
 from .influence import InfluenceArgs
 from .scopes import ScopedLoss, autograd_curvature, scope_parameter_names
 from .selection import SelectionArgs, generalization_bound, select
@@ -204,6 +205,10 @@ def selection_stage(scores: Path, args: SelectionArgs, out: Path, map_fn=None, p
     result = select(vectors, args, columns, map_fn)
     progress(2, 3, f"solved ({args.method}{'/' + args.solver if args.method == 'influence' else ''})")
     n = len(vectors)
+    if result.pruned.all():  # a version without samples is never what was meant: refuse before writing
+        given = f"--epsilon {args.epsilon:g}" if args.epsilon is not None else f"--prune-ratio {args.prune_ratio:g}"
+        raise BadInputError(f"{given} removes all {n} samples (‖Σ s_i‖ of the whole set = {result.objective:.4g}), "
+                            "so nothing would be kept; give a smaller value")
     summary = {"method": args.method, "solver": result.info.get("solver"), "prune_ratio": args.prune_ratio,
                "epsilon": args.epsilon, "n": n, "n_pruned": int(result.pruned.sum()),
                "n_kept": int(n - result.pruned.sum()), "objective": result.objective,

@@ -223,3 +223,24 @@ def test_release_memory_runs_where_there_is_no_glibc_too(monkeypatch):
 
     monkeypatch.setattr(ctypes, "CDLL", missing)
     release_memory()  # elsewhere: nothing to do, no error
+
+
+def test_a_selection_that_keeps_nothing_publishes_nothing(first_run, small_npz, tmp_path, capsys):
+    """An ε above the whole set's ‖Σ s_i‖ would remove every sample: the run stops with one clear
+    error before a version without samples is written, and leaves no run folder; `select` writes
+    no file."""
+    from flows.cli import main
+    from pruning_core.errors import BadInputError
+
+    tmp, manifest = first_run
+    run_dir = tmp / "first" / "runs" / manifest["run_id"]
+    with pytest.raises(BadInputError, match="removes all 2000 samples .* so nothing would be kept"):
+        run(tmp_path, "eps", dataset=f"npz:{small_npz}", checkpoint=str(run_dir / "model.pt"), prune_ratio=None,
+            epsilon=1e9, shards=1, workers=1)
+    runs = tmp_path / "eps" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == [".cache", ".staging"] and not any((runs / ".staging").iterdir())
+    assert not (tmp_path / "eps" / "table").exists()
+
+    out = tmp_path / "selection.parquet"
+    assert main(["select", "--scores", str(run_dir / "scores.parquet"), "--epsilon", "1e9", "--out", str(out)]) == 2
+    assert "removes all 2000 samples" in capsys.readouterr().err and not out.exists()
