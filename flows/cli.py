@@ -327,6 +327,7 @@ def cmd_select(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
     from flows.parameters import check_train_epochs, scoring_recipe, selection_args, train_budget
+    from pruning_core.artifacts import check_can_create
     from pruning_core.pipeline import selection_stage
 
     args = selection_args(ns.method, ns.prune_ratio, ns.epsilon, ns.solver, ns.seed, ns.class_balanced, ns.coverage,
@@ -334,6 +335,9 @@ def cmd_select(ns: argparse.Namespace) -> int:
     check_train_epochs(ns.train_epochs, args)
     if not Path(ns.scores).is_file():
         raise BadInputError(f"--scores {ns.scores}: file not found")
+    if Path(ns.out).is_dir():
+        raise BadInputError(f"--out {ns.out}: is a folder; give the selection's file path (e.g. selection.parquet)")
+    check_can_create(Path(ns.out).resolve(), "--out")
     if ns.train_epochs is not None:
         recipe = scoring_recipe(Path(ns.scores).resolve().parent)  # the run folder of --scores
         args = dataclasses.replace(args, train_budget=train_budget(ns.train_epochs, recipe.epochs, recipe.model))

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pruning_core import artifacts
 from pruning_core.data import parse_dataset_spec
 from pruning_core.errors import BadInputError
 from pruning_core.influence import InfluenceArgs
@@ -218,6 +219,7 @@ class RunParameters(BaseModel):
         out = Path(self.out).expanduser().resolve()
         if out.exists() and not out.is_dir():
             raise BadInputError(f"--out {self.out}: exists and is not a folder")
+        artifacts.check_can_create(out, "--out")
         delta_target = self.target is not None and not self.target.startswith(("dvc:", "lakefs://"))  # checked there
         if delta_target and ".." in re.split(r"[/\\]", self.target):
             raise BadInputError(f"--target {self.target}: '..' is not allowed in a table path (it would leave the "

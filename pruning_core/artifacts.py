@@ -39,6 +39,21 @@ def atomic_path(path: str | Path):
             os.unlink(tmp)
 
 
+def check_can_create(path: str | Path, flag: str) -> None:
+    """Refuse, in one line, a path where nothing can be created (a file in the way, a read-only or
+    special file system): probed by making and removing a temporary folder in its nearest existing
+    ancestor, so that the check leaves nothing behind."""
+    path = Path(path)
+    start = path.parent if path.is_file() else path  # a file to be replaced: its folder
+    ancestor = next(p for p in (start, *start.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise BadInputError(f"{flag} {path}: {ancestor} is not a folder")
+    try:
+        tempfile.TemporaryDirectory(prefix=".dataset-prune-probe.", dir=ancestor).cleanup()
+    except OSError as exc:
+        raise BadInputError(f"{flag} {path}: nothing can be written in {ancestor} ({exc.strerror or exc})") from exc
+
+
 def write_json(path: str | Path, obj) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

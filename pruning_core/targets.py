@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from . import versions as delta
+from .artifacts import check_can_create
 from .data import Dataset
 from .errors import BadInputError, PruningError
 
@@ -117,8 +118,10 @@ class DeltaTarget(VersionTarget):
         self.name = delta.table_name(uri)
 
     def check(self) -> None:
-        if "://" not in self.uri and Path(self.uri).exists() and not Path(self.uri).is_dir():
-            raise BadInputError(f"--target {self.uri}: exists and is not a folder")
+        if "://" not in self.uri:
+            if Path(self.uri).exists() and not Path(self.uri).is_dir():
+                raise BadInputError(f"--target {self.uri}: exists and is not a folder")
+            check_can_create(self.uri, "--target")
 
     def commit(self, ds: Dataset, keep: np.ndarray, provenance: dict) -> int:
         return delta.commit_version(self.uri, ds, keep, provenance)

@@ -158,6 +158,9 @@ CASES = {
     "target escaping with ..": (["--target", "../escape"], "'..' is not allowed"),
     "absolute target with ..": (["--target", "{root}/x/../../escape"], "'..' is not allowed"),
     "target is a file": (["--target", "{root}/corrupt.pt"], "exists and is not a folder"),
+    "target under a file": (["--target", "{root}/corrupt.pt/table"], "corrupt.pt is not a folder"),
+    "target where nothing can be written": (["--target", "/proc/dataset-prune-test/table"],
+                                            "nothing can be written in /proc"),
     "dask address refused": (["--dask-address", "tcp://127.0.0.1:{closed}"], "no Dask scheduler answered within 3 s"),
     "dask address silent": (["--dask-address", "tcp://127.0.0.1:{silent}"], "accepted the connection but never replied"),
     "beyond memory": (["--dataset", "npz:{small}", "--projection-dim", "100000000"], "the influence stage needs ≈"),
@@ -218,6 +221,30 @@ def test_select_refuses_bad_scores_in_one_line(case, tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and expected in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command, out, expected", [
+    ("run", "{root}/corrupt.pt/runs", "corrupt.pt is not a folder"),
+    ("run", "/proc/dataset-prune-test", "nothing can be written in /proc"),
+    ("select", "{root}", "is a folder; give the selection's file path"),
+    ("select", "{root}/corrupt.pt/selection.parquet", "corrupt.pt is not a folder"),
+    ("select", "/proc/dataset-prune-test/selection.parquet", "nothing can be written in /proc"),
+])
+def test_an_out_where_nothing_can_be_written_is_refused_in_one_line(command, out, expected, files, small_npz, tmp_path,
+                                                                   capsys):
+    """Checked before any work: these were tracebacks once the run or the selection had finished."""
+    import pyarrow.parquet as pq
+
+    out = out.format(root=files)
+    if command == "run":
+        argv = ["run", "--dataset", f"npz:{small_npz}", "--prune-ratio", "0.4", "--target", str(tmp_path / "t")]
+    else:
+        pq.write_table(_scores(10), tmp_path / "scores.parquet")
+        argv = ["select", "--scores", str(tmp_path / "scores.parquet"), "--prune-ratio", "0.4"]
+    assert main([*argv, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "t").exists() and not list(files.glob(".dataset-prune-probe*"))
 
 
 RUN_IDS = {"parent folder": "../escape", "absolute path": "/tmp/escaped-run", "nested": "a/b", "dots": "..",
