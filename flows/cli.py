@@ -26,8 +26,8 @@ _ARGV: list[str] = []  # the arguments of this invocation, recorded in reports
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + message
-        raise BadInputError(f"{self.prog}: {message}")
+    def error(self, message):  # one line, not usage + message; a command's name where it is one
+        raise BadInputError(message if self.prog == "dataset-prune" else f"{self.prog}: {message}")
 
 
 def _float(text: str) -> float:
@@ -79,8 +79,18 @@ def _describe(parser: argparse.ArgumentParser, model) -> None:
             action.help = (field.description + one_of + default).replace("%", "%%")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dataset-pruning")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dataset-prune", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="train, score influence, select, publish a Delta version")

@@ -352,6 +352,16 @@ def test_every_option_of_every_command_says_what_it_does(capsys):
     assert "--seed SEED Seed of training and of random selection (default: 0)" in text
 
 
+def test_version_and_a_missing_command(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"dataset-prune {version('dataset-pruning')}\n"
+    assert main([]) == 2
+    assert capsys.readouterr().err == "dataset-prune: error: the following arguments are required: command\n"
+
+
 def test_the_readme_lists_every_option_as_help_says_it():
     """The README's option tables are the parser's own text: an option added, renamed or
     re-described without `make options` fails here."""
