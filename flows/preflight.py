@@ -96,6 +96,10 @@ def influence_estimate(params, ds, model=None) -> dict:
     args = params.influence_args()
     sizes = dict(model.named_parameters())
     p = sum(sizes[k].numel() for k in scope_parameter_names(model, args.scope))
+    if args.projection_dim is not None and args.projection_dim >= p:
+        raise BadInputError(f"--projection-dim {args.projection_dim} is not below p = {p}, the parameters of --scope "
+                            f"{args.scope}: the projected vectors would be no smaller than the full ones; give less "
+                            f"than {p} or leave it out")
     return stage_estimate(ds.n, p, model.fc.in_features, args)
 
 

@@ -296,7 +296,7 @@ def stage_estimate(n: int, p: int, feature_dim: int, args: InfluenceArgs, flops_
         "features": n * (feature_dim + 1) * 8 if args.scope == "last-layer" else 0,
         "hessian": p * p * 8 if args.hessian == "exact" else 0,
         "inverse_basis": k * p * 8,
-        "gradient_block": args.block_size * p * 8,
+        "gradient_block": min(args.block_size, n) * p * 8,
         "stored_vectors": n * k * item,
     }
     flops = 2.0 * n * p * k  # the vectors: G Mᵀ

@@ -163,7 +163,9 @@ CASES = {
                                             "nothing can be written in /proc"),
     "dask address refused": (["--dask-address", "tcp://127.0.0.1:{closed}"], "no Dask scheduler answered within 3 s"),
     "dask address silent": (["--dask-address", "tcp://127.0.0.1:{silent}"], "accepted the connection but never replied"),
-    "beyond memory": (["--dataset", "npz:{small}", "--projection-dim", "100000000"], "the influence stage needs ≈"),
+    "beyond memory": (["--dataset", "npz:{small}", "--scope", "all", "--hessian", "cg", "--projection-dim", "200000"],
+                      "the influence stage needs ≈"),
+    "projection not below p": (["--dataset", "npz:{small}", "--projection-dim", "1290"], "is not below p = 1290"),
     "exact Hessian beyond memory": (["--dataset", "npz:{small}", "--scope", "all"], "the influence stage needs ≈"),
 }
 

@@ -126,10 +126,12 @@ def test_a_run_that_would_exceed_memory_is_refused_early_with_the_estimate(small
     from pruning_core.influence import memory_available
 
     available = memory_available()["available"]
-    p = 10 * 128 + 10  # cnn last layer
+    p = 215_370  # every parameter of cnn: a projection below p can still need more than the machine has
     huge = 4 * available // (8 * p) + 1
+    assert huge < p, "this machine has too much memory for the case: use a larger model"
     out, target = tmp_path / "runs", tmp_path / "table"
-    common = ["run", "--dataset", f"npz:{small_npz}", "--prune-ratio", "0.4", "--out", str(out), "--target", str(target)]
+    common = ["run", "--dataset", f"npz:{small_npz}", "--prune-ratio", "0.4", "--scope", "all", "--hessian", "cg",
+              "--out", str(out), "--target", str(target)]
     assert main([*common, "--projection-dim", str(huge)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
@@ -146,11 +148,11 @@ def test_the_flow_itself_refuses_what_would_not_fit(small_npz, tmp_path, prefect
     from flows.prune import prune_dataset
     from pruning_core.influence import memory_available
 
-    huge = 4 * memory_available()["available"] // (8 * 1290) + 1
+    huge = 4 * memory_available()["available"] // (8 * 215_370) + 1  # below p of cnn's every parameter
     out = tmp_path / "runs"
     with pytest.raises(BadInputError, match="the influence stage needs"):
-        prune_dataset(RunParameters(dataset=f"npz:{small_npz}", prune_ratio=0.4, projection_dim=huge, out=str(out),
-                                    target=str(tmp_path / "table")))
+        prune_dataset(RunParameters(dataset=f"npz:{small_npz}", prune_ratio=0.4, scope="all", hessian="cg",
+                                    projection_dim=huge, out=str(out), target=str(tmp_path / "table")))
     assert not out.exists() and not (tmp_path / "table").exists()
 
 
