@@ -59,6 +59,10 @@ class EvalArgs:
             raise BadInputError(f"--ratios {','.join(map(str, self.ratios))}: every ratio must lie strictly in (0, 1)")
         if any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
             raise BadInputError("--seeds must be distinct non-negative integers")
+        for flag, values in (("--methods", self.methods), ("--ratios", self.ratios)):
+            twice = sorted({v for v in values if values.count(v) > 1}, key=values.index)
+            if twice:  # each cell would be trained twice and counted twice in every mean
+                raise BadInputError(f"{flag} lists {', '.join(map(str, twice))} more than once")
         if not (0 <= self.target_drop < 1):
             raise BadInputError(f"--target-drop {self.target_drop} must lie in [0, 1)")
         if self.evaluations_per_epoch < 1:

@@ -199,6 +199,9 @@ def test_evaluate_flow_end_to_end(prefect_api, pooled_npz, tmp_path, capsys):
     (["--seeds", "0,x"], "--seeds"),
     (["--gap-samples", "50"], "--gap-samples"),
     (["--from-run", "/nonexistent/run"], "--from-run"),
+    (["--seeds", "0,1,0"], "--seeds must be distinct"),
+    (["--methods", "influence,random,influence"], "--methods lists influence more than once"),
+    (["--ratios", "0.4,0.6,0.4"], "--ratios lists 0.4 more than once"),
 ])
 def test_evaluate_bad_input_exits_2(argv, message, small_npz, tmp_path, capsys):
     assert main(["evaluate", "--dataset", f"npz:{small_npz}", "--out", str(tmp_path / "runs"), *argv]) == 2
