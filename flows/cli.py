@@ -22,6 +22,7 @@ from pruning_core.errors import BadInputError
 from pruning_core.influence import format_estimate
 
 EXIT_BAD_INPUT = 2
+STARTUP_TIMEOUT = 120  # seconds the temporary Prefect server may take to answer
 _ARGV: list[str] = []  # the arguments of this invocation, recorded in reports
 
 
@@ -291,7 +292,9 @@ def prefect_api():
     if quiet:
         os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     server = SubprocessASGIServer()
-    server.start()
+    # a fresh PREFECT_HOME migrates its database first: about 18 s on two idle cores, more on a busy
+    # machine, against Prefect's 20 s default; a timeout the user set is kept
+    server.start(timeout=None if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ else STARTUP_TIMEOUT)
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
