@@ -15,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pruning_core import artifacts
 from pruning_core.baselines import coverage_strata
+from pruning_core.errors import BadInputError
 from pruning_core.pipeline import selection_stage
 from pruning_core.selection import SelectionArgs, class_quotas, hard_cut_for, select
 
@@ -186,6 +188,11 @@ def test_written_summary_reports_the_objective_of_the_written_selection(instance
     with tempfile.TemporaryDirectory() as folder:
         scores, out = Path(folder) / "scores.parquet", Path(folder) / "selection.parquet"
         artifacts.save_parquet(artifacts.scores_table(columns, vectors), scores)
+        if round(ratio * n) == n:  # every sample (a tiny n): refused, nothing written
+            with pytest.raises(BadInputError, match=f"removes all {n} samples"):
+                selection_stage(scores, SelectionArgs(method=method, prune_ratio=ratio), out)
+            assert not out.exists()
+            return
         summary = selection_stage(scores, SelectionArgs(method=method, prune_ratio=ratio), out)
         table = pq.read_table(out)
     pruned = table.column("pruned").to_numpy(zero_copy_only=False)
