@@ -350,7 +350,7 @@ def cmd_select(ns: argparse.Namespace) -> int:
         raise BadInputError(f"--scores {ns.scores}: file not found")
     if Path(ns.out).is_dir():
         raise BadInputError(f"--out {ns.out}: is a folder; give the selection's file path (e.g. selection.parquet)")
-    check_can_create(Path(ns.out).resolve(), "--out")
+    check_can_create(Path(ns.out).resolve(), "--out", folder=False)
     if ns.train_epochs is not None:
         recipe = scoring_recipe(Path(ns.scores).resolve().parent)  # the run folder of --scores
         args = dataclasses.replace(args, train_budget=train_budget(ns.train_epochs, recipe.epochs, recipe.model))
@@ -374,14 +374,15 @@ def _table_uri(uri: str) -> str:
     and provenance print; a version suffix (`@N`) is refused: every version is listed."""
     from pathlib import Path
 
+    from pruning_core.data import split_version
     from pruning_core.targets import is_versioning_uri
 
     if uri.startswith("delta:"):
         uri = uri[len("delta:"):]
     elif is_versioning_uri(uri):
         return uri
-    table, at, version = uri.rpartition("@")
-    if at and version.isdigit() and not Path(uri).exists():
+    table, version = split_version(uri)
+    if version is not None and not Path(uri).exists():
         raise BadInputError(f"versions {uri}: lists every version of the table; give {table} without @{version}")
     return uri
 

@@ -216,10 +216,7 @@ class RunParameters(BaseModel):
         check_train_epochs(self.train_epochs, self.selection_args())
         if self.checkpoint is not None and not Path(self.checkpoint).is_file():
             raise BadInputError(f"--checkpoint {self.checkpoint}: file not found")
-        out = Path(self.out).expanduser().resolve()
-        if out.exists() and not out.is_dir():
-            raise BadInputError(f"--out {self.out}: exists and is not a folder")
-        artifacts.check_can_create(out, "--out")
+        artifacts.check_can_create(Path(self.out).expanduser().resolve(), "--out")
         delta_target = self.target is not None and not self.target.startswith(("dvc:", "lakefs://"))  # checked there
         if delta_target and ".." in re.split(r"[/\\]", self.target):
             raise BadInputError(f"--target {self.target}: '..' is not allowed in a table path (it would leave the "

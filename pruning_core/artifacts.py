@@ -39,12 +39,15 @@ def atomic_path(path: str | Path):
             os.unlink(tmp)
 
 
-def check_can_create(path: str | Path, flag: str) -> None:
-    """Refuse, in one line, a path where nothing can be created (a file in the way, a read-only or
-    special file system): probed by making and removing a temporary folder in its nearest existing
-    ancestor, so that the check leaves nothing behind."""
+def check_can_create(path: str | Path, flag: str, folder: bool = True) -> None:
+    """Refuse, in one line, a path where the folder (or, `folder=False`, the file) cannot be made:
+    a file where the folder should be, a file in the way above it, a read-only or special file
+    system. Probed by making and removing a temporary folder in the nearest existing ancestor, so
+    that the check leaves nothing behind."""
     path = Path(path)
-    start = path.parent if path.is_file() else path  # a file to be replaced: its folder
+    if folder and path.exists() and not path.is_dir():
+        raise BadInputError(f"{flag} {path}: exists and is not a folder")
+    start = path if folder else path.parent
     ancestor = next(p for p in (start, *start.parents) if p.exists())
     if not ancestor.is_dir():
         raise BadInputError(f"{flag} {path}: {ancestor} is not a folder")

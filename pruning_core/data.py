@@ -54,6 +54,12 @@ class DatasetSpec:
         return self.kind
 
 
+def split_version(uri: str) -> tuple[str, int | None]:
+    """`URI@VERSION` → (URI, VERSION); (uri, None) where it ends in no `@` and digits."""
+    match = re.fullmatch(r"(.+)@(\d+)", uri)
+    return (match.group(1), int(match.group(2))) if match else (uri, None)
+
+
 def parse_dataset_spec(text: str) -> DatasetSpec:
     """Parse `--dataset`; raise `DatasetError` naming the valid forms."""
     text = (text or "").strip()
@@ -62,11 +68,8 @@ def parse_dataset_spec(text: str) -> DatasetSpec:
     if text.startswith("npz:") and len(text) > 4:
         return DatasetSpec(kind="npz", path=str(Path(text[4:]).expanduser().resolve()))
     if text.startswith("delta:") and len(text) > 6:
-        uri, version = text[6:], None
-        match = re.fullmatch(r"(.+)@(\d+)", uri)
-        if match:
-            uri, version = match.group(1), int(match.group(2))
-        elif "@" in uri and not Path(uri).exists():
+        uri, version = split_version(text[6:])
+        if version is None and "@" in uri and not Path(uri).exists():
             raise DatasetError(f"--dataset {text!r}: the version after '@' must be a non-negative integer")
         if "://" not in uri:
             uri = str(Path(uri).expanduser().resolve())

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from . import versions as delta
 from .artifacts import check_can_create
-from .data import Dataset
+from .data import Dataset, split_version
 from .errors import BadInputError, PruningError
 
 SAMPLES_FILE = "samples.parquet"
@@ -119,8 +119,6 @@ class DeltaTarget(VersionTarget):
 
     def check(self) -> None:
         if "://" not in self.uri:
-            if Path(self.uri).exists() and not Path(self.uri).is_dir():
-                raise BadInputError(f"--target {self.uri}: exists and is not a folder")
             check_can_create(self.uri, "--target")
 
     def commit(self, ds: Dataset, keep: np.ndarray, provenance: dict) -> int:
@@ -445,10 +443,9 @@ def lineage(uri: str, max_depth: int = 32) -> list[list[dict]]:
         while source.get("name") and len(chain) < max_depth:
             name = source["name"]
             node = {"ref": name, "rows": source.get("n")}
-            match = re.fullmatch(r"delta:(.+)@(\d+)", name)
-            if match and name not in seen:
+            table, version = split_version(name[len("delta:"):]) if name.startswith("delta:") else (name, None)
+            if version is not None and name not in seen:
                 seen.add(name)
-                table, version = match.group(1), int(match.group(2))
                 if table not in cache:
                     try:
                         cache[table] = delta.list_versions(table)
