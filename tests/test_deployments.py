@@ -164,6 +164,26 @@ def new_run(served: Served, deployment_id: str, known: set[str], timeout: float 
     return new.pop()
 
 
+def submit_form(page, served: Served, deployment_id: str, known: set[str], shot: Path, tries: int = 3,
+                wait: float = 90) -> str:
+    """Click the custom-run form's Submit and return the one run it created. Where the form is still
+    shown and no run came (the UI's request failed: under load the served SQLite server can answer
+    an error the UI shows as a toast), click again as a user would, up to `tries` times; the
+    failure names what the page showed each time and keeps a screenshot."""
+    seen = []
+    for _ in range(tries):
+        page.wait_for_load_state("networkidle")
+        page.get_by_role("button", name="Submit").click()
+        try:
+            return new_run(served, deployment_id, known, timeout=wait)
+        except pytest.fail.Exception:
+            page.screenshot(path=str(shot), full_page=True)
+            seen.append(f"{page.url}: " + " | ".join(page.locator("body").inner_text().splitlines()[-8:]))
+            if not re.search(r"/deployment/[^/]+/run", page.url):  # the form is gone: nothing to click again
+                break
+    pytest.fail(f"Submit made no run of {deployment_id} in {tries} tries ({shot}):\n" + "\n".join(seen))
+
+
 def version_summaries(target: Path) -> list[tuple]:
     """(prune_ratio, source, rows) of every version of the table, by the rows really stored."""
     out = []
@@ -199,8 +219,7 @@ def test_ui_quick_run_and_custom_run_complete_and_publish_versions(served, brows
     ratio = form_field(page, "Prune ratio (fraction removed)").locator("input")
     expect(ratio).to_have_value("0.4")
     ratio.fill("0.25")
-    page.get_by_role("button", name="Submit").click()
-    custom = new_run(served, nightly["id"], {quick})
+    custom = submit_form(page, served, nightly["id"], {quick}, tmp_path / "custom-run-form.png")
 
     runs = [served.wait_for_run(run_id) for run_id in (quick, custom)]
     assert [r["state_type"] for r in runs] == ["COMPLETED", "COMPLETED"], served.log.read_text()[-4000:]
