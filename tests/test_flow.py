@@ -1,6 +1,8 @@
 """The `prune-dataset` flow under a real Prefect API with real Dask LocalClusters."""
 
 import json
+import logging
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -227,16 +229,30 @@ def test_release_memory_runs_where_there_is_no_glibc_too(monkeypatch):
 
 def test_a_selection_that_keeps_nothing_publishes_nothing(first_run, small_npz, tmp_path, capsys):
     """An ε above the whole set's ‖Σ s_i‖ would remove every sample: the run stops with one clear
-    error before a version without samples is written, and leaves no run folder; `select` writes
-    no file."""
+    error before a version without samples is written, and leaves no run folder; the run's task and
+    flow logs keep the reason without a traceback; `select` writes no file."""
     from flows.cli import main
-    from pruning_core.errors import BadInputError
 
     tmp, manifest = first_run
     run_dir = tmp / "first" / "runs" / manifest["run_id"]
-    with pytest.raises(BadInputError, match="removes all 2000 samples .* so nothing would be kept"):
-        run(tmp_path, "eps", dataset=f"npz:{small_npz}", checkpoint=str(run_dir / "model.pt"), prune_ratio=None,
-            epsilon=1e9, shards=1, workers=1)
+    records = []
+    keep = logging.Handler()
+    keep.emit = records.append
+    loggers = [logging.getLogger(name) for name in ("prefect.task_runs", "prefect.flow_runs")]
+    for logger in loggers:
+        logger.addHandler(keep)
+    try:
+        code = main(["run", "--dataset", f"npz:{small_npz}", "--model", "cnn", "--checkpoint", str(run_dir / "model.pt"),
+                     "--epsilon", "1e9", "--shards", "1", "--workers", "1", "--block-size", "128", "--no-progress",
+                     "--out", str(tmp_path / "eps" / "runs"), "--target", str(tmp_path / "eps" / "table")])
+    finally:
+        for logger in loggers:
+            logger.removeHandler(keep)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and re.fullmatch(r"dataset-prune: error: --epsilon 1e\+09 removes all 2000 samples .* so nothing "
+                                      r"would be kept; give a smaller value", err[-1]), err[-3:]
+    failed = [r for r in records if "removes all 2000 samples" in r.getMessage()]
+    assert len(failed) >= 2 and not any(r.exc_info for r in failed)  # the task's and the flow's failure
     runs = tmp_path / "eps" / "runs"
     assert sorted(p.name for p in runs.iterdir()) == [".cache", ".staging"] and not any((runs / ".staging").iterdir())
     assert not (tmp_path / "eps" / "table").exists()
