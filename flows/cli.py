@@ -77,7 +77,9 @@ def _describe(parser: argparse.ArgumentParser, model) -> None:
             values = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else ()
             one_of = f"; one of {', '.join(map(str, values))}" if values and action.choices is None else ""
             default = "" if action.default is None or action.default is False else f" (default: {action.default})"
-            action.help = (field.description + one_of + default).replace("%", "%%")
+            text = field.description  # the UI form's sentence case; help reads lower case, as argparse's own
+            text = text if text[:2].isupper() else text[0].lower() + text[1:]
+            action.help = (text + one_of + default).replace("%", "%%")
 
 
 def _version() -> str:
@@ -123,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     select = sub.add_parser("select", help="selection alone, over an existing scores.parquet")
     select.add_argument("--scores", required=True, help="a run folder's scores.parquet")
     _add_selection_options(select)
-    select.add_argument("--seed", type=int, default=0)
+    select.add_argument("--seed", type=int, default=0,
+                        help="seed of the seeded choices: random, CCS's draws, the uniform candidate order (default: 0)")
     select.add_argument("--class-balanced", action="store_true")
     select.add_argument("--time-limit", type=_float, default=60.0, help="seconds, for --solver scip")
     select.add_argument("--dask-address", help="scheduler for --solver bucketed (default: a local cluster)")
