@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -28,7 +29,7 @@ _ARGV: list[str] = []  # the arguments of this invocation, recorded in reports
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + message; a command's name where it is one
-        raise BadInputError(message if self.prog == "dataset-prune" else f"{self.prog}: {message}")
+        raise BadInputError(message if self.prog == "dataset-prune" else f"{self.prog.removeprefix('dataset-prune ')}: {message}")
 
 
 def _float(text: str) -> float:
@@ -202,11 +203,14 @@ def write_options_reference(readme: str) -> None:
     path.write_text(f"{head}{OPTIONS_BEGIN}\n\n{options_reference()}\n{OPTIONS_END}{tail}")
 
 
-def _pydantic_message(exc: ValidationError) -> str:
+def _pydantic_message(exc: ValidationError, model) -> str:
     err = exc.errors()[0]
-    where = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "arguments"
-    value = f" {err['input']!r}" if err["loc"] and not isinstance(err.get("input"), dict) else ""
-    return f"{where}{value}: {err['msg']}"
+    if err["loc"]:
+        value = f" {err['input']!r}" if not isinstance(err.get("input"), dict) else ""
+        return f"--{str(err['loc'][0]).replace('_', '-')}{value}: {err['msg']}"
+    # a check across fields names them as the UI form's parameters (prune_ratio): here, as flags
+    return re.sub(r"\b[a-z][a-z_]*\b", lambda m: "--" + m[0].replace("_", "-") if m[0] in model.model_fields else m[0],
+                  err["msg"].removeprefix("Value error, "))
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
@@ -216,7 +220,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     try:
         params = RunParameters(**values)
     except ValidationError as exc:
-        raise BadInputError(_pydantic_message(exc)) from None
+        raise BadInputError(_pydantic_message(exc, RunParameters)) from None
     params.validate_all()
     estimate = run_preflight(params)  # bad files, a silent scheduler, too little memory: before the flow
     print(format_estimate(estimate), file=sys.stderr if not ns.dry_run else sys.stdout)
@@ -344,7 +348,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     try:
         params = EvaluateParameters(**values)
     except ValidationError as exc:
-        raise BadInputError(_pydantic_message(exc)) from None
+        raise BadInputError(_pydantic_message(exc, EvaluateParameters)) from None
     params.validate_all()
     if not params.from_run:
         print(format_estimate(run_preflight(params.run_parameters())), file=sys.stderr)
