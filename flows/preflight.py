@@ -9,6 +9,7 @@ import threading
 
 from pruning_core.errors import BadInputError
 from pruning_core.influence import check_memory, memory_available, stage_estimate
+from pruning_core.selection import check_scip_size
 
 
 def connect_timeout() -> float:
@@ -112,6 +113,8 @@ def run_preflight(params, load_checkpoint: bool = True) -> dict:
     ds = load_dataset(params.dataset, params.data_root)
     model = load_model(params.checkpoint, params.model, ds, device="cpu") if params.checkpoint and load_checkpoint else None
     estimate = influence_estimate(params, ds, model)
+    if params.method == "influence" and params.solver == "scip":
+        check_scip_size(estimate["n"], estimate["k"])
     info = scheduler_info(params.dask_address) if params.dask_address else None
     limit, where = memory_limit(params.workers, info)
     check_memory(estimate, limit, where)

@@ -471,6 +471,7 @@ def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarr
             path = np.linalg.norm(np.cumsum(vectors[order], axis=0, dtype=np.float64), axis=1)
             pruned = _largest_prefix_within(vectors, order, path, args.epsilon)
     elif args.solver == "scip":
+        check_scip_size(*vectors.shape)
         warm = select(vectors, dataclasses.replace(args, solver="greedy"), columns).pruned  # SCIP's warm start
         pruned, scip_info = solve_scip(vectors, args, warm, labels if quotas is not None else None, quotas)
         info.update(scip_info)
@@ -488,6 +489,19 @@ def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarr
     result = Selection(pruned, objective(vectors, pruned), info)
     result.info["n_pruned"] = int(pruned.sum())
     return result
+
+
+SCIP_MAX_TERMS = 2_000_000  # n × dim of the reference model: built term by term (~2 µs each), then solved
+
+
+def check_scip_size(n: int, dim: int) -> None:
+    """The `scip` reference writes every sample's vector into its model; past `SCIP_MAX_TERMS`
+    the building alone outlasts any --time-limit (60,000 × 1,290 is 77 million terms: minutes
+    before SCIP starts its clock, gigabytes of model). Refuse such an instance up front."""
+    if n * dim > SCIP_MAX_TERMS:
+        raise BadInputError(f"--solver scip is the exact reference for small instances: {n} samples × {dim} "
+                            f"dimensions is {n * dim:,} model terms, above its {SCIP_MAX_TERMS:,}; use --solver "
+                            "greedy (or bucketed), or score fewer samples or a smaller --projection-dim")
 
 
 def solve_scip(vectors: np.ndarray, args: SelectionArgs, warm: np.ndarray | None, labels=None, quotas=None):

@@ -142,6 +142,18 @@ def test_scip_reference_is_optimal_on_small_instances_and_never_worse_than_its_w
     assert eps.objective <= 0.5 + 1e-6
 
 
+def test_scip_refuses_an_instance_it_could_not_build_within_its_time_limit():
+    """The reference writes n × dim terms into its model before SCIP's clock starts: a full
+    Fashion-MNIST run (60,000 × 1,290) spent minutes there; one term above the limit is refused
+    at once, the limit itself is solved."""
+    with pytest.raises(BadInputError, match="--solver scip is the exact reference for small instances: 2001 samples "
+                                            "× 1000 dimensions is 2,001,000 model terms, above its 2,000,000"):
+        select(np.zeros((2001, 1000)), SelectionArgs(prune_ratio=0.5, solver="scip"))
+    small = select(np.random.default_rng(7).normal(size=(2000, 1000)) * 1e-4,
+                   SelectionArgs(prune_ratio=0.5, solver="scip", time_limit=1))
+    assert small.pruned.sum() == 1000
+
+
 def test_bucketed_on_a_local_cluster_matches_the_unbucketed_solver():
     from tasks.select import dask_map
 
