@@ -419,6 +419,15 @@ def _table_uri(uri: str) -> str:
 
 
 def cmd_versions(ns: argparse.Namespace) -> int:
+    try:
+        return _versions(ns)
+    except BadInputError as exc:  # the targets name their URI as run's --target: here it is versions' argument
+        if str(exc).startswith("--target "):
+            raise BadInputError("versions " + str(exc).removeprefix("--target ")) from None
+        raise
+
+
+def _versions(ns: argparse.Namespace) -> int:
     from pruning_core.targets import lineage, open_target
 
     ns.uri = _table_uri(ns.uri)

@@ -325,6 +325,7 @@ def test_versions_command_lists_provenance(tmp_path, small_npz, capsys):
         assert main(["versions", uri]) == 2, uri
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and expected in err and "@None" not in err, err
+        assert "--target" not in err, err  # versions takes no --target: its argument is named
 
 
 def test_dry_run_prints_the_estimate_and_writes_nothing(tmp_path, small_npz, capsys):
