@@ -120,6 +120,12 @@ class DeltaTarget(VersionTarget):
     def check(self) -> None:
         if "://" not in self.uri:
             check_can_create(self.uri, "--target")
+            return
+        try:  # an object store: reachable with these credentials, whether or not the table exists yet
+            delta.open_table(self.uri)
+        except delta.DatasetError as exc:
+            if "no Delta table there" not in str(exc):
+                raise BadInputError(f"--target {self.uri}: {str(exc).partition(': ')[2]}") from None
 
     def commit(self, ds: Dataset, keep: np.ndarray, provenance: dict) -> int:
         return delta.commit_version(self.uri, ds, keep, provenance)

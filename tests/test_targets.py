@@ -123,6 +123,7 @@ def test_dvc_failed_commit_leaves_the_repository_as_it_was(ds, repo):
     ("dvc:{tmp}", "expected dvc:REPO#PATH"),
     ("dvc:{tmp}#../outside", "must be a relative path"),
     ("lakefs://repo-only", "expected lakefs://REPOSITORY/BRANCH/PATH"),
+    ("s3://dataset-prune-no-such-bucket/pruned", "--target s3://dataset-prune-no-such-bucket/pruned: cannot be opened"),
 ])
 def test_bad_targets_exit_2_with_one_line(uri, message, small_npz, tmp_path, capsys):
     out = tmp_path / "runs"
@@ -131,6 +132,13 @@ def test_bad_targets_exit_2_with_one_line(uri, message, small_npz, tmp_path, cap
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not out.exists()
+
+
+def test_an_object_store_target_is_probed_before_the_run(tmp_path):
+    """A table URI with a scheme is opened before anything runs (an unreachable store or missing
+    credentials used to fail only at publishing); one where no table exists yet is accepted."""
+    open_target(f"file://{tmp_path}/new-table").check()
+    assert not (tmp_path / "new-table").exists()
 
 
 # --- lakeFS (against its API contract) -----------------------------------------------------
