@@ -277,6 +277,9 @@ class EvaluateParameters(RunParameters):
 
     def _check_from_run(self) -> None:
         run = Path(self.from_run)
+        if self.checkpoint is not None:
+            raise BadInputError(f"--checkpoint with --from-run: the run {self.from_run} brings its own scores and "
+                                "model; give one of them")
         if not (run / "manifest.json").is_file() or not (run / "scores.parquet").is_file():
             raise BadInputError(f"--from-run {self.from_run}: not a finished run folder (no manifest.json/scores.parquet)")
         import pyarrow.parquet as pq

@@ -251,3 +251,5 @@ def test_retraining_longer_than_the_scoring_run_shifts_the_hard_cut(tmp_path):
     assert "25 % at ratio 0.8: the schedule (r − 0.5 − 0.2·log2 0.5) / 2, retraining 0.5×" in influence_selection(shorter)
     with pytest.raises(BadInputError, match="retrains with its own epochs"):
         EvaluateParameters(from_run=str(run), train_epochs=8).validate_all()
+    with pytest.raises(BadInputError, match="--checkpoint with --from-run: the run .* brings its own scores and model"):
+        EvaluateParameters(from_run=str(run), checkpoint=str(run / "manifest.json")).validate_all()
