@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -303,6 +304,34 @@ def progress_bar(enabled: bool):
                 h.console.file = file
 
 
+def _die_with_parent() -> None:  # in the child, before exec: SIGTERM when the command's process ends
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
+
+
+def _own_session(server_class):
+    """Prefect's temporary server, started in a session of its own. A signal to the command's
+    whole process group (`timeout`, a scheduler killing the group, Ctrl-C in a terminal) used to
+    reach the server too: it died first, and the command then retried its runs' Crashed state
+    against nothing for minutes. Now the command marks its runs and stops the server itself; on
+    Linux the server also ends when the command's process does, however it ends."""
+    import subprocess
+
+    class OwnSession(server_class):
+        def _run_uvicorn_command(self):
+            popen = subprocess.Popen
+            subprocess.Popen = functools.partial(popen, start_new_session=True,
+                                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                subprocess.Popen = popen
+
+    return OwnSession
+
+
 @contextlib.contextmanager
 def prefect_api():
     """Use the configured Prefect API; with none, start a local server on a free loopback port
@@ -322,7 +351,7 @@ def prefect_api():
     quiet = "PREFECT_SERVER_ANALYTICS_ENABLED" not in os.environ
     if quiet:
         os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    server = SubprocessASGIServer()
+    server = _own_session(SubprocessASGIServer)()
     # a fresh PREFECT_HOME migrates its database first: about 18 s on two idle cores, more on a busy
     # machine, against Prefect's 20 s default; a timeout the user set is kept
     server.start(timeout=None if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ else STARTUP_TIMEOUT)

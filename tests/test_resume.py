@@ -149,10 +149,13 @@ def test_killed_in_selection_or_commit_leaves_nothing_visible_and_the_rerun_is_i
     assert list((out / ".staging").iterdir()) == []
 
 
-def test_sigterm_marks_the_run_crashed_and_stops_the_server_the_command_started(small_npz, tmp_path):
+@pytest.mark.parametrize("to", ["the command", "its process group"])
+def test_sigterm_marks_the_run_crashed_and_stops_the_server_the_command_started(to, small_npz, tmp_path):
     """What a scheduler or `kill` sends, here mid-training: the command unwinds — the flow run ends
     Crashed, its staged output is removed, the Prefect server it started for itself (no API
-    configured) stops with it, and it exits 128 + SIGTERM."""
+    configured) stops with it, and it exits 128 + SIGTERM. Sent to the whole process group (as
+    `timeout` and Ctrl-C do), the signal once killed the server first and the command hung
+    retrying the Crashed state against it."""
     import psutil
 
     env = clean_env(tmp_path / "home")
@@ -168,7 +171,10 @@ def test_sigterm_marks_the_run_crashed_and_stops_the_server_the_command_started(
             time.sleep(0.05)
         tree = psutil.Process(proc.pid).children(recursive=True)
         started_server = any("prefect.server" in " ".join(c.cmdline()) for c in tree)
-        proc.send_signal(signal.SIGTERM)
+        if to == "the command":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             returncode = proc.wait(timeout=120)
             _, alive = psutil.wait_procs(tree, timeout=30)  # what the command started ends with it
