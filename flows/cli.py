@@ -514,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     except BadInputError as exc:
         print(f"dataset-prune: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # Ctrl-C: the runs are marked Crashed and the staging removed on the way here
+        print("dataset-prune: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except Exception:
         # the SystemExit the signal raised can come back wrapped by what it interrupted (Prefect
         # serialising a task's context re-raises it as a serialization error): still a stop

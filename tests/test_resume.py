@@ -149,8 +149,9 @@ def test_killed_in_selection_or_commit_leaves_nothing_visible_and_the_rerun_is_i
     assert list((out / ".staging").iterdir()) == []
 
 
-@pytest.mark.parametrize("to", ["the command", "its process group"])
-def test_sigterm_marks_the_run_crashed_and_stops_the_server_the_command_started(to, small_npz, tmp_path):
+@pytest.mark.parametrize("to, sig", [("the command", signal.SIGTERM), ("its process group", signal.SIGTERM),
+                                     ("its process group", signal.SIGINT)], ids=["kill", "kill group", "Ctrl-C"])
+def test_sigterm_marks_the_run_crashed_and_stops_the_server_the_command_started(to, sig, small_npz, tmp_path):
     """What a scheduler or `kill` sends, here mid-training: the command unwinds — the flow run ends
     Crashed, its staged output is removed, the Prefect server it started for itself (no API
     configured) stops with it, and it exits 128 + SIGTERM. Sent to the whole process group (as
@@ -172,9 +173,9 @@ def test_sigterm_marks_the_run_crashed_and_stops_the_server_the_command_started(
         tree = psutil.Process(proc.pid).children(recursive=True)
         started_server = any("prefect.server" in " ".join(c.cmdline()) for c in tree)
         if to == "the command":
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
         else:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, sig)
         try:
             returncode = proc.wait(timeout=120)
             _, alive = psutil.wait_procs(tree, timeout=30)  # what the command started ends with it
@@ -187,7 +188,10 @@ def test_sigterm_marks_the_run_crashed_and_stops_the_server_the_command_started(
                     child.kill()
     text = log.read_text()
     assert started_server, "the command started no Prefect server of its own"
-    assert returncode == 128 + signal.SIGTERM, text[-2000:]
+    assert returncode == 128 + sig, text[-2000:]
+    last = text.rstrip().splitlines()[-1]
+    assert "Traceback" not in text and (last == "dataset-prune: interrupted" if sig == signal.SIGINT else
+                                        "Stopping temporary server on" in last), text[-2000:]
     assert not survivors, f"processes the command started outlived it: {survivors}"
     assert "Finished in state Crashed" in text
     assert not [p for p in out.iterdir() if not p.name.startswith(".")], "a terminated run left a run folder"
