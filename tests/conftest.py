@@ -12,6 +12,13 @@ import pytest
 from pruning_core.data import FASHION_MNIST_ROOT, load_dataset
 
 
+@pytest.fixture(scope="module")
+def own_home(tmp_path_factory):
+    """A PREFECT_HOME for a module's commands, apart from the session's: the first server started
+    with it migrates its database (about 20 s here), the next one finds it ready."""
+    return tmp_path_factory.mktemp("prefect-home")
+
+
 def clean_env(home: Path, **extra) -> dict:
     """A subprocess environment with its own PREFECT_HOME and none of this session's Prefect
     settings (telemetry off unless `extra` says otherwise)."""

@@ -379,13 +379,6 @@ def test_the_readme_lists_every_option_as_help_says_it():
         assert f"| `{flag}` |" in block
 
 
-@pytest.fixture(scope="module")
-def own_home(tmp_path_factory):
-    """A PREFECT_HOME of their own for the commands below: the first server migrates its database
-    (about 20 s here), the next one finds it ready."""
-    return tmp_path_factory.mktemp("prefect-home")
-
-
 @pytest.mark.parametrize("setting, expected", [(None, "false"), ("true", "true")])
 def test_the_server_a_command_starts_for_itself_sends_no_telemetry_unless_asked(setting, expected, own_home):
     """Offline, the temporary server's telemetry logged an ERROR into every run's output."""

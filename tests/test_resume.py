@@ -151,7 +151,7 @@ def test_killed_in_selection_or_commit_leaves_nothing_visible_and_the_rerun_is_i
 
 @pytest.mark.parametrize("to, sig", [("the command", signal.SIGTERM), ("its process group", signal.SIGTERM),
                                      ("its process group", signal.SIGINT)], ids=["kill", "kill group", "Ctrl-C"])
-def test_sigterm_marks_the_run_crashed_and_stops_the_server_the_command_started(to, sig, small_npz, tmp_path):
+def test_sigterm_marks_the_run_crashed_and_stops_the_server_the_command_started(to, sig, small_npz, own_home, tmp_path):
     """What a scheduler or `kill` sends, here mid-training: the command unwinds — the flow run ends
     Crashed, its staged output is removed, the Prefect server it started for itself (no API
     configured) stops with it, and it exits 128 + SIGTERM. Sent to the whole process group (as
@@ -159,7 +159,7 @@ def test_sigterm_marks_the_run_crashed_and_stops_the_server_the_command_started(
     retrying the Crashed state against it."""
     import psutil
 
-    env = clean_env(tmp_path / "home")
+    env = clean_env(own_home)
     out = tmp_path / "runs"
     log = tmp_path / "log.txt"
     with log.open("w") as sink:
