@@ -304,11 +304,16 @@ def progress_bar(enabled: bool):
                 h.console.file = file
 
 
-def _die_with_parent() -> None:  # in the child, before exec: SIGTERM when the command's process ends
+def _die_with_parent():
+    """For a child, between fork and exec: SIGTERM it when this process ends (Linux's
+    PR_SET_PDEATHSIG). Looked up here, in the parent: the child only calls it."""
     import ctypes
 
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+    return functools.partial(prctl, 1, signal.SIGTERM)
 
 
 def _own_session(server_class):
@@ -322,8 +327,7 @@ def _own_session(server_class):
     class OwnSession(server_class):
         def _run_uvicorn_command(self):
             popen = subprocess.Popen
-            subprocess.Popen = functools.partial(popen, start_new_session=True,
-                                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            subprocess.Popen = functools.partial(popen, start_new_session=True, preexec_fn=_die_with_parent())
             try:
                 return super()._run_uvicorn_command()
             finally:

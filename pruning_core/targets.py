@@ -38,6 +38,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow.parquet as pq
+from deltalake.exceptions import TableNotFoundError
 
 from . import versions as delta
 from .artifacts import check_can_create
@@ -124,7 +125,7 @@ class DeltaTarget(VersionTarget):
         try:  # an object store: reachable with these credentials, whether or not the table exists yet
             delta.open_table(self.uri)
         except delta.DatasetError as exc:
-            if "no Delta table there" not in str(exc):
+            if not isinstance(exc.__cause__, TableNotFoundError):
                 raise BadInputError(f"--target {self.uri}: {str(exc).partition(': ')[2]}") from None
 
     def commit(self, ds: Dataset, keep: np.ndarray, provenance: dict) -> int:

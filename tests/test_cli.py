@@ -353,8 +353,8 @@ def test_every_option_of_every_command_says_what_it_does(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--method METHOD The paper's optimisation, or a baseline; one of influence, random, el2n" in text
-    assert "--seed SEED Seed of training and of random selection (default: 0)" in text
+    assert "--method METHOD the paper's optimisation, or a baseline; one of influence, random, el2n" in text
+    assert "--seed SEED seed of training and of random selection (default: 0)" in text
 
 
 def test_version_and_a_missing_command(capsys):

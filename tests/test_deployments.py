@@ -164,24 +164,28 @@ def new_run(served: Served, deployment_id: str, known: set[str], timeout: float 
     return new.pop()
 
 
-def submit_form(page, served: Served, deployment_id: str, known: set[str], shot: Path, tries: int = 3,
+def run_from_ui(page, steps, served: Served, deployment_id: str, known: set[str], shot: Path, tries: int = 3,
                 wait: float = 90) -> str:
-    """Click the custom-run form's Submit and return the one run it created. Where the form is still
-    shown and no run came (the UI's request failed: under load the served SQLite server can answer
-    an error the UI shows as a toast), click again as a user would, up to `tries` times; the
-    failure names what the page showed each time and keeps a screenshot."""
+    """Do `steps(page)` (the clicks that should create one run of the deployment) and return that
+    run. Where none comes within `wait` s, do them again from the start, as a user would after an
+    error, up to `tries` times (in a full `make test` a click twice made no run in 240 s, seen
+    only there). The failure names what the page showed, the requests that failed and the
+    browser's console errors each time, and keeps a screenshot."""
+    problems = []
+    page.on("response", lambda r: problems.append(f"HTTP {r.status} {r.request.method} {r.url}") if r.status >= 400 else None)
+    page.on("requestfailed", lambda r: problems.append(f"failed {r.method} {r.url}: {r.failure}"))
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text[:200]}") if m.type == "error" else None)
     seen = []
-    for _ in range(tries):
-        page.wait_for_load_state("networkidle")
-        page.get_by_role("button", name="Submit").click()
+    for attempt in range(1, tries + 1):
+        del problems[:]
+        steps(page)
         try:
             return new_run(served, deployment_id, known, timeout=wait)
         except pytest.fail.Exception:
             page.screenshot(path=str(shot), full_page=True)
-            seen.append(f"{page.url}: " + " | ".join(page.locator("body").inner_text().splitlines()[-8:]))
-            if not re.search(r"/deployment/[^/]+/run", page.url):  # the form is gone: nothing to click again
-                break
-    pytest.fail(f"Submit made no run of {deployment_id} in {tries} tries ({shot}):\n" + "\n".join(seen))
+            shown = " | ".join(page.locator("body").inner_text().splitlines()[-8:])
+            seen.append(f"try {attempt} at {page.url}: {shown}; {problems or 'no failed request'}")
+    pytest.fail(f"no run of {deployment_id} from the UI in {tries} tries ({shot}):\n" + "\n".join(seen))
 
 
 def version_summaries(target: Path) -> list[tuple]:
@@ -198,28 +202,36 @@ def test_ui_quick_run_and_custom_run_complete_and_publish_versions(served, brows
     from playwright.sync_api import expect
 
     nightly = served.deployment("nightly")
+    deployment_page = f"{served.ui}/deployments/deployment/{nightly['id']}"
     page = browser.new_page()
-    page.goto(f"{served.ui}/deployments/deployment/{nightly['id']}")
+    page.goto(deployment_page)
     expect(page.get_by_text("At 02:00 AM every day")).to_be_visible()  # the cron schedule, in the UI
-    page.wait_for_load_state("networkidle")  # the page's own requests done before the first click
-
     assert served.runs_of(nightly["id"]) == []
-    page.get_by_role("button", name="Run", exact=True).click()
-    page.get_by_text("Quick run", exact=True).click()
-    confirm = page.locator("#p-modal-teleport-target").get_by_role("button", name="Run", exact=True)
-    expect(confirm).to_be_enabled()
-    page.wait_for_load_state("networkidle")
-    confirm.click()
-    quick = new_run(served, nightly["id"], set())
 
-    page.goto(f"{served.ui}/deployments/deployment/{nightly['id']}")
-    page.get_by_role("button", name="Run", exact=True).click()
-    page.get_by_text("Custom run", exact=True).click()
-    page.wait_for_url("**/run**")
-    ratio = form_field(page, "Prune ratio (fraction removed)").locator("input")
-    expect(ratio).to_have_value("0.4")
-    ratio.fill("0.25")
-    custom = submit_form(page, served, nightly["id"], {quick}, tmp_path / "custom-run-form.png")
+    def quick_run(page):
+        page.goto(deployment_page)
+        page.wait_for_load_state("networkidle")  # the page's own requests done before the first click
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Quick run", exact=True).click()
+        confirm = page.locator("#p-modal-teleport-target").get_by_role("button", name="Run", exact=True)
+        expect(confirm).to_be_enabled()
+        page.wait_for_load_state("networkidle")
+        confirm.click()
+
+    def custom_run(page):
+        page.goto(deployment_page)
+        page.wait_for_load_state("networkidle")
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Custom run", exact=True).click()
+        page.wait_for_url("**/run**")
+        ratio = form_field(page, "Prune ratio (fraction removed)").locator("input")
+        expect(ratio).to_have_value("0.4")
+        ratio.fill("0.25")
+        page.wait_for_load_state("networkidle")
+        page.get_by_role("button", name="Submit").click()
+
+    quick = run_from_ui(page, quick_run, served, nightly["id"], set(), tmp_path / "quick-run.png")
+    custom = run_from_ui(page, custom_run, served, nightly["id"], {quick}, tmp_path / "custom-run.png")
 
     runs = [served.wait_for_run(run_id) for run_id in (quick, custom)]
     assert [r["state_type"] for r in runs] == ["COMPLETED", "COMPLETED"], served.log.read_text()[-4000:]

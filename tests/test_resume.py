@@ -166,7 +166,10 @@ def test_sigterm_marks_the_run_crashed_and_stops_the_server_the_command_started(
         # it trains its own model for 30 epochs: the signal lands in the flow's training task
         argv = [str(Path(sys.executable).parent / "dataset-prune"), "run", "--dataset", f"npz:{small_npz}",
                 "--epochs", "30", "--prune-ratio", "0.4", "--out", str(out), "--target", str(tmp_path / "table")]
-        proc = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        # SIGINT as in a terminal: a test session started in the background (make test under nohup or
+        # CI) ignores it, and its children would inherit that
+        proc = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None and "epoch 1/30" not in log.read_text():
             time.sleep(0.05)
