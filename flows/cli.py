@@ -230,7 +230,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from flows.prune import prune_dataset
 
     started = time.perf_counter()
-    with prefect_api(), bad_input_without_traceback(), progress_bar(not ns.no_progress and sys.stderr.isatty()):
+    with prefect_api(), progress_bar(not ns.no_progress and sys.stderr.isatty()):
         manifest = prune_dataset(params)
     print(f"run folder:    {manifest['run_dir']}")
     print(f"delta version: {manifest['version']['uri']}@{manifest['version']['version']}")
@@ -240,30 +240,6 @@ def cmd_run(ns: argparse.Namespace) -> int:
           f"objective ‖Σ s_i‖ = {sel['objective']:.6g}")
     print(f"wall time:     {time.perf_counter() - started:.1f} s")
     return 0
-
-
-class _BadInputWithoutTraceback(logging.Filter):
-    """Prefect logs a failed task's and flow's exception with its traceback; for a `BadInputError`
-    (what the user can fix, found only once the run is under way, e.g. an ε that removes every
-    sample) the log keeps the one-line reason and drops the traceback, in the terminal and the UI."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], BadInputError):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-@contextlib.contextmanager
-def bad_input_without_traceback():
-    loggers = [logging.getLogger(name) for name in ("prefect.task_runs", "prefect.flow_runs")]
-    quiet = _BadInputWithoutTraceback()
-    for logger in loggers:
-        logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(quiet)
 
 
 @contextlib.contextmanager
@@ -387,7 +363,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
         print(format_estimate(run_preflight(params.run_parameters())), file=sys.stderr)
     from flows.evaluate import evaluate_pruning
 
-    with prefect_api(), bad_input_without_traceback():
+    with prefect_api():
         result = evaluate_pruning(params, command="dataset-prune " + " ".join(_ARGV))
     goal = result["targets"]
     print(f"evaluation folder: {result['run_dir']}")
