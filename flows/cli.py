@@ -141,10 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("--batch-size", int, 128), ("--weight-decay", _float, 5e-4), ("--seed", int, 0),
                                 ("--shards", int, 4), ("--workers", int, 2), ("--dask-address", str, None),
                                 ("--out", str, "runs"), ("--target", str, None), ("--from-run", str, None),
-                                ("--prune-ratio", _float, 0.4), ("--target-drop", _float, 0.013),
+                                ("--target-drop", _float, 0.013),
                                 ("--evaluations-per-epoch", int, 4), ("--gap-samples", int, 5000),
                                 ("--gap-points", int, 8), ("--gap-weight-decay", _float, 0.01)):
         evaluate.add_argument(flag, type=kind, default=default)
+    evaluate.add_argument("--prune-ratio", type=_float,
+                          help="prune ratio of the scoring run's own version (default: 0.4; not with --from-run)")
     evaluate.add_argument("--methods", type=_list(str), default=None, help="comma-separated, e.g. influence,random,el2n")
     evaluate.add_argument("--ratios", type=_list(_float), default=None, help="comma-separated prune ratios")
     evaluate.add_argument("--seeds", type=_list(int), default=None, help="comma-separated training seeds")
@@ -353,6 +355,9 @@ def prefect_api():
 def cmd_evaluate(ns: argparse.Namespace) -> int:
     from flows.parameters import EvaluateParameters
 
+    if ns.from_run is not None and ns.prune_ratio is not None:
+        raise BadInputError("--prune-ratio with --from-run: no scoring run is made, so there is no version of its "
+                            "own to prune (the evaluation's ratios are --ratios)")
     values = {k: v for k, v in vars(ns).items() if k != "command" and v is not None}
     try:
         params = EvaluateParameters(**values)

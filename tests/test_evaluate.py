@@ -199,6 +199,7 @@ def test_evaluate_flow_end_to_end(prefect_api, pooled_npz, tmp_path, capsys):
     (["--seeds", "0,x"], "--seeds"),
     (["--gap-samples", "50"], "--gap-samples"),
     (["--from-run", "/nonexistent/run"], "--from-run"),
+    (["--from-run", "/nonexistent/run", "--prune-ratio", "0.5"], "--prune-ratio with --from-run: no scoring run"),
     (["--seeds", "0,1,0"], "--seeds must be distinct"),
     (["--methods", "influence,random,influence"], "--methods lists influence more than once"),
     (["--ratios", "0.4,0.6,0.4"], "--ratios lists 0.4 more than once"),
