@@ -118,6 +118,32 @@ def pool(x: np.ndarray, side: int) -> np.ndarray:
     return x.astype(np.float64).reshape(len(x), 1, side, k, side, k).mean((3, 5)).round().astype(np.uint8)
 
 
+def test_the_gain_panel_zooms_past_a_collapse_and_names_what_it_cuts():
+    """A baseline 30 points below random would flatten every other gain to a line at 0: the
+    panel stops at GAIN_FLOOR and names, per prune ratio, what falls below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    gains = [(40.0, "influence", 0.9), (40.0, "el2n", 0.8), (80.0, "influence", 1.7), (80.0, "el2n", -35.5),
+             (80.0, "forgetting", -33.7)]
+    for x, _, g in gains:
+        ax.plot([x], [g], "o")
+    labels = evaluation.zoom_gains(ax, gains)
+    assert labels == ["below:\nel2n -35.5\nforgetting -33.7"]
+    bottom, top = ax.get_ylim()
+    assert bottom == evaluation.GAIN_FLOOR and top > 1.7
+    assert [t.get_text() for t in ax.texts] == labels
+    fig.clf()
+    ax = fig.subplots()
+    ax.plot([40, 80], [-2.5, 1.0], "o")
+    before = ax.get_ylim()
+    assert evaluation.zoom_gains(ax, [(40.0, "el2n", -2.5), (80.0, "el2n", 1.0)]) == [] and ax.get_ylim() == before
+    plt.close(fig)
+
+
 def test_generalization_gap_on_real_linear_data(fmnist):
     """The paper's theory check on Fashion-MNIST `linear`: the measured parameter change tracks
     the predicted one over ε and the test-loss change stays under Lip·‖Σ s_i‖ (the full-size
