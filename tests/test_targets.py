@@ -4,12 +4,16 @@ source → pruned lineage across Delta tables."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from fake_lakefs import FakeLakeFS
@@ -18,7 +22,7 @@ from flows.cli import main
 from pruning_core.data import load_dataset
 from pruning_core.errors import BadInputError
 from pruning_core.targets import DvcTarget, LakeFSTarget, lineage, open_target
-from pruning_core.versions import commit_version, read_version
+from pruning_core.versions import commit_version, list_versions, read_version
 
 DVC = str(Path(sys.executable).parent / "dvc")
 ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
@@ -139,6 +143,71 @@ def test_an_object_store_target_is_probed_before_the_run(tmp_path):
     credentials used to fail only at publishing); one where no table exists yet is accepted."""
     open_target(f"file://{tmp_path}/new-table").check()
     assert not (tmp_path / "new-table").exists()
+
+
+@pytest.fixture
+def s3(monkeypatch, tmp_path):
+    """A local S3 server (moto's, in a process of its own: served from a thread of this one, it
+    waits for the GIL that deltalake's blocking calls hold, delta-rs #3942) with one bucket, and
+    the credentials in the environment, as a user sets them for a real store."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = (tmp_path / "moto.log").open("w")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(urllib.request.Request(f"{endpoint}/datasets", method="PUT"), timeout=5)
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "moto.log").read_text()
+                time.sleep(0.1)
+        else:
+            pytest.fail(f"moto's S3 server did not answer in 30 s: {(tmp_path / 'moto.log').read_text()}")
+        for name, value in (("AWS_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", "testing"),
+                            ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_REGION", "us-east-1"),
+                            ("AWS_ALLOW_HTTP", "true")):
+            monkeypatch.setenv(name, value)
+        yield "s3://datasets"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_runs_publish_to_an_object_store_and_prune_what_they_published(s3, prefect_api, small_npz, tmp_path,
+                                                                        capsys):
+    """The whole path through S3's protocol: the preflight's probe of a table that does not exist
+    yet, the commit and its provenance, a second run that reads the published version back from
+    the store as its source, `versions` and the lineage across both."""
+    uri = f"{s3}/fmnist-pruned"
+    out = tmp_path / "runs"
+    assert main(["run", "--dataset", f"npz:{small_npz}", "--model", "linear", "--prune-ratio", "0.4",
+                 "--out", str(out), "--target", uri]) == 0
+    assert f"delta version: {uri}@0" in capsys.readouterr().out
+    assert main(["run", "--dataset", f"delta:{uri}@0", "--model", "linear", "--prune-ratio", "0.5",
+                 "--out", str(out), "--target", uri]) == 0
+    assert f"delta version: {uri}@1" in capsys.readouterr().out
+    assert not (tmp_path / uri.removeprefix("s3://")).exists()  # nothing written locally in its place
+
+    runs = sorted(p for p in out.iterdir() if p.name[:1].isdigit())
+    rows = list_versions(uri)
+    assert [(r["version"], r["rows"], r["provenance"]["run_id"]) for r in rows] == \
+        [(1, 600, runs[1].name), (0, 1200, runs[0].name)]
+    source = load_dataset(f"npz:{small_npz}")
+    selection = pq.read_table(runs[0] / "selection.parquet")
+    kept = np.isin(source.sample_id, selection.filter(pc.invert(selection["pruned"]))["sample_id"].to_numpy())
+    first = read_version(uri, 0)
+    order = np.argsort(first.sample_id)
+    assert np.array_equal(first.sample_id[order], source.sample_id[kept]) and \
+        np.array_equal(first.x[order], source.x[kept])
+
+    assert main(["versions", uri, "--lineage", "--json"]) == 0
+    chains = json.loads(capsys.readouterr().out)
+    assert [f"delta:{uri}@1", f"delta:{uri}@0", source.name] in [[node["ref"] for node in c] for c in chains]
 
 
 # --- lakeFS (against its API contract) -----------------------------------------------------
