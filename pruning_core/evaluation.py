@@ -396,32 +396,47 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
     full = next((s for s in summary if s["method"] == FULL), None)
 
     fig, (ax, delta) = plt.subplots(1, 2, figsize=(14, 5.2))
-    random = {s["prune_ratio"]: s["accuracy"] for s in summary if s["method"] == "random"}
+    # the right panel: each method against random selection, or against the full data where
+    # random was not evaluated (a blank panel otherwise)
+    reference = {s["prune_ratio"]: s["accuracy"] for s in summary if s["method"] == "random"}
+    against = "random"
+    if not reference and full:
+        reference = {s["prune_ratio"]: full["accuracy"] for s in summary if s["method"] != FULL}
+        against = FULL
     if full:
         ax.axhline(100 * full["accuracy"], color="black", lw=1, label=f"full data ({100 * full['accuracy']:.2f}%)")
         ax.axhspan(100 * (full["accuracy"] - full["accuracy_std"]), 100 * (full["accuracy"] + full["accuracy_std"]),
                    color="black", alpha=0.08)
         ax.axhline(100 * (full["accuracy"] - 0.013), color="black", lw=1, ls=":", label="full − 1.3 points")
+    gains = []
     for method in dict.fromkeys(s["method"] for s in summary if s["method"] != FULL):
         rows = sorted((s for s in summary if s["method"] == method), key=lambda s: s["prune_ratio"])
         x = [100 * s["prune_ratio"] for s in rows]
         ax.errorbar(x, [100 * s["accuracy"] for s in rows], yerr=[100 * s["accuracy_std"] for s in rows],
                     marker="o", capsize=3, lw=2.2 if method == "influence" else 1.2, color=_COLOURS.get(method),
                     label=method + (" (this product)" if method == "influence" else ""))
-        if random and method != "random":
-            shared = [s for s in rows if s["prune_ratio"] in random]
+        if method != against:
+            shared = [s for s in rows if s["prune_ratio"] in reference]
+            gains += [(100 * s["prune_ratio"], method, 100 * (s["accuracy"] - reference[s["prune_ratio"]]))
+                      for s in shared]
             delta.errorbar([100 * s["prune_ratio"] for s in shared],
-                           [100 * (s["accuracy"] - random[s["prune_ratio"]]) for s in shared],
+                           [100 * (s["accuracy"] - reference[s["prune_ratio"]]) for s in shared],
                            yerr=[100 * s["accuracy_std"] for s in shared], marker="o", capsize=3,
                            lw=2.2 if method == "influence" else 1.2, color=_COLOURS.get(method), label=method)
-    delta.axhline(0, color=_COLOURS["random"], lw=1.5, label="random")
-    gains = [(100 * s["prune_ratio"], s["method"], 100 * (s["accuracy"] - random[s["prune_ratio"]]))
-             for s in summary if s["method"] not in (FULL, "random") and s["prune_ratio"] in random]
-    clipped = zoom_gains(delta, gains)
-    delta.set_xlabel("prune ratio (% of training samples removed)")
-    delta.set_ylabel("test accuracy − random's (points)")
-    delta.set_title("Gain over random selection (error bars: the method's std over seeds)"
-                    + (f"\nzoomed to {GAIN_FLOOR:g} points: what falls below is named at the bottom" if clipped else ""))
+    if reference:
+        delta.axhline(0, color=_COLOURS[against], lw=1.5, label="random" if against == "random" else "full data")
+        # the product's own line always stays in view
+        floor = min([GAIN_FLOOR] + [math.floor(g) - 1 for _, m, g in gains if m == "influence"])
+        clipped = zoom_gains(delta, gains, floor)
+        name = "random's" if against == "random" else "the full data's"
+        delta.set_xlabel("prune ratio (% of training samples removed)")
+        delta.set_ylabel(f"test accuracy − {name} (points)")
+        delta.set_title(("Gain over random selection" if against == "random" else
+                         "Difference from the full data (random was not evaluated)")
+                        + "\n(error bars: the method's std over seeds"
+                        + (f"; below {floor:g} points: named at the bottom)" if clipped else ")"))
+    else:
+        delta.set_visible(False)
     ax.set_xlabel("prune ratio (% of training samples removed)")
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
     ax.set_title("Test accuracy after retraining on the pruned set")

@@ -144,6 +144,33 @@ def test_the_gain_panel_zooms_past_a_collapse_and_names_what_it_cuts():
     plt.close(fig)
 
 
+def test_without_random_the_gain_panel_compares_with_the_full_data(tmp_path, monkeypatch):
+    """An evaluation of methods without random left the right panel blank (its legend alone)."""
+    panels = {}
+
+    class Drawn(Exception):
+        pass
+
+    def keep(fig, axes, path):  # the first figure is the one looked at: stop there
+        panels[path.name] = axes
+        raise Drawn
+
+    monkeypatch.setattr(evaluation, "_save", keep)
+    summary = [{"method": "full", "prune_ratio": 0.0, "accuracy": 0.9024, "accuracy_std": 0.001}]
+    for method, accuracies in (("influence", (0.9017, 0.8663)), ("grand", (0.9006, 0.5302))):
+        summary += [{"method": method, "prune_ratio": r, "accuracy": a, "accuracy_std": 0.002}
+                    for r, a in zip((0.2, 0.8), accuracies)]
+    with pytest.raises(Drawn):
+        evaluation.draw_plots(summary, [], [], tmp_path)
+    _, delta = panels["accuracy_vs_ratio.png"]
+    assert delta.get_visible() and "full data" in delta.get_ylabel()
+    drawn = {line.get_label() for line in delta.get_lines()}
+    assert {"full data"} <= drawn and len(delta.containers) == 2  # influence's and grand's error bars
+    bottom, _ = delta.get_ylim()
+    assert bottom <= 100 * (0.8663 - 0.9024) < -3  # the product's own line in view, below the usual floor
+    assert any("grand -37.2" in t.get_text() for t in delta.texts)
+
+
 def test_generalization_gap_on_real_linear_data(fmnist):
     """The paper's theory check on Fashion-MNIST `linear`: the measured parameter change tracks
     the predicted one over ε and the test-loss change stays under Lip·‖Σ s_i‖ (the full-size
