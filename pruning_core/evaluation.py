@@ -343,14 +343,15 @@ _COLOURS = {"influence": "#d62728", "random": "#7f7f7f", "el2n": "#1f77b4", "inf
             "kcenter": "#e377c2", "moderate": "#bcbd22", FULL: "#000000"}
 
 
-GAIN_FLOOR = -3.0  # points below random: the gain panel stops here, so differences of tenths stay visible
+GAIN_FLOOR = -3.0  # points below the reference: the gain panel stops here, so tenths of a point stay visible
 
 
 def zoom_gains(ax, gains: list[tuple[float, str, float]], floor: float = GAIN_FLOOR) -> list[str]:
-    """Where a method falls more than |floor| points below random (a score ranking that keeps
-    only hard samples at 80 % pruned loses 20–35), the gain panel's scale would flatten every
-    other difference to a line at 0: stop the axis at `floor` and name what falls below, per
-    prune ratio, at the bottom. Returns those labels (none: the axis is left as drawn)."""
+    """Where a method falls more than |floor| points below the panel's reference (random, or the
+    full data; a score ranking that keeps only hard samples at 80 % pruned loses 20–37), the
+    gain panel's scale would flatten every other difference to a line at 0: stop the axis at
+    `floor` and name what falls below, per prune ratio, at the bottom. Returns those labels
+    (none: the axis is left as drawn)."""
     below: dict[float, list[str]] = {}
     for x, method, gain in gains:
         if gain < floor:
