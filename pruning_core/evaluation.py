@@ -418,10 +418,9 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
                     label=method + (" (this product)" if method == "influence" else ""))
         if method != against:
             shared = [s for s in rows if s["prune_ratio"] in reference]
-            gains += [(100 * s["prune_ratio"], method, 100 * (s["accuracy"] - reference[s["prune_ratio"]]))
-                      for s in shared]
-            delta.errorbar([100 * s["prune_ratio"] for s in shared],
-                           [100 * (s["accuracy"] - reference[s["prune_ratio"]]) for s in shared],
+            mine = [(100 * s["prune_ratio"], method, 100 * (s["accuracy"] - reference[s["prune_ratio"]])) for s in shared]
+            gains += mine
+            delta.errorbar([x for x, _, _ in mine], [g for _, _, g in mine],
                            yerr=[100 * s["accuracy_std"] for s in shared], marker="o", capsize=3,
                            lw=2.2 if method == "influence" else 1.2, color=_COLOURS.get(method), label=method)
     if reference:
