@@ -10,7 +10,7 @@ import pytest
 
 from flows.cli import main
 from flows.evaluate import influence_selection
-from pruning_core import evaluation
+from pruning_core import artifacts, evaluation
 from pruning_core.data import Dataset
 
 
@@ -33,13 +33,20 @@ def test_convergence_targets_and_summary():
     assert inf0["target_accuracy"] == pytest.approx(0.887)
     assert inf0["time_to_target"] == 1.2 and inf0["time_ratio"] == pytest.approx(0.4)  # 0.895 ≥ 0.887 at 1.2 s
     assert inf1["time_to_target"] is None  # 0.88 < 0.907: never reached
+    assert inf0["samples_ratio"] == pytest.approx(200 / 300)  # by samples seen: 200 of the full run's 300
     summary = evaluation.summarise(records)
     assert [(s["method"], s["prune_ratio"]) for s in summary] == [("full", 0.0), ("influence", 0.4), ("random", 0.4)]
     by = {s["method"]: s for s in summary}
     assert by["influence"]["accuracy"] == pytest.approx(0.8895)
     assert by["influence"]["accuracy_std"] == pytest.approx(np.std([0.899, 0.88], ddof=1))
     assert by["influence"]["reached_target"] == 1
+    assert by["influence"]["samples_to_target_ratio"] == pytest.approx(200 / 300)  # over the seeds that reached it
     goal = evaluation.targets(summary, records)
+    assert goal["samples_to_target_ratio"] == pytest.approx(200 / 300)
+    text = evaluation.report_markdown(summary, records, [], goal, {}, {"dataset": "d", "model": "m"})
+    assert "| 0.4 | **influence** | 100 | 88.95 ± 1.34 | 2.1 ± 0.4 | 0.40 | 0.67 | 1/2 |" in text
+    assert "0.40× the full run's time; by training samples seen, which the machine's load does not change: " \
+           "0.67× (target ≤ 0.6): NOT met" in text
     assert goal["accuracy_drop"] == pytest.approx(0.91 - 0.8895)
     assert not goal["accuracy_drop_met"] and not goal["time_met"]
     assert [(c["versus"], c["met"]) for c in goal["comparisons"]] == [("random", True)]
@@ -110,6 +117,36 @@ def test_comparisons_carry_an_interval_over_seeds_and_test_samples():
     assert single["paired_seeds"] == 1 and single["resolved"] and single["interval"][0] < 0.03 < single["interval"][1]
     text = evaluation.report_markdown(evaluation.summarise(one), one, [], goal, {}, {"dataset": "d", "model": "m"})
     assert "+3.00 points; 95 % interval over test samples (one seed: seed noise not included) [" in text
+
+
+def test_every_ratio_compares_every_method_and_the_parquet_reads_back_the_same(tmp_path):
+    """Below 0.4 only random is a target, but the other methods are measured the same way and
+    reported as no target; rows read back from evaluation.parquet (test_correct as raw bytes)
+    give the same intervals as the flow's records (base64)."""
+    rng = np.random.default_rng(1)
+    n = 1000
+    records = [_with_predictions(_record("full", 0.0, s, [0.9], [3.0]), rng.random(n) < 0.9) for s in range(2)]
+    for ratio in (0.2, 0.4):
+        for seed in range(2):
+            records += [_with_predictions(_record(m, ratio, seed, [0.0], [1.0]), rng.random(n) < p)
+                        for m, p in (("influence", 0.89), ("el2n", 0.88), ("random", 0.87))]
+    evaluation.add_convergence(records, 0.013)
+    summary = evaluation.summarise(records)
+    goal = evaluation.targets(summary, records)
+    assert [(c["prune_ratio"], c["versus"]) for c in goal["comparisons"]] == [(0.2, "random"), (0.4, "el2n"),
+                                                                              (0.4, "random")]
+    (other,) = goal["other_comparisons"]
+    assert (other["prune_ratio"], other["versus"], other["met"]) == (0.2, "el2n", None) and other["interval"]
+    text = evaluation.report_markdown(summary, records, [], goal, {}, {"dataset": "d", "model": "m"})
+    assert "Below ratio 0.4 only random is a target; the other methods, measured the same way:" in text
+    assert f"- ratio 0.2: influence − el2n = {100 * other['margin']:+.2f} points" in text
+    assert text.count(": not a target\n") == 1
+    artifacts.save_parquet(evaluation.evaluation_table(records), tmp_path / "evaluation.parquet")
+    rows = pq.read_table(tmp_path / "evaluation.parquet").to_pylist()
+    assert isinstance(rows[0]["test_correct"], bytes)
+    for ratio, versus in ((0.2, "el2n"), (0.4, "random")):
+        assert evaluation.paired_interval(rows, "influence", versus, ratio) == \
+            evaluation.paired_interval(records, "influence", versus, ratio)
 
 
 def pool(x: np.ndarray, side: int) -> np.ndarray:
