@@ -186,41 +186,55 @@ def summarise(records: list[dict]) -> list[dict]:
     return rows
 
 
-def _paired_runs(records: list[dict], method: str, other: str, ratio: float) -> list[tuple[dict, dict]]:
-    """(run of `method`, run of `other`) at `ratio` for every training seed both ran, by seed."""
-    runs = {(r["method"], r["seed"]): r for r in records if abs(r["prune_ratio"] - ratio) < 1e-9}
-    return [(runs[(method, seed)], runs[(other, seed)]) for m, seed in sorted(runs)
-            if m == method and (other, seed) in runs]
+def _paired_runs(records: list[dict], method: str, other: str, ratio: float,
+                 by: str | None = None) -> list[tuple[dict, dict]]:
+    """(run of `method`, run of `other`) at `ratio` for every training seed both ran, by seed
+    (and by `record[by]` where runs of several test sets are mixed: cross-validation folds)."""
+    runs = {(r.get(by) if by else None, r["method"], r["seed"]): r for r in records
+            if abs(r["prune_ratio"] - ratio) < 1e-9}
+    return [(runs[(g, method, seed)], runs[(g, other, seed)]) for g, m, seed in sorted(runs, key=lambda k: (repr(k[0]), k[1], k[2]))
+            if m == method and (g, other, seed) in runs]
 
 
-def paired_differences(records: list[dict], method: str, other: str, ratio: float) -> np.ndarray:
+def paired_differences(records: list[dict], method: str, other: str, ratio: float, by: str | None = None) -> np.ndarray:
     """Test accuracy of `method` minus `other` at `ratio`, per training seed both ran."""
-    return np.array([a["test_accuracy"] - b["test_accuracy"] for a, b in _paired_runs(records, method, other, ratio)],
-                    dtype=np.float64)
+    return np.array([a["test_accuracy"] - b["test_accuracy"]
+                     for a, b in _paired_runs(records, method, other, ratio, by)], dtype=np.float64)
 
 
 def paired_interval(records: list[dict], method: str, other: str, ratio: float, level: float = 0.95,
-                    resamples: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+                    resamples: int = 2000, seed: int = 0, by: str | None = None) -> tuple[float, float] | None:
     """Percentile interval for accuracy(method) − accuracy(other) at `ratio`, mean over the
     training seeds both ran, from a paired bootstrap over both sources of noise: the seeds, and
     the test samples (one resample of the test set shared by both methods and every seed, as the
     real test set is). The seeds' standard error alone treats the test set as the population;
     on 10,000 test samples, two runs that disagree on 5 % of them differ by ±0.2 points from the
     test draw alone. With one paired seed the interval is over the test samples alone (seed
-    noise not included: `interval_over` says so). None without per-sample results."""
-    pairs = _paired_runs(records, method, other, ratio)
+    noise not included: `interval_over` says so). None without per-sample results.
+
+    With `by`, the records come from several test sets told apart by `record[by]` (the folds of
+    a cross-validation): each is resampled on its own, seeds and samples, and the difference is
+    the mean over all their test samples together."""
+    pairs = _paired_runs(records, method, other, ratio, by)
     if not pairs or any(not a.get("test_correct") or not b.get("test_correct") for a, b in pairs):
         return None
-    n_test = int(pairs[0][0]["n_test"])
-    D = np.stack([unpack_correct(a["test_correct"], n_test).astype(np.int8) -
-                  unpack_correct(b["test_correct"], n_test).astype(np.int8) for a, b in pairs])  # (S, n_test)
+    groups: dict = {}
+    for a, b in pairs:
+        groups.setdefault(a.get(by) if by else None, []).append((a, b))
+    Ds = [np.stack([unpack_correct(a["test_correct"], int(a["n_test"])).astype(np.int8) -
+                    unpack_correct(b["test_correct"], int(a["n_test"])).astype(np.int8) for a, b in group])
+          for group in groups.values()]  # each (S, n_test) of one test set
+    total = sum(D.shape[1] for D in Ds)
     rng = np.random.default_rng(seed)
     stats = []
     for start in range(0, resamples, 100):
-        k = min(100, resamples - start)
-        by_seed = D[rng.integers(len(D), size=(k, len(D)))].mean(axis=1)  # (k, n_test) over resampled seeds
-        weights = rng.multinomial(n_test, np.full(n_test, 1 / n_test), size=k)  # resampled test samples
-        stats.append((by_seed * weights).sum(axis=1) / n_test)
+        k, stat = min(100, resamples - start), 0.0
+        for D in Ds:
+            n_test = D.shape[1]
+            by_seed = D[rng.integers(len(D), size=(k, len(D)))].mean(axis=1)  # (k, n_test) over resampled seeds
+            weights = rng.multinomial(n_test, np.full(n_test, 1 / n_test), size=k)  # resampled test samples
+            stat = stat + (by_seed * weights).sum(axis=1)
+        stats.append(stat / total)
     lo, hi = np.quantile(np.concatenate(stats), [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 

@@ -149,6 +149,30 @@ def test_every_ratio_compares_every_method_and_the_parquet_reads_back_the_same(t
             evaluation.paired_interval(records, "influence", versus, ratio)
 
 
+def test_a_pooled_interval_treats_each_fold_as_its_own_test_set():
+    """The folds of a cross-validation are separate test sets (the same seeds in each): pairs are
+    matched within a fold, each fold is resampled on its own, and four folds' held-out samples
+    give an interval about half as wide as one fold's; one fold alone gives what it gave without."""
+    rng = np.random.default_rng(2)
+    n, records = 2000, []
+    for fold in range(4):
+        base = rng.random(n) < 0.88
+        for seed in range(3):
+            better = base.copy()
+            flip = rng.choice(n, 150, replace=False)
+            better[flip] = rng.random(150) < 0.95
+            records += [{**_with_predictions(_record("influence", 0.4, seed, [0.0], [1.0]), better), "fold": fold},
+                        {**_with_predictions(_record("ccs", 0.4, seed, [0.0], [1.0]), base), "fold": fold}]
+    one = [r for r in records if r["fold"] == 0]
+    lo1, hi1 = evaluation.paired_interval(one, "influence", "ccs", 0.4)
+    assert evaluation.paired_interval(one, "influence", "ccs", 0.4, by="fold") == (lo1, hi1)
+    d = evaluation.paired_differences(records, "influence", "ccs", 0.4, by="fold")
+    assert len(d) == 12 and len(evaluation.paired_differences(records, "influence", "ccs", 0.4)) == 3  # seeds collide
+    lo, hi = evaluation.paired_interval(records, "influence", "ccs", 0.4, by="fold")
+    assert lo < d.mean() < hi
+    assert 0.35 < (hi - lo) / (hi1 - lo1) < 0.7
+
+
 def pool(x: np.ndarray, side: int) -> np.ndarray:
     """28x28 uint8 images (n, 1, 28, 28) average-pooled to side x side, still uint8."""
     k = 28 // side
