@@ -1,0 +1,142 @@
+"""Cross-validated comparison at one prune ratio: is a margin of a tenth of a point real, or the
+draw of one 10,000-sample test set?
+
+Fashion-MNIST's 60,000 training images are cut into 6 folds of 10,000 consecutive rows. For each
+fold k asked for, the product itself runs end to end on the other 50,000 rows with fold k as the
+test set: `dataset-prune evaluate --dataset npz:<fold k> --ratios R --methods … --seeds …` (its
+own scoring run, selections, retrainings from scratch, full-data references; the official test
+set is never read). The folds' test sets are disjoint, so together they measure every method on
+up to 60,000 held-out samples instead of 10,000.
+
+Each fold's evaluation folder is kept under --out/fold<k>/ and a rerun reuses it (a finished
+evaluation is read back; an interrupted one resumes from its retrain cache, with the scoring
+run it made). The report gives per fold and pooled: mean accuracy per method, and the product's
+margin over each method with its 95 % interval from a paired bootstrap over seeds and held-out
+samples within every fold (evaluation.paired_interval with by="fold").
+
+Run:  .venv/bin/python benchmarks/cross_validation.py --out runs/cross-validation --folds 0,1,2,3,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pruning_core.data import load_dataset  # noqa: E402
+from pruning_core.evaluation import paired_differences, paired_interval  # noqa: E402
+
+FOLD_ROWS = 10000
+
+
+def write_fold(out: Path, k: int) -> Path:
+    """Fold k's npz: every training row but [10,000·k, 10,000·(k+1)), which become its test set."""
+    path = out / f"fashion-mnist-fold{k}.npz"
+    if not path.exists():
+        ds = load_dataset("fashion-mnist")
+        held = np.zeros(ds.n, bool)
+        held[k * FOLD_ROWS:(k + 1) * FOLD_ROWS] = True
+        if not held.any():
+            raise SystemExit(f"--folds: fold {k} is past the {ds.n} training rows")
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, x=ds.x[~held], y=ds.y[~held], x_test=ds.x[held], y_test=ds.y[held])
+        os.replace(tmp, path)
+    return path
+
+
+def evaluate_fold(out: Path, k: int, ns: argparse.Namespace) -> Path:
+    """The evaluation folder of fold k, made by the product's command unless one exists."""
+    folder = out / f"fold{k}"
+    done = sorted(folder.glob("eval-*/evaluation.parquet"))
+    if done:
+        return done[-1].parent
+    scored = [p.parent for p in folder.glob("2*/manifest.json")]
+    command = [str(Path(sys.executable).parent / "dataset-prune"), "evaluate", "--dataset",
+               f"npz:{write_fold(out, k)}", "--model", "cnn", "--epochs", str(ns.epochs), "--ratios", ns.ratio,
+               "--methods", ns.methods, "--seeds", ns.seeds, "--gap-samples", "0", "--out", str(folder),
+               "--target", str(folder / "table")]
+    if scored:  # an interrupted fold: the same scoring run, so the selections and the retrain cache match
+        command += ["--from-run", str(max(scored, key=lambda p: p.stat().st_mtime))]
+    print(f"fold {k}: {shlex.join(command)}", flush=True)
+    subprocess.run(command, cwd=ROOT, check=True)
+    return sorted(folder.glob("eval-*/evaluation.parquet"))[-1].parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/cross-validation")
+    parser.add_argument("--folds", default="0,1,2,3,4,5", help="which of the 6 folds to run")
+    parser.add_argument("--ratio", default="0.4")
+    parser.add_argument("--methods", default="influence,influence-score,grand",
+                        help="the first is compared with each of the others")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epochs", type=int, default=4, help="the evaluation's recipe: 4")
+    ns = parser.parse_args(argv)
+    out = Path(ns.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    folds = [int(k) for k in ns.folds.split(",")]
+    methods, ratio = ns.methods.split(","), float(ns.ratio)
+    started = time.perf_counter()
+    records, folders = [], {}
+    for k in folds:
+        folders[k] = evaluate_fold(out, k, ns)
+        rows = pq.read_table(folders[k] / "evaluation.parquet").to_pylist()
+        records += [{**r, "fold": k} for r in rows if r["method"] in methods and abs(r["prune_ratio"] - ratio) < 1e-9]
+    first, others = methods[0], methods[1:]
+
+    def acc(method, fold=None):
+        a = [r["test_accuracy"] for r in records if r["method"] == method and fold in (None, r["fold"])]
+        return 100 * float(np.mean(a))
+
+    lines = [f"# Cross-validated comparison at {ratio:g} pruned: {len(folds)} folds of Fashion-MNIST's training set",
+             "", f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · {platform.node()} · {os.cpu_count()} CPUs · "
+             f"{time.perf_counter() - started:.0f} s", "",
+             f"Command: `.venv/bin/python benchmarks/cross_validation.py {shlex.join(argv)}`", "",
+             f"Fold k holds out training rows {FOLD_ROWS}·k to {FOLD_ROWS}·(k+1) − 1 as its test set; the product "
+             "scores, prunes and retrains on the other 50,000 (`dataset-prune evaluate`, the evaluation's recipe, "
+             f"{ns.epochs} epochs, seeds {ns.seeds}); the official test set is not used. Held-out accuracy %, "
+             "mean over seeds:", "",
+             "| fold | " + " | ".join(methods) + " | " + " | ".join(f"{first} − {m}" for m in others) + " |",
+             "|---:|" + "---:|" * (len(methods) + len(others))]
+    for k in folds:
+        diffs = [paired_differences([r for r in records if r["fold"] == k], first, m, ratio) for m in others]
+        lines.append(f"| {k} | " + " | ".join(f"{acc(m, k):.2f}" for m in methods) + " | "
+                     + " | ".join(f"{100 * d.mean():+.2f}" for d in diffs) + " |")
+    lines.append("| **all** | " + " | ".join(f"**{acc(m):.2f}**" for m in methods) + " | "
+                 + " | ".join(f"**{100 * paired_differences(records, first, m, ratio, by='fold').mean():+.2f}**"
+                              for m in others) + " |")
+    held = sum(int(r["n_test"]) for r in records if r["method"] == first and r["seed"] == records[0]["seed"])
+    lines += ["", f"Pooled over the {len(folds)} folds ({held:,} held-out samples), {first} minus each method: mean "
+              "difference in points and its 95 % interval from a paired bootstrap over seeds and held-out samples "
+              "within every fold:", "", "| versus | margin | 95 % interval | resolved |", "|---|---:|---|---|"]
+    pooled = {}
+    for m in others:
+        d = paired_differences(records, first, m, ratio, by="fold")
+        lo, hi = paired_interval(records, first, m, ratio, by="fold")
+        pooled[m] = {"margin": float(d.mean()), "interval": [lo, hi], "pairs": len(d)}
+        lines.append(f"| {m} | {100 * d.mean():+.2f} | [{100 * lo:+.2f}, {100 * hi:+.2f}] | "
+                     f"{'yes' if lo > 0 or hi < 0 else 'no'} |")
+    lines += ["", "Evaluation folders: " + ", ".join(f"fold {k}: `{folders[k]}`" for k in folds)]
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    (out / "pooled.json").write_text(json.dumps({"ratio": ratio, "folds": folds, "methods": methods,
+                                                 "pooled": pooled}, indent=2))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
