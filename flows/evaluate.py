@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import time
 from dataclasses import replace
@@ -139,7 +138,7 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
         plots = {k: str(final / Path(v).relative_to(staging)) for k, v in plots.items()}
         ds = load_dataset(params.dataset, params.data_root)
         context = {"dataset": ds.name, "model": params.model, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                   "machine": f"{platform.node()} · {platform.platform()} · {os.cpu_count()} CPUs",
+                   "machine": evaluation.machine(),
                    "run_dir": str(final), "scores_from": manifest["run_dir"],
                    "recipe": json.dumps({k: v for k, v in vars(params.train_args()).items() if k != "seed"}),
                    "command": command, "influence_selection": influence_selection(params)}

@@ -629,6 +629,17 @@ def evaluation_table(records: list[dict]):
     return table.append_column("curve", pa.array([r["curve"] for r in records], curve_type))
 
 
+def machine() -> str:
+    """Host, system and CPUs, and what decides a retraining's last digits beside its seed: the
+    torch version and the CPU's vector capability (the same seed retrains to the same accuracy
+    on the same kind of machine, not across them)."""
+    import os
+    import platform
+
+    return (f"{platform.node()} · {platform.platform()} · {os.cpu_count()} CPUs · torch {torch.__version__} · "
+            f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+
+
 def describe(args: EvalArgs, train_args: TrainArgs) -> dict:
     return {"evaluation": asdict(args), "recipe": asdict(train_args), "started": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                                  time.gmtime())}

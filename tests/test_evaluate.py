@@ -7,6 +7,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from flows.cli import main
 from flows.evaluate import influence_selection
@@ -292,6 +293,7 @@ def test_evaluate_flow_end_to_end(prefect_api, pooled_npz, tmp_path, capsys):
     assert "| 0.5 | **influence** | 1000 |" in report and "Pearson(predicted, measured)" in report
     assert "(`--coverage difficulty`)" in report and "(`--candidates " in report  # how influence chose, in words
     assert "hardest share cut first (0 % at ratio 0.5: the schedule (r − 0.5) / 2)" in report
+    assert f"torch {torch.__version__} · CPU capability {torch.backends.cpu.get_cpu_capability()}" in report
     assert not any((out / ".staging").iterdir())
 
     # Each finished retraining was recorded as it completed: a second evaluation (as after an
