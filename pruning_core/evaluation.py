@@ -525,14 +525,14 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
                             xytext=(0, 7), ha="center", fontsize=8)
             ax.axvline(0, color="black", lw=1)
             ax.set_yticks(range(len(cs)), [c["versus"] for c in cs])
-            ax.set_ylim(-0.7, len(cs) - 0.2)
+            ax.set_ylim(-1.7, len(cs) - 0.2)  # a free band at the bottom, where the legend goes
             ax.margins(x=0.12)
             ax.set_xlabel("influence − baseline (points)")
             ax.set_title(f"{100 * ratio:g}% pruned")
             ax.grid(alpha=0.3)
         axes[0][0].legend(handles=[Line2D([], [], marker="o", ls="", color="#333333", label="interval excludes 0"),
                                    Line2D([], [], marker="o", ls="", color="#333333", mfc="white",
-                                          label="not resolved (includes 0)")], fontsize=8, loc="lower right")
+                                          label="not resolved (includes 0)")], fontsize=8, loc="lower center")
         fig.suptitle("This product's method against each baseline: test-accuracy difference, mean over seeds,\n"
                      f"95 % interval over {interval_over(min(c['paired_seeds'] for c in shown))}", fontsize=10)
         paths["comparisons"] = _save(fig, [], out / "comparisons.png")  # grids and the one legend set above
