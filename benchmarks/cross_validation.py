@@ -8,6 +8,11 @@ own scoring run, selections, retrainings from scratch, full-data references; the
 set is never read). The folds' test sets are disjoint, so together they measure every method on
 up to 60,000 held-out samples instead of 10,000.
 
+A `--variant LABEL=ARGS` is the influence method with other options (e.g. `smallest=--candidates
+smallest`): after a fold's evaluation, `dataset-prune evaluate --from-run <its scoring run> --methods
+influence ARGS` under --out/fold<k>/LABEL (sharing the fold's retrain cache, so the full-data runs
+are not trained again), reported as method LABEL beside the others.
+
 Each fold's evaluation folder is kept under --out/fold<k>/ and a rerun reuses it (a finished
 evaluation is read back; an interrupted one resumes from its retrain cache, with the scoring
 run it made). The report gives per fold and pooled: mean accuracy per method, and the product's
@@ -74,6 +79,27 @@ def evaluate_fold(out: Path, k: int, ns: argparse.Namespace) -> Path:
     return sorted(folder.glob("eval-*/evaluation.parquet"))[-1].parent
 
 
+def evaluate_variant(out: Path, k: int, label: str, extra: str, ns: argparse.Namespace) -> Path:
+    """The evaluation folder of the influence method with `extra` options on fold k (its scoring
+    run and retrain cache those of the fold's own evaluation)."""
+    fold = out / f"fold{k}"
+    folder = fold / label
+    done = sorted(folder.glob("eval-*/evaluation.parquet"))
+    if done:
+        return done[-1].parent
+    scored = json.loads(sorted(fold.glob("eval-*/evaluation.json"))[-1].read_text())["scores_from"]
+    folder.mkdir(exist_ok=True)
+    if not (folder / ".cache").exists():
+        (folder / ".cache").symlink_to(Path("..") / ".cache")
+    command = [str(Path(sys.executable).parent / "dataset-prune"), "evaluate", "--dataset",
+               f"npz:{write_fold(out, k)}", "--model", "cnn", "--epochs", str(ns.epochs), "--ratios", ns.ratio,
+               "--methods", "influence", "--seeds", ns.seeds, "--gap-samples", "0", "--out", str(folder),
+               "--target", str(folder / "table"), "--from-run", scored, *shlex.split(extra)]
+    print(f"fold {k}, {label}: {shlex.join(command)}", flush=True)
+    subprocess.run(command, cwd=ROOT, check=True)
+    return sorted(folder.glob("eval-*/evaluation.parquet"))[-1].parent
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -84,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the first is compared with each of the others")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=4, help="the evaluation's recipe: 4")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",
+                        help="the influence method with other evaluate options, e.g. 'smallest=--candidates smallest'")
     ns = parser.parse_args(argv)
+    variants = dict(v.split("=", 1) for v in ns.variant)
     out = Path(ns.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     folds = [int(k) for k in ns.folds.split(",")]
@@ -95,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         folders[k] = evaluate_fold(out, k, ns)
         rows = pq.read_table(folders[k] / "evaluation.parquet").to_pylist()
         records += [{**r, "fold": k} for r in rows if r["method"] in methods and abs(r["prune_ratio"] - ratio) < 1e-9]
+        for label, extra in variants.items():
+            rows = pq.read_table(evaluate_variant(out, k, label, extra, ns) / "evaluation.parquet").to_pylist()
+            records += [{**r, "fold": k, "method": label} for r in rows
+                        if r["method"] == "influence" and abs(r["prune_ratio"] - ratio) < 1e-9]
+    methods += list(variants)
     first, others = methods[0], methods[1:]
 
     def acc(method, fold=None):
@@ -107,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
              f"Command: `.venv/bin/python benchmarks/cross_validation.py {shlex.join(argv)}`", "",
              f"Fold k holds out training rows {FOLD_ROWS}·k to {FOLD_ROWS}·(k+1) − 1 as its test set; the product "
              "scores, prunes and retrains on the other 50,000 (`dataset-prune evaluate`, the evaluation's recipe, "
-             f"{ns.epochs} epochs, seeds {ns.seeds}); the official test set is not used. Held-out accuracy %, "
-             "mean over seeds:", "",
+             f"{ns.epochs} epochs, seeds {ns.seeds}); the official test set is not used."
+             + "".join(f" `{label}`: the influence method with `{extra}`." for label, extra in variants.items())
+             + " Held-out accuracy %, mean over seeds:", "",
              "| fold | " + " | ".join(methods) + " | " + " | ".join(f"{first} − {m}" for m in others) + " |",
              "|---:|" + "---:|" * (len(methods) + len(others))]
     for k in folds:
