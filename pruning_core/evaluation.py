@@ -192,7 +192,8 @@ def _paired_runs(records: list[dict], method: str, other: str, ratio: float,
     (and by `record[by]` where runs of several test sets are mixed: cross-validation folds)."""
     runs = {(r.get(by) if by else None, r["method"], r["seed"]): r for r in records
             if abs(r["prune_ratio"] - ratio) < 1e-9}
-    return [(runs[(g, method, seed)], runs[(g, other, seed)]) for g, m, seed in sorted(runs, key=lambda k: (repr(k[0]), k[1], k[2]))
+    order = sorted(runs, key=lambda k: (repr(k[0]), k[1], k[2]))  # one test set: by method and seed, as before
+    return [(runs[(g, method, seed)], runs[(g, other, seed)]) for g, m, seed in order
             if m == method and (g, other, seed) in runs]
 
 
