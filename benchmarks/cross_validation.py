@@ -40,7 +40,10 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pruning_core.data import load_dataset  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from validation_split import write_holdout  # noqa: E402
+
 from pruning_core.evaluation import paired_differences, paired_interval  # noqa: E402
 
 FOLD_ROWS = 10000
@@ -48,35 +51,32 @@ FOLD_ROWS = 10000
 
 def write_fold(out: Path, k: int) -> Path:
     """Fold k's npz: every training row but [10,000·k, 10,000·(k+1)), which become its test set."""
-    path = out / f"fashion-mnist-fold{k}.npz"
-    if not path.exists():
-        ds = load_dataset("fashion-mnist")
-        held = np.zeros(ds.n, bool)
-        held[k * FOLD_ROWS:(k + 1) * FOLD_ROWS] = True
-        if not held.any():
-            raise SystemExit(f"--folds: fold {k} is past the {ds.n} training rows")
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, x=ds.x[~held], y=ds.y[~held], x_test=ds.x[held], y_test=ds.y[held])
-        os.replace(tmp, path)
-    return path
+    return write_holdout(out / f"fashion-mnist-fold{k}.npz", k * FOLD_ROWS, (k + 1) * FOLD_ROWS)
 
 
-def evaluate_fold(out: Path, k: int, ns: argparse.Namespace) -> Path:
-    """The evaluation folder of fold k, made by the product's command unless one exists."""
-    folder = out / f"fold{k}"
+def evaluate(out: Path, k: int, folder: Path, methods: str, ns: argparse.Namespace, extra: list[str],
+             what: str) -> Path:
+    """The evaluation folder under `folder` of `methods` on fold k, made by the product's command
+    (with `extra` options) unless a finished one is there."""
     done = sorted(folder.glob("eval-*/evaluation.parquet"))
     if done:
         return done[-1].parent
-    scored = [p.parent for p in folder.glob("2*/manifest.json")]
     command = [str(Path(sys.executable).parent / "dataset-prune"), "evaluate", "--dataset",
                f"npz:{write_fold(out, k)}", "--model", "cnn", "--epochs", str(ns.epochs), "--ratios", ns.ratio,
-               "--methods", ns.methods, "--seeds", ns.seeds, "--gap-samples", "0", "--out", str(folder),
-               "--target", str(folder / "table")]
-    if scored:  # an interrupted fold: the same scoring run, so the selections and the retrain cache match
-        command += ["--from-run", str(max(scored, key=lambda p: p.stat().st_mtime))]
-    print(f"fold {k}: {shlex.join(command)}", flush=True)
+               "--methods", methods, "--seeds", ns.seeds, "--gap-samples", "0", "--out", str(folder),
+               "--target", str(folder / "table"), *extra]
+    print(f"{what}: {shlex.join(command)}", flush=True)
     subprocess.run(command, cwd=ROOT, check=True)
     return sorted(folder.glob("eval-*/evaluation.parquet"))[-1].parent
+
+
+def evaluate_fold(out: Path, k: int, ns: argparse.Namespace) -> Path:
+    """The evaluation folder of fold k."""
+    folder = out / f"fold{k}"
+    scored = [p.parent for p in folder.glob("2*/manifest.json")]
+    # an interrupted fold: the same scoring run, so the selections and the retrain cache match
+    extra = ["--from-run", str(max(scored, key=lambda p: p.stat().st_mtime))] if scored else []
+    return evaluate(out, k, folder, ns.methods, ns, extra, f"fold {k}")
 
 
 def evaluate_variant(out: Path, k: int, label: str, extra: str, ns: argparse.Namespace) -> Path:
@@ -84,20 +84,11 @@ def evaluate_variant(out: Path, k: int, label: str, extra: str, ns: argparse.Nam
     run and retrain cache those of the fold's own evaluation)."""
     fold = out / f"fold{k}"
     folder = fold / label
-    done = sorted(folder.glob("eval-*/evaluation.parquet"))
-    if done:
-        return done[-1].parent
-    scored = json.loads(sorted(fold.glob("eval-*/evaluation.json"))[-1].read_text())["scores_from"]
     folder.mkdir(exist_ok=True)
     if not (folder / ".cache").exists():
         (folder / ".cache").symlink_to(Path("..") / ".cache")
-    command = [str(Path(sys.executable).parent / "dataset-prune"), "evaluate", "--dataset",
-               f"npz:{write_fold(out, k)}", "--model", "cnn", "--epochs", str(ns.epochs), "--ratios", ns.ratio,
-               "--methods", "influence", "--seeds", ns.seeds, "--gap-samples", "0", "--out", str(folder),
-               "--target", str(folder / "table"), "--from-run", scored, *shlex.split(extra)]
-    print(f"fold {k}, {label}: {shlex.join(command)}", flush=True)
-    subprocess.run(command, cwd=ROOT, check=True)
-    return sorted(folder.glob("eval-*/evaluation.parquet"))[-1].parent
+    scored = json.loads(sorted(fold.glob("eval-*/evaluation.json"))[-1].read_text())["scores_from"]
+    return evaluate(out, k, folder, "influence", ns, ["--from-run", scored, *shlex.split(extra)], f"fold {k}, {label}")
 
 
 def main(argv: list[str] | None = None) -> int:

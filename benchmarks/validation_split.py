@@ -67,14 +67,23 @@ def selection_args(variant: str, ratio: float, seed: int) -> SelectionArgs:
     return SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates=name, hard_cut=cut)
 
 
-def write_split(out: Path, n_train: int) -> Path:
-    path = out / "fashion-mnist-validation-split.npz"
+def write_holdout(path: Path, start: int, stop: int | None = None) -> Path:
+    """An npz of Fashion-MNIST's training rows with rows [start, stop) held out as its test set
+    (written once, atomically; the official test set is not in it)."""
     if not path.exists():
         ds = load_dataset("fashion-mnist")
+        held = np.zeros(ds.n, bool)
+        held[start:stop] = True
+        if not held.any():
+            raise SystemExit(f"rows {start}–{stop} are past Fashion-MNIST's {ds.n} training rows")
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, x=ds.x[:n_train], y=ds.y[:n_train], x_test=ds.x[n_train:], y_test=ds.y[n_train:])
+        np.savez(tmp, x=ds.x[~held], y=ds.y[~held], x_test=ds.x[held], y_test=ds.y[held])
         os.replace(tmp, path)
     return path
+
+
+def write_split(out: Path, n_train: int) -> Path:
+    return write_holdout(out / "fashion-mnist-validation-split.npz", n_train)
 
 
 def score(out: Path, dataset: str) -> Path:

@@ -19,6 +19,8 @@ import base64
 import hashlib
 import json
 import math
+import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -634,9 +636,6 @@ def machine() -> str:
     """Host, system and CPUs, and what decides a retraining's last digits beside its seed: the
     torch version and the CPU's vector capability (the same seed retrains to the same accuracy
     on the same kind of machine, not across them)."""
-    import os
-    import platform
-
     return (f"{platform.node()} · {platform.platform()} · {os.cpu_count()} CPUs · torch {torch.__version__} · "
             f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
 
