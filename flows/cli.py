@@ -62,8 +62,9 @@ def _add_selection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--solver", default="greedy")
     parser.add_argument("--coverage", choices=("auto", "none", "difficulty"), default="auto",
                         help="influence method: keep every EL2N difficulty stratum covered (default auto: where it applies)")
-    parser.add_argument("--candidates", choices=("auto", "smallest", "uniform"), default="auto",
-                        help="influence solver: feed its pool smallest ‖s_i‖ first or in a seeded uniform order")
+    parser.add_argument("--candidates", choices=("auto", "smallest", "uniform", "easiest"), default="auto",
+                        help="influence solver: feed its pool smallest ‖s_i‖ first, in a seeded uniform order, "
+                        "or lowest EL2N first")
     parser.add_argument("--hard-cut", type=_float, help="under difficulty coverage: share of the hardest samples "
                         "removed first (default: the schedule by prune ratio)")
     parser.add_argument("--train-epochs", type=int, help="epochs the pruned set will be trained for, when not the "
@@ -151,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ratios", type=_list(_float), default=None, help="comma-separated prune ratios")
     evaluate.add_argument("--seeds", type=_list(int), default=None, help="comma-separated training seeds")
     evaluate.add_argument("--coverage", choices=("auto", "none", "difficulty"), default="auto")
-    evaluate.add_argument("--candidates", choices=("auto", "smallest", "uniform"), default="auto")
+    evaluate.add_argument("--candidates", choices=("auto", "smallest", "uniform", "easiest"), default="auto")
     evaluate.add_argument("--hard-cut", type=_float)
     evaluate.add_argument("--gpu", action="store_true")
     from flows.parameters import EvaluateParameters, RunParameters

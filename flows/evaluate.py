@@ -88,7 +88,8 @@ def influence_selection(params: EvaluateParameters) -> str:
     if all(sel.coverage == "none" for sel in chosen.values()):
         return "over the whole dataset (`--coverage none`)"
     words = {"smallest": "smallest ‖s_i‖ first", "uniform": "in a seeded uniform order (each stratum's removals "
-             "a near-uniform draw, one per training seed)"}
+             "a near-uniform draw, one per training seed)",
+             "easiest": "lowest EL2N first"}
     by_order = {}
     for r, sel in chosen.items():
         by_order.setdefault(sel.candidates, []).append(f"{r:g}")

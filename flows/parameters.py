@@ -137,10 +137,10 @@ class RunParameters(BaseModel):
         "auto", description="difficulty: the influence method keeps every EL2N difficulty stratum covered (CCS's "
                             "budget layout) and minimises ‖Σ s_i‖ within it; auto: difficulty wherever it applies "
                             "(influence, prune_ratio, greedy/scip, not class_balanced), else none")
-    candidates: Literal["auto", "smallest", "uniform"] = Field(
+    candidates: Literal["auto", "smallest", "uniform", "easiest"] = Field(
         "auto", description="order the influence solver's candidate pool is fed in: smallest ‖s_i‖ first (the "
-                            "paper's path), or a seeded uniform order (a near-uniform draw within each stratum "
-                            "whose summed influence is still minimised); auto: uniform under difficulty coverage "
+                            "paper's path), a seeded uniform order (a near-uniform draw within each stratum "
+                            "whose summed influence is still minimised), or lowest EL2N first; auto: uniform under difficulty coverage "
                             "below 70 % pruned, else smallest")
     hard_cut: float | None = Field(
         None, ge=0, lt=1, description="Under difficulty coverage: the share of the hardest (highest-EL2N) samples "

@@ -30,7 +30,7 @@ from .errors import BadInputError
 METHODS = ("influence", *ORDER_METHODS)
 SOLVERS = ("greedy", "scip", "bucketed")
 COVERAGE = ("none", "difficulty")
-CANDIDATES = ("smallest", "uniform")
+CANDIDATES = ("smallest", "uniform", "easiest")
 
 
 @dataclass
@@ -48,7 +48,7 @@ class SelectionArgs:
     restarts: int | None = None  # extra random-start local searches (None: 8 when n ≤ 5,000, else 0)
     class_balanced: bool = False  # prune every class in proportion to its size
     coverage: str = "none"  # "difficulty": per-stratum removal quotas over EL2N (CCS's layout), see `select`
-    candidates: str = "smallest"  # order the greedy path's pool is fed in: ascending ‖s_i‖, or seeded uniform
+    candidates: str = "smallest"  # order the greedy path's pool is fed in: ascending ‖s_i‖, seeded uniform, or ascending EL2N
     hard_cut: float | None = None  # under coverage: share of the hardest samples removed first (None: hard_cut_for)
     train_budget: float = 1.0  # epochs the pruned set will be trained for ÷ the scoring run's (shifts hard_cut_for)
     time_limit: float = 60.0  # seconds, for the `scip` reference solver
@@ -71,7 +71,7 @@ class SelectionArgs:
             raise BadInputError(f"--candidates {self.candidates!r} is not known; valid: {', '.join(CANDIDATES)}")
         if self.candidates != "smallest" and (self.method != "influence" or self.solver == "bucketed"
                                               or self.epsilon is not None):
-            raise BadInputError("--candidates uniform applies to --method influence with --prune-ratio "
+            raise BadInputError(f"--candidates {self.candidates} applies to --method influence with --prune-ratio "
                                 "(greedy or scip solver)")
         if self.coverage != "none" and (self.epsilon is not None or self.class_balanced or self.method != "influence"):
             raise BadInputError("--coverage difficulty applies to --method influence with --prune-ratio, "
@@ -352,12 +352,24 @@ def _largest_prefix_within(vectors: np.ndarray, order: np.ndarray, path: np.ndar
     return _mask(len(vectors), order[:k])
 
 
-def solve_size(vectors: np.ndarray, m: int, args: SelectionArgs, labels=None, quotas=None) -> tuple[np.ndarray, dict]:
+def candidate_stream(vectors: np.ndarray, args: SelectionArgs, difficulty: np.ndarray | None = None) -> np.ndarray | None:
+    """The order the greedy path's pool is fed in (None: ascending ‖s_i‖, greedy_path's own):
+    `uniform` a seeded hash order, `easiest` ascending `difficulty` (EL2N), ties by index."""
+    if args.candidates == "uniform":
+        return np.argsort(row_keys(vectors, f"{args.seed}:candidates"), kind="stable")
+    if args.candidates == "easiest":
+        if difficulty is None:
+            raise BadInputError("--candidates easiest needs the score column 'el2n', which these scores lack")
+        return np.argsort(np.asarray(difficulty, np.float64), kind="stable")
+    return None
+
+
+def solve_size(vectors: np.ndarray, m: int, args: SelectionArgs, labels=None, quotas=None,
+               difficulty: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """The greedy solver for |R| = m: pool greedy path, swap search, random restarts."""
     n = len(vectors)
     info: dict = {}
-    stream = np.argsort(row_keys(vectors, f"{args.seed}:candidates"), kind="stable") \
-        if args.candidates == "uniform" else None
+    stream = candidate_stream(vectors, args, difficulty)
     order, path = greedy_path(vectors, m, args.pool_size, labels, quotas, stream=stream)
     info["path_objective"] = float(path[-1]) if m else 0.0
     pruned, info["swaps"] = swap_refine(vectors, _mask(n, order), args.swap_candidates, args.swap_rounds, labels)
@@ -481,7 +493,8 @@ def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarr
         pruned, bucket_info = select_bucketed(vectors, args.n_prune(n), args, map_fn or map)
         info.update(bucket_info)
     elif args.prune_ratio is not None:
-        pruned, solve_info = solve_size(vectors, args.n_prune(n), args, labels if quotas is not None else None, quotas)
+        pruned, solve_info = solve_size(vectors, args.n_prune(n), args, labels if quotas is not None else None, quotas,
+                                        columns.get("el2n"))
         info.update(solve_info)
     else:
         pruned, info["probes"] = largest_size_within(vectors, args)

@@ -104,6 +104,7 @@ def test_random_method_is_seeded():
     ({"epsilon": 0.1, "candidates": "uniform"}, "applies to --method influence with --prune-ratio"),
     ({"prune_ratio": 0.3, "method": "random", "candidates": "uniform"}, "applies to --method influence"),
     ({"prune_ratio": 0.3, "solver": "bucketed", "candidates": "uniform"}, "greedy or scip"),
+    ({"epsilon": 0.1, "candidates": "easiest"}, "--candidates easiest applies to --method influence with --prune-ratio"),
     ({"prune_ratio": 0.3, "coverage": "difficulty", "hard_cut": 1.0}, r"must lie in \[0, 1\)"),
     ({"prune_ratio": 0.3, "coverage": "difficulty", "hard_cut": -0.1}, r"must lie in \[0, 1\)"),
     ({"prune_ratio": 0.3, "hard_cut": 0.1}, "applies to --coverage difficulty and --method ccs"),
@@ -226,6 +227,49 @@ def test_uniform_candidates_draw_near_uniformly_inside_each_stratum_and_still_mi
     other = select(vectors, SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates="uniform", hard_cut=cut, seed=1,
                                           restarts=0, pool_size=16), {"el2n": el2n})
     assert not np.array_equal(other.pruned, picked["uniform"].pruned)
+
+
+def test_easiest_candidates_remove_the_lowest_el2n_inside_each_stratum_and_still_minimise():
+    """--candidates easiest feeds the min-norm path lowest EL2N first: inside each difficulty
+    stratum the removed samples are the stratum's easiest (low mean rank by EL2N, where `uniform`
+    sits near the middle), the quotas hold and the objective stays below CCS's uniform draw.
+    Without the EL2N column it is refused in one line."""
+    from pruning_core.baselines import ccs_order, coverage_strata
+
+    rng = np.random.default_rng(7)
+    n = 4000
+    el2n = rng.beta(0.5, 3.0, n) * np.sqrt(2)
+    vectors = rng.normal(size=(n, 12)) * (el2n[:, None] * rng.lognormal(0.0, 1.0, (n, 1)))
+    ratio, cut = 0.4, 0.0
+    m = int(round(ratio * n))
+    label, removals = coverage_strata(el2n, m, hard_fraction=cut)
+    ccs = np.zeros(n, bool)
+    ccs[ccs_order(el2n, m, seed=0, hard_fraction=cut)[:m]] = True
+    picked = {c: select(vectors, SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates=c, hard_cut=cut,
+                                               restarts=0, pool_size=16), {"el2n": el2n}) for c in ("easiest", "uniform")}
+
+    def removed_rank(pruned):  # mean over cut strata of the removed samples' mean EL2N rank in their stratum, in [0, 1]
+        rows = [b for b in range(len(removals) - 1) if 20 <= removals[b] < (label == b).sum()]
+        ranks = []
+        for b in rows:
+            members = np.flatnonzero(label == b)
+            rank = np.empty(len(members))
+            rank[np.argsort(el2n[members], kind="stable")] = np.arange(len(members)) / (len(members) - 1)
+            ranks.append(rank[pruned[members]].mean())
+        return np.mean(ranks)
+
+    assert removed_rank(picked["easiest"].pruned) < 0.4
+    assert 0.4 < removed_rank(picked["uniform"].pruned) < 0.6
+    for c, result in picked.items():
+        assert np.array_equal(np.bincount(label[result.pruned], minlength=len(removals)), removals), c
+        assert result.objective < 0.5 * objective(vectors, ccs), c
+    without = SelectionArgs(prune_ratio=ratio, candidates="easiest")
+    with pytest.raises(BadInputError, match="--candidates easiest needs the score column 'el2n'"):
+        select(vectors, without)
+    # without strata the path takes the easiest first too: a pool of 1 with no swaps is EL2N's order
+    alone = select(vectors, SelectionArgs(prune_ratio=ratio, candidates="easiest", restarts=0, pool_size=1,
+                                          swap_rounds=0), {"el2n": el2n})
+    assert np.array_equal(np.flatnonzero(alone.pruned), np.sort(np.argsort(el2n, kind="stable")[:m]))
 
 
 def test_hard_cut_schedule_and_override():
