@@ -289,17 +289,21 @@ def swap_refine(vectors: np.ndarray, pruned: np.ndarray, candidates: int, rounds
     """1-swap local search in rounds. Each round scores every sample against the current sum S,
     keeps the k most promising on each side, then applies improving swaps one at a time,
     re-scoring the candidates exactly after each (never against a stale S). With `labels`,
-    only same-class swaps are made, so per-class counts are kept."""
+    only same-class swaps are made, so per-class counts are kept, and the candidates come from
+    the classes that have both removed and kept samples (a difficulty stratum removed whole or
+    kept whole has no partner: were its samples among the k, no pair would be found)."""
     pruned = pruned.copy()
     norms2 = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
     S = removal_sum(vectors, pruned)
     swaps = 0
-    if pruned.all() or not pruned.any():
+    movable = np.ones(len(pruned), bool) if labels is None else \
+        np.isin(labels, np.intersect1d(labels[pruned], labels[~pruned]))  # fixed: swaps keep every class's count
+    if not (pruned & movable).any() or not (~pruned & movable).any():
         return pruned, 0
     for _ in range(rounds):
         d = (vectors @ S.astype(vectors.dtype)).astype(np.float64)  # s_i · S
-        ins = _top(np.flatnonzero(pruned), norms2 - 2.0 * d, candidates)  # ‖S − s_i‖² − ‖S‖²
-        outs = _top(np.flatnonzero(~pruned), norms2 + 2.0 * d, candidates)  # ‖S + s_j‖² − ‖S‖²
+        ins = _top(np.flatnonzero(pruned & movable), norms2 - 2.0 * d, candidates)  # ‖S − s_i‖² − ‖S‖²
+        outs = _top(np.flatnonzero(~pruned & movable), norms2 + 2.0 * d, candidates)  # ‖S + s_j‖² − ‖S‖²
         Vi, Vo = vectors[ins].astype(np.float64), vectors[outs].astype(np.float64)
         di, do = Vi @ S, Vo @ S
         cross = Vi @ Vo.T
