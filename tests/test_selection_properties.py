@@ -108,7 +108,7 @@ def test_class_balanced_quotas_hold_for_every_method(instance, ratio, data):
 
 
 @SETTINGS
-@given(instance=instances(), ratio=st.floats(0.01, 0.99), candidates=st.sampled_from(["smallest", "uniform"]),
+@given(instance=instances(), ratio=st.floats(0.01, 0.99), candidates=st.sampled_from(["smallest", "uniform", "easiest"]),
        hard_cut=st.one_of(st.none(), st.floats(0.0, 0.95)), data=st.data())
 def test_coverage_keeps_each_difficulty_stratum_quota(instance, ratio, candidates, hard_cut, data):
     vectors, _ = instance
