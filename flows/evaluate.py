@@ -89,7 +89,7 @@ def influence_selection(params: EvaluateParameters) -> str:
         return "over the whole dataset (`--coverage none`)"
     words = {"smallest": "smallest ‖s_i‖ first", "uniform": "in a seeded uniform order (each stratum's removals "
              "a near-uniform draw, one per training seed)",
-             "easiest": "lowest EL2N first"}
+             "easiest": "lowest EL2N first (each stratum's easiest go, the path kept without swaps)"}
     by_order = {}
     for r, sel in chosen.items():
         by_order.setdefault(sel.candidates, []).append(f"{r:g}")

@@ -15,7 +15,7 @@ from pruning_core import artifacts
 from pruning_core.data import parse_dataset_spec
 from pruning_core.errors import BadInputError
 from pruning_core.influence import InfluenceArgs
-from pruning_core.selection import SelectionArgs
+from pruning_core.selection import SelectionArgs, hard_cut_for
 from pruning_core.targets import open_target
 from pruning_core.training import TrainArgs
 
@@ -28,13 +28,18 @@ def resolve_coverage(coverage: str, method: str, prune_ratio: float | None, solv
     return "difficulty" if applies else "none"
 
 
-def resolve_candidates(candidates: str, coverage: str, prune_ratio: float | None) -> str:
-    """`auto` → `uniform` under difficulty coverage below 70 % pruned, else `smallest`: the order
-    that retrained best in each regime on a held-out validation split
-    (benchmarks/results/candidate-order.md)."""
+def resolve_candidates(candidates: str, coverage: str, prune_ratio: float | None, hard_cut: float = 0.0) -> str:
+    """`auto` under difficulty coverage below 70 % pruned: `easiest` where the strata cut no
+    hardest share (β = `hard_cut` = 0: up to 50 % pruned with the scoring run's recipe, there the
+    removals all come from the easiest strata, and keeping their harder members cross-validated
+    best at 40 %: benchmarks/results/cross-validation-0.4.md), `uniform` where they do (a
+    near-uniform draw inside each stratum, best at 60 % on a held-out validation split:
+    benchmarks/results/candidate-order.md); `smallest` from 70 % and without coverage."""
     if candidates != "auto":
         return candidates
-    return "uniform" if coverage == "difficulty" and prune_ratio is not None and prune_ratio < 0.7 else "smallest"
+    if coverage != "difficulty" or prune_ratio is None or prune_ratio >= 0.7:
+        return "smallest"
+    return "easiest" if hard_cut == 0 else "uniform"
 
 
 def selection_args(method: str, prune_ratio: float | None, epsilon: float | None, solver: str, seed: int,
@@ -45,10 +50,11 @@ def selection_args(method: str, prune_ratio: float | None, epsilon: float | None
     schedule of the influence method under difficulty coverage, no --hard-cut given): one place
     for the run, the evaluation and `select`."""
     coverage = resolve_coverage(coverage, method, prune_ratio, solver, class_balanced)
-    # `auto` resolves for the influence method only; an order given for another method is refused below
-    candidates = resolve_candidates(candidates, coverage, prune_ratio) if method == "influence" else \
-        ("smallest" if candidates == "auto" else candidates)
     shifts = method == "influence" and coverage == "difficulty" and hard_cut is None
+    cut = hard_cut_for(prune_ratio, train_budget) if shifts and prune_ratio is not None else hard_cut or 0.0  # β
+    # `auto` resolves for the influence method only; an order given for another method is refused below
+    candidates = resolve_candidates(candidates, coverage, prune_ratio, cut) if method == "influence" else \
+        ("smallest" if candidates == "auto" else candidates)
     return SelectionArgs(method=method, prune_ratio=prune_ratio, epsilon=epsilon, solver=solver, seed=seed,
                          class_balanced=class_balanced, coverage=coverage, candidates=candidates,
                          hard_cut=hard_cut, train_budget=train_budget if shifts else 1.0, **extra)
@@ -140,8 +146,9 @@ class RunParameters(BaseModel):
     candidates: Literal["auto", "smallest", "uniform", "easiest"] = Field(
         "auto", description="order the influence solver's candidate pool is fed in: smallest ‖s_i‖ first (the "
                             "paper's path), a seeded uniform order (a near-uniform draw within each stratum "
-                            "whose summed influence is still minimised), or lowest EL2N first; auto: uniform under difficulty coverage "
-                            "below 70 % pruned, else smallest")
+                            "whose summed influence is still minimised), or lowest EL2N first; auto: under difficulty "
+                            "coverage below 70 % pruned, easiest where no hardest share is cut, else uniform; "
+                            "smallest otherwise")
     hard_cut: float | None = Field(
         None, ge=0, lt=1, description="Under difficulty coverage: the share of the hardest (highest-EL2N) samples "
                                       "removed first; empty: the product's schedule, none up to 50 % pruned, then "

@@ -279,10 +279,12 @@ def test_evaluate_flow_end_to_end(prefect_api, pooled_npz, tmp_path, capsys):
         assert r["n_test"] == 500 and correct.mean() == pytest.approx(r["test_accuracy"])
     summary = json.loads((folder / "evaluation.json").read_text())
     assert summary["scores_from"]
-    # at 0.5 the influence method's candidates come in a seeded uniform order: one draw per seed, as random's
-    assert all(r["selection_seed"] == r["seed"] for r in table if r["method"] != "full")
-    draws = [pq.read_table(folder / "selections" / f"influence-r0.5-s{seed}.parquet").column("pruned") for seed in (0, 1)]
-    assert not draws[0].equals(draws[1])
+    # random draws once per seed; at 0.5 (no hard share cut) the influence method's candidates come
+    # easiest first: one selection, trained with every seed
+    assert all(r["selection_seed"] == r["seed"] for r in table if r["method"] == "random")
+    assert all(r["selection_seed"] is None for r in table if r["method"] == "influence")
+    draws = [pq.read_table(folder / "selections" / f"random-r0.5-s{seed}.parquet").column("pruned") for seed in (0, 1)]
+    assert not draws[0].equals(draws[1]) and (folder / "selections" / "influence-r0.5.parquet").exists()
     report = (folder / "report.md").read_text()
     (c,) = [c for c in summary["targets"]["comparisons"] if c["versus"] == "random"]
     assert c["interval"][0] < c["margin"] < c["interval"][1] and "95 % interval over seeds and test samples" in report
@@ -331,16 +333,35 @@ def test_evaluate_bad_input_exits_2(argv, message, small_npz, tmp_path, capsys):
 def test_selections_that_draw_at_random_are_drawn_once_per_seed():
     from flows.parameters import EvaluateParameters
 
-    params = EvaluateParameters(methods=["influence", "el2n", "ccs"], ratios=[0.4, 0.8], seeds=[0, 1])
+    params = EvaluateParameters(methods=["influence", "el2n", "ccs"], ratios=[0.4, 0.6, 0.8], seeds=[0, 1])
 
     def uniform(method, ratio):
         return params.selection_args_for(method, ratio, 0).candidates == "uniform"
 
     names = [job["name"] for job in evaluation.selection_jobs(params.eval_args(), draws=uniform)]
-    assert names == ["influence-r0.4-s0", "influence-r0.4-s1", "influence-r0.8",  # 0.8: smallest ‖s_i‖ first
-                     "el2n-r0.4", "el2n-r0.8", "ccs-r0.4-s0", "ccs-r0.4-s1", "ccs-r0.8-s0", "ccs-r0.8-s1"]
-    assert [job["name"] for job in evaluation.selection_jobs(params.eval_args())][:2] == ["influence-r0.4",
+    assert names == ["influence-r0.4",  # 0.4: easiest first, 0.6: a seeded uniform order, 0.8: smallest ‖s_i‖ first
+                     "influence-r0.6-s0", "influence-r0.6-s1", "influence-r0.8", "el2n-r0.4", "el2n-r0.6", "el2n-r0.8",
+                     "ccs-r0.4-s0", "ccs-r0.4-s1", "ccs-r0.6-s0", "ccs-r0.6-s1", "ccs-r0.8-s0", "ccs-r0.8-s1"]
+    assert [job["name"] for job in evaluation.selection_jobs(params.eval_args())][:3] == ["influence-r0.4",
+                                                                                        "influence-r0.6",
                                                                                         "influence-r0.8"]
+
+
+def test_auto_candidates_take_the_easiest_first_where_no_hard_share_is_cut():
+    """`--candidates auto` under difficulty coverage: easiest where β = 0, uniform where a hardest
+    share is cut, smallest from 70 %; a longer recipe (β shifted to 0 at 60 %) or an explicit
+    --hard-cut moves the boundary with β; baselines and `--coverage none` keep `smallest`."""
+    from flows.parameters import selection_args
+
+    def order(ratio, **kw):
+        return selection_args("influence", ratio, None, "greedy", 0, False, kw.pop("coverage", "auto"), "auto",
+                              **kw).candidates
+
+    assert [order(r) for r in (0.2, 0.4, 0.5, 0.6, 0.8)] == ["easiest", "easiest", "easiest", "uniform", "smallest"]
+    assert order(0.4, hard_cut=0.1) == "uniform" and order(0.6, hard_cut=0.0) == "easiest"
+    assert order(0.6, train_budget=2.0) == "easiest" and order(0.4, train_budget=0.5) == "uniform"
+    assert order(0.4, coverage="none") == "smallest"
+    assert selection_args("ccs", 0.4, None, "greedy", 0, False, "auto", "auto").candidates == "smallest"
 
 
 def test_retraining_longer_than_the_scoring_run_shifts_the_hard_cut(tmp_path):

@@ -272,6 +272,12 @@ def test_easiest_candidates_remove_the_lowest_el2n_inside_each_stratum_and_still
     alone = select(vectors, SelectionArgs(prune_ratio=ratio, candidates="easiest", restarts=0, pool_size=1,
                                           swap_rounds=0), {"el2n": el2n})
     assert np.array_equal(np.flatnonzero(alone.pruned), np.sort(np.argsort(el2n, kind="stable")[:m]))
+    # the path is the answer: no swap search or restart trades its easiest picks for harder ones
+    for c in ("easiest", "uniform"):
+        small = select(vectors[:1000], SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates=c,
+                                                     hard_cut=cut, pool_size=16), {"el2n": el2n[:1000]})
+        kept_path = small.info["swaps"] == 0 and small.info["restarts"] == 0
+        assert kept_path == (c == "easiest") and (small.objective == pytest.approx(small.info["path_objective"])) == kept_path
 
 
 def test_swap_search_under_strata_draws_partners_from_strata_that_can_swap():
