@@ -98,14 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", default="0,1,2,3,4,5", help="which of the 6 folds to run")
     parser.add_argument("--ratio", default="0.4")
     parser.add_argument("--methods", default="influence,influence-score,grand",
-                        help="the first is compared with each of the others")
+                        help="the first is compared with each of the others (unless --first)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=4, help="the evaluation's recipe: 4")
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",
                         help="the influence method with other evaluate options, e.g. 'smallest=--candidates smallest'")
+    parser.add_argument("--first", help="the method or variant label compared with each of the others "
+                        "(default: the first of --methods)")
     ns = parser.parse_args(argv)
     variants = dict(v.split("=", 1) for v in ns.variant)
     out = Path(ns.out).resolve()
+    if ns.first and ns.first not in ns.methods.split(",") + list(variants):
+        parser.error(f"--first {ns.first!r} is neither in --methods nor a --variant label")
     out.mkdir(parents=True, exist_ok=True)
     folds = [int(k) for k in ns.folds.split(",")]
     methods, ratio = ns.methods.split(","), float(ns.ratio)
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             records += [{**r, "fold": k, "method": label} for r in rows
                         if r["method"] == "influence" and abs(r["prune_ratio"] - ratio) < 1e-9]
     methods += list(variants)
-    first, others = methods[0], methods[1:]
+    first = ns.first or methods[0]
+    others = [m for m in methods if m != first]
 
     def acc(method, fold=None):
         a = [r["test_accuracy"] for r in records if r["method"] == method and fold in (None, r["fold"])]
