@@ -5,12 +5,13 @@ Generalization-guaranteed: given ε, the largest R with ‖Σ_{i∈R} s_i‖₂ 
 Both are NP-hard; the solvers here are heuristics that report the objective reached.
 
 Solver `greedy`: a pool greedy path then swap local search.
-  * Path: candidates stream in ascending ‖s_i‖ into a pool of K; each step adds the pool member
-    minimising the exact ‖S + s_i‖² (S the running sum), then refills its slot. Every step
-    re-scores against the updated S, so it never overshoots the way adding many candidates
-    scored against one stale S does.
+  * Path: candidates stream into a pool of K (`--candidates`: ascending ‖s_i‖, a seeded uniform
+    order, or ascending EL2N); each step adds the pool member minimising the exact ‖S + s_i‖²
+    (S the running sum), then refills its slot. Every step re-scores against the updated S, so
+    it never overshoots the way adding many candidates scored against one stale S does.
   * Swaps: exchange i ∈ R with j ∉ R when ‖S − s_i + s_j‖ < ‖S‖, pairs scored exactly among
-    the k most promising on each side, one swap per round until none improves.
+    the k most promising on each side, one swap per round until none improves (within a class
+    or difficulty stratum where counts are fixed). The `easiest` order keeps its path unswapped.
 """
 
 from __future__ import annotations
