@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -44,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from validation_split import write_holdout  # noqa: E402
 
-from pruning_core.evaluation import paired_differences, paired_interval  # noqa: E402
+from pruning_core.evaluation import machine, paired_differences, paired_interval  # noqa: E402
 
 FOLD_ROWS = 10000
 
@@ -107,12 +105,12 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the first of --methods)")
     ns = parser.parse_args(argv)
     variants = dict(v.split("=", 1) for v in ns.variant)
-    out = Path(ns.out).resolve()
-    if ns.first and ns.first not in ns.methods.split(",") + list(variants):
+    methods, ratio = ns.methods.split(","), float(ns.ratio)
+    if ns.first and ns.first not in methods + list(variants):
         parser.error(f"--first {ns.first!r} is neither in --methods nor a --variant label")
+    out = Path(ns.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     folds = [int(k) for k in ns.folds.split(",")]
-    methods, ratio = ns.methods.split(","), float(ns.ratio)
     started = time.perf_counter()
     records, folders = [], {}
     for k in folds:
@@ -132,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return 100 * float(np.mean(a))
 
     lines = [f"# Cross-validated comparison at {ratio:g} pruned: {len(folds)} folds of Fashion-MNIST's training set",
-             "", f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · {platform.node()} · {os.cpu_count()} CPUs · "
+             "", f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · {machine()} · "
              f"{time.perf_counter() - started:.0f} s", "",
              f"Command: `.venv/bin/python benchmarks/cross_validation.py {shlex.join(argv)}`", "",
              f"Fold k holds out training rows {FOLD_ROWS}·k to {FOLD_ROWS}·(k+1) − 1 as its test set; the product "

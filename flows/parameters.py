@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -15,7 +16,7 @@ from pruning_core import artifacts
 from pruning_core.data import parse_dataset_spec
 from pruning_core.errors import BadInputError
 from pruning_core.influence import InfluenceArgs
-from pruning_core.selection import SelectionArgs, hard_cut_for
+from pruning_core.selection import SelectionArgs
 from pruning_core.targets import open_target
 from pruning_core.training import TrainArgs
 
@@ -28,18 +29,17 @@ def resolve_coverage(coverage: str, method: str, prune_ratio: float | None, solv
     return "difficulty" if applies else "none"
 
 
-def resolve_candidates(candidates: str, coverage: str, prune_ratio: float | None, hard_cut: float = 0.0) -> str:
-    """`auto` under difficulty coverage below 70 % pruned: `easiest` where the strata cut no
-    hardest share (β = `hard_cut` = 0: up to 50 % pruned with the scoring run's recipe, there the
-    removals all come from the easiest strata, and keeping their harder members cross-validated
-    best at 40 %: benchmarks/results/cross-validation-0.4.md), `uniform` where they do (a
-    near-uniform draw inside each stratum, best at 60 % on a held-out validation split:
+def resolve_candidates(args: SelectionArgs) -> str:
+    """The influence method's `auto` candidate order for `args`: under difficulty coverage below
+    70 % pruned, `easiest` where the strata cut no hardest share (β = `args.coverage_cut()` = 0: up
+    to 50 % pruned with the scoring run's recipe, there the removals all come from the easiest
+    strata, and keeping their harder members cross-validated best at 40 %:
+    benchmarks/results/cross-validation-0.4.md), `uniform` where they do (a near-uniform draw
+    inside each stratum, best at 60 % on a held-out validation split:
     benchmarks/results/candidate-order.md); `smallest` from 70 % and without coverage."""
-    if candidates != "auto":
-        return candidates
-    if coverage != "difficulty" or prune_ratio is None or prune_ratio >= 0.7:
+    if args.coverage != "difficulty" or args.prune_ratio >= 0.7:
         return "smallest"
-    return "easiest" if hard_cut == 0 else "uniform"
+    return "easiest" if args.coverage_cut() == 0 else "uniform"
 
 
 def selection_args(method: str, prune_ratio: float | None, epsilon: float | None, solver: str, seed: int,
@@ -51,13 +51,13 @@ def selection_args(method: str, prune_ratio: float | None, epsilon: float | None
     for the run, the evaluation and `select`."""
     coverage = resolve_coverage(coverage, method, prune_ratio, solver, class_balanced)
     shifts = method == "influence" and coverage == "difficulty" and hard_cut is None
-    cut = hard_cut_for(prune_ratio, train_budget) if shifts and prune_ratio is not None else hard_cut or 0.0  # β
-    # `auto` resolves for the influence method only; an order given for another method is refused below
-    candidates = resolve_candidates(candidates, coverage, prune_ratio, cut) if method == "influence" else \
-        ("smallest" if candidates == "auto" else candidates)
-    return SelectionArgs(method=method, prune_ratio=prune_ratio, epsilon=epsilon, solver=solver, seed=seed,
-                         class_balanced=class_balanced, coverage=coverage, candidates=candidates,
+    args = SelectionArgs(method=method, prune_ratio=prune_ratio, epsilon=epsilon, solver=solver, seed=seed,
+                         class_balanced=class_balanced, coverage=coverage,
+                         candidates="smallest" if candidates == "auto" else candidates,
                          hard_cut=hard_cut, train_budget=train_budget if shifts else 1.0, **extra)
+    # `auto` resolves for the influence method only (an order given for another method was refused above)
+    return replace(args, candidates=resolve_candidates(args)) if candidates == "auto" and method == "influence" \
+        else args
 
 
 def check_train_epochs(train_epochs: int | None, selection: SelectionArgs) -> None:
