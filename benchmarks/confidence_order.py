@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cross_validation import evaluate  # noqa: E402
+from cross_validation import evaluate, fold_scoring_run, variant_folder  # noqa: E402
 
 from pruning_core.data import load_dataset  # noqa: E402
 from pruning_core.models import build_model  # noqa: E402
@@ -60,8 +60,7 @@ def epoch_confidence(run: Path, threads: int) -> np.ndarray:
 
     def at_epoch_end(epoch: int, epochs: int, loss: float) -> None:
         logits = predict_logits(model, ds.x)  # eval mode, no random draws: the trajectory is unchanged
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        confidence[:, epoch - 1] = (p[np.arange(ds.n), ds.y] / p.sum(1))
+        confidence[:, epoch - 1] = torch.softmax(torch.as_tensor(logits), 1).numpy()[np.arange(ds.n), ds.y]
         model.train()
         print(f"  epoch {epoch}/{epochs}: loss {loss:.4f}", flush=True)
 
@@ -108,14 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(ns.out).resolve()
     for k in (int(f) for f in ns.folds.split(",")):
         fold = out / f"fold{k}"
-        scored = json.loads(sorted(fold.glob("eval-*/evaluation.json"))[-1].read_text())["scores_from"]
+        scored = fold_scoring_run(fold)
         print(f"fold {k}: confidences of {scored}", flush=True)
         copy = confidence_run(Path(scored), fold / "confidence-run", ns.threads)
-        folder = fold / "confidence"
-        folder.mkdir(exist_ok=True)
-        if not (folder / ".cache").exists():
-            (folder / ".cache").symlink_to(Path("..") / ".cache")
-        evaluate(out, k, folder, "influence", ns, ["--from-run", str(copy)], f"fold {k}, confidence")
+        evaluate(out, k, variant_folder(fold, "confidence"), "influence", ns, ["--from-run", str(copy)],
+                 f"fold {k}, confidence")
     return 0
 
 

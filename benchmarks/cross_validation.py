@@ -77,16 +77,26 @@ def evaluate_fold(out: Path, k: int, ns: argparse.Namespace) -> Path:
     return evaluate(out, k, folder, ns.methods, ns, extra, f"fold {k}")
 
 
-def evaluate_variant(out: Path, k: int, label: str, extra: str, ns: argparse.Namespace) -> Path:
-    """The evaluation folder of the influence method with `extra` options on fold k (its scoring
-    run and retrain cache those of the fold's own evaluation)."""
-    fold = out / f"fold{k}"
+def fold_scoring_run(fold: Path) -> str:
+    """The scoring run of the fold's own evaluation."""
+    return json.loads(sorted(fold.glob("eval-*/evaluation.json"))[-1].read_text())["scores_from"]
+
+
+def variant_folder(fold: Path, label: str) -> Path:
+    """fold/label, sharing the fold's retrain cache (the full-data runs are not trained again)."""
     folder = fold / label
     folder.mkdir(exist_ok=True)
     if not (folder / ".cache").exists():
         (folder / ".cache").symlink_to(Path("..") / ".cache")
-    scored = json.loads(sorted(fold.glob("eval-*/evaluation.json"))[-1].read_text())["scores_from"]
-    return evaluate(out, k, folder, "influence", ns, ["--from-run", scored, *shlex.split(extra)], f"fold {k}, {label}")
+    return folder
+
+
+def evaluate_variant(out: Path, k: int, label: str, extra: str, ns: argparse.Namespace) -> Path:
+    """The evaluation folder of the influence method with `extra` options on fold k (its scoring
+    run and retrain cache those of the fold's own evaluation)."""
+    fold = out / f"fold{k}"
+    return evaluate(out, k, variant_folder(fold, label), "influence", ns,
+                    ["--from-run", fold_scoring_run(fold), *shlex.split(extra)], f"fold {k}, {label}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -383,10 +383,10 @@ def solve_size(vectors: np.ndarray, m: int, args: SelectionArgs, labels=None, qu
     stream = candidate_stream(vectors, args, difficulty)
     order, path = greedy_path(vectors, m, args.pool_size, labels, quotas, stream=stream)
     info["path_objective"] = float(path[-1]) if m else 0.0
-    keep_path = args.candidates == "easiest"
-    pruned, info["swaps"] = (_mask(n, order), 0) if keep_path else \
-        swap_refine(vectors, _mask(n, order), args.swap_candidates, args.swap_rounds, labels)
-    restarts = 0 if keep_path else args.restarts if args.restarts is not None else (8 if n <= 5000 else 0)
+    if args.candidates == "easiest":  # the path is the answer
+        return _mask(n, order), {**info, "swaps": 0, "restarts": 0}
+    pruned, info["swaps"] = swap_refine(vectors, _mask(n, order), args.swap_candidates, args.swap_rounds, labels)
+    restarts = args.restarts if args.restarts is not None else (8 if n <= 5000 else 0)
     best = objective(vectors, pruned)
     for restart in range(restarts):  # random starts (class counts kept), then the same local search
         keys = row_keys(vectors, f"{args.seed}:{restart}")  # not of the index: order-free
