@@ -67,6 +67,8 @@ def _add_selection_options(parser: argparse.ArgumentParser) -> None:
                         "or lowest EL2N first")
     parser.add_argument("--hard-cut", type=_float, help="under difficulty coverage: share of the hardest samples "
                         "removed first (default: the schedule by prune ratio)")
+    parser.add_argument("--swap-rounds", type=int, help="influence solver: at most this many rounds of the swap search "
+                        "after the greedy path, 0: the path is the answer (default: 0 for the easiest order, else 500)")
     parser.add_argument("--train-epochs", type=int, help="epochs the pruned set will be trained for, when not the "
                         "scoring run's: longer cuts less of the hardest share, shorter more (default: the same)")
 
@@ -154,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--coverage", choices=("auto", "none", "difficulty"), default="auto")
     evaluate.add_argument("--candidates", choices=("auto", "smallest", "uniform", "easiest"), default="auto")
     evaluate.add_argument("--hard-cut", type=_float)
+    evaluate.add_argument("--swap-rounds", type=int)
     evaluate.add_argument("--gpu", action="store_true")
     from flows.parameters import EvaluateParameters, RunParameters
 
@@ -390,7 +393,7 @@ def cmd_select(ns: argparse.Namespace) -> int:
     from pruning_core.pipeline import selection_stage
 
     args = selection_args(ns.method, ns.prune_ratio, ns.epsilon, ns.solver, ns.seed, ns.class_balanced, ns.coverage,
-                          ns.candidates, ns.hard_cut, time_limit=ns.time_limit)
+                          ns.candidates, ns.hard_cut, time_limit=ns.time_limit, swap_rounds=ns.swap_rounds)
     check_train_epochs(ns.train_epochs, args)
     if not Path(ns.scores).is_file():
         raise BadInputError(f"--scores {ns.scores}: file not found")

@@ -104,7 +104,9 @@ def influence_selection(params: EvaluateParameters) -> str:
         source = f"the schedule {hard_cut_formula(budget)}" + (
             "" if budget == 1 else f", retraining {budget:g}× the scoring run's epochs")
     return (f"under per-difficulty-stratum removal quotas (`--coverage difficulty`) with the hardest share cut first "
-            f"({cut_words}: {source}), the solver's candidates fed {orders} (`--candidates {params.candidates}`)")
+            f"({cut_words}: {source}), the solver's candidates fed {orders} (`--candidates {params.candidates}`)"
+            + ("" if params.swap_rounds is None else f", at most {params.swap_rounds} swap rounds after the path "
+               f"(`--swap-rounds {params.swap_rounds}`)"))
 
 
 @flow(name="evaluate-pruning")

@@ -98,6 +98,7 @@ FIELD_TITLES = {
     "epsilon": "ε: bound on ‖Σ s_i‖₂", "method": "Selection method", "solver": "Solver",
     "class_balanced": "Class-balanced", "coverage": "Difficulty coverage",
     "candidates": "Candidate order of the solver", "hard_cut": "Hardest share cut first",
+    "swap_rounds": "Swap-search rounds",
     "train_epochs": "Epochs the pruned set will be trained for", "shards": "Influence shards",
     "workers": "Local Dask workers", "dask_address": "Dask scheduler address", "out": "Run folder root",
     "target": "Version target", "block_size": "Block size (rows)",
@@ -154,6 +155,10 @@ class RunParameters(BaseModel):
                                       "removed first; empty: the product's schedule, none up to 50 % pruned, then "
                                       "half of every further removal (β = (ratio − 0.5) / 2), shifted by "
                                       "train_epochs")
+    swap_rounds: int | None = Field(
+        None, ge=0, le=100000, description="At most this many rounds of the influence solver's swap search after "
+                                           "its greedy path, 0: the path is the answer; empty: 0 for the easiest "
+                                           "order, else 500")
     train_epochs: int | None = Field(
         None, ge=1, le=10000, description="Epochs the pruned set will be trained for, when not the scoring run's: "
                                           "the hard-cut schedule shifts right by 0.1 in ratio per doubling (a "
@@ -199,7 +204,8 @@ class RunParameters(BaseModel):
         return selection_args(method, prune_ratio, self.epsilon if prune_ratio is None else None, self.solver, seed,
                               self.class_balanced, self.coverage, self.candidates if method == self.method else "auto",
                               self.hard_cut if method == self.method else None,  # baselines as published
-                              train_budget=self.train_budget())
+                              train_budget=self.train_budget(),
+                              swap_rounds=self.swap_rounds if method == self.method else None)
 
     def train_budget(self) -> float:
         """The pruned set's training epochs ÷ the scoring run's, whose epochs are the recipe's (also

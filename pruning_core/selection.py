@@ -11,7 +11,8 @@ Solver `greedy`: a pool greedy path then swap local search.
     it never overshoots the way adding many candidates scored against one stale S does.
   * Swaps: exchange i ∈ R with j ∉ R when ‖S − s_i + s_j‖ < ‖S‖, pairs scored exactly among
     the k most promising on each side, one swap per round until none improves (within a class
-    or difficulty stratum where counts are fixed). The `easiest` order keeps its path unswapped.
+    or difficulty stratum where counts are fixed); `--swap-rounds 0` keeps the path as it is,
+    the default for the `easiest` order.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class SelectionArgs:
     seed: int = 0  # for `random` and tie-free reproducibility
     pool_size: int = 256  # K of the greedy path
     swap_candidates: int = 64  # k per side of the swap search
-    swap_rounds: int = 500  # at most this many rounds of swaps
+    swap_rounds: int | None = None  # at most this many rounds of swaps (None: `default_swap_rounds`; 0: the path)
     restarts: int | None = None  # extra random-start local searches (None: 8 when n ≤ 5,000, else 0)
     class_balanced: bool = False  # prune every class in proportion to its size
     coverage: str = "none"  # "difficulty": per-stratum removal quotas over EL2N (CCS's layout), see `select`
@@ -86,15 +87,28 @@ class SelectionArgs:
                                 "must be a positive finite number")
         if self.class_balanced and self.epsilon is not None:
             raise BadInputError("--class-balanced applies to --prune-ratio, not --epsilon")
-        if self.pool_size < 1 or self.swap_candidates < 1 or self.swap_rounds < 0:
-            raise BadInputError("pool size and swap candidates must be ≥ 1, swap rounds ≥ 0")
+        if self.pool_size < 1 or self.swap_candidates < 1:
+            raise BadInputError("pool size and swap candidates must be ≥ 1")
+        if self.swap_rounds is not None and self.swap_rounds < 0:
+            raise BadInputError(f"--swap-rounds {self.swap_rounds} must be ≥ 0 (0: the greedy path is the answer)")
+        if self.swap_rounds is not None and self.method != "influence":
+            raise BadInputError("--swap-rounds applies to --method influence")
 
     def n_prune(self, n: int) -> int:
         return int(round(self.prune_ratio * n))
 
+    def rounds(self) -> int:
+        """Rounds of the swap search: --swap-rounds as given, else `default_swap_rounds`."""
+        return self.swap_rounds if self.swap_rounds is not None else default_swap_rounds(self)
+
     def coverage_cut(self) -> float:
         """β the difficulty coverage cuts first: --hard-cut as given, else the schedule."""
         return self.hard_cut if self.hard_cut is not None else hard_cut_for(self.prune_ratio, self.train_budget)
+
+
+def default_swap_rounds(args: SelectionArgs) -> int:
+    """0 (the greedy path is the answer) for the `easiest` order, else 500."""
+    return 0 if args.candidates == "easiest" else 500
 
 
 def hard_cut_for(prune_ratio: float, train_budget: float = 1.0) -> float:
@@ -371,21 +385,23 @@ def candidate_stream(vectors: np.ndarray, args: SelectionArgs, difficulty: np.nd
 
 def solve_size(vectors: np.ndarray, m: int, args: SelectionArgs, labels=None, quotas=None,
                difficulty: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-    """The greedy solver for |R| = m: pool greedy path, swap search, random restarts.
+    """The greedy solver for |R| = m: pool greedy path, swap search, random restarts; with no
+    swap rounds (`args.rounds()` = 0) the path is the answer.
 
-    With `easiest` candidates the path is the answer: each step picks, among the K easiest samples
-    not yet taken, the one that keeps ‖S‖ smallest, and no swap search or restart trades those
-    picks for harder samples that cancel better. At 40 % pruned on Fashion-MNIST the swaps would
-    lower ‖Σ_R s_i‖ from 0.083 to 0.058, and on five cross-validation folds they cost 0.12 points
-    [−0.04, +0.29] of held-out accuracy (benchmarks/results/cross-validation-0.4.md)."""
+    With `easiest` candidates the path is the answer by default: each step picks, among the K
+    easiest samples not yet taken, the one that keeps ‖S‖ smallest, and no swap search or restart
+    trades those picks for harder samples that cancel better. At 40 % pruned on Fashion-MNIST the
+    swaps would lower ‖Σ_R s_i‖ from 0.083 to 0.058, and on five cross-validation folds they cost
+    0.12 points [−0.04, +0.29] of held-out accuracy (benchmarks/results/cross-validation-0.4.md)."""
     n = len(vectors)
     info: dict = {}
     stream = candidate_stream(vectors, args, difficulty)
     order, path = greedy_path(vectors, m, args.pool_size, labels, quotas, stream=stream)
     info["path_objective"] = float(path[-1]) if m else 0.0
-    if args.candidates == "easiest":  # the path is the answer
+    rounds = args.rounds()
+    if rounds == 0:  # the path is the answer
         return _mask(n, order), {**info, "swaps": 0, "restarts": 0}
-    pruned, info["swaps"] = swap_refine(vectors, _mask(n, order), args.swap_candidates, args.swap_rounds, labels)
+    pruned, info["swaps"] = swap_refine(vectors, _mask(n, order), args.swap_candidates, rounds, labels)
     restarts = args.restarts if args.restarts is not None else (8 if n <= 5000 else 0)
     best = objective(vectors, pruned)
     for restart in range(restarts):  # random starts (class counts kept), then the same local search
@@ -397,7 +413,7 @@ def solve_size(vectors: np.ndarray, m: int, args: SelectionArgs, labels=None, qu
             for c, q in enumerate(quotas):
                 members = np.flatnonzero(labels == c)
                 start[members[np.argsort(keys[members], kind="stable")[:q]]] = True
-        candidate, _ = swap_refine(vectors, start, args.swap_candidates, args.swap_rounds, labels)
+        candidate, _ = swap_refine(vectors, start, args.swap_candidates, rounds, labels)
         value = objective(vectors, candidate)
         if value < best:
             best, pruned = value, candidate
@@ -459,7 +475,7 @@ def select_bucketed(vectors: np.ndarray, m: int, args: SelectionArgs, map_fn=map
         added, _ = greedy_path(vectors, r, args.pool_size, start=removal_sum(vectors, pruned), exclude=pruned)
         pruned[added] = True
     # the global search looks wider than a single solve: the residual is spread over the buckets
-    pruned, swaps = swap_refine(vectors, pruned, 4 * args.swap_candidates, args.swap_rounds)
+    pruned, swaps = swap_refine(vectors, pruned, 4 * args.swap_candidates, args.rounds())
     return pruned, {"buckets": buckets, "bucket_seconds": bucket_seconds, "merged_objective": merged, "swaps": swaps}
 
 

@@ -111,6 +111,8 @@ def test_random_method_is_seeded():
     ({"prune_ratio": 0.3, "coverage": "difficulty", "hard_cut": -0.1}, r"must lie in \[0, 1\)"),
     ({"prune_ratio": 0.3, "hard_cut": 0.1}, "applies to --coverage difficulty and --method ccs"),
     ({"prune_ratio": 0.3, "method": "el2n", "hard_cut": 0.1}, "applies to --coverage difficulty and --method ccs"),
+    ({"prune_ratio": 0.3, "swap_rounds": -1}, "--swap-rounds -1 must be ≥ 0"),
+    ({"prune_ratio": 0.3, "method": "el2n", "swap_rounds": 0}, "--swap-rounds applies to --method influence"),
 ])
 def test_bad_selection_arguments(kwargs, message):
     with pytest.raises(BadInputError, match=message):
@@ -278,6 +280,12 @@ def test_easiest_candidates_remove_the_lowest_el2n_inside_each_stratum_and_still
                                                      hard_cut=cut, pool_size=16), {"el2n": el2n[:1000]})
         kept_path = small.info["swaps"] == 0 and small.info["restarts"] == 0
         assert kept_path == (c == "easiest") and (small.objective == pytest.approx(small.info["path_objective"])) == kept_path
+        # --swap-rounds overrides either way: 0 keeps the uniform order's path, 500 swaps the easiest's
+        flipped = select(vectors[:1000], SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates=c,
+                                                       hard_cut=cut, pool_size=16, swap_rounds=0 if c == "uniform" else 500),
+                         {"el2n": el2n[:1000]})
+        assert (flipped.info["swaps"] == 0) == (c == "uniform")
+        assert (flipped.objective == pytest.approx(flipped.info["path_objective"])) == (c == "uniform")
 
 
 def test_swap_search_under_strata_draws_partners_from_strata_that_can_swap():
