@@ -14,7 +14,8 @@ influence ARGS` under --out/fold<k>/LABEL (sharing the fold's retrain cache, so 
 are not trained again), reported as method LABEL beside the others.
 
 Each fold's evaluation folder is kept under --out/fold<k>/ and a rerun reuses it (a finished
-evaluation is read back; an interrupted one resumes from its retrain cache, with the scoring
+evaluation holding the ratio, methods and seeds asked for is read back; another ratio or method
+is evaluated from the same scoring run; an interrupted one resumes from its retrain cache, with the scoring
 run it made). The report gives per fold and pooled: mean accuracy per method, and the product's
 margin over each method with its 95 % interval from a paired bootstrap over seeds and held-out
 samples within every fold (evaluation.paired_interval with by="fold").
@@ -52,20 +53,27 @@ def write_fold(out: Path, k: int) -> Path:
     return write_holdout(out / f"fashion-mnist-fold{k}.npz", k * FOLD_ROWS, (k + 1) * FOLD_ROWS)
 
 
+def covers(evaluation: Path, methods: str, ns: argparse.Namespace) -> bool:
+    """Whether a finished evaluation holds `methods` at --ratio with every seed of --seeds."""
+    used = json.loads((evaluation / "evaluation.json").read_text())["arguments"]
+    return (float(ns.ratio) in used["ratios"] and set(methods.split(",")) <= set(used["methods"])
+            and {int(s) for s in ns.seeds.split(",")} <= set(used["seeds"]))
+
+
 def evaluate(out: Path, k: int, folder: Path, methods: str, ns: argparse.Namespace, extra: list[str],
              what: str) -> Path:
     """The evaluation folder under `folder` of `methods` on fold k, made by the product's command
     (with `extra` options) unless a finished one is there."""
-    done = sorted(folder.glob("eval-*/evaluation.parquet"))
+    done = [p.parent for p in sorted(folder.glob("eval-*/evaluation.parquet")) if covers(p.parent, methods, ns)]
     if done:
-        return done[-1].parent
+        return done[-1]
     command = [str(Path(sys.executable).parent / "dataset-prune"), "evaluate", "--dataset",
                f"npz:{write_fold(out, k)}", "--model", "cnn", "--epochs", str(ns.epochs), "--ratios", ns.ratio,
                "--methods", methods, "--seeds", ns.seeds, "--gap-samples", "0", "--out", str(folder),
                "--target", str(folder / "table"), *extra]
     print(f"{what}: {shlex.join(command)}", flush=True)
     subprocess.run(command, cwd=ROOT, check=True)
-    return sorted(folder.glob("eval-*/evaluation.parquet"))[-1].parent
+    return max((p.parent for p in folder.glob("eval-*/evaluation.parquet")), key=lambda p: p.stat().st_mtime)
 
 
 def evaluate_fold(out: Path, k: int, ns: argparse.Namespace) -> Path:
@@ -170,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{'yes' if lo > 0 or hi < 0 else 'no'} |")
     lines += ["", "Evaluation folders: " + ", ".join(f"fold {k}: `{folders[k]}`" for k in folds)]
     text = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(text)
-    (out / "pooled.json").write_text(json.dumps({"ratio": ratio, "folds": folds, "methods": methods,
+    (out / f"report-{ratio:g}.md").write_text(text)
+    (out / f"pooled-{ratio:g}.json").write_text(json.dumps({"ratio": ratio, "folds": folds, "methods": methods,
                                                  "pooled": pooled}, indent=2))
     print(text)
     return 0
