@@ -68,7 +68,7 @@ def _add_selection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hard-cut", type=_float, help="under difficulty coverage: share of the hardest samples "
                         "removed first (default: the schedule by prune ratio)")
     parser.add_argument("--swap-rounds", type=int, help="influence solver: at most this many rounds of the swap search "
-                        "after the greedy path, 0: the path is the answer (default: 0 for the easiest order, else 500)")
+                        "after the greedy path, 0: the path is the answer (default: 0 under difficulty coverage and for the easiest order, else 500)")
     parser.add_argument("--train-epochs", type=int, help="epochs the pruned set will be trained for, when not the "
                         "scoring run's: longer cuts less of the hardest share, shorter more (default: the same)")
 

@@ -89,7 +89,7 @@ def influence_selection(params: EvaluateParameters) -> str:
         return "over the whole dataset (`--coverage none`)"
     words = {"smallest": "smallest ‖s_i‖ first", "uniform": "in a seeded uniform order (each stratum's removals "
              "a near-uniform draw, one per training seed)",
-             "easiest": "lowest EL2N first (each stratum's easiest go, the path kept without swaps)"}
+             "easiest": "lowest EL2N first (each stratum's easiest go)"}
     by_order = {}
     for r, sel in chosen.items():
         by_order.setdefault(sel.candidates, []).append(f"{r:g}")
@@ -105,8 +105,8 @@ def influence_selection(params: EvaluateParameters) -> str:
             "" if budget == 1 else f", retraining {budget:g}× the scoring run's epochs")
     return (f"under per-difficulty-stratum removal quotas (`--coverage difficulty`) with the hardest share cut first "
             f"({cut_words}: {source}), the solver's candidates fed {orders} (`--candidates {params.candidates}`)"
-            + ("" if params.swap_rounds is None else f", at most {params.swap_rounds} swap rounds after the path "
-               f"(`--swap-rounds {params.swap_rounds}`)"))
+            + (", the greedy path kept as the answer (no swap search)" if params.swap_rounds is None
+               else f", at most {params.swap_rounds} swap rounds after the greedy path (`--swap-rounds {params.swap_rounds}`)"))
 
 
 @flow(name="evaluate-pruning")

@@ -157,8 +157,8 @@ class RunParameters(BaseModel):
                                       "train_epochs")
     swap_rounds: int | None = Field(
         None, ge=0, le=100000, description="At most this many rounds of the influence solver's swap search after "
-                                           "its greedy path, 0: the path is the answer; empty: 0 for the easiest "
-                                           "order, else 500")
+                                           "its greedy path, 0: the path is the answer; empty: 0 under difficulty "
+                                           "coverage and for the easiest order, else 500")
     train_epochs: int | None = Field(
         None, ge=1, le=10000, description="Epochs the pruned set will be trained for, when not the scoring run's: "
                                           "the hard-cut schedule shifts right by 0.1 in ratio per doubling (a "

@@ -11,8 +11,8 @@ Solver `greedy`: a pool greedy path then swap local search.
     it never overshoots the way adding many candidates scored against one stale S does.
   * Swaps: exchange i ∈ R with j ∉ R when ‖S − s_i + s_j‖ < ‖S‖, pairs scored exactly among
     the k most promising on each side, one swap per round until none improves (within a class
-    or difficulty stratum where counts are fixed); `--swap-rounds 0` keeps the path as it is,
-    the default for the `easiest` order.
+    or difficulty stratum where counts are fixed). `--swap-rounds 0` keeps the path as it is:
+    the default under difficulty strata and for the `easiest` order.
 """
 
 from __future__ import annotations
@@ -107,8 +107,12 @@ class SelectionArgs:
 
 
 def default_swap_rounds(args: SelectionArgs) -> int:
-    """0 (the greedy path is the answer) for the `easiest` order, else 500."""
-    return 0 if args.candidates == "easiest" else 500
+    """0 (the greedy path is the answer) under difficulty coverage and for the `easiest` order,
+    else 500. Under the strata the swaps trade removals for others of the same stratum that
+    cancel better: a lower ‖Σ_R s_i‖, not a better pruned set. Held out, on five cross-validation
+    folds, the path beat the swaps at 60 % (+0.08 [−0.04, +0.19] points, 4 of 5 folds;
+    benchmarks/results/cross-validation-0.6.md) and at 40 % (+0.12 with the easiest order)."""
+    return 0 if args.coverage == "difficulty" or args.candidates == "easiest" else 500
 
 
 def hard_cut_for(prune_ratio: float, train_budget: float = 1.0) -> float:
@@ -386,13 +390,12 @@ def candidate_stream(vectors: np.ndarray, args: SelectionArgs, difficulty: np.nd
 def solve_size(vectors: np.ndarray, m: int, args: SelectionArgs, labels=None, quotas=None,
                difficulty: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """The greedy solver for |R| = m: pool greedy path, swap search, random restarts; with no
-    swap rounds (`args.rounds()` = 0) the path is the answer.
-
-    With `easiest` candidates the path is the answer by default: each step picks, among the K
+    swap rounds (`args.rounds()` = 0, the default under difficulty coverage and for the `easiest`
+    order) the path is the answer. With `easiest` candidates each step then picks, among the K
     easiest samples not yet taken, the one that keeps ‖S‖ smallest, and no swap search or restart
-    trades those picks for harder samples that cancel better. At 40 % pruned on Fashion-MNIST the
-    swaps would lower ‖Σ_R s_i‖ from 0.083 to 0.058, and on five cross-validation folds they cost
-    0.12 points [−0.04, +0.29] of held-out accuracy (benchmarks/results/cross-validation-0.4.md)."""
+    trades those picks for harder samples that cancel better (at 40 % pruned on Fashion-MNIST
+    the swaps would lower ‖Σ_R s_i‖ from 0.083 to 0.058 and cost 0.12 points of held-out
+    accuracy: benchmarks/results/cross-validation-0.4.md)."""
     n = len(vectors)
     info: dict = {}
     stream = candidate_stream(vectors, args, difficulty)

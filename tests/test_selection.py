@@ -274,18 +274,20 @@ def test_easiest_candidates_remove_the_lowest_el2n_inside_each_stratum_and_still
     alone = select(vectors, SelectionArgs(prune_ratio=ratio, candidates="easiest", restarts=0, pool_size=1,
                                           swap_rounds=0), {"el2n": el2n})
     assert np.array_equal(np.flatnonzero(alone.pruned), np.sort(np.argsort(el2n, kind="stable")[:m]))
-    # the path is the answer: no swap search or restart trades its easiest picks for harder ones
+    # under strata the path is the answer: no swap search or restart trades its picks for others that
+    # cancel better; --swap-rounds 500 brings the search back (it finds swaps for either order)
     for c in ("easiest", "uniform"):
-        small = select(vectors[:1000], SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates=c,
-                                                     hard_cut=cut, pool_size=16), {"el2n": el2n[:1000]})
-        kept_path = small.info["swaps"] == 0 and small.info["restarts"] == 0
-        assert kept_path == (c == "easiest") and (small.objective == pytest.approx(small.info["path_objective"])) == kept_path
-        # --swap-rounds overrides either way: 0 keeps the uniform order's path, 500 swaps the easiest's
-        flipped = select(vectors[:1000], SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates=c,
-                                                       hard_cut=cut, pool_size=16, swap_rounds=0 if c == "uniform" else 500),
-                         {"el2n": el2n[:1000]})
-        assert (flipped.info["swaps"] == 0) == (c == "uniform")
-        assert (flipped.objective == pytest.approx(flipped.info["path_objective"])) == (c == "uniform")
+        for rounds in (None, 500):
+            small = select(vectors[:1000], SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates=c,
+                                                         hard_cut=cut, pool_size=16, swap_rounds=rounds),
+                           {"el2n": el2n[:1000]})
+            kept_path = small.info["swaps"] == 0 and small.info["restarts"] == 0
+            assert kept_path == (rounds is None), (c, rounds)
+            assert (small.objective == pytest.approx(small.info["path_objective"])) == kept_path, (c, rounds)
+    # without strata the paper's path is swapped by default; the easiest order keeps its path there too
+    assert SelectionArgs(prune_ratio=ratio).rounds() == 500
+    assert SelectionArgs(prune_ratio=ratio, candidates="uniform").rounds() == 500
+    assert SelectionArgs(prune_ratio=ratio, candidates="easiest").rounds() == 0
 
 
 def test_swap_search_under_strata_draws_partners_from_strata_that_can_swap():
