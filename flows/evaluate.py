@@ -105,8 +105,10 @@ def influence_selection(params: EvaluateParameters) -> str:
             "" if budget == 1 else f", retraining {budget:g}× the scoring run's epochs")
     return (f"under per-difficulty-stratum removal quotas (`--coverage difficulty`) with the hardest share cut first "
             f"({cut_words}: {source}), the solver's candidates fed {orders} (`--candidates {params.candidates}`)"
-            + (", the greedy path kept as the answer (no swap search)" if params.swap_rounds is None
-               else f", at most {params.swap_rounds} swap rounds after the greedy path (`--swap-rounds {params.swap_rounds}`)"))
+            + (", the greedy path kept as the answer (no swap search" + ("" if params.swap_rounds is None else
+                                                                         ": `--swap-rounds 0`") + ")"
+               if not params.swap_rounds else
+               f", at most {params.swap_rounds} swap rounds after the greedy path (`--swap-rounds {params.swap_rounds}`)"))
 
 
 @flow(name="evaluate-pruning")

@@ -387,6 +387,11 @@ def test_retraining_longer_than_the_scoring_run_shifts_the_hard_cut(tmp_path):
     shorter = EvaluateParameters(from_run=str(run), epochs=2, ratios=[0.6, 0.8])  # half the epochs: more is cut
     assert [shorter.selection_args_for("influence", r, 0).coverage_cut() for r in (0.6, 0.8)] == [0.15, 0.25]
     assert "25 % at ratio 0.8: the schedule (r − 0.5 − 0.2·log2 0.5) / 2, retraining 0.5×" in influence_selection(shorter)
+    # the report says whether the solver's path is the answer, and names --swap-rounds when given
+    assert influence_selection(shorter).endswith("the greedy path kept as the answer (no swap search)")
+    assert influence_selection(EvaluateParameters(swap_rounds=0)).endswith("(no swap search: `--swap-rounds 0`)")
+    assert influence_selection(EvaluateParameters(swap_rounds=500)).endswith(
+        "at most 500 swap rounds after the greedy path (`--swap-rounds 500`)")
     with pytest.raises(BadInputError, match="retrains with its own epochs"):
         EvaluateParameters(from_run=str(run), train_epochs=8).validate_all()
     with pytest.raises(BadInputError, match="--checkpoint with --from-run: the run .* brings its own scores and model"):
