@@ -103,12 +103,15 @@ def influence_selection(params: EvaluateParameters) -> str:
     else:
         source = f"the schedule {hard_cut_formula(budget)}" + (
             "" if budget == 1 else f", retraining {budget:g}× the scoring run's epochs")
+    if params.swap_rounds:
+        swaps = f"at most {params.swap_rounds} swap rounds after the greedy path (`--swap-rounds {params.swap_rounds}`)"
+    elif params.swap_rounds is None:
+        swaps = "the greedy path kept as the answer (no swap search)"
+    else:
+        swaps = "the greedy path kept as the answer (no swap search: `--swap-rounds 0`)"
     return (f"under per-difficulty-stratum removal quotas (`--coverage difficulty`) with the hardest share cut first "
-            f"({cut_words}: {source}), the solver's candidates fed {orders} (`--candidates {params.candidates}`)"
-            + (", the greedy path kept as the answer (no swap search" + ("" if params.swap_rounds is None else
-                                                                         ": `--swap-rounds 0`") + ")"
-               if not params.swap_rounds else
-               f", at most {params.swap_rounds} swap rounds after the greedy path (`--swap-rounds {params.swap_rounds}`)"))
+            f"({cut_words}: {source}), the solver's candidates fed {orders} (`--candidates {params.candidates}`), "
+            + swaps)
 
 
 @flow(name="evaluate-pruning")
