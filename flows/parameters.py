@@ -16,7 +16,7 @@ from pruning_core import artifacts
 from pruning_core.data import parse_dataset_spec
 from pruning_core.errors import BadInputError
 from pruning_core.influence import InfluenceArgs
-from pruning_core.selection import SelectionArgs
+from pruning_core.selection import MAX_SWAP_ROUNDS, SelectionArgs
 from pruning_core.targets import open_target
 from pruning_core.training import TrainArgs
 
@@ -156,7 +156,7 @@ class RunParameters(BaseModel):
                                       "half of every further removal (β = (ratio − 0.5) / 2), shifted by "
                                       "train_epochs")
     swap_rounds: int | None = Field(
-        None, ge=0, le=100000, description="At most this many rounds of the influence solver's swap search after "
+        None, ge=0, le=MAX_SWAP_ROUNDS, description="At most this many rounds of the influence solver's swap search after "
                                            "its greedy path, 0: the path is the answer; empty: 0 under difficulty "
                                            "coverage and for the easiest order, else 500")
     train_epochs: int | None = Field(

@@ -33,6 +33,7 @@ METHODS = ("influence", *ORDER_METHODS)
 SOLVERS = ("greedy", "scip", "bucketed")
 COVERAGE = ("none", "difficulty")
 CANDIDATES = ("smallest", "uniform", "easiest")
+MAX_SWAP_ROUNDS = 100_000  # also the bound of the run/evaluate form (flows/parameters.py)
 
 
 @dataclass
@@ -91,6 +92,9 @@ class SelectionArgs:
             raise BadInputError("pool size and swap candidates must be ≥ 1")
         if self.swap_rounds is not None and self.swap_rounds < 0:
             raise BadInputError(f"--swap-rounds {self.swap_rounds} must be ≥ 0 (0: the greedy path is the answer)")
+        if self.swap_rounds is not None and self.swap_rounds > MAX_SWAP_ROUNDS:
+            raise BadInputError(f"--swap-rounds {self.swap_rounds} must be ≤ {MAX_SWAP_ROUNDS} (each round scores "
+                                "every sample; the search stops earlier when a round finds no improving swap)")
         if self.swap_rounds is not None and self.method != "influence":
             raise BadInputError("--swap-rounds applies to --method influence")
 

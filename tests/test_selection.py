@@ -112,6 +112,7 @@ def test_random_method_is_seeded():
     ({"prune_ratio": 0.3, "hard_cut": 0.1}, "applies to --coverage difficulty and --method ccs"),
     ({"prune_ratio": 0.3, "method": "el2n", "hard_cut": 0.1}, "applies to --coverage difficulty and --method ccs"),
     ({"prune_ratio": 0.3, "swap_rounds": -1}, "--swap-rounds -1 must be ≥ 0"),
+    ({"prune_ratio": 0.3, "swap_rounds": 100_001}, "--swap-rounds 100001 must be ≤ 100000"),
     ({"prune_ratio": 0.3, "method": "el2n", "swap_rounds": 0}, "--swap-rounds applies to --method influence"),
 ])
 def test_bad_selection_arguments(kwargs, message):
