@@ -90,13 +90,14 @@ class SelectionArgs:
             raise BadInputError("--class-balanced applies to --prune-ratio, not --epsilon")
         if self.pool_size < 1 or self.swap_candidates < 1:
             raise BadInputError("pool size and swap candidates must be ≥ 1")
-        if self.swap_rounds is not None and self.swap_rounds < 0:
-            raise BadInputError(f"--swap-rounds {self.swap_rounds} must be ≥ 0 (0: the greedy path is the answer)")
-        if self.swap_rounds is not None and self.swap_rounds > MAX_SWAP_ROUNDS:
-            raise BadInputError(f"--swap-rounds {self.swap_rounds} must be ≤ {MAX_SWAP_ROUNDS} (each round scores "
-                                "every sample; the search stops earlier when a round finds no improving swap)")
-        if self.swap_rounds is not None and self.method != "influence":
-            raise BadInputError("--swap-rounds applies to --method influence")
+        if self.swap_rounds is not None:
+            if self.swap_rounds < 0:
+                raise BadInputError(f"--swap-rounds {self.swap_rounds} must be ≥ 0 (0: the greedy path is the answer)")
+            if self.swap_rounds > MAX_SWAP_ROUNDS:
+                raise BadInputError(f"--swap-rounds {self.swap_rounds} must be ≤ {MAX_SWAP_ROUNDS} (each round "
+                                    "scores every sample; the search stops earlier when a round finds no improving swap)")
+            if self.method != "influence":
+                raise BadInputError("--swap-rounds applies to --method influence")
 
     def n_prune(self, n: int) -> int:
         return int(round(self.prune_ratio * n))
