@@ -44,18 +44,12 @@ from pruning_core.evaluation import paired_differences, paired_interval
 CLI = str(Path(sys.executable).parent / "dataset-prune")
 
 
-def latest_run(runs: Path) -> Path:
-    return max(runs.glob("2*/"), key=lambda p: p.stat().st_mtime)
-
-
 def scored(out: Path, name: str, dataset: str, ratio: float) -> Path:
     """The run folder of `dataset-prune run` on `dataset` (made once, under out/name)."""
     runs = out / name
-    if not (runs.exists() and any(runs.glob("2*/scores.parquet"))):
-        subprocess.run([CLI, "run", "--dataset", dataset, "--model", "cnn", "--prune-ratio", f"{ratio:g}",
-                        "--out", str(runs), "--target", str(out / f"table-{name}"), "--no-progress"],
-                       cwd=vs.ROOT, check=True)
-    return latest_run(runs)
+    if runs.exists() and any(runs.glob("2*/scores.parquet")):
+        return vs.latest_run(runs)
+    return vs.score(out, dataset, ratio, name, f"table-{name}")
 
 
 def kept_dataset(out: Path, split: Path, selection: Path) -> Path:

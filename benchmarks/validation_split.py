@@ -86,12 +86,18 @@ def write_split(out: Path, n_train: int) -> Path:
     return write_holdout(out / "fashion-mnist-validation-split.npz", n_train)
 
 
-def score(out: Path, dataset: str) -> Path:
-    runs = out / "runs"
-    subprocess.run([str(Path(sys.executable).parent / "dataset-prune"), "run", "--dataset", dataset, "--model", "cnn",
-                    "--prune-ratio", "0.4", "--out", str(runs), "--target", str(out / "table"), "--no-progress"],
-                   cwd=ROOT, check=True)
+def latest_run(runs: Path) -> Path:
+    """The newest run folder under `runs`."""
     return max(runs.glob("2*/"), key=lambda p: p.stat().st_mtime)
+
+
+def score(out: Path, dataset: str, ratio: float = 0.4, name: str = "runs", table: str = "table") -> Path:
+    """Score `dataset` with the product (`dataset-prune run`, pruning `ratio`) into out/name; its run folder."""
+    runs = out / name
+    subprocess.run([str(Path(sys.executable).parent / "dataset-prune"), "run", "--dataset", dataset, "--model", "cnn",
+                    "--prune-ratio", f"{ratio:g}", "--out", str(runs), "--target", str(out / table), "--no-progress"],
+                   cwd=ROOT, check=True)
+    return latest_run(runs)
 
 
 def _retrain(job):
