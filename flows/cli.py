@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--damping", type=_damping, default=0.0)
     run.add_argument("--projection-dim", type=int)
     _add_selection_options(run)
+    run.add_argument("--rounds", type=int, default=1)
     run.add_argument("--class-balanced", action="store_true", default=None)
     run.add_argument("--shards", type=int, default=4)
     run.add_argument("--workers", type=int, default=2)
@@ -157,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--candidates", choices=("auto", "smallest", "uniform", "easiest"), default="auto")
     evaluate.add_argument("--hard-cut", type=_float)
     evaluate.add_argument("--swap-rounds", type=int)
+    evaluate.add_argument("--rounds", type=int, help="the influence method prunes in this many rounds, a fresh model "
+                          "trained on what each round keeps scoring the next (the baselines in one, as published; "
+                          "default: 1)")
     evaluate.add_argument("--gpu", action="store_true")
     from flows.parameters import EvaluateParameters, RunParameters
 
@@ -244,6 +248,9 @@ def cmd_run(ns: argparse.Namespace) -> int:
     sel = manifest["selection"]
     print(f"pruned:        {sel['n_pruned']} of {manifest['dataset']['n']} ({sel['method']}), "
           f"objective ‖Σ s_i‖ = {sel['objective']:.6g}")
+    for r in sel.get("rounds", []):
+        print(f"  round {r['round']}:    {r['n_pruned']} pruned (ratio {r['prune_ratio']:.4g} of those left) by a model "
+              f"at test accuracy {r['model_test_accuracy']:.4f}; {r['folder']}")
     print(f"wall time:     {time.perf_counter() - started:.1f} s")
     return 0
 

@@ -6,6 +6,7 @@ full-data references and the generalization-gap check; `evaluation.parquet`, PNG
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -19,30 +20,75 @@ from prefect.futures import as_completed
 
 from pruning_core import artifacts, evaluation
 from pruning_core.data import load_dataset
-from pruning_core.selection import hard_cut_formula
+from pruning_core.selection import hard_cut_formula, round_ratios
 from tasks.evaluate import generalization_gap, retrain
-from tasks.select import select_samples
+from tasks.progress import RunProgress
+from tasks.select import compose_selections, select_samples
 
 from .parameters import EvaluateParameters
-from .prune import dask_runner, new_run_id, prune_dataset
+from .prune import dask_runner, later_rounds, new_run_id, prune_dataset
+
+
+class Done:
+    """A selection made before the retraining sub-flow (the influence method's rounds), standing in
+    for the future of one made inside it."""
+
+    def __init__(self, summary: dict):
+        self.summary = summary
+
+    def result(self) -> dict:
+        return self.summary
+
+
+def uniform_draws(params: EvaluateParameters, method: str, ratio: float) -> bool:
+    """Whether a selection draws at random per seed: the influence method's seeded candidate order
+    does (in one round; in rounds, each round selects once, with the run's seed)."""
+    if method == "influence" and params.rounds > 1:
+        return False
+    return params.selection_args_for(method, ratio, 0).candidates == "uniform"
+
+
+def influence_in_rounds(params: EvaluateParameters, scores: str, folder: Path, out: Path) -> dict[str, dict]:
+    """`--rounds K`: the influence method's selection per ratio R in K rounds (`flows.prune.later_rounds`):
+    round 1 selects R/K over the scoring run's scores, each later round trains a fresh model on the
+    samples still kept, scores and selects its share there; the rounds composed over every sample."""
+    logger = get_run_logger()
+    args = params.eval_args()
+    made = {}
+    for job in evaluation.selection_jobs(replace(args, methods=("influence",)), draws=lambda m, r: False):
+        ratio, here = job["ratio"], folder / "rounds" / job["name"]
+        here.mkdir(parents=True)
+        first = artifacts.selection_path(here / "round-1")
+        first.parent.mkdir()
+        select_samples(scores, params.selection_args_for("influence", round_ratios(ratio, params.rounds)[0], 0),
+                       str(first))
+        run = params.run_parameters().model_copy(update={"prune_ratio": ratio, "checkpoint": None})
+        rounds = later_rounds(run, first, here, out, RunProgress(None),
+                              lambda stage, started: logger.info("%s: %s finished in %.1f s", job["name"], stage,
+                                                                 time.perf_counter() - started))
+        path = folder / "selections" / f"{job['name']}.parquet"
+        made[job["name"]] = compose_selections(scores, [r["selection_path"] for r in rounds], str(path), ratio)
+        logger.info("%s in %d rounds: pruned %s", job["name"], params.rounds, made[job["name"]]["pruned_per_round"])
+    return made
 
 
 @flow(name="evaluation-runs")
-def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, folder: str, cache: str) -> dict:
+def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, folder: str, cache: str,
+                    made: dict[str, dict] | None = None) -> dict:
     """Selections, retrainings and gap checks, fanned out on the Dask task runner. Each finished
-    retraining is recorded in `cache` as it completes, so a rerun does not train it again."""
+    retraining is recorded in `cache` as it completes, so a rerun does not train it again. `made`:
+    selections already written to folder/selections (name → summary), not selected again."""
     logger = get_run_logger()
     args = params.eval_args()
     base = params.train_args()
-
-    def uniform(method: str, ratio: float) -> bool:  # the influence method's seeded candidate order draws at random
-        return params.selection_args_for(method, ratio, 0).candidates == "uniform"
+    made = made or {}
 
     selections = {}
-    for job in evaluation.selection_jobs(args, draws=uniform):
+    for job in evaluation.selection_jobs(args, draws=functools.partial(uniform_draws, params)):
         sel_args = params.selection_args_for(job["method"], job["ratio"], job["seed"] or 0)
         path = str(Path(folder) / "selections" / f"{job['name']}.parquet")
-        selections[job["name"]] = (job, select_samples.submit(scores, sel_args, path), path)
+        selections[job["name"]] = (job, Done(made[job["name"]]) if job["name"] in made
+                                   else select_samples.submit(scores, sel_args, path), path)
     runs = []
     for seed in args.seeds:  # the longest runs first
         runs.append((None, {"method": evaluation.FULL, "prune_ratio": 0.0, "selection": "full", "selection_seed": None,
@@ -55,7 +101,7 @@ def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, fo
                                           "selection_seed": job["seed"]}, seed))
     futures = []
     for sel, labels, seed in runs:
-        wait = [sel[0]] if sel else []
+        wait = [sel[0]] if sel and not isinstance(sel[0], Done) else []
         futures.append((labels, sel, retrain.submit(params.dataset, params.data_root, sel[1] if sel else None,
                                                     replace(base, seed=seed), args.evaluations_per_epoch, labels,
                                                     cache, wait_for=wait)))
@@ -84,6 +130,12 @@ def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, fo
 
 def influence_selection(params: EvaluateParameters) -> str:
     """How the influence method chose its sets, in words, for the report."""
+    if params.rounds > 1:
+        shares = "; ".join(f"{', '.join(f'{100 * q:.3g} %' for q in round_ratios(r, params.rounds))} at ratio {r:g}"
+                           for r in params.ratios)
+        return (f"in {params.rounds} rounds (`--rounds {params.rounds}`), each removing an equal share of the samples "
+                f"(of those still kept: {shares}) with the run's defaults for its own ratio; every round after the "
+                "first is scored by a fresh model trained with the recipe on the samples still kept")
     chosen = {r: params.selection_args_for("influence", r, 0) for r in params.ratios}
     if all(sel.coverage == "none" for sel in chosen.values()):
         return "over the whole dataset (`--coverage none`)"
@@ -137,8 +189,10 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
     try:
         cache = out / ".cache" / "retrain"
         cache.mkdir(parents=True, exist_ok=True)
+        made = (influence_in_rounds(params, scores, staging, out) if params.rounds > 1 and "influence" in params.methods
+                else None)
         results = evaluation_runs.with_options(task_runner=dask_runner(params))(params, scores, checkpoint, str(staging),
-                                                                                str(cache))
+                                                                                str(cache), made)
         records = evaluation.add_convergence(results["records"], args.target_drop)
         summary = evaluation.summarise(records)
         goal = evaluation.targets(summary, records, drop=args.target_drop)

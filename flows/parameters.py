@@ -16,7 +16,7 @@ from pruning_core import artifacts
 from pruning_core.data import parse_dataset_spec
 from pruning_core.errors import BadInputError
 from pruning_core.influence import InfluenceArgs
-from pruning_core.selection import MAX_SWAP_ROUNDS, SelectionArgs
+from pruning_core.selection import MAX_ROUNDS, MAX_SWAP_ROUNDS, SelectionArgs
 from pruning_core.targets import open_target
 from pruning_core.training import TrainArgs
 
@@ -98,7 +98,7 @@ FIELD_TITLES = {
     "epsilon": "ε: bound on ‖Σ s_i‖₂", "method": "Selection method", "solver": "Solver",
     "class_balanced": "Class-balanced", "coverage": "Difficulty coverage",
     "candidates": "Candidate order of the solver", "hard_cut": "Hardest share cut first",
-    "swap_rounds": "Swap-search rounds",
+    "swap_rounds": "Swap-search rounds", "rounds": "Pruning rounds (a fresh model scores what each round keeps)",
     "train_epochs": "Epochs the pruned set will be trained for", "shards": "Influence shards",
     "workers": "Local Dask workers", "dask_address": "Dask scheduler address", "out": "Run folder root",
     "target": "Version target", "block_size": "Block size (rows)",
@@ -159,6 +159,10 @@ class RunParameters(BaseModel):
         None, ge=0, le=MAX_SWAP_ROUNDS, description="At most this many rounds of the influence solver's swap search after "
                                            "its greedy path, 0: the path is the answer; empty: 0 under difficulty "
                                            "coverage and for the easiest order, else 500")
+    rounds: int = Field(
+        1, ge=1, le=MAX_ROUNDS, description="Prune in this many rounds, each removing an equal share of the samples "
+                                            "(of prune_ratio in all): every round after the first trains a fresh model "
+                                            "on the samples still kept, scores them and selects again")
     train_epochs: int | None = Field(
         None, ge=1, le=10000, description="Epochs the pruned set will be trained for, when not the scoring run's: "
                                           "the hard-cut schedule shifts right by 0.1 in ratio per doubling (a "
@@ -227,6 +231,9 @@ class RunParameters(BaseModel):
         parse_dataset_spec(self.dataset)
         self.train_args(), self.influence_args()
         check_train_epochs(self.train_epochs, self.selection_args())
+        if self.rounds > 1 and self.prune_ratio is None:
+            raise BadInputError(f"--rounds {self.rounds} splits --prune-ratio over the rounds; with --epsilon give one "
+                                "round")
         if self.checkpoint is not None and not Path(self.checkpoint).is_file():
             raise BadInputError(f"--checkpoint {self.checkpoint}: file not found")
         artifacts.check_can_create(Path(self.out).expanduser().resolve(), "--out")

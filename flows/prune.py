@@ -24,10 +24,11 @@ from pruning_core import artifacts
 from pruning_core.data import dataset_summary, load_dataset
 from pruning_core.errors import BadInputError
 from pruning_core.influence import format_estimate, shard_ranges
+from pruning_core.selection import round_ratios
 from tasks.influence import features_shard, influence_shard, inverse_hessian, merge_scores
 from tasks.progress import RunProgress
 from tasks.publish import class_balance, commit_dataset_version, emit_version_event, publish_artifacts
-from tasks.select import select_samples
+from tasks.select import compose_selections, select_samples
 from tasks.train import load_checkpoint, train_model
 
 from .parameters import RunParameters
@@ -132,6 +133,89 @@ def mark_crashed(flow_run_id: str | None, run_id: str, logger) -> None:
                    state.name if state else "without a state")
 
 
+def prune_round(params: RunParameters, folder: Path, out: Path, progress: RunProgress, timed, label: str = "") -> dict:
+    """One round of a run on `params.dataset`: train (or load --checkpoint), score every sample's
+    influence on Dask, select; model.pt, scores.parquet and selection.parquet go to `folder`.
+    `timed(stage, started)` records each stage's seconds under `label` + its name."""
+    logger = get_run_logger()
+    t = time.perf_counter()
+    ds = load_dataset(params.dataset, params.data_root)
+    ckpt = str(artifacts.checkpoint_path(folder))
+    if params.checkpoint:
+        model = load_checkpoint(params.dataset, params.data_root, params.model, params.checkpoint, ckpt)
+    else:
+        model = train_model(params.dataset, params.data_root, params.train_args(), ckpt)
+    model["name"] = params.model
+    timed(label + "train", t)
+    progress.update("train", 1, 1, f"test accuracy {model['test_accuracy']:.4f}")
+
+    t = time.perf_counter()
+    influence_args = params.influence_args()
+    key_args = {"dataset": ds.fingerprint, "model": params.model, "checkpoint_sha256": model["checkpoint_sha256"],
+                "weight_decay": params.weight_decay, "influence": asdict(influence_args)}
+    cache = artifacts.claim_folder(out / ".cache" / f"influence-{artifacts.arguments_key(key_args)}", key_args)
+    scores_meta = {"influence": asdict(influence_args), "weight_decay": params.weight_decay,
+                   "dataset_fingerprint": ds.fingerprint, "checkpoint_sha256": model["checkpoint_sha256"]}
+    scores = influence_scores.with_options(task_runner=dask_runner(params))(
+        params, model, str(cache), str(artifacts.scores_path(folder)), scores_meta, progress.artifact_id)
+    timed(label + "influence", t)
+
+    t = time.perf_counter()
+    selection = select_samples(scores["path"], params.selection_args(), str(artifacts.selection_path(folder)),
+                               params.dask_address, params.workers, progress=progress.artifact_id)
+    timed(label + "selection", t)
+    logger.info("%spruned %d of %d samples, objective ‖Σ s_i‖ = %.6g", label, selection["n_pruned"], ds.n,
+                selection["objective"])
+    return {"model": model, "scores": scores, "selection": selection, "cache": cache}
+
+
+def later_rounds(params: RunParameters, first_selection: Path, folder: Path, out: Path, progress: RunProgress,
+                 timed, first_round: dict | None = None) -> list[dict]:
+    """Rounds 2…K of `--rounds K` (`params.prune_ratio` is the total share pruned; round 1 pruned
+    its share `round_ratios(...)[0]` of `params.dataset` into `first_selection`). Round j keeps the
+    rows the round before kept as a Delta table (folder/round-j/source, the sample_ids unchanged),
+    trains a fresh model on them with the run's recipe, scores and selects its share there.
+    Returns every round's {dataset, prune_ratio, folder, model, selection} (round 1's from
+    `first_round` when given)."""
+    ratios = round_ratios(params.prune_ratio, params.rounds)
+    done = [{"round": 1, "dataset": params.dataset, "prune_ratio": ratios[0], "selection_path": str(first_selection),
+             **({"model": first_round["model"], "selection": first_round["selection"]} if first_round else {})}]
+    for j in range(2, params.rounds + 1):
+        here = folder / f"round-{j}"
+        here.mkdir(parents=True)
+        before = done[-1]
+        commit_dataset_version(str(here / "source"), before["dataset"], params.data_root, before["selection_path"],
+                               {"round": j - 1, "rounds": params.rounds, "prune_ratio": before["prune_ratio"],
+                                "run_dir": str(folder)})
+        round_params = params.model_copy(update={"dataset": f"delta:{here / 'source'}@0", "prune_ratio": ratios[j - 1],
+                                                 "checkpoint": None, "rounds": 1})
+        run = prune_round(round_params, here, out, progress.in_round(j, params.rounds), timed, label=f"round {j} ")
+        done.append({"round": j, "dataset": round_params.dataset, "prune_ratio": ratios[j - 1], "folder": str(here),
+                     "selection_path": str(artifacts.selection_path(here)), "model": run["model"],
+                     "selection": run["selection"]})
+    return done
+
+
+def compose_rounds(params: RunParameters, folder: Path, rounds: list[dict], final: Path | None = None) -> dict:
+    """The run's selection.parquet (every sample, with the round that pruned it) from its rounds, round
+    1's own moved to rounds/round-1/; the run's `selection` summary with each round's, its paths
+    named as they will be once `folder` is renamed to `final`."""
+    first = artifacts.selection_path(folder)
+    round_one = artifacts.selection_path(folder / "rounds" / "round-1")
+    round_one.parent.mkdir(parents=True)
+    os.replace(first, round_one)
+    rounds[0]["selection_path"] = str(round_one)
+    final = final or folder
+    summary = compose_selections(str(artifacts.scores_path(folder)), [r["selection_path"] for r in rounds],
+                                 str(first), params.prune_ratio)
+    return {"method": rounds[0]["selection"]["method"], "solver": rounds[0]["selection"]["solver"], **summary, "rounds": [
+        {"round": r["round"], "dataset": r["dataset"].replace(str(folder), str(final), 1), "prune_ratio": r["prune_ratio"],
+         "n_pruned": r["selection"]["n_pruned"], "objective": r["selection"]["objective"],
+         "model_test_accuracy": r["model"]["test_accuracy"],
+         "folder": str(final / Path(r.get("folder", folder)).relative_to(folder))}
+        for r in rounds]}
+
+
 @flow(name="prune-dataset")
 def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
     """Train, score every sample's influence, select, and publish the kept samples as a new
@@ -159,35 +243,19 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
         logger.info("stage %s finished in %.1f s", stage, timings[stage])
 
     try:
-        t = time.perf_counter()
         ds = load_dataset(params.dataset, params.data_root)
         target = params.target_uri()
-        ckpt = str(artifacts.checkpoint_path(staging))
-        if params.checkpoint:
-            model = load_checkpoint(params.dataset, params.data_root, params.model, params.checkpoint, ckpt)
-        else:
-            model = train_model(params.dataset, params.data_root, params.train_args(), ckpt)
-        model["name"] = params.model
-        timed("train", t)
-        progress.update("train", 1, 1, f"test accuracy {model['test_accuracy']:.4f}")
-
-        t = time.perf_counter()
+        first_share = round_ratios(params.prune_ratio, params.rounds)[0] if params.rounds > 1 else params.prune_ratio
+        first = prune_round(params.model_copy(update={"prune_ratio": first_share}), staging, out,
+                            progress.in_round(1, params.rounds), timed)
+        model, scores, selection, cache = first["model"], first["scores"], first["selection"], first["cache"]
+        if params.rounds > 1:
+            rounds = later_rounds(params, artifacts.selection_path(staging), staging / "rounds", out, progress, timed,
+                                  first_round=first)
+            selection = compose_rounds(params, staging, rounds, final)
+            logger.info("%d rounds pruned %d of %d samples, objective ‖Σ s_i‖ = %.6g with round 1's vectors",
+                        params.rounds, selection["n_pruned"], ds.n, selection["objective"])
         influence_args = params.influence_args()
-        key_args = {"dataset": ds.fingerprint, "model": params.model, "checkpoint_sha256": model["checkpoint_sha256"],
-                    "weight_decay": params.weight_decay, "influence": asdict(influence_args)}
-        cache = artifacts.claim_folder(out / ".cache" / f"influence-{artifacts.arguments_key(key_args)}", key_args)
-        scores_meta = {"influence": asdict(influence_args), "weight_decay": params.weight_decay,
-                       "dataset_fingerprint": ds.fingerprint, "checkpoint_sha256": model["checkpoint_sha256"]}
-        scores = influence_scores.with_options(task_runner=dask_runner(params))(
-            params, model, str(cache), str(artifacts.scores_path(staging)), scores_meta, progress.artifact_id)
-        timed("influence", t)
-
-        t = time.perf_counter()
-        selection = select_samples(scores["path"], params.selection_args(), str(artifacts.selection_path(staging)),
-                                   params.dask_address, params.workers, progress=progress.artifact_id)
-        timed("selection", t)
-        logger.info("pruned %d of %d samples, objective ‖Σ s_i‖ = %.6g", selection["n_pruned"], ds.n,
-                    selection["objective"])
 
         t = time.perf_counter()
         provenance = {"run_id": run_id, "run_dir": str(final), "source": {"name": ds.name, "fingerprint": ds.fingerprint,

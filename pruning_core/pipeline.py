@@ -192,6 +192,36 @@ def merge_scores_stage(shard_paths: list[str], out: Path, metadata: dict, forget
     return {"path": str(out), "n": table.num_rows, "p": table.schema.field("influence").type.list_size}
 
 
+def compose_rounds_stage(scores: Path, selections: list[str], out: Path, prune_ratio: float) -> dict:
+    """One selection over the first round's samples from the selections of successive rounds
+    (round j's lists only the samples rounds before it kept): `pruned` where any round pruned the
+    sample, and `round`, the round that pruned it (0: kept). The objective and bound are taken
+    with the first round's stored vectors: the predicted change of the model trained on all the
+    data when the whole pruned set is removed."""
+    import pyarrow as pa
+
+    table, vectors, _ = artifacts.load_scores(scores)
+    sample_id = table.column("sample_id").to_numpy()
+    pruned_in = np.zeros(len(sample_id), dtype=np.int8)
+    left = np.ones(len(sample_id), dtype=bool)
+    for j, path in enumerate(selections, 1):
+        ids, pruned = artifacts.load_selection(path)
+        if not np.array_equal(ids, sample_id[left]):
+            raise RuntimeError(f"round {j}'s selection {path} does not list the samples earlier rounds kept, in order")
+        rows = np.flatnonzero(left)[pruned]
+        pruned_in[rows] = j
+        left[rows] = False
+    pruned = pruned_in > 0
+    value = float(np.linalg.norm(vectors[pruned].sum(axis=0, dtype=np.float64)))
+    n, m = len(sample_id), int(pruned.sum())
+    summary = {"prune_ratio": prune_ratio, "epsilon": None, "n": n, "n_pruned": m, "n_kept": n - m,
+               "objective": value, "bound": generalization_bound(value, m, n),
+               "pruned_per_round": [int((pruned_in == j).sum()) for j in range(1, len(selections) + 1)]}
+    table = artifacts.selection_table(sample_id, pruned, summary)  # its metadata stays with the added column
+    artifacts.save_parquet(table.append_column("round", pa.array(pruned_in, pa.int8())), out)
+    return summary
+
+
 def selection_stage(scores: Path, args: SelectionArgs, out: Path, map_fn=None, progress=None) -> dict:
     """Select over stored vectors; write selection.parquet; return the manifest's `selection`.
     `progress(done, total, note)`, if given, is called as each of the 3 phases (read, solve,

@@ -34,6 +34,15 @@ SOLVERS = ("greedy", "scip", "bucketed")
 COVERAGE = ("none", "difficulty")
 CANDIDATES = ("smallest", "uniform", "easiest")
 MAX_SWAP_ROUNDS = 100_000  # also the bound of the run/evaluate form (flows/parameters.py)
+MAX_ROUNDS = 10  # pruning rounds of one run (each trains and scores a model): the form's bound too
+
+
+def round_ratios(total: float, rounds: int) -> list[float]:
+    """The prune ratio of each of `rounds` rounds that together remove `total` of the samples:
+    every round removes total/rounds of the original set, so round j (from 0) prunes
+    (total/rounds) / (1 − j·total/rounds) of the samples still kept. One round: [total]."""
+    step = total / rounds
+    return [step / (1 - j * step) for j in range(rounds)]
 
 
 @dataclass

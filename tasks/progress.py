@@ -48,7 +48,15 @@ class RunProgress:
     as a string, and `RunProgress.attach(id)` updates the same artifact there."""
 
     def __init__(self, artifact_id: str | None):
+        # "ID" or "ID@J/K": round J of a run in K rounds, each round one K-th of the bar
         self.artifact_id = artifact_id
+        uuid, _, part = (artifact_id or "").partition("@")
+        self._uuid = uuid or None
+        self._round, self._rounds = (int(v) for v in part.split("/")) if part else (1, 1)
+
+    def in_round(self, j: int, rounds: int) -> RunProgress:
+        """The same artifact, advanced within round `j` of `rounds`."""
+        return RunProgress(f"{self._uuid or ''}@{j}/{rounds}")
 
     @classmethod
     def create(cls, run_id: str) -> RunProgress:
@@ -61,11 +69,12 @@ class RunProgress:
         return cls(artifact_id)
 
     def update(self, stage: str, done: int, total: int, note: str = "") -> float:
-        value = percent(stage, done, total)
-        text = f"{stage} {done}/{total}" + (f": {note}" if note else "")
-        if self.artifact_id:
+        value = round((100 * (self._round - 1) + percent(stage, done, total)) / self._rounds, 2)
+        text = (f"round {self._round}/{self._rounds} · " if self._rounds > 1 else "") + f"{stage} {done}/{total}" + (
+            f": {note}" if note else "")
+        if self._uuid:
             try:
-                update_progress_artifact(UUID(self.artifact_id), progress=value, description=text)
+                update_progress_artifact(UUID(self._uuid), progress=value, description=text)
             except httpx.HTTPError as exc:  # progress is advisory: a lost update must not fail the run
                 logger.warning("progress artifact not updated (%s)", exc)
         _notify(value, text)

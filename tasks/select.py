@@ -36,3 +36,9 @@ def select_samples(scores: str, args: SelectionArgs, out: str, dask_address: str
         return pipeline.selection_stage(Path(scores), args, Path(out), progress=phase)
     with dask_map(dask_address, workers) as map_fn:
         return pipeline.selection_stage(Path(scores), args, Path(out), map_fn, progress=phase)
+
+
+@task(name="compose-selections", cache_policy=NO_CACHE)
+def compose_selections(scores: str, selections: list[str], out: str, prune_ratio: float) -> dict:
+    """The selection of a run in rounds, over round 1's samples (`pipeline.compose_rounds_stage`)."""
+    return pipeline.compose_rounds_stage(Path(scores), selections, Path(out), prune_ratio)

@@ -2,6 +2,7 @@
 `evaluate-pruning` flow end to end under a real Prefect API with a real Dask LocalCluster."""
 
 import json
+from pathlib import Path
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -396,3 +397,29 @@ def test_retraining_longer_than_the_scoring_run_shifts_the_hard_cut(tmp_path):
         EvaluateParameters(from_run=str(run), train_epochs=8).validate_all()
     with pytest.raises(BadInputError, match="--checkpoint with --from-run: the run .* brings its own scores and model"):
         EvaluateParameters(from_run=str(run), checkpoint=str(run / "manifest.json")).validate_all()
+
+
+def test_evaluate_in_rounds_rescores_the_influence_method_only(prefect_api, pooled_npz, tmp_path, capsys):
+    """--rounds 2: the influence method's set at 0.5 is pruned 25 % by the scoring run's model, then
+    a third of the rest by a fresh model trained on what round 1 kept; random stays one draw per
+    seed; the selection names each sample's round and the report says how the set was chosen."""
+    out = tmp_path / "runs"
+    assert main(["evaluate", "--dataset", f"npz:{pooled_npz}", "--model", "linear", "--methods", "influence,random",
+                 "--ratios", "0.5", "--seeds", "0", "--gap-samples", "0", "--evaluations-per-epoch", "1",
+                 "--shards", "2", "--rounds", "2", "--out", str(out), "--target", str(tmp_path / "t")]) == 0
+    folder = next(p for p in out.iterdir() if p.name.startswith("eval-"))
+    selection = pq.read_table(folder / "selections" / "influence-r0.5.parquet")
+    in_round = selection.column("round").to_numpy()
+    assert [(in_round == j).sum() for j in (0, 1, 2)] == [1000, 500, 500]
+    round_two = folder / "rounds" / "influence-r0.5" / "round-2"
+    scores, _, meta = artifacts.load_scores(round_two / "scores.parquet")
+    assert scores.column("sample_id").to_numpy().tolist() == np.flatnonzero(in_round != 1).tolist()
+    summary = json.loads((folder / "evaluation.json").read_text())
+    first = artifacts.load_manifest(Path(summary["scores_from"]))
+    assert meta["checkpoint_sha256"] != first["checkpoint_sha256"]
+    table = pq.read_table(folder / "evaluation.parquet").to_pylist()
+    assert sorted((r["method"], r["n_kept"]) for r in table) == [("full", 2000), ("influence", 1000), ("random", 1000)]
+    report = (folder / "report.md").read_text()
+    assert "in 2 rounds (`--rounds 2`), each removing an equal share of the samples (of those still kept: 25 %, " \
+           "33.3 % at ratio 0.5)" in report
+    assert not any((out / ".staging").iterdir())

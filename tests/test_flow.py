@@ -261,3 +261,71 @@ def test_a_selection_that_keeps_nothing_publishes_nothing(first_run, small_npz, 
     out = tmp_path / "selection.parquet"
     assert main(["select", "--scores", str(run_dir / "scores.parquet"), "--epsilon", "1e9", "--out", str(out)]) == 2
     assert "removes all 2000 samples" in capsys.readouterr().err and not out.exists()
+
+
+def test_rounds_rescore_what_the_earlier_rounds_kept(first_run, small_npz):
+    """--rounds 2 at 0.4: round 1 prunes 20 % of the samples with the run's model; round 2 trains a
+    fresh model on the 1,600 kept (a Delta table in the run folder, sample ids unchanged), scores
+    them and prunes 25 % of them; one version of the 1,200 left is published, one selection lists
+    every sample with the round that pruned it."""
+    from tasks.progress import listening
+
+    tmp, first = first_run
+    seen = []
+    with listening(lambda value, text: seen.append((value, text))):
+        manifest = run(tmp, "rounds", dataset=f"npz:{small_npz}", rounds=2)
+    # one bar for the whole run: each round fills its half, never going back
+    values = [v for v, _ in seen]
+    assert values == sorted(values) and values[-1] == 100.0
+    assert max(v for v, t in seen if t.startswith("round 1/2 · ")) <= 50 < min(v for v, t in seen
+                                                                               if t.startswith("round 2/2 · "))
+    run_dir = tmp / "rounds" / "runs" / manifest["run_id"]
+    sel = manifest["selection"]
+    assert (sel["n_pruned"], sel["n_kept"], sel["pruned_per_round"]) == (800, 1200, [400, 400])
+    assert [(r["round"], r["n_pruned"]) for r in sel["rounds"]] == [(1, 400), (2, 400)]
+    assert [r["prune_ratio"] for r in sel["rounds"]] == pytest.approx([0.2, 0.25])
+    selection = pq.read_table(run_dir / "selection.parquet")
+    ids = selection.column("sample_id").to_numpy()
+    pruned = selection.column("pruned").to_numpy(zero_copy_only=False)
+    in_round = selection.column("round").to_numpy()
+    assert ids.tolist() == list(range(2000)) and ((in_round > 0) == pruned).all()
+
+    one = pq.read_table(run_dir / "rounds" / "round-1" / "selection.parquet")
+    assert (one.column("pruned").to_numpy(zero_copy_only=False) == (in_round == 1)).all()
+    two_dir = run_dir / "rounds" / "round-2"
+    table, vectors, meta = load_scores(two_dir / "scores.parquet")
+    assert table.column("sample_id").to_numpy().tolist() == ids[in_round != 1].tolist()  # what round 1 kept
+    model_two = sel["rounds"][1]
+    assert model_two["folder"] == str(two_dir) and model_two["dataset"] == f"delta:{two_dir / 'source'}@0"
+    assert meta["checkpoint_sha256"] != manifest["checkpoint_sha256"]  # scored by its own, fresh model
+    two = pq.read_table(two_dir / "selection.parquet")
+    assert (two.column("pruned").to_numpy(zero_copy_only=False) == (in_round[in_round != 1] == 2)).all()
+    assert model_two["objective"] == pytest.approx(objective(vectors, two.column("pruned").to_numpy(
+        zero_copy_only=False)), rel=1e-9)
+    # the run's objective: the first round's (full-data) vectors over the whole pruned set
+    _, full_vectors, _ = load_scores(run_dir / "scores.parquet")
+    assert sel["objective"] == pytest.approx(objective(full_vectors, pruned), rel=1e-9)
+    # the rounds' sources read back from the finished run folder; the target received one version
+    from pruning_core.data import load_dataset
+
+    assert load_dataset(model_two["dataset"]).n == 1600
+    assert version_rows(manifest).column("sample_id").to_pylist() == ids[~pruned].tolist()
+    assert DeltaTable(manifest["version"]["uri"]).version() == 0
+    assert not any((tmp / "rounds" / "runs" / ".staging").iterdir())
+
+
+def test_a_round_that_fails_leaves_nothing(first_run, small_npz, monkeypatch):
+    """A failure after round 2 has trained and scored: no run folder, no staging, no version."""
+    import flows.prune
+
+    tmp, _ = first_run
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("composition failed")
+
+    monkeypatch.setattr(flows.prune, "compose_rounds", broken)
+    with pytest.raises(RuntimeError, match="composition failed"):
+        run(tmp, "broken", dataset=f"npz:{small_npz}", rounds=2, epochs=2)
+    runs = tmp / "broken" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == [".cache", ".staging"] and not any((runs / ".staging").iterdir())
+    assert not (tmp / "broken" / "table").exists()
