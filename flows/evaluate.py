@@ -25,7 +25,7 @@ from tasks.evaluate import generalization_gap, retrain
 from tasks.progress import RunProgress
 from tasks.select import compose_selections, select_samples
 
-from .parameters import EvaluateParameters
+from .parameters import EvaluateParameters, RunParameters, scoring_recipe
 from .prune import dask_runner, later_rounds, new_run_id, prune_dataset
 
 
@@ -48,6 +48,18 @@ def uniform_draws(params: EvaluateParameters, method: str, ratio: float) -> bool
     return params.selection_args_for(method, ratio, 0).candidates == "uniform"
 
 
+def rounds_parameters(params: EvaluateParameters, ratio: float) -> RunParameters:
+    """The run parameters of the influence method's later rounds at `ratio`: they score with the
+    scoring run's recipe (--from-run's epochs) and select for the evaluation's training budget, as
+    round 1 does."""
+    update = {"prune_ratio": ratio, "checkpoint": None}
+    if params.from_run is not None:
+        scoring, retraining = scoring_recipe(Path(params.from_run)).epochs, params.train_args().epochs
+        if scoring != retraining:
+            update.update(epochs=scoring, train_epochs=retraining)
+    return params.run_parameters().model_copy(update=update)
+
+
 def influence_in_rounds(params: EvaluateParameters, scores: str, folder: Path, out: Path) -> dict[str, dict]:
     """`--rounds K`: the influence method's selection per ratio R in K rounds (`flows.prune.later_rounds`):
     round 1 selects R/K over the scoring run's scores, each later round trains a fresh model on the
@@ -62,8 +74,7 @@ def influence_in_rounds(params: EvaluateParameters, scores: str, folder: Path, o
         first.parent.mkdir()
         select_samples(scores, params.selection_args_for("influence", round_ratios(ratio, params.rounds)[0], 0),
                        str(first))
-        run = params.run_parameters().model_copy(update={"prune_ratio": ratio, "checkpoint": None})
-        rounds = later_rounds(run, first, here, out, RunProgress(None),
+        rounds = later_rounds(rounds_parameters(params, ratio), first, here, out, RunProgress(None),
                               lambda stage, started: logger.info("%s: %s finished in %.1f s", job["name"], stage,
                                                                  time.perf_counter() - started))
         path = folder / "selections" / f"{job['name']}.parquet"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flows.cli import main
-from flows.evaluate import influence_selection
+from flows.evaluate import influence_selection, rounds_parameters
 from pruning_core import artifacts, evaluation
 from pruning_core.data import Dataset
 
@@ -384,6 +384,11 @@ def test_retraining_longer_than_the_scoring_run_shifts_the_hard_cut(tmp_path):
     assert params.train_budget() == 2.0
     assert [params.selection_args_for("influence", r, 0).coverage_cut() for r in (0.6, 0.8)] == [0.0, 0.1]
     assert params.selection_args_for("ccs", 0.8, 0).train_budget == 1.0
+    # in rounds, the later rounds score with the scoring run's 4 epochs and select for 8, as round 1
+    later = rounds_parameters(params.model_copy(update={"rounds": 2}), 0.8)
+    assert (later.epochs, later.train_budget(), later.prune_ratio) == (4, 2.0, 0.8)
+    assert later.selection_args_for("influence", 0.6, 0).coverage_cut() == 0.0
+    assert rounds_parameters(EvaluateParameters(epochs=8, rounds=2), 0.8).train_budget() == 1.0  # scored with 8
     assert EvaluateParameters(epochs=8).selection_args_for("influence", 0.8, 0).coverage_cut() == 0.15
     shorter = EvaluateParameters(from_run=str(run), epochs=2, ratios=[0.6, 0.8])  # half the epochs: more is cut
     assert [shorter.selection_args_for("influence", r, 0).coverage_cut() for r in (0.6, 0.8)] == [0.15, 0.25]
