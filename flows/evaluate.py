@@ -72,7 +72,8 @@ def influence_in_rounds(params: EvaluateParameters, scores: str, folder: Path, o
         here.mkdir(parents=True)
         first = artifacts.selection_path(here / "round-1")
         first.parent.mkdir()
-        select_samples(scores, params.selection_args_for("influence", round_ratios(ratio, params.rounds)[0], 0),
+        n = load_dataset(params.dataset, params.data_root).n
+        select_samples(scores, params.selection_args_for("influence", round_ratios(ratio, params.rounds, n)[0], 0),
                        str(first))
         rounds = later_rounds(rounds_parameters(params, ratio), first, here, out, RunProgress(None),
                               lambda stage, started: logger.info("%s: %s finished in %.1f s", job["name"], stage,

@@ -9,7 +9,7 @@ import threading
 
 from pruning_core.errors import BadInputError
 from pruning_core.influence import check_memory, memory_available, stage_estimate
-from pruning_core.selection import check_scip_size
+from pruning_core.selection import check_scip_size, round_ratios
 
 
 def connect_timeout() -> float:
@@ -115,6 +115,8 @@ def run_preflight(params, load_checkpoint: bool = True) -> dict:
     estimate = influence_estimate(params, ds, model)
     if params.method == "influence" and params.solver == "scip":
         check_scip_size(estimate["n"], estimate["k"])
+    if params.rounds > 1:  # every round must remove at least one sample
+        round_ratios(params.prune_ratio, params.rounds, ds.n)
     info = scheduler_info(params.dask_address) if params.dask_address else None
     limit, where = memory_limit(params.workers, info)
     check_memory(estimate, limit, where)

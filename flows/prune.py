@@ -177,7 +177,7 @@ def later_rounds(params: RunParameters, first_selection: Path, folder: Path, out
     trains a fresh model on them with the run's recipe, scores and selects its share there.
     Returns every round's {dataset, prune_ratio, folder, model, selection} (round 1's from
     `first_round` when given)."""
-    ratios = round_ratios(params.prune_ratio, params.rounds)
+    ratios = round_ratios(params.prune_ratio, params.rounds, load_dataset(params.dataset, params.data_root).n)
     done = [{"round": 1, "dataset": params.dataset, "prune_ratio": ratios[0], "selection_path": str(first_selection),
              **({"model": first_round["model"], "selection": first_round["selection"]} if first_round else {})}]
     for j in range(2, params.rounds + 1):
@@ -245,7 +245,7 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
     try:
         ds = load_dataset(params.dataset, params.data_root)
         target = params.target_uri()
-        first_share = round_ratios(params.prune_ratio, params.rounds)[0] if params.rounds > 1 else params.prune_ratio
+        first_share = round_ratios(params.prune_ratio, params.rounds, ds.n)[0] if params.rounds > 1 else params.prune_ratio
         first = prune_round(params.model_copy(update={"prune_ratio": first_share}), staging, out,
                             progress.in_round(1, params.rounds), timed)
         model, scores, selection, cache = first["model"], first["scores"], first["selection"], first["cache"]

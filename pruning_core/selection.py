@@ -37,12 +37,21 @@ MAX_SWAP_ROUNDS = 100_000  # also the bound of the run/evaluate form (flows/para
 MAX_ROUNDS = 10  # pruning rounds of one run (each trains and scores a model): the form's bound too
 
 
-def round_ratios(total: float, rounds: int) -> list[float]:
+def round_ratios(total: float, rounds: int, n: int | None = None) -> list[float]:
     """The prune ratio of each of `rounds` rounds that together remove `total` of the samples:
     every round removes total/rounds of the original set, so round j (from 0) prunes
-    (total/rounds) / (1 − j·total/rounds) of the samples still kept. One round: [total]."""
-    step = total / rounds
-    return [step / (1 - j * step) for j in range(rounds)]
+    (total/rounds) / (1 − j·total/rounds) of the samples still kept. One round: [total]. Given the
+    set's size `n`, the ratios give whole counts that add up to exactly the one-round count
+    round(total·n) (the rounds' shares differ by at most one sample)."""
+    if n is None:
+        step = total / rounds
+        return [step / (1 - j * step) for j in range(rounds)]
+    m = int(round(total * n))
+    if m < rounds:
+        raise BadInputError(f"--rounds {rounds}: --prune-ratio {total:g} of {n} samples removes {m}, fewer than one "
+                            "per round; give fewer rounds")
+    counts = [round(m * (j + 1) / rounds) - round(m * j / rounds) for j in range(rounds)]
+    return [c / (n - sum(counts[:j])) for j, c in enumerate(counts)]
 
 
 @dataclass

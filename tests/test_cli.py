@@ -129,6 +129,8 @@ CASES = {
     "zero rounds": (["--rounds", "0"], "--rounds 0"),
     "too many rounds": (["--rounds", "11"], "--rounds 11"),
     "rounds with epsilon": (["--epsilon", "0.1", "--rounds", "2"], "--rounds 2 splits --prune-ratio over the rounds"),
+    "rounds removing nothing": (["--dataset", "npz:{small}", "--prune-ratio", "0.002", "--rounds", "5"],
+                                "--rounds 5: --prune-ratio 0.002 of 2000 samples removes 4, fewer than one per round"),
     "infinite lr": (["--lr", "inf"], "--lr must be finite"),
     "NaN lr": (["--lr", "nan"], "--lr nan"),
     "negative weight decay": (["--weight-decay", "-1"], "--weight-decay -1.0"),

@@ -340,3 +340,20 @@ def test_hard_cut_schedule_and_override():
     assert ccs.pruned[hardest[:500]].all() and ccs.pruned.sum() == 1200
     published = select(vectors, SelectionArgs(method="ccs", prune_ratio=0.6), {"el2n": el2n})  # CCS: β = 0 below 70 %
     assert not published.pruned[hardest[:500]].all()
+
+
+@pytest.mark.parametrize("n, total, rounds", [(50000, 0.4, 3), (60000, 0.4, 2), (2000, 0.5, 2), (7, 0.5, 3), (10, 0.9, 9)])
+def test_rounds_prune_exactly_what_one_round_would(n, total, rounds):
+    """Each round's ratio of the samples still kept gives a whole count; the counts differ by at most
+    one and add up to one round's round(total·n), as `SelectionArgs.n_prune` counts them."""
+    from pruning_core.selection import round_ratios
+
+    counts, left = [], n
+    for ratio in round_ratios(total, rounds, n):
+        counts.append(SelectionArgs(prune_ratio=ratio).n_prune(left))
+        left -= counts[-1]
+    assert sum(counts) == SelectionArgs(prune_ratio=total).n_prune(n) and max(counts) - min(counts) <= 1
+    assert round_ratios(0.4, 2) == pytest.approx([0.2, 0.25]) and round_ratios(0.4, 1, 10) == pytest.approx([0.4])
+    with pytest.raises(BadInputError, match="--rounds 10: --prune-ratio 0.9 of 10 samples removes 9, fewer than one "
+                                            "per round"):
+        round_ratios(0.9, 10, 10)
