@@ -1,5 +1,7 @@
 """Exploration on the validation split: does pruning in two rounds, re-scoring in between, pick
-better removals at 40 % than one round? (Not a product option; the product is unchanged.)
+better removals at 40 % than one round? The exploration that led to `--rounds` (run, evaluate):
+`evaluate --rounds 2` makes the same two-round set on the same rows and reproduces its result on
+the validation split to the digit (benchmarks/results/rounds.md).
 
 One scoring model ranks every sample once. After its easiest samples are gone, a model trained on
 what is left sees another landscape: samples that looked hard beside the removed ones may now be
