@@ -66,13 +66,11 @@ def influence_in_rounds(params: EvaluateParameters, scores: str, folder: Path, o
     samples still kept, scores and selects its share there; the rounds composed over every sample."""
     logger = get_run_logger()
     args = params.eval_args()
-    made = {}
+    made, n = {}, load_dataset(params.dataset, params.data_root).n
     for job in evaluation.selection_jobs(replace(args, methods=("influence",)), draws=lambda m, r: False):
         ratio, here = job["ratio"], folder / "rounds" / job["name"]
-        here.mkdir(parents=True)
         first = artifacts.selection_path(here / "round-1")
-        first.parent.mkdir()
-        n = load_dataset(params.dataset, params.data_root).n
+        first.parent.mkdir(parents=True)
         select_samples(scores, params.selection_args_for("influence", round_ratios(ratio, params.rounds, n)[0], 0),
                        str(first))
         rounds = later_rounds(rounds_parameters(params, ratio), first, here, out, RunProgress(None),

@@ -196,7 +196,7 @@ def later_rounds(params: RunParameters, first_selection: Path, folder: Path, out
     return done
 
 
-def compose_rounds(params: RunParameters, folder: Path, rounds: list[dict], final: Path | None = None) -> dict:
+def compose_rounds(params: RunParameters, folder: Path, rounds: list[dict], final: Path) -> dict:
     """The run's selection.parquet (every sample, with the round that pruned it) from its rounds, round
     1's own moved to rounds/round-1/; the run's `selection` summary with each round's, its paths
     named as they will be once `folder` is renamed to `final`."""
@@ -205,7 +205,6 @@ def compose_rounds(params: RunParameters, folder: Path, rounds: list[dict], fina
     round_one.parent.mkdir(parents=True)
     os.replace(first, round_one)
     rounds[0]["selection_path"] = str(round_one)
-    final = final or folder
     summary = compose_selections(str(artifacts.scores_path(folder)), [r["selection_path"] for r in rounds],
                                  str(first), params.prune_ratio)
     return {"method": rounds[0]["selection"]["method"], "solver": rounds[0]["selection"]["solver"], **summary, "rounds": [
