@@ -204,9 +204,9 @@ def compose_rounds(params: RunParameters, folder: Path, rounds: list[dict], fina
     round_one = artifacts.selection_path(folder / "rounds" / "round-1")
     round_one.parent.mkdir(parents=True)
     os.replace(first, round_one)
-    rounds[0]["selection_path"] = str(round_one)
-    summary = compose_selections(str(artifacts.scores_path(folder)), [r["selection_path"] for r in rounds],
-                                 str(first), params.prune_ratio)
+    summary = compose_selections(str(artifacts.scores_path(folder)),
+                                 [str(round_one)] + [r["selection_path"] for r in rounds[1:]], str(first),
+                                 params.prune_ratio)
     return {"method": rounds[0]["selection"]["method"], "solver": rounds[0]["selection"]["solver"], **summary, "rounds": [
         {"round": r["round"], "dataset": r["dataset"].replace(str(folder), str(final), 1), "prune_ratio": r["prune_ratio"],
          "n_pruned": r["selection"]["n_pruned"], "objective": r["selection"]["objective"],
