@@ -283,14 +283,15 @@ def save_parquet(table: pa.Table, path: str | Path) -> Path:
 def load_scores(path: str | Path, with_vectors: bool = True) -> tuple[pa.Table, np.ndarray | None, dict]:
     """(table without `influence`, vectors (n, p) or None, metadata). Checks the contract."""
     try:
-        table = pq.read_table(path)
+        schema = pq.read_schema(path)
+        table = pq.read_table(path, columns=None if with_vectors else [n for n in schema.names if n != "influence"])
     except (OSError, pa.ArrowInvalid) as exc:
         raise BadInputError(f"--scores {path}: cannot be read as Parquet ({exc})") from exc
     required = {"sample_id": pa.int64(), "label": pa.int64(), "loss": pa.float64(), "el2n": pa.float64()}
     for name, dtype in required.items():
-        if name not in table.column_names or table.schema.field(name).type != dtype:
+        if name not in schema.names or schema.field(name).type != dtype:
             raise BadInputError(f"--scores {path}: column {name} ({dtype}) is missing or of another type")
-    if "influence" not in table.column_names or not pa.types.is_fixed_size_list(table.schema.field("influence").type):
+    if "influence" not in schema.names or not pa.types.is_fixed_size_list(schema.field("influence").type):
         raise BadInputError(f"--scores {path}: column influence (fixed-size list of floats) is missing")
     if table.num_rows == 0:
         raise BadInputError(f"--scores {path}: no rows")
@@ -300,9 +301,18 @@ def load_scores(path: str | Path, with_vectors: bool = True) -> tuple[pa.Table, 
     vectors = column_array(table, "influence") if with_vectors else None
     if vectors is not None and not np.isfinite(vectors).all():
         raise BadInputError(f"--scores {path}: influence vectors contain NaN or Inf")
-    meta = table.schema.metadata or {}
+    meta = schema.metadata or {}
     metadata = json.loads(meta.get(b"dataset_pruning", b"{}"))
-    return table.drop_columns(["influence"]), vectors, metadata
+    return (table.drop_columns(["influence"]) if with_vectors else table), vectors, metadata
+
+
+def influence_norms(path: str | Path, batch_rows: int = 8192) -> np.ndarray:
+    """‖s_i‖₂ of every row of a scores file, read in batches (the vectors are never all held)."""
+    norms = []
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["influence"]):
+        vectors = column_array(pa.table({"influence": batch.column(0)}), "influence")
+        norms.append(np.linalg.norm(vectors.astype(np.float64), axis=1))
+    return np.concatenate(norms) if norms else np.zeros(0)
 
 
 # --- selection -----------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import torch
 from . import artifacts, hessians, influence
 from .data import Dataset, as_float, load_dataset
 from .errors import BadInputError
+from .figures import save_figure
 from .selection import METHODS, SelectionArgs, largest_size_within
 from .training import TrainArgs, fit_linear, train
 
@@ -394,19 +395,6 @@ def zoom_gains(ax, gains: list[tuple[float, str, float]], floor: float = GAIN_FL
     return labels
 
 
-def _save(fig, axes, path: Path) -> str:
-    """Grid and legend on every panel, then the PNG."""
-    import matplotlib.pyplot as plt
-
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
-
-
 def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: Path,
                comparisons: list[dict] | None = None) -> dict[str, str]:
     """accuracy_vs_ratio.png, accuracy_vs_time.png, generalization_gap.png and, for the
@@ -464,7 +452,7 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
     ax.set_xlabel("prune ratio (% of training samples removed)")
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
     ax.set_title("Test accuracy after retraining on the pruned set")
-    paths["accuracy_vs_ratio"] = _save(fig, (ax, delta), out / "accuracy_vs_ratio.png")
+    paths["accuracy_vs_ratio"] = save_figure(fig, (ax, delta), out / "accuracy_vs_ratio.png")
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     seed0 = min(r["seed"] for r in records)
@@ -485,7 +473,7 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
     ax.set_title(f"Convergence, seed {seed0}")
     lo = min([100 * c["test_accuracy"] for r in records for c in r["curve"][len(r["curve"]) // 2:]] or [0])
     ax.set_ylim(max(lo - 2, 0), None)
-    paths["accuracy_vs_time"] = _save(fig, (ax,), out / "accuracy_vs_time.png")
+    paths["accuracy_vs_time"] = save_figure(fig, (ax,), out / "accuracy_vs_time.png")
 
     if gaps:
         kinds = list(dict.fromkeys(g["kind"] for g in gaps))
@@ -507,7 +495,7 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
         axes[1].set_ylabel("change in mean test loss (nats)")
         axes[1].set_title("Test-loss gap under the bound")
         axes[1].set_yscale("symlog", linthresh=1e-4)
-        paths["generalization_gap"] = _save(fig, axes, out / "generalization_gap.png")
+        paths["generalization_gap"] = save_figure(fig, axes, out / "generalization_gap.png")
 
     shown = [c for c in comparisons or [] if c.get("interval")]
     if shown:
@@ -538,7 +526,7 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
                                           label="not resolved (includes 0)")], fontsize=8, loc="lower center")
         fig.suptitle("This product's method against each baseline: test-accuracy difference, mean over seeds,\n"
                      f"95 % interval over {interval_over(min(c['paired_seeds'] for c in shown))}", fontsize=10)
-        paths["comparisons"] = _save(fig, [], out / "comparisons.png")  # grids and the one legend set above
+        paths["comparisons"] = save_figure(fig, [], out / "comparisons.png")  # grids and the one legend set above
     return paths
 
 

@@ -1,7 +1,9 @@
 """The evaluation: convergence bookkeeping, the generalization-gap check on real data, and the
 `evaluate-pruning` flow end to end under a real Prefect API with a real Dask LocalCluster."""
 
+import base64
 import json
+import re
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -218,7 +220,7 @@ def test_without_random_the_gain_panel_compares_with_the_full_data(tmp_path, mon
         panels[path.name] = axes
         raise Drawn
 
-    monkeypatch.setattr(evaluation, "_save", keep)
+    monkeypatch.setattr(evaluation, "save_figure", keep)
     summary = [{"method": "full", "prune_ratio": 0.0, "accuracy": 0.9024, "accuracy_std": 0.001}]
     for method, accuracies in (("influence", (0.9017, 0.8663)), ("grand", (0.9006, 0.5302))):
         summary += [{"method": method, "prune_ratio": r, "accuracy": a, "accuracy_std": 0.002}
@@ -298,6 +300,16 @@ def test_evaluate_flow_end_to_end(prefect_api, pooled_npz, tmp_path, capsys):
     assert "hardest share cut first (0 % at ratio 0.5: the schedule (r − 0.5) / 2)" in report
     assert f"torch {torch.__version__} · CPU capability {torch.backends.cpu.get_cpu_capability()}" in report
     assert not any((out / ".staging").iterdir())
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:  # the report in the UI carries its plots (it cannot read files)
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pruning-evaluation"])))
+    (artifact,) = [a for a in found if a.description == f"evaluation {folder.name}"]
+    inline = re.findall(r"!\[[^\]]*\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", artifact.data)
+    assert sorted(base64.b64decode(data) for data in inline) == sorted(
+        (folder / "plots" / f"{name}.png").read_bytes()
+        for name in ("accuracy_vs_ratio", "accuracy_vs_time", "generalization_gap", "comparisons"))
 
     # Each finished retraining was recorded as it completed: a second evaluation (as after an
     # interruption) trains nothing again, and reports the very same runs.
