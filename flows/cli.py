@@ -251,6 +251,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     for r in sel.get("rounds", []):
         print(f"  round {r['round']}:    {r['n_pruned']} pruned (ratio {r['prune_ratio']:.4g} of those left) by a model "
               f"at test accuracy {r['model_test_accuracy']:.4f}; {r['folder']}")
+    if manifest["figures"]:
+        print(f"pictures:      {', '.join(manifest['figures'].values())}")
     print(f"wall time:     {time.perf_counter() - started:.1f} s")
     return 0
 

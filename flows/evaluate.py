@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 
-from pruning_core import artifacts, evaluation
+from pruning_core import artifacts, evaluation, figures
 from pruning_core.data import load_dataset
 from pruning_core.selection import hard_cut_formula, round_ratios
 from tasks.evaluate import generalization_gap, retrain
@@ -230,7 +230,7 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    create_markdown_artifact(report.replace("](plots/", f"]({final}/plots/"), key="pruning-evaluation",
+    create_markdown_artifact(figures.inline_images(report, final), key="pruning-evaluation",
                              description=f"evaluation {run_id}")
     create_table_artifact([{k: v for k, v in s.items()} for s in summary], key="pruning-evaluation-table",
                           description="mean ± std over seeds per method and prune ratio")

@@ -27,7 +27,7 @@ from pruning_core.influence import format_estimate, shard_ranges
 from pruning_core.selection import round_ratios
 from tasks.influence import features_shard, influence_shard, inverse_hessian, merge_scores
 from tasks.progress import RunProgress
-from tasks.publish import class_balance, commit_dataset_version, emit_version_event, publish_artifacts
+from tasks.publish import class_balance, commit_dataset_version, draw_figures, emit_version_event, publish_artifacts
 from tasks.select import compose_selections, select_samples
 from tasks.train import load_checkpoint, train_model
 
@@ -257,6 +257,15 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
         influence_args = params.influence_args()
 
         t = time.perf_counter()
+        try:
+            pictures = draw_figures(params.dataset, params.data_root, str(artifacts.scores_path(staging)),
+                                    str(artifacts.selection_path(staging)), str(staging), selection["objective"])
+        except Exception as exc:  # a picture is never a reason to lose a run
+            logger.warning("could not draw the run's pictures: %s", exc)
+            pictures = {}
+        timed("figures", t)
+
+        t = time.perf_counter()
         provenance = {"run_id": run_id, "run_dir": str(final), "source": {"name": ds.name, "fingerprint": ds.fingerprint,
                       "n": ds.n}, "model": params.model, "checkpoint_sha256": model["checkpoint_sha256"],
                       "method": selection["method"], "solver": selection["solver"],
@@ -281,6 +290,7 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
                           "storage_dtype": influence_args.storage_dtype, "block_size": influence_args.block_size,
                           "vector_dim": scores["p"], "cache": str(cache)},
             "selection": selection, "version": {"uri": version["uri"], "version": version["version"]},
+            "figures": {name: str(final / file) for name, file in pictures.items()},
             "timings": timings, "software": software_versions(),
         }
         manifest["model"]["checkpoint"] = str(artifacts.checkpoint_path(final))

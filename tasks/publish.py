@@ -1,13 +1,15 @@
 """Publishing tasks: the new version (Delta by default, DVC or lakeFS by `--target`), the
 `dataset.version.created` event, run artifacts."""
 
+from pathlib import Path
+
 import numpy as np
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from pruning_core import artifacts
+from pruning_core import artifacts, figures
 from pruning_core.data import load_dataset
 from pruning_core.targets import open_target
 
@@ -22,6 +24,13 @@ def commit_dataset_version(target: str, dataset: str, data_root: str | None, sel
         raise RuntimeError(f"{selection} does not list the samples of {dataset} in order")
     version = open_target(target).commit(ds, ~pruned, provenance)
     return {"uri": target, "version": version, "n_kept": int((~pruned).sum())}
+
+
+@task(name="draw-figures", cache_policy=NO_CACHE)
+def draw_figures(dataset: str, data_root: str | None, scores: str, selection: str, folder: str,
+                 objective: float | None) -> dict[str, str]:
+    """The run's pictures (selection.png, and examples.png for images) in `folder`; {name: file}."""
+    return figures.draw_run(Path(folder), load_dataset(dataset, data_root), Path(scores), Path(selection), objective)
 
 
 @task(name="emit-version-event", cache_policy=NO_CACHE)
@@ -49,7 +58,8 @@ def publish_artifacts(manifest: dict, balance: list[dict]) -> None:
                           description=f"Kept samples per class, run {manifest['run_id']}")
     sel, ver, model = manifest["selection"], manifest["version"], manifest["model"]
     timings = "\n".join(f"| {stage} | {seconds:.1f} |" for stage, seconds in manifest["timings"].items())
-    create_markdown_artifact(key=f"{key}-summary", description=f"Run {manifest['run_id']}", markdown=f"""
+    pictures = "\n\n".join(f"![{name}]({Path(path).name})" for name, path in manifest["figures"].items())
+    markdown = f"""
 # Pruning run `{manifest['run_id']}`
 
 | | |
@@ -63,8 +73,12 @@ def publish_artifacts(manifest: dict, balance: list[dict]) -> None:
 | version | `{ver['uri']}` @ {ver['version']} |
 | run folder | `{manifest['run_dir']}` |
 
+{pictures}
+
 ## Timings (s)
 | stage | seconds |
 |---|---|
 {timings}
-""")
+"""
+    create_markdown_artifact(key=f"{key}-summary", description=f"Run {manifest['run_id']}",
+                             markdown=figures.inline_images(markdown, Path(manifest["run_dir"])))

@@ -252,6 +252,15 @@ def test_ui_quick_run_and_custom_run_complete_and_publish_versions(served, brows
     shot = tmp_path / "completed-run.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
+
+    with served.client() as c:  # the run's summary shows its pictures in the UI
+        (summary,) = c.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [custom]},
+                                                                     "key": {"any_": ["dataset-pruning-summary"]}}}).json()
+    page.goto(f"{served.ui}/artifacts/artifact/{summary['id']}")
+    pictures = page.locator("img[src^='data:image/png']")
+    expect(pictures.first).to_be_visible()
+    widths = pictures.evaluate_all("images => images.map(image => image.complete ? image.naturalWidth : 0)")
+    assert len(widths) == 2 and min(widths) > 500, widths
     page.close()
 
 
@@ -366,6 +375,7 @@ def test_run_shows_a_progress_bar_and_publishes_to_dvc(prefect_api, tiny_npz, tm
     assert re.search(r"━+\s+100%", text), [text[m.start() - 200:m.end() + 50] for m in re.finditer("100%", text)][-2:]
 
     run_dir = Path(re.search(r"run folder:\s+(\S+)", text).group(1))
+    assert f"pictures:      {run_dir}/selection.png, {run_dir}/examples.png" in text
     selection = pq.read_table(run_dir / "selection.parquet")
     kept = selection.column("sample_id").to_numpy()[~selection.column("pruned").to_numpy(zero_copy_only=False)]
     manifest = json.loads((run_dir / "manifest.json").read_text())

@@ -31,8 +31,8 @@ def first_run(prefect_api, small_npz, tmp_path_factory):
 def test_flow_publishes_exactly_the_kept_samples(first_run, prefect_api):
     tmp, manifest = first_run
     run_dir = tmp / "first" / "runs" / manifest["run_id"]
-    assert sorted(p.name for p in run_dir.iterdir()) == ["forgetting.npy", "manifest.json", "model.pt",
-                                                          "scores.parquet", "selection.parquet"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["examples.png", "forgetting.npy", "manifest.json", "model.pt",
+                                                          "scores.parquet", "selection.parquet", "selection.png"]
     assert json.loads((run_dir / "manifest.json").read_text()) == json.loads(json.dumps(manifest, default=str))
     assert not any((tmp / "first" / "runs" / ".staging").iterdir())
 
@@ -53,6 +53,44 @@ def test_flow_publishes_exactly_the_kept_samples(first_run, prefect_api):
     history = delta.history()[0]
     assert json.loads(history["dataset_pruning"])["run_id"] == manifest["run_id"]
     assert 0.5 < manifest["model"]["test_accuracy"] <= 1.0
+
+
+def test_flow_draws_what_it_pruned_and_carries_the_pictures_to_the_ui(first_run, prefect_api):
+    """selection.png and examples.png in the run folder, and inside the summary artifact itself
+    (data: URIs: the Prefect UI cannot read the run's files)."""
+    import base64
+
+    import matplotlib.image as mpimg
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    tmp, manifest = first_run
+    run_dir = tmp / "first" / "runs" / manifest["run_id"]
+    assert manifest["figures"] == {"selection": str(run_dir / "selection.png"), "examples": str(run_dir / "examples.png")}
+    for path in manifest["figures"].values():
+        image = mpimg.imread(path)
+        assert image.shape[0] > 400 and image.shape[1] > 800 and image.std() > 0.05
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dataset-pruning-summary"])))
+    (summary,) = [a for a in found if a.description == f"Run {manifest['run_id']}"]
+    pictures = re.findall(r"!\[(\w+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", summary.data)
+    assert [(name, base64.b64decode(data)) for name, data in pictures] == [
+        (name, (run_dir / f"{name}.png").read_bytes()) for name in ("selection", "examples")]
+
+
+def test_a_picture_that_cannot_be_drawn_loses_nothing(first_run, small_npz, cnn_checkpoint, monkeypatch):
+    import flows.prune
+
+    tmp, _ = first_run
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(flows.prune, "draw_figures", broken)
+    manifest = run(tmp, "no-pictures", dataset=f"npz:{small_npz}", checkpoint=cnn_checkpoint)
+    assert manifest["figures"] == {} and manifest["version"]["version"] == 0
+    run_dir = tmp / "no-pictures" / "runs" / manifest["run_id"]
+    assert not list(run_dir.glob("*.png")) and (run_dir / "selection.parquet").exists()
 
 
 def test_flow_emits_the_version_event(first_run, prefect_api):
