@@ -135,7 +135,8 @@ def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, fo
                     " (recorded by an earlier run, reused)" if record.pop("reused", False) else "")
     gaps = [g for f in gap_futures for g in f.result()]
     return {"records": records, "gaps": gaps,
-            "selections": {name: {"path": path, **future.result()} for name, (job, future, path) in selections.items()}}
+            "selections": {name: {"path": path, **future.result(), "method": job["method"], "prune_ratio": job["ratio"],
+                                  "draw_seed": job["seed"]} for name, (job, future, path) in selections.items()}}
 
 
 def influence_selection(params: EvaluateParameters) -> str:
@@ -206,8 +207,9 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
         records = evaluation.add_convergence(results["records"], args.target_drop)
         summary = evaluation.summarise(records)
         goal = evaluation.targets(summary, records, drop=args.target_drop)
+        overlaps = evaluation.removal_overlaps(list(results["selections"].values()))
         plots = evaluation.draw_plots(summary, records, results["gaps"], staging / "plots",
-                                      goal["comparisons"] + goal["other_comparisons"])
+                                      goal["comparisons"] + goal["other_comparisons"], overlaps)
         plots = {k: str(final / Path(v).relative_to(staging)) for k, v in plots.items()}
         ds = load_dataset(params.dataset, params.data_root)
         context = {"dataset": ds.name, "model": params.model, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -215,7 +217,8 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
                    "run_dir": str(final), "scores_from": manifest["run_dir"],
                    "recipe": json.dumps({k: v for k, v in vars(params.train_args()).items() if k != "seed"}),
                    "command": command, "influence_selection": influence_selection(params)}
-        report = evaluation.report_markdown(summary, records, results["gaps"], goal, plots, context, relative_to=final)
+        report = evaluation.report_markdown(summary, records, results["gaps"], goal, plots, context, relative_to=final,
+                                            overlaps=overlaps)
         artifacts.save_parquet(evaluation.evaluation_table(records), staging / "evaluation.parquet")
         if results["gaps"]:
             import pyarrow as pa
@@ -224,7 +227,7 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
         (staging / "report.md").write_text(report)
         out_summary = {"run_id": run_id, "run_dir": str(final), "report": str(final / "report.md"), "plots": plots,
                        "scores_from": manifest["run_dir"], "targets": goal, "summary": summary,
-                       "gap": results["gaps"], "seconds": time.perf_counter() - started, "arguments": params.as_json()}
+                       "gap": results["gaps"], "overlaps": overlaps, "seconds": time.perf_counter() - started, "arguments": params.as_json()}
         artifacts.write_json(staging / "evaluation.json", out_summary)
         os.replace(staging, final)
     except BaseException:

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -32,7 +33,7 @@ import torch
 from . import artifacts, hessians, influence
 from .data import Dataset, as_float, load_dataset
 from .errors import BadInputError
-from .figures import save_figure
+from .figures import pyplot, save_figure
 from .selection import METHODS, SelectionArgs, largest_size_within
 from .training import TrainArgs, fit_linear, train
 
@@ -395,14 +396,70 @@ def zoom_gains(ax, gains: list[tuple[float, str, float]], floor: float = GAIN_FL
     return labels
 
 
-def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: Path,
-               comparisons: list[dict] | None = None) -> dict[str, str]:
-    """accuracy_vs_ratio.png, accuracy_vs_time.png, generalization_gap.png and, for the
-    comparisons that carry an interval (`targets`' and the others), comparisons.png under `out`."""
-    import matplotlib
+def finished_selections(folder: Path) -> list[dict]:
+    """{path, method, prune_ratio, draw_seed} of every selection a finished evaluation folder keeps
+    under selections/, read back from the names `selection_jobs` gives them."""
+    found = []
+    for path in sorted(Path(folder, "selections").glob("*.parquet")):
+        match = re.fullmatch(r"(.+?)-r([0-9.]+)(?:-s(\d+))?", path.stem)
+        if match:
+            found.append({"path": str(path), "method": match[1], "prune_ratio": float(match[2]),
+                          "draw_seed": int(match[3]) if match[3] else None})
+    return found
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def removal_overlaps(selections: list[dict], reference: str = "influence") -> list[dict]:
+    """For each prune ratio: which share of the `reference` method's removals each other method
+    also removes, and the Jaccard index of the two removal sets. `selections`: {path, method,
+    prune_ratio, draw_seed} of files listing the same samples in the same order; a method that
+    draws per seed is represented by its draw with the lowest seed."""
+    first = {}
+    for s in sorted(selections, key=lambda s: (s["prune_ratio"], s["method"], s.get("draw_seed") or 0)):
+        first.setdefault((s["prune_ratio"], s["method"]), s["path"])
+    rows = []
+    for (ratio, method), path in first.items():
+        if method == reference or (ratio, reference) not in first:
+            continue
+        _, mine = artifacts.load_selection(first[ratio, reference])
+        _, theirs = artifacts.load_selection(path)
+        both = int((mine & theirs).sum())
+        rows.append({"prune_ratio": ratio, "method": method, "removed": int(theirs.sum()),
+                     "also_removed": both / max(int(mine.sum()), 1), "jaccard": both / max(int((mine | theirs).sum()), 1)})
+    return rows
+
+
+def draw_overlaps(overlaps: list[dict], path: Path) -> str:
+    """removal_overlap.png: one panel per prune ratio, the share of influence's removals each
+    method removes too (`removal_overlaps`), beside the share a random set would have."""
+    plt = pyplot()
+
+    ratios = sorted({o["prune_ratio"] for o in overlaps})
+    rows = max(sum(o["prune_ratio"] == r for o in overlaps) for r in ratios)
+    fig, axes = plt.subplots(1, len(ratios), figsize=(max(7.0, 3.6 * len(ratios) + 1), max(3.6, 0.45 * rows + 2.4)),
+                             squeeze=False)
+    for ax, ratio in zip(axes[0], ratios):
+        os_ = [o for o in overlaps if o["prune_ratio"] == ratio]
+        shares = [100 * o["also_removed"] for o in os_]
+        ax.barh(range(len(os_)), shares, color=[_COLOURS.get(o["method"], "#333333") for o in os_])
+        for y, share in enumerate(shares):
+            ax.annotate(f"{share:.1f}", (share, y), textcoords="offset points", xytext=(3, 0), va="center", fontsize=8)
+        ax.axvline(100 * ratio, color="black", ls="--", lw=1, label=f"a random set: {100 * ratio:g}%")
+        ax.set_yticks(range(len(os_)), [o["method"] for o in os_])
+        ax.invert_yaxis()
+        ax.set_xlim(0, 115)
+        ax.set_xlabel("of influence's removals, also removed (%)")
+        ax.set_title(f"{100 * ratio:g}% pruned")
+    fig.suptitle("How much of what this product removes each method removes too\n"
+                 "(a method that draws per seed: its first draw)", fontsize=10)
+    return save_figure(fig, axes[0], path)
+
+
+def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: Path,
+               comparisons: list[dict] | None = None, overlaps: list[dict] | None = None) -> dict[str, str]:
+    """accuracy_vs_ratio.png, accuracy_vs_time.png, generalization_gap.png, for the comparisons
+    that carry an interval (`targets`' and the others) comparisons.png, and for `removal_overlaps`
+    removal_overlap.png under `out`."""
+    plt = pyplot()
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -527,6 +584,9 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
         fig.suptitle("This product's method against each baseline: test-accuracy difference, mean over seeds,\n"
                      f"95 % interval over {interval_over(min(c['paired_seeds'] for c in shown))}", fontsize=10)
         paths["comparisons"] = save_figure(fig, [], out / "comparisons.png")  # grids and the one legend set above
+
+    if overlaps:
+        paths["removal_overlap"] = draw_overlaps(overlaps, out / "removal_overlap.png")
     return paths
 
 
@@ -547,7 +607,7 @@ def _comparison_line(c: dict) -> str:
 
 
 def report_markdown(summary: list[dict], records: list[dict], gaps: list[dict], goal: dict, plots: dict[str, str],
-                    context: dict, relative_to: Path | None = None) -> str:
+                    context: dict, relative_to: Path | None = None, overlaps: list[dict] | None = None) -> str:
     rel = (lambda p: str(Path(p).relative_to(relative_to))) if relative_to else (lambda p: p)
     lines = [f"# Pruning evaluation — {context.get('dataset')} / {context.get('model')}", "",
              "`influence` is this product's method: the removal set minimising the predicted parameter change "
@@ -596,6 +656,14 @@ def report_markdown(summary: list[dict], records: list[dict], gaps: list[dict], 
                          f"{pearson([g['predicted_norm'] for g in gs], [g['measured_norm'] for g in gs]):.4f}; "
                          f"test-loss gap under the bound at {sum(abs(g['test_loss_gap']) <= g['bound'] for g in gs)}"
                          f"/{len(gs)} ε values (Lip = {gs[0]['lipschitz']:.3g}, λ = {gs[0]['weight_decay']:g})")
+    if overlaps:
+        lines += ["", "## What each method removes, against influence", "",
+                  "Which share of the influence method's removal set each method also removes (a random set of "
+                  "the same size shares about the prune ratio), and the Jaccard index of the two sets; a method "
+                  "that draws per seed by its first draw.", "",
+                  "| prune ratio | method | removed | also removed | Jaccard |", "|---:|---|---:|---:|---:|"]
+        lines += [f"| {o['prune_ratio']:g} | {o['method']} | {o['removed']} | {100 * o['also_removed']:.1f} % | "
+                  f"{o['jaccard']:.3f} |" for o in overlaps]
     lines += ["", "## Plots", ""]
     for name, path in plots.items():
         lines.append(f"![{name.replace('_', ' ')}]({rel(path)})")

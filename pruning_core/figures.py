@@ -37,7 +37,8 @@ def save_figure(fig, axes, path: Path) -> str:
     return str(path)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only: no display here or on workers)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,7 +52,7 @@ def draw_selection(path: Path, labels: np.ndarray, pruned: np.ndarray, el2n: np.
     """selection.png: kept and pruned samples per class; the trained model's EL2N of both (what
     difficulty was removed); each sample's ‖s_i‖₂ for both, with the objective ‖Σ_pruned s_i‖₂ beside
     Σ_pruned ‖s_i‖₂ (how much of the removed samples' influence cancels)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (per_class, difficulty, influence) = plt.subplots(1, 3, figsize=(17, 5.2))
     kept = ~pruned
     counts = np.stack([np.bincount(labels[m], minlength=len(names)) for m in (kept, pruned)])
@@ -118,7 +119,7 @@ def draw_examples(path: Path, x: np.ndarray, labels: np.ndarray, pruned: np.ndar
     samples are not images."""
     if displayable(x[:1]) is None:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     rng = np.random.default_rng(seed)
     classes = list(range(min(len(names), EXAMPLE_CLASSES)))
     fig, axes = plt.subplots(len(classes), 2 * per_side + 1, figsize=(1.0 * (2 * per_side + 1), 1.05 * len(classes)),

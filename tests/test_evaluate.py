@@ -236,6 +236,26 @@ def test_without_random_the_gain_panel_compares_with_the_full_data(tmp_path, mon
     assert any("grand -37.2" in t.get_text() for t in delta.texts)
 
 
+def test_removal_overlaps_against_the_influence_set(tmp_path):
+    ids = np.arange(10)
+
+    def selection(name, pruned_rows):
+        pruned = np.isin(ids, pruned_rows)
+        artifacts.save_parquet(artifacts.selection_table(ids, pruned, {}), tmp_path / f"{name}.parquet")
+        return str(tmp_path / f"{name}.parquet")
+
+    selections = [
+        {"path": selection("inf", [0, 1, 2, 3]), "method": "influence", "prune_ratio": 0.4, "draw_seed": None},
+        {"path": selection("el2n", [0, 1, 2, 9]), "method": "el2n", "prune_ratio": 0.4, "draw_seed": None},
+        {"path": selection("r1", [5, 6, 7, 8]), "method": "random", "prune_ratio": 0.4, "draw_seed": 1},
+        {"path": selection("r0", [3, 4, 5, 6]), "method": "random", "prune_ratio": 0.4, "draw_seed": 0},
+        {"path": selection("el2n6", [0, 1, 2, 3, 4, 5]), "method": "el2n", "prune_ratio": 0.6, "draw_seed": None},
+    ]
+    assert evaluation.removal_overlaps(selections) == [  # random by its seed-0 draw; 0.6 has no influence set
+        {"prune_ratio": 0.4, "method": "el2n", "removed": 4, "also_removed": 0.75, "jaccard": 3 / 5},
+        {"prune_ratio": 0.4, "method": "random", "removed": 4, "also_removed": 0.25, "jaccard": 1 / 7}]
+
+
 def test_generalization_gap_on_real_linear_data(fmnist):
     """The paper's theory check on Fashion-MNIST `linear`: the measured parameter change tracks
     the predicted one over ε and the test-loss change stays under Lip·‖Σ s_i‖ (the full-size
@@ -291,7 +311,14 @@ def test_evaluate_flow_end_to_end(prefect_api, pooled_npz, tmp_path, capsys):
     report = (folder / "report.md").read_text()
     (c,) = [c for c in summary["targets"]["comparisons"] if c["versus"] == "random"]
     assert c["interval"][0] < c["margin"] < c["interval"][1] and "95 % interval over seeds and test samples" in report
-    for name in ("accuracy_vs_ratio", "accuracy_vs_time", "generalization_gap", "comparisons"):
+    (overlap,) = summary["overlaps"]  # random's first draw against the influence set, from the files themselves
+    influence_set, first_draw = (pq.read_table(folder / "selections" / f"{name}.parquet").column("pruned").to_numpy(
+        zero_copy_only=False) for name in ("influence-r0.5", "random-r0.5-s0"))
+    assert overlap == {"prune_ratio": 0.5, "method": "random", "removed": 1000,
+                       "also_removed": pytest.approx((influence_set & first_draw).sum() / 1000),
+                       "jaccard": pytest.approx((influence_set & first_draw).sum() / (influence_set | first_draw).sum())}
+    assert f"| 0.5 | random | 1000 | {100 * overlap['also_removed']:.1f} % |" in report
+    for name in ("accuracy_vs_ratio", "accuracy_vs_time", "generalization_gap", "comparisons", "removal_overlap"):
         assert f"(plots/{name}.png)" in report
         image = mpimg.imread(folder / "plots" / f"{name}.png")
         assert image.shape[0] > 400 and image.shape[1] > 600 and image.std() > 0.05  # drawn, not blank
@@ -309,7 +336,7 @@ def test_evaluate_flow_end_to_end(prefect_api, pooled_npz, tmp_path, capsys):
     inline = re.findall(r"!\[[^\]]*\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", artifact.data)
     assert sorted(base64.b64decode(data) for data in inline) == sorted(
         (folder / "plots" / f"{name}.png").read_bytes()
-        for name in ("accuracy_vs_ratio", "accuracy_vs_time", "generalization_gap", "comparisons"))
+        for name in ("accuracy_vs_ratio", "accuracy_vs_time", "generalization_gap", "comparisons", "removal_overlap"))
 
     # Each finished retraining was recorded as it completed: a second evaluation (as after an
     # interruption) trains nothing again, and reports the very same runs.
