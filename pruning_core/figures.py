@@ -115,42 +115,54 @@ def displayable(x: np.ndarray) -> np.ndarray | None:
 def draw_examples(path: Path, x: np.ndarray, labels: np.ndarray, pruned: np.ndarray, names: list[str],
                   per_side: int = 6, seed: int = 0) -> str | None:
     """examples.png: for each class (the first EXAMPLE_CLASSES), `per_side` pruned samples on the
-    left and `per_side` kept ones on the right, drawn at random (seeded) from each; None when the
-    samples are not images."""
+    left and `per_side` kept ones on the right, drawn at random (seeded) from each, framed in the
+    colour of their side; None when the samples are not images. One mosaic, one image on the figure."""
     if displayable(x[:1]) is None:
         return None
+    from matplotlib.colors import to_rgb
+
     plt = pyplot()
     rng = np.random.default_rng(seed)
     classes = list(range(min(len(names), EXAMPLE_CLASSES)))
-    fig, axes = plt.subplots(len(classes), 2 * per_side + 1, figsize=(1.0 * (2 * per_side + 1), 1.05 * len(classes)),
-                             squeeze=False, gridspec_kw={"width_ratios": [1] * per_side + [0.3] + [1] * per_side})
+    h, w = x.shape[2:]
+    frame, pad = max(1, h // 14), max(2, h // 7)
+    tile_h, tile_w = h + 2 * frame + pad, w + 2 * frame + pad
+    gap = 2 * tile_w // 3  # between the pruned and the kept block
+    mosaic = np.ones((len(classes) * tile_h + pad, 2 * per_side * tile_w + gap + pad, 3), dtype=np.float32)
+    empty = []
     for row, c in enumerate(classes):
         for side, mask in ((0, pruned), (1, ~pruned)):
             members = np.flatnonzero((labels == c) & mask)
             chosen = np.sort(rng.choice(members, size=min(per_side, members.size), replace=False))
-            images = displayable(x[chosen]) if chosen.size else None
-            for k in range(per_side):
-                ax = axes[row, k + side * (per_side + 1)]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                for spine in ax.spines.values():
-                    spine.set_color(PRUNED if side == 0 else KEPT)
-                    spine.set_linewidth(2)
-                if images is not None and k < len(images):
-                    ax.imshow(images[k], cmap="gray" if images.ndim == 3 else None, vmin=0, vmax=1)
-                elif k == 0:
-                    ax.text(0.5, 0.5, "none", ha="center", va="center", fontsize=8, transform=ax.transAxes)
-                else:
-                    ax.set_visible(False)
-        axes[row, per_side].axis("off")
-        axes[row, 0].set_ylabel(names[c], rotation=0, ha="right", va="center", fontsize=8)
+            left = pad + side * (per_side * tile_w + gap)
+            if not chosen.size:
+                empty.append((left + tile_w / 2, pad + row * tile_h + tile_h / 2))
+                continue
+            images = displayable(x[chosen])
+            if images.ndim == 3:
+                images = np.repeat(images[..., None], 3, axis=3)
+            for k, image in enumerate(images):
+                top, x0 = pad + row * tile_h, left + k * tile_w
+                mosaic[top:top + h + 2 * frame, x0:x0 + w + 2 * frame] = to_rgb(PRUNED if side == 0 else KEPT)
+                mosaic[top + frame:top + frame + h, x0 + frame:x0 + frame + w] = image
+    fig, ax = plt.subplots(figsize=(1.0 * (2 * per_side + 1), 1.05 * len(classes) + 0.6))
+    ax.imshow(mosaic, interpolation="nearest")
+    for cx, cy in empty:
+        ax.text(cx, cy, "none", ha="center", va="center", fontsize=8)
+    ax.set_yticks([pad + row * tile_h + (h + 2 * frame) / 2 for row in range(len(classes))], [names[c] for c in classes],
+                  fontsize=8)
+    ax.set_xticks([pad + per_side * tile_w / 2, pad + per_side * tile_w + gap + per_side * tile_w / 2],
+                  [f"pruned ({pruned.sum():,})", f"kept ({(~pruned).sum():,})"])
+    ax.xaxis.tick_top()
+    for tick, color in zip(ax.xaxis.get_major_ticks(), (PRUNED, KEPT)):
+        tick.label2.set_color(color)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     more = f" (the first {len(classes)} of {len(names)} classes)" if len(names) > len(classes) else ""
-    fig.suptitle(f"Random pruned and kept samples per class{more}", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    for first, text, color in ((0, f"pruned ({pruned.sum():,})", PRUNED), (per_side + 1, f"kept ({(~pruned).sum():,})", KEPT)):
-        left, right = axes[0, first].get_position(), axes[0, first + per_side - 1].get_position()
-        fig.text((left.x0 + right.x1) / 2, left.y1 + 0.005, text, color=color, ha="center", va="bottom")
-    fig.savefig(path, dpi=80)
+    ax.set_title(f"Random pruned and kept samples per class{more}", fontsize=10, pad=24)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return str(path)
 
