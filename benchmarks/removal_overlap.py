@@ -38,10 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{folder}: no influence selection beside another method's under selections/")
         rounds = summary["arguments"].get("rounds") or 1
         lines += [f"## {folder.name}", "", f"Scores from `{summary['scores_from']}`; influence in {rounds} round(s); "
-                  f"seeds {summary['arguments']['seeds']}.", "",
-                  "| prune ratio | method | removed | also removed | Jaccard |", "|---:|---|---:|---:|---:|"]
-        lines += [f"| {o['prune_ratio']:g} | {o['method']} | {o['removed']} | {100 * o['also_removed']:.1f} % | "
-                  f"{o['jaccard']:.3f} |" for o in overlaps] + [""]
+                  f"seeds {summary['arguments']['seeds']}.", ""] + evaluation.overlap_table(overlaps) + [""]
         if ns.plot and k == 0:
             evaluation.draw_overlaps(overlaps, ns.plot)
     ns.report.write_text("\n".join(lines))

@@ -227,7 +227,8 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
         (staging / "report.md").write_text(report)
         out_summary = {"run_id": run_id, "run_dir": str(final), "report": str(final / "report.md"), "plots": plots,
                        "scores_from": manifest["run_dir"], "targets": goal, "summary": summary,
-                       "gap": results["gaps"], "overlaps": overlaps, "seconds": time.perf_counter() - started, "arguments": params.as_json()}
+                       "gap": results["gaps"], "overlaps": overlaps, "seconds": time.perf_counter() - started,
+                       "arguments": params.as_json()}
         artifacts.write_json(staging / "evaluation.json", out_summary)
         os.replace(staging, final)
     except BaseException:

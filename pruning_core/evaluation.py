@@ -428,17 +428,28 @@ def removal_overlaps(selections: list[dict], reference: str = "influence") -> li
     return rows
 
 
+def _panels_per_ratio(plt, items: list[dict], row_height: float):
+    """One panel per prune ratio of `items`, tall enough for the most items any ratio has:
+    (figure, axes, [(axis, ratio, that ratio's items)])."""
+    ratios = sorted({i["prune_ratio"] for i in items})
+    rows = max(sum(i["prune_ratio"] == r for i in items) for r in ratios)
+    fig, axes = plt.subplots(1, len(ratios), figsize=(max(7.0, 3.6 * len(ratios) + 1), max(3.6, row_height * rows + 2.4)),
+                             squeeze=False)
+    return fig, axes[0], [(ax, r, [i for i in items if i["prune_ratio"] == r]) for ax, r in zip(axes[0], ratios)]
+
+
+def overlap_table(overlaps: list[dict]) -> list[str]:
+    """The Markdown table of `removal_overlaps`."""
+    return (["| prune ratio | method | removed | also removed | Jaccard |", "|---:|---|---:|---:|---:|"]
+            + [f"| {o['prune_ratio']:g} | {o['method']} | {o['removed']} | {100 * o['also_removed']:.1f} % | "
+               f"{o['jaccard']:.3f} |" for o in overlaps])
+
+
 def draw_overlaps(overlaps: list[dict], path: Path) -> str:
     """removal_overlap.png: one panel per prune ratio, the share of influence's removals each
     method removes too (`removal_overlaps`), beside the share a random set would have."""
-    plt = pyplot()
-
-    ratios = sorted({o["prune_ratio"] for o in overlaps})
-    rows = max(sum(o["prune_ratio"] == r for o in overlaps) for r in ratios)
-    fig, axes = plt.subplots(1, len(ratios), figsize=(max(7.0, 3.6 * len(ratios) + 1), max(3.6, 0.45 * rows + 2.4)),
-                             squeeze=False)
-    for ax, ratio in zip(axes[0], ratios):
-        os_ = [o for o in overlaps if o["prune_ratio"] == ratio]
+    fig, axes, panels = _panels_per_ratio(pyplot(), overlaps, row_height=0.45)
+    for ax, ratio, os_ in panels:
         shares = [100 * o["also_removed"] for o in os_]
         ax.barh(range(len(os_)), shares, color=[_COLOURS.get(o["method"], "#333333") for o in os_])
         for y, share in enumerate(shares):
@@ -451,7 +462,7 @@ def draw_overlaps(overlaps: list[dict], path: Path) -> str:
         ax.set_title(f"{100 * ratio:g}% pruned")
     fig.suptitle("How much of what this product removes each method removes too\n"
                  "(a method that draws per seed: its first draw)", fontsize=10)
-    return save_figure(fig, axes[0], path)
+    return save_figure(fig, axes, path)
 
 
 def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: Path,
@@ -558,12 +569,8 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
     if shown:
         from matplotlib.lines import Line2D
 
-        ratios = sorted({c["prune_ratio"] for c in shown})
-        rows = max(sum(c["prune_ratio"] == r for c in shown) for r in ratios)
-        fig, axes = plt.subplots(1, len(ratios), figsize=(max(7.0, 3.6 * len(ratios) + 1), max(3.6, 0.5 * rows + 2.4)),
-                                 squeeze=False)
-        for ax, ratio in zip(axes[0], ratios):
-            cs = [c for c in shown if c["prune_ratio"] == ratio]
+        fig, axes, panels = _panels_per_ratio(plt, shown, row_height=0.5)
+        for ax, ratio, cs in panels:
             for y, c in enumerate(cs):
                 lo, hi = c["interval"]
                 colour = _COLOURS.get(c["versus"], "#333333")
@@ -578,9 +585,9 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
             ax.set_xlabel("influence − baseline (points)")
             ax.set_title(f"{100 * ratio:g}% pruned")
             ax.grid(alpha=0.3)
-        axes[0][0].legend(handles=[Line2D([], [], marker="o", ls="", color="#333333", label="interval excludes 0"),
-                                   Line2D([], [], marker="o", ls="", color="#333333", mfc="white",
-                                          label="not resolved (includes 0)")], fontsize=8, loc="lower center")
+        axes[0].legend(handles=[Line2D([], [], marker="o", ls="", color="#333333", label="interval excludes 0"),
+                                Line2D([], [], marker="o", ls="", color="#333333", mfc="white",
+                                       label="not resolved (includes 0)")], fontsize=8, loc="lower center")
         fig.suptitle("This product's method against each baseline: test-accuracy difference, mean over seeds,\n"
                      f"95 % interval over {interval_over(min(c['paired_seeds'] for c in shown))}", fontsize=10)
         paths["comparisons"] = save_figure(fig, [], out / "comparisons.png")  # grids and the one legend set above
@@ -660,10 +667,7 @@ def report_markdown(summary: list[dict], records: list[dict], gaps: list[dict], 
         lines += ["", "## What each method removes, against influence", "",
                   "Which share of the influence method's removal set each method also removes (a random set of "
                   "the same size shares about the prune ratio), and the Jaccard index of the two sets; a method "
-                  "that draws per seed by its first draw.", "",
-                  "| prune ratio | method | removed | also removed | Jaccard |", "|---:|---|---:|---:|---:|"]
-        lines += [f"| {o['prune_ratio']:g} | {o['method']} | {o['removed']} | {100 * o['also_removed']:.1f} % | "
-                  f"{o['jaccard']:.3f} |" for o in overlaps]
+                  "that draws per seed by its first draw.", ""] + overlap_table(overlaps)
     lines += ["", "## Plots", ""]
     for name, path in plots.items():
         lines.append(f"![{name.replace('_', ' ')}]({rel(path)})")
