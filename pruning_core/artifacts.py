@@ -257,9 +257,13 @@ def scores_table(columns: dict[str, np.ndarray], vectors: np.ndarray, metadata: 
 
 def column_array(table: pa.Table, name: str) -> np.ndarray:
     """A column as numpy: 1-d columns as (n,), fixed-size lists as (n, width)."""
-    column = table.column(name).combine_chunks()
+    return array_numpy(table.column(name).combine_chunks())
+
+
+def array_numpy(column: pa.Array) -> np.ndarray:
+    """An Arrow array as numpy: a fixed-size list array as (n, width), any other as (n,)."""
     if pa.types.is_fixed_size_list(column.type):
-        return column.values.to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+        return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
     return column.to_numpy(zero_copy_only=False)
 
 
@@ -310,8 +314,7 @@ def influence_norms(path: str | Path, batch_rows: int = 8192) -> np.ndarray:
     """‖s_i‖₂ of every row of a scores file, read in batches (the vectors are never all held)."""
     norms = []
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["influence"]):
-        vectors = column_array(pa.table({"influence": batch.column(0)}), "influence")
-        norms.append(np.linalg.norm(vectors.astype(np.float64), axis=1))
+        norms.append(np.linalg.norm(array_numpy(batch.column(0)).astype(np.float64), axis=1))
     return np.concatenate(norms) if norms else np.zeros(0)
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import artifacts
+
 CLASS_NAMES = {
     "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                       "Ankle boot"),
@@ -171,8 +173,6 @@ def draw_run(folder: Path, ds, scores: Path, selection: Path, objective: float |
     """A run's pictures in `folder`: selection.png and, where the samples are images, examples.png.
     Returns {picture: file name}. The scores, the selection and the dataset list the same samples
     in the same order, as a run writes them."""
-    from . import artifacts
-
     sample_id, pruned = artifacts.load_selection(selection)
     if not np.array_equal(sample_id, ds.sample_id):
         raise ValueError(f"{selection} does not list the samples of {ds.name} in order")
