@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--dask-address", help="scheduler for --solver bucketed (default: a local cluster)")
     select.add_argument("--workers", type=int, default=2)
     select.add_argument("--out", required=True, help="the selection's Parquet file (sample_id, pruned)")
+    select.add_argument("--pictures", metavar="DIR",
+                        help="also draw the selection's pictures into DIR (selection.png; examples.png for images), "
+                             "with the dataset the run folder of --scores names")
 
     evaluate = sub.add_parser("evaluate", help="retrain on pruned sets per method x ratio x seed; report and plots")
     for flag, kind, default in (("--dataset", str, "fashion-mnist"), ("--data-root", str, None), ("--model", str, "cnn"),
@@ -409,6 +412,9 @@ def cmd_select(ns: argparse.Namespace) -> int:
     if Path(ns.out).is_dir():
         raise BadInputError(f"--out {ns.out}: is a folder; give the selection's file path (e.g. selection.parquet)")
     check_can_create(Path(ns.out).resolve(), "--out", folder=False)
+    scored = scored_dataset(Path(ns.scores)) if ns.pictures else None  # refused here, before the selection
+    if ns.pictures:
+        check_can_create(Path(ns.pictures).resolve(), "--pictures")
     if ns.train_epochs is not None:
         recipe = scoring_recipe(Path(ns.scores).resolve().parent)  # the run folder of --scores
         args = dataclasses.replace(args, train_budget=train_budget(ns.train_epochs, recipe.epochs, recipe.model))
@@ -424,7 +430,47 @@ def cmd_select(ns: argparse.Namespace) -> int:
     else:
         summary = selection_stage(Path(ns.scores), args, Path(ns.out))
     print(f"{ns.out}: pruned {summary['n_pruned']} of {summary['n']}, objective ‖Σ s_i‖ = {summary['objective']:.6g}")
+    if scored is not None:
+        drawn = draw_pictures(Path(ns.pictures), scored, Path(ns.scores), Path(ns.out), summary["objective"])
+        print(f"pictures:      {', '.join(drawn)}")
     return 0
+
+
+def scored_dataset(scores):
+    """The dataset a run scored, as its manifest beside `scores` names it, checked to list the
+    scored samples in their order (the file behind an `npz:` or a table may have changed since)."""
+    import numpy as np
+
+    from flows.parameters import run_arguments
+    from pruning_core import artifacts
+    from pruning_core.data import load_dataset
+
+    used = run_arguments(scores.resolve().parent, "the dataset to draw --pictures from is")
+    ds = load_dataset(used["dataset"], used.get("data_root"))
+    table, _, _ = artifacts.load_scores(scores, with_vectors=False)
+    if not np.array_equal(artifacts.column_array(table, "sample_id"), ds.sample_id):
+        raise BadInputError(f"--pictures: {used['dataset']} no longer lists the samples {scores} scored")
+    return ds
+
+
+def draw_pictures(folder, ds, scores, selection, objective: float) -> list[str]:
+    """The selection's pictures drawn beside each other in a temporary folder inside `folder`, then
+    moved into it: a failed drawing leaves no picture of its own in `folder`. Their paths."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from pruning_core import figures
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".pictures.", dir=folder))
+    try:
+        drawn = figures.draw_run(tmp, ds, scores, selection, objective)
+        for name in drawn.values():
+            os.replace(tmp / name, folder / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [str((folder / name).resolve()) for name in drawn.values()]
 
 
 def _table_uri(uri: str) -> str:

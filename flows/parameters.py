@@ -73,13 +73,19 @@ def check_train_epochs(train_epochs: int | None, selection: SelectionArgs) -> No
         raise BadInputError("--train-epochs shifts the hard-cut schedule; with --hard-cut given there is none to shift")
 
 
+def run_arguments(run_dir: Path, needed: str) -> dict:
+    """The arguments a finished run was given, from its manifest; refused in one line where the
+    folder has none (`needed`: what is not known without them)."""
+    path = run_dir / "manifest.json"
+    if not path.is_file():
+        raise BadInputError(f"{run_dir}: no manifest.json, so {needed} not known")
+    return json.loads(path.read_text()).get("arguments", {})
+
+
 def scoring_recipe(run_dir: Path) -> TrainArgs:
     """The training recipe of a finished run, from its manifest (the model's default epochs when
     none were given)."""
-    path = run_dir / "manifest.json"
-    if not path.is_file():
-        raise BadInputError(f"{run_dir}: no manifest.json, so the scoring run's epochs are not known")
-    used = json.loads(path.read_text()).get("arguments", {})
+    used = run_arguments(run_dir, "the scoring run's epochs are")
     return TrainArgs(model=used.get("model", "cnn"), epochs=used.get("epochs"))
 
 

@@ -188,6 +188,47 @@ def test_select_command_over_stored_scores(first_run, tmp_path, extra, capsys):
         assert np.abs(counts - 0.3 * np.bincount(labels, minlength=10)).max() <= 1
 
 
+def test_select_draws_the_pictures_of_its_own_selection(first_run, small_npz, tmp_path, capsys):
+    """`select --pictures DIR` draws what a run draws, of the new selection, with the dataset the
+    scores' run folder names; without that folder's manifest, or with a dataset that no longer
+    lists the scored samples, it refuses in one line before selecting, and writes nothing."""
+    from flows.cli import main
+    from pruning_core import figures
+    from pruning_core.data import load_dataset
+
+    tmp, manifest = first_run
+    run_dir = tmp / "first" / "runs" / manifest["run_id"]
+    out, pictures = tmp_path / "el2n.parquet", tmp_path / "pictures"
+    assert main(["select", "--scores", str(run_dir / "scores.parquet"), "--prune-ratio", "0.3", "--method", "el2n",
+                 "--out", str(out), "--pictures", str(pictures)]) == 0
+    printed = capsys.readouterr().out
+    assert f"pictures:      {pictures / 'selection.png'}, {pictures / 'examples.png'}" in printed
+    assert sorted(p.name for p in pictures.iterdir()) == ["examples.png", "selection.png"]  # no drawing folder left
+    direct = tmp_path / "direct"
+    direct.mkdir()
+    summary = json.loads(pq.read_schema(out).metadata[b"dataset_pruning"])
+    figures.draw_run(direct, load_dataset(f"npz:{small_npz}"), run_dir / "scores.parquet", out, summary["objective"])
+    for name in ("selection.png", "examples.png"):
+        assert (pictures / name).read_bytes() == (direct / name).read_bytes()
+        assert (pictures / name).read_bytes() != (run_dir / name).read_bytes()  # the run's own pruned 40 %, by influence
+
+    alone, moved = tmp_path / "alone", tmp_path / "moved"
+    alone.mkdir(), moved.mkdir()
+    (alone / "scores.parquet").write_bytes((run_dir / "scores.parquet").read_bytes())
+    (moved / "scores.parquet").write_bytes((run_dir / "scores.parquet").read_bytes())
+    np.savez(tmp_path / "other.npz", **{k: v[:1000] for k, v in np.load(small_npz).items()})
+    used = {**manifest, "arguments": {**manifest["arguments"], "dataset": f"npz:{tmp_path / 'other.npz'}"}}
+    (moved / "manifest.json").write_text(json.dumps(used, default=str))
+    for folder, message in ((alone, "no manifest.json, so the dataset to draw --pictures from is not known"),
+                            (moved, "no longer lists the samples")):
+        refused = tmp_path / f"{folder.name}.parquet"
+        assert main(["select", "--scores", str(folder / "scores.parquet"), "--prune-ratio", "0.3",
+                     "--out", str(refused), "--pictures", str(tmp_path / f"{folder.name}-pictures")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err, err
+        assert not refused.exists() and not (tmp_path / f"{folder.name}-pictures").exists()
+
+
 def test_select_train_epochs_shifts_the_hard_cut_by_the_run_s_own_epochs(first_run, tmp_path, capsys):
     """`select --train-epochs N` reads the scoring run's epochs (5) from the manifest beside --scores:
     twice them cuts 10 % at 80 % pruned instead of 15 %, four times 5 %, fewer than half of them 25 %;
