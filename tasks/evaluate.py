@@ -1,6 +1,6 @@
 """Evaluation tasks: retrain on a selection, and the generalization-gap check."""
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pruning_core import evaluation
@@ -20,6 +20,10 @@ def generalization_gap(kind: str, dataset: str, data_root: str | None, samples: 
                        weight_decay: float, checkpoint: str | None, model_name: str | None) -> list[dict]:
     from pruning_core.pipeline import torch_threads
 
+    ds = load_dataset(dataset, data_root)
+    if samples > ds.n:
+        get_run_logger().warning("--gap-samples %d is more than the %d training samples: the check uses all of them",
+                                 samples, ds.n)
     with torch_threads(1):
-        return evaluation.gap_check(kind, load_dataset(dataset, data_root), samples, points, weight_decay,
-                                    checkpoint=checkpoint, model_name=model_name)
+        return evaluation.gap_check(kind, ds, samples, points, weight_decay, checkpoint=checkpoint,
+                                    model_name=model_name)

@@ -282,6 +282,21 @@ def pooled_npz(small_npz, tmp_path_factory) -> str:
     return str(path)
 
 
+def test_gap_samples_beyond_the_training_set_use_all_of_them_and_say_so(prefect_api, pooled_npz, caplog):
+    from prefect import flow
+
+    from tasks.evaluate import generalization_gap
+
+    @flow
+    def gap_only():
+        return generalization_gap("linear", f"npz:{pooled_npz}", None, 5000, 2, 0.01, None, None)
+
+    with caplog.at_level("WARNING"):
+        gaps = gap_only()
+    assert gaps and {g["n"] for g in gaps} == {2000}
+    assert "--gap-samples 5000 is more than the 2000 training samples: the check uses all of them" in caplog.text
+
+
 def test_evaluate_flow_end_to_end(prefect_api, pooled_npz, tmp_path, capsys):
     out = tmp_path / "runs"
     code = main(["evaluate", "--dataset", f"npz:{pooled_npz}", "--model", "linear", "--methods", "influence,random",
