@@ -535,6 +535,7 @@ def _lineage_text(chain: list[dict]) -> str:
         how += f"/{child['solver']}" if child.get("solver") else ""
         how += f", ratio {child['prune_ratio']}" if child.get("prune_ratio") is not None else ""
         how += f", ε {child['epsilon']}" if child.get("epsilon") is not None else ""
+        how += f", in {child['rounds']} rounds" if (child.get("rounds") or 1) > 1 else ""
         rows = f"{parent['rows']} rows" if parent.get("rows") is not None else "rows unknown"
         lines.append(f"{'   ' * depth}└─ pruned by run {child.get('run_id') or '-'} ({how}) from {parent['ref']}  ({rows})")
     return "\n".join(lines)

@@ -440,7 +440,8 @@ def lineage(uri: str, max_depth: int = 32) -> list[list[dict]]:
     the version itself, then each source it was pruned from, following `delta:URI@VERSION`
     sources into their own tables' provenance, down to the root source (a named dataset, an
     npz file, or a table version without provenance). Each node: `ref` (a dataset spec),
-    `rows`, and for pruned nodes `run_id`, `method`, `solver`, `prune_ratio`, `epsilon`."""
+    `rows`, and for pruned nodes `run_id`, `method`, `solver`, `prune_ratio`, `epsilon`,
+    `rounds` (how many rounds pruned it; the rounds' own tables stay inside its run folder)."""
     chains = []
     cache: dict[str, list[dict]] = {}
     for row in open_target(uri).versions():
@@ -479,4 +480,5 @@ def _node(row: dict, ref: str) -> dict:
     p = row["provenance"]
     return {"ref": ref, "rows": row.get("rows") if row.get("rows") is not None else p.get("n_kept"),
             "run_id": p.get("run_id"), "method": p.get("method"), "solver": p.get("solver"),
-            "prune_ratio": p.get("prune_ratio"), "epsilon": p.get("epsilon"), "n_pruned": p.get("n_pruned")}
+            "prune_ratio": p.get("prune_ratio"), "epsilon": p.get("epsilon"), "n_pruned": p.get("n_pruned"),
+            "rounds": (p.get("arguments") or {}).get("rounds", 1)}

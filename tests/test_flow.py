@@ -347,6 +347,8 @@ def test_rounds_rescore_what_the_earlier_rounds_kept(first_run, small_npz):
     fresh model on the 1,600 kept (a Delta table in the run folder, sample ids unchanged), scores
     them and prunes 25 % of them; one version of the 1,200 left is published, one selection lists
     every sample with the round that pruned it."""
+    from flows.cli import _lineage_text
+    from pruning_core.targets import lineage
     from tasks.progress import listening
 
     tmp, first = first_run
@@ -391,6 +393,11 @@ def test_rounds_rescore_what_the_earlier_rounds_kept(first_run, small_npz):
     assert version_rows(manifest).column("sample_id").to_pylist() == ids[~pruned].tolist()
     assert DeltaTable(manifest["version"]["uri"]).version() == 0
     assert not any((tmp / "rounds" / "runs" / ".staging").iterdir())
+    (chain,) = lineage(manifest["version"]["uri"])
+    source = load_dataset(f"npz:{small_npz}").name
+    assert (chain[0]["rounds"], chain[0]["prune_ratio"], chain[1]["ref"]) == (2, 0.4, source)
+    assert f"pruned by run {manifest['run_id']} (influence/greedy, ratio 0.4, in 2 rounds) from {source}" in \
+        _lineage_text(chain)
 
 
 def test_a_round_that_fails_leaves_nothing(first_run, small_npz, monkeypatch):
