@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SYSTEM_TOOLS := /usr/bin/chromium /usr/bin/git
 POOL ?= dataset-pruning
+TEST_WORKERS ?= auto
 DEMO_ARGS ?= --dataset fashion-mnist --model cnn --prune-ratio 0.4
 DEMO_EVAL_ARGS ?= --dataset fashion-mnist --model cnn --methods influence,random --ratios 0.4 --seeds 0 \
 	--gap-samples 2000 --gap-points 5 --out runs
@@ -47,8 +48,10 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# in TEST_WORKERS processes (pytest-xdist; `auto`: one per core, at most 4): 0.8× the time of one test
+# after another on 2 cores here (benchmarks/results/test-suite.md); TEST_WORKERS=0 runs them in one process
 test: setup lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses 4
 
 # rewrites the README's "Every option" tables from the parser (a test fails while they differ)
 options: setup
