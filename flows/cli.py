@@ -445,7 +445,10 @@ def scored_dataset(scores):
     from pruning_core import artifacts
     from pruning_core.data import load_dataset
 
-    used = run_arguments(scores.resolve().parent, "the dataset to draw --pictures from is")
+    needed = "the dataset to draw --pictures from is"
+    used = run_arguments(scores.resolve().parent, needed)
+    if not used.get("dataset"):
+        raise BadInputError(f"{scores.resolve().parent}: its manifest names no dataset, so {needed} not known")
     ds = load_dataset(used["dataset"], used.get("data_root"))
     table, _, _ = artifacts.load_scores(scores, with_vectors=False)
     if not np.array_equal(artifacts.column_array(table, "sample_id"), ds.sample_id):

@@ -212,15 +212,17 @@ def test_select_draws_the_pictures_of_its_own_selection(first_run, small_npz, tm
         assert (pictures / name).read_bytes() == (direct / name).read_bytes()
         assert (pictures / name).read_bytes() != (run_dir / name).read_bytes()  # the run's own pruned 40 %, by influence
 
-    alone, moved = tmp_path / "alone", tmp_path / "moved"
-    alone.mkdir(), moved.mkdir()
-    (alone / "scores.parquet").write_bytes((run_dir / "scores.parquet").read_bytes())
-    (moved / "scores.parquet").write_bytes((run_dir / "scores.parquet").read_bytes())
+    alone, moved, nameless = tmp_path / "alone", tmp_path / "moved", tmp_path / "nameless"
+    for folder in (alone, moved, nameless):
+        folder.mkdir()
+        (folder / "scores.parquet").write_bytes((run_dir / "scores.parquet").read_bytes())
     np.savez(tmp_path / "other.npz", **{k: v[:1000] for k, v in np.load(small_npz).items()})
     used = {**manifest, "arguments": {**manifest["arguments"], "dataset": f"npz:{tmp_path / 'other.npz'}"}}
     (moved / "manifest.json").write_text(json.dumps(used, default=str))
+    (nameless / "manifest.json").write_text(json.dumps({**manifest, "arguments": {}}, default=str))
     for folder, message in ((alone, "no manifest.json, so the dataset to draw --pictures from is not known"),
-                            (moved, "no longer lists the samples")):
+                            (moved, "no longer lists the samples"),
+                            (nameless, "its manifest names no dataset, so the dataset to draw --pictures from is")):
         refused = tmp_path / f"{folder.name}.parquet"
         assert main(["select", "--scores", str(folder / "scores.parquet"), "--prune-ratio", "0.3",
                      "--out", str(refused), "--pictures", str(tmp_path / f"{folder.name}-pictures")]) == 2
