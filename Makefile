@@ -48,8 +48,8 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# in TEST_WORKERS processes (pytest-xdist; `auto`: one per core, at most 4): 0.8× the time of one test
-# after another on 2 cores here (benchmarks/results/test-suite.md); TEST_WORKERS=0 runs them in one process
+# in TEST_WORKERS processes (pytest-xdist; `auto`: one per core, at most 4): 0.77–0.99× the time of one
+# test after another on 2 shared cores here (benchmarks/results/test-suite.md); TEST_WORKERS=0: one process
 test: setup lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses 4
 
