@@ -412,8 +412,9 @@ def cmd_select(ns: argparse.Namespace) -> int:
     if Path(ns.out).is_dir():
         raise BadInputError(f"--out {ns.out}: is a folder; give the selection's file path (e.g. selection.parquet)")
     check_can_create(Path(ns.out).resolve(), "--out", folder=False)
-    scored = scored_dataset(Path(ns.scores)) if ns.pictures else None  # refused here, before the selection
-    if ns.pictures:
+    scored = None
+    if ns.pictures:  # refused here, before the selection
+        scored = scored_dataset(Path(ns.scores))
         check_can_create(Path(ns.pictures).resolve(), "--pictures")
     if ns.train_epochs is not None:
         recipe = scoring_recipe(Path(ns.scores).resolve().parent)  # the run folder of --scores

@@ -310,7 +310,7 @@ class EvaluateParameters(RunParameters):
             raise BadInputError(f"--from-run {self.from_run}: not a finished run folder (no manifest.json/scores.parquet)")
         import pyarrow.parquet as pq
 
-        used = json.loads((run / "manifest.json").read_text()).get("arguments", {})
+        used = run_arguments(run, "what it was made with is")
         for name in ("dataset", "model", "data_root"):
             if used.get(name) != getattr(self, name):
                 raise BadInputError(f"--from-run {self.from_run} was made with {name} {used.get(name)!r}, "
