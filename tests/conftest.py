@@ -74,6 +74,21 @@ def prefect_api():
             os.environ.pop("PREFECT_API_URL", None)
 
 
+@pytest.fixture(scope="session")
+def dask_cluster(prefect_api) -> str:
+    """The address of one Dask LocalCluster, started as the flows start theirs (2 workers), for the
+    in-process runs that do not test the cluster itself: a fresh cluster's workers spend about 6 s
+    here importing torch and Prefect for their first task, in every run. Started after the Prefect
+    API, so that its workers report to it."""
+    from distributed import LocalCluster
+
+    from flows.parameters import RunParameters
+    from flows.prune import dask_runner
+
+    with LocalCluster(**dask_runner(RunParameters(prune_ratio=0.4, workers=2)).cluster_kwargs) as cluster:
+        yield cluster.scheduler_address
+
+
 def read_only_tree(root: Path) -> list[str]:
     """Every path under root, for asserting that nothing was written."""
     return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*")) if Path(root).exists() else []

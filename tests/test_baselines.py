@@ -71,17 +71,8 @@ def test_missing_columns_are_a_clear_error():
         select(np.zeros((5, 2)), SelectionArgs(method="forgetting", prune_ratio=0.4), {"label": np.zeros(5, int)})
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      host="127.0.0.1") as c:
-        yield c.scheduler_address
-
-
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "influence"])
-def test_every_method_runs_through_the_flow_and_writes_a_version(method, cluster, prefect_api, small_npz,
+def test_every_method_runs_through_the_flow_and_writes_a_version(method, dask_cluster, prefect_api, small_npz,
                                                                  cnn_checkpoint, tmp_path):
     from flows.parameters import RunParameters
     from flows.prune import prune_dataset
@@ -89,7 +80,7 @@ def test_every_method_runs_through_the_flow_and_writes_a_version(method, cluster
     # forgetting events are recorded while the run trains; the others score the same 2-epoch cnn, trained once
     model = {"epochs": 2} if method == "forgetting" else {"checkpoint": cnn_checkpoint}
     manifest = prune_dataset(RunParameters(dataset=f"npz:{small_npz}", model="cnn", method=method,
-                                           prune_ratio=0.3, shards=2, block_size=256, dask_address=cluster,
+                                           prune_ratio=0.3, shards=2, block_size=256, dask_address=dask_cluster,
                                            out=str(tmp_path / "runs"), target=str(tmp_path / "table"), **model))
     rows = DeltaTable(manifest["version"]["uri"], version=manifest["version"]["version"]).to_pyarrow_table()
     assert rows.num_rows == 1400 == manifest["selection"]["n_kept"]

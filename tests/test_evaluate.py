@@ -297,11 +297,12 @@ def test_gap_samples_beyond_the_training_set_use_all_of_them_and_say_so(prefect_
     assert "--gap-samples 5000 is more than the 2000 training samples: the check uses all of them" in caplog.text
 
 
-def test_evaluate_flow_end_to_end(prefect_api, pooled_npz, tmp_path, capsys):
+def test_evaluate_flow_end_to_end(prefect_api, pooled_npz, tmp_path, capsys, dask_cluster):
     out = tmp_path / "runs"
     code = main(["evaluate", "--dataset", f"npz:{pooled_npz}", "--model", "linear", "--methods", "influence,random",
                  "--ratios", "0.5", "--seeds", "0,1", "--gap-samples", "300", "--gap-points", "3",
-                 "--evaluations-per-epoch", "2", "--shards", "2", "--out", str(out), "--target", str(tmp_path / "t")])
+                 "--evaluations-per-epoch", "2", "--shards", "2", "--dask-address", dask_cluster, "--out", str(out),
+                 "--target", str(tmp_path / "t")])
     assert code == 0
     printed = capsys.readouterr().out
     folder = next(p for p in out.iterdir() if p.name.startswith("eval-"))
@@ -358,7 +359,8 @@ def test_evaluate_flow_end_to_end(prefect_api, pooled_npz, tmp_path, capsys):
     assert len(list((out / ".cache" / "retrain").glob("*.json"))) == 6
     assert main(["evaluate", "--dataset", f"npz:{pooled_npz}", "--model", "linear", "--methods", "influence,random",
                  "--ratios", "0.5", "--seeds", "0,1", "--gap-samples", "0", "--evaluations-per-epoch", "2",
-                 "--from-run", summary["scores_from"], "--out", str(out), "--target", str(tmp_path / "t")]) == 0
+                 "--from-run", summary["scores_from"], "--dask-address", dask_cluster, "--out", str(out),
+                 "--target", str(tmp_path / "t")]) == 0
     again = next(p for p in out.iterdir() if p.name.startswith("eval-") and p != folder)
     key = ("method", "prune_ratio", "seed", "n_kept", "test_accuracy", "train_seconds", "curve")
     assert sorted(tuple(str(r[k]) for k in key) for r in pq.read_table(again / "evaluation.parquet").to_pylist()) == \
@@ -458,14 +460,16 @@ def test_retraining_longer_than_the_scoring_run_shifts_the_hard_cut(tmp_path):
         EvaluateParameters(from_run=str(run), checkpoint=str(run / "manifest.json")).validate_all()
 
 
-def test_evaluate_in_rounds_rescores_the_influence_method_only(prefect_api, pooled_npz, tmp_path, capsys):
+def test_evaluate_in_rounds_rescores_the_influence_method_only(prefect_api, pooled_npz, tmp_path, capsys,
+                                                                dask_cluster):
     """--rounds 2: the influence method's set at 0.5 is pruned 25 % by the scoring run's model, then
     a third of the rest by a fresh model trained on what round 1 kept; random stays one draw per
     seed; the selection names each sample's round and the report says how the set was chosen."""
     out = tmp_path / "runs"
     assert main(["evaluate", "--dataset", f"npz:{pooled_npz}", "--model", "linear", "--methods", "influence,random",
                  "--ratios", "0.5", "--seeds", "0", "--gap-samples", "0", "--evaluations-per-epoch", "1",
-                 "--shards", "2", "--rounds", "2", "--out", str(out), "--target", str(tmp_path / "t")]) == 0
+                 "--shards", "2", "--rounds", "2", "--dask-address", dask_cluster, "--out", str(out),
+                 "--target", str(tmp_path / "t")]) == 0
     folder = next(p for p in out.iterdir() if p.name.startswith("eval-"))
     selection = pq.read_table(folder / "selections" / "influence-r0.5.parquet")
     in_round = selection.column("round").to_numpy()

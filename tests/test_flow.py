@@ -23,9 +23,11 @@ def run(tmp_path, name, **overrides):
 
 
 @pytest.fixture(scope="module")
-def first_run(prefect_api, small_npz, tmp_path_factory):
+def first_run(prefect_api, small_npz, tmp_path_factory, dask_cluster):
+    """The module's first run, on the session's warm cluster; the runs that test local clusters
+    (shard and worker counts) start their own."""
     tmp = tmp_path_factory.mktemp("flow")
-    return tmp, run(tmp, "first", dataset=f"npz:{small_npz}")
+    return tmp, run(tmp, "first", dataset=f"npz:{small_npz}", dask_address=dask_cluster)
 
 
 def test_flow_publishes_exactly_the_kept_samples(first_run, prefect_api):
@@ -78,7 +80,8 @@ def test_flow_draws_what_it_pruned_and_carries_the_pictures_to_the_ui(first_run,
         (name, (run_dir / f"{name}.png").read_bytes()) for name in ("selection", "examples")]
 
 
-def test_a_picture_that_cannot_be_drawn_loses_nothing(first_run, small_npz, cnn_checkpoint, monkeypatch):
+def test_a_picture_that_cannot_be_drawn_loses_nothing(first_run, small_npz, cnn_checkpoint, monkeypatch,
+                                                      dask_cluster):
     import flows.prune
 
     tmp, _ = first_run
@@ -87,7 +90,7 @@ def test_a_picture_that_cannot_be_drawn_loses_nothing(first_run, small_npz, cnn_
         raise RuntimeError("no display")
 
     monkeypatch.setattr(flows.prune, "draw_figures", broken)
-    manifest = run(tmp, "no-pictures", dataset=f"npz:{small_npz}", checkpoint=cnn_checkpoint)
+    manifest = run(tmp, "no-pictures", dataset=f"npz:{small_npz}", checkpoint=cnn_checkpoint, dask_address=dask_cluster)
     assert manifest["figures"] == {} and manifest["version"]["version"] == 0
     run_dir = tmp / "no-pictures" / "runs" / manifest["run_id"]
     assert not list(run_dir.glob("*.png")) and (run_dir / "selection.parquet").exists()
@@ -143,10 +146,10 @@ def version_rows(manifest):
         .sort_by("sample_id")
 
 
-def test_pruned_version_trains_and_scores_again(first_run):
+def test_pruned_version_trains_and_scores_again(first_run, dask_cluster):
     tmp, manifest = first_run
     source = f"delta:{manifest['version']['uri']}@{manifest['version']['version']}"
-    again = run(tmp, "again", dataset=source, prune_ratio=0.25)
+    again = run(tmp, "again", dataset=source, prune_ratio=0.25, dask_address=dask_cluster)
     assert again["dataset"]["n"] == 1200 and again["selection"]["n_pruned"] == 300
     first_rows = DeltaTable(manifest["version"]["uri"], version=manifest["version"]["version"]).to_pyarrow_table()
     rows = DeltaTable(again["version"]["uri"]).to_pyarrow_table()
@@ -309,7 +312,7 @@ def test_release_memory_runs_where_there_is_no_glibc_too(monkeypatch):
     release_memory()  # elsewhere: nothing to do, no error
 
 
-def test_a_selection_that_keeps_nothing_publishes_nothing(first_run, small_npz, tmp_path, capsys):
+def test_a_selection_that_keeps_nothing_publishes_nothing(first_run, small_npz, tmp_path, capsys, dask_cluster):
     """An ε above the whole set's ‖Σ s_i‖ would remove every sample: the run stops with one clear
     error before a version without samples is written, and leaves no run folder; the run's task and
     flow logs keep the reason without a traceback; `select` writes no file."""
@@ -325,7 +328,7 @@ def test_a_selection_that_keeps_nothing_publishes_nothing(first_run, small_npz, 
         logger.addHandler(keep)
     try:
         code = main(["run", "--dataset", f"npz:{small_npz}", "--model", "cnn", "--checkpoint", str(run_dir / "model.pt"),
-                     "--epsilon", "1e9", "--shards", "1", "--workers", "1", "--block-size", "128", "--no-progress",
+                     "--epsilon", "1e9", "--shards", "1", "--dask-address", dask_cluster, "--block-size", "128", "--no-progress",
                      "--out", str(tmp_path / "eps" / "runs"), "--target", str(tmp_path / "eps" / "table")])
     finally:
         for logger in loggers:
@@ -344,7 +347,7 @@ def test_a_selection_that_keeps_nothing_publishes_nothing(first_run, small_npz, 
     assert "removes all 2000 samples" in capsys.readouterr().err and not out.exists()
 
 
-def test_rounds_rescore_what_the_earlier_rounds_kept(first_run, small_npz):
+def test_rounds_rescore_what_the_earlier_rounds_kept(first_run, small_npz, dask_cluster):
     """--rounds 2 at 0.4: round 1 prunes 20 % of the samples with the run's model; round 2 trains a
     fresh model on the 1,600 kept (a Delta table in the run folder, sample ids unchanged), scores
     them and prunes 25 % of them; one version of the 1,200 left is published, one selection lists
@@ -356,7 +359,7 @@ def test_rounds_rescore_what_the_earlier_rounds_kept(first_run, small_npz):
     tmp, first = first_run
     seen = []
     with listening(lambda value, text: seen.append((value, text))):
-        manifest = run(tmp, "rounds", dataset=f"npz:{small_npz}", rounds=2)
+        manifest = run(tmp, "rounds", dataset=f"npz:{small_npz}", rounds=2, dask_address=dask_cluster)
     # one bar for the whole run: each round fills its half, never going back
     values = [v for v, _ in seen]
     assert values == sorted(values) and values[-1] == 100.0
@@ -402,7 +405,7 @@ def test_rounds_rescore_what_the_earlier_rounds_kept(first_run, small_npz):
         _lineage_text(chain)
 
 
-def test_a_round_that_fails_leaves_nothing(first_run, small_npz, monkeypatch):
+def test_a_round_that_fails_leaves_nothing(first_run, small_npz, monkeypatch, dask_cluster):
     """A failure after round 2 has trained and scored: no run folder, no staging, no version."""
     import flows.prune
 
@@ -413,7 +416,7 @@ def test_a_round_that_fails_leaves_nothing(first_run, small_npz, monkeypatch):
 
     monkeypatch.setattr(flows.prune, "compose_rounds", broken)
     with pytest.raises(RuntimeError, match="composition failed"):
-        run(tmp, "broken", dataset=f"npz:{small_npz}", rounds=2, epochs=2)
+        run(tmp, "broken", dataset=f"npz:{small_npz}", rounds=2, epochs=2, dask_address=dask_cluster)
     runs = tmp / "broken" / "runs"
     assert sorted(p.name for p in runs.iterdir()) == [".cache", ".staging"] and not any((runs / ".staging").iterdir())
     assert not (tmp / "broken" / "table").exists()

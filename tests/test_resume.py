@@ -22,14 +22,15 @@ def command(small_npz, checkpoint, out, target, shards=16):
 
 
 @pytest.fixture(scope="module")
-def reference(small_npz, cnn_checkpoint, prefect_api, tmp_path_factory) -> dict:
-    """An undisturbed run of the same inputs (4 shards; scores do not depend on the shard count)."""
+def reference(small_npz, cnn_checkpoint, prefect_api, tmp_path_factory, dask_cluster) -> dict:
+    """An undisturbed run of the same inputs (4 shards; scores do not depend on the shard count nor
+    on the cluster), in this process on the session's warm cluster."""
     from flows.parameters import RunParameters
     from flows.prune import prune_dataset
 
     tmp = tmp_path_factory.mktemp("reference")
     return prune_dataset(RunParameters(dataset=f"npz:{small_npz}", checkpoint=cnn_checkpoint, prune_ratio=0.4,
-                                       shards=4, workers=1, block_size=125, out=str(tmp / "runs"),
+                                       shards=4, dask_address=dask_cluster, block_size=125, out=str(tmp / "runs"),
                                        target=str(tmp / "table")))
 
 
