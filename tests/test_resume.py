@@ -15,10 +15,11 @@ import pytest
 from conftest import clean_env
 
 
-def command(small_npz, checkpoint, out, target, shards=16):
+def command(small_npz, checkpoint, out, target, shards=16, dask_address=None):
     exe = Path(sys.executable).parent / "dataset-prune"
+    cluster = ["--dask-address", dask_address] if dask_address else ["--workers", "1"]
     return [str(exe), "run", "--dataset", f"npz:{small_npz}", "--checkpoint", checkpoint, "--prune-ratio", "0.4",
-            "--shards", str(shards), "--workers", "1", "--block-size", "125", "--out", str(out), "--target", str(target)]
+            "--shards", str(shards), *cluster, "--block-size", "125", "--out", str(out), "--target", str(target)]
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +83,14 @@ FAULTS = Path(__file__).with_name("fault_injection.py")
 
 
 def test_killed_in_selection_or_commit_leaves_nothing_visible_and_the_rerun_is_identical(
-        small_npz, cnn_checkpoint, tmp_path, prefect_api, reference):
+        small_npz, cnn_checkpoint, tmp_path, prefect_api, reference, dask_cluster):
     """The whole run process is killed (SIGKILL) mid-selection, right after its Delta commit, and
     with a commit in flight over an existing version; then the run is repeated. No run folder
     ever claims success, no partial version appears, the version already there stays readable,
     dead runs' staging folders are removed by the next run, every shard is reused, and the rerun
-    publishes exactly what an undisturbed run publishes."""
+    publishes exactly what an undisturbed run publishes. The runs use the session's warm cluster
+    (the kills come after the influence stage; killing a run's own cluster mid-shards is the test
+    above)."""
     from deltalake import DeltaTable
 
     ref_dir = Path(reference["run_dir"])
@@ -95,7 +98,7 @@ def test_killed_in_selection_or_commit_leaves_nothing_visible_and_the_rerun_is_i
 
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     out, target = tmp_path / "runs", tmp_path / "table"
-    argv = command(small_npz, cnn_checkpoint, out, target, shards=4)[1:]
+    argv = command(small_npz, cnn_checkpoint, out, target, shards=4, dask_address=dask_cluster)[1:]
 
     def crash(point):
         with open(tmp_path / f"{point}.log", "w") as log:
@@ -134,8 +137,8 @@ def test_killed_in_selection_or_commit_leaves_nothing_visible_and_the_rerun_is_i
     assert sorted(table.to_pyarrow_table().column("sample_id").to_pylist()) == ref_rows
 
     # 4. the rerun: every shard reused, the undisturbed result, nothing stale left
-    subprocess.run(command(small_npz, cnn_checkpoint, out, target, shards=4), env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(command(small_npz, cnn_checkpoint, out, target, shards=4, dask_address=dask_cluster), env=env,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert cache_files() == cache
     (run_dir,) = [p for p in out.iterdir() if not p.name.startswith(".")]
     assert (run_dir / "selection.parquet").read_bytes() == (ref_dir / "selection.parquet").read_bytes()
