@@ -456,8 +456,11 @@ def largest_size_within(vectors: np.ndarray, args: SelectionArgs) -> tuple[np.nd
     """The ε mode: binary search over m for the largest size whose size-constrained solution
     stays within ε. The bracket holds f(lo) ≤ ε < f(hi) (f(0) = 0, f(n+1) = ∞ by convention), so
     the answer m* has f(m*) ≤ ε and f(m* + 1) > ε — maximal for the solver — and the probes
-    depend on ε only through those comparisons, so m* never shrinks as ε grows."""
+    depend on ε only through those comparisons, so m* never shrinks as ε grows. An ε that the
+    whole set's ‖Σ s_i‖ stays within answers m* = n without a search (the largest size there is)."""
     n = len(vectors)
+    if n and objective(vectors, np.ones(n, bool)) <= args.epsilon:
+        return np.ones(n, bool), [n]
     lo, hi = 0, n + 1
     best = np.zeros(n, bool)
     probes = []

@@ -73,6 +73,18 @@ def test_epsilon_mode_is_maximal_for_the_solver():
     assert objective(V, solve_size(V, k + 1, args)[0]) > 2.0  # one more sample by the solver's rule breaks ε
 
 
+def test_an_epsilon_above_the_whole_set_s_norm_removes_everything_without_a_search():
+    """m* = n at once (the stage then refuses a version without samples before writing anything):
+    not after the binary search's log2(n) solves, which take minutes over 60,000 samples."""
+    rng = np.random.default_rng(5)
+    V = instance(rng, 400, 8)
+    whole = float(np.linalg.norm(V.sum(0)))
+    result = select(V, SelectionArgs(epsilon=whole * (1 + 1e-9)))
+    assert result.pruned.all() and result.info["probes"] == [400]
+    below = select(V, SelectionArgs(epsilon=whole * (1 - 1e-6)))
+    assert not below.pruned.all() and len(below.info["probes"]) > 1 and below.objective <= whole
+
+
 def test_epsilon_mode_reaches_the_exact_optimum_on_a_small_instance():
     from pruning_core.selection import greedy_path
 
