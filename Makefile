@@ -48,8 +48,8 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# in TEST_WORKERS processes (pytest-xdist; `auto`: one per core, at most 4): 0.77–0.99× the time of one
-# test after another on 2 shared cores here (benchmarks/results/test-suite.md); TEST_WORKERS=0: one process
+# in TEST_WORKERS processes (pytest-xdist; `auto`: one per core, at most 4; TEST_WORKERS=0: one process),
+# each with one warm Dask cluster for its in-process runs: times in benchmarks/results/test-suite.md
 test: setup lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses 4
 
