@@ -183,6 +183,7 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
     plots, targets). On any failure the staged evaluation folder is removed."""
     logger = get_run_logger()
     params.validate_all()
+    params = params.pinned()  # a Delta source's version: the one this run loads, on every worker
     args = params.eval_args()
     run_id = run_id or "eval-" + new_run_id()
     out = Path(params.out).expanduser().resolve()

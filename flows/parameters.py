@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pruning_core import artifacts
-from pruning_core.data import parse_dataset_spec
+from pruning_core.data import parse_dataset_spec, pinned
 from pruning_core.errors import BadInputError
 from pruning_core.influence import InfluenceArgs
 from pruning_core.selection import MAX_ROUNDS, MAX_SWAP_ROUNDS, SelectionArgs
@@ -231,6 +231,13 @@ class RunParameters(BaseModel):
         if "://" in target:
             return target
         return str(Path(target).expanduser().resolve())
+
+    def pinned(self):
+        """These parameters with a Delta source named without a version pinned to the table's
+        newest version (`data.pinned`): every stage and worker of the run then loads the rows
+        the run trained on, even if a commit lands on the table meanwhile."""
+        spec = pinned(self.dataset)
+        return self.model_copy(update={"dataset": str(spec)}) if spec.kind == "delta" else self
 
     def validate_all(self) -> None:
         """Build every stage's arguments so that bad values fail before anything runs."""

@@ -222,6 +222,7 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
     staging folder of a run that was killed is removed by the next run on the same `out`."""
     logger = get_run_logger()
     params.validate_all()
+    params = params.pinned()  # a Delta source's version: the one this run loads, on every worker
     run_id = artifacts.check_run_id(run_id) if run_id is not None else new_run_id()
     out = Path(params.out).expanduser().resolve()
     staging, final = artifacts.staging_path(out, run_id), out / run_id

@@ -88,6 +88,12 @@ def claim_folder(folder: str | Path, arguments: dict) -> Path:
     return folder
 
 
+def claimed_arguments(folder: str | Path) -> dict:
+    """The arguments `folder` was claimed for (`claim_folder`); {} for a folder never claimed."""
+    saved = Path(folder) / "arguments.json"
+    return json.loads(saved.read_text()) if saved.exists() else {}
+
+
 # --- run folders: staged as <out>/.staging/<run_id>, locked while their run lives ---------
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")

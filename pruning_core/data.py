@@ -253,12 +253,26 @@ def _load_cached(spec: DatasetSpec, data_root: str | None) -> Dataset:
 
 
 def load_dataset(spec: str | DatasetSpec, data_root: str | None = None) -> Dataset:
-    """Load and validate a dataset; cached per process, so a worker loads it once."""
-    if isinstance(spec, str):
-        spec = parse_dataset_spec(spec)
+    """Load and validate a dataset; cached per process, so a worker loads it once. A Delta
+    table named without a version is its newest version at this call, not at the first one: a
+    long-lived process (a Dask worker serving run after run) must not keep an older version
+    under the table's bare name."""
+    spec = pinned(spec)
     if data_root is not None:
         data_root = str(Path(data_root).expanduser().resolve())
     return _load_cached(spec, data_root)
+
+
+def pinned(spec: str | DatasetSpec) -> DatasetSpec:
+    """`spec` parsed, a Delta table without `@VERSION` given its newest version; a run passes
+    this on to its workers, so that they load what it loaded even if a commit lands meanwhile."""
+    if isinstance(spec, str):
+        spec = parse_dataset_spec(spec)
+    if spec.kind == "delta" and spec.version is None:
+        from .versions import open_table  # deltalake is needed only for this source
+
+        spec = DatasetSpec(kind="delta", path=spec.path, version=open_table(spec.path).version())
+    return spec
 
 
 def dataset_summary(ds: Dataset) -> dict:

@@ -8,6 +8,8 @@ import ctypes
 import functools
 import gc
 import json
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import torch
 
 from . import artifacts, hessians, influence
 from .data import load_dataset
-from .errors import BadInputError
+from .errors import BadInputError, DatasetError
 from .influence import InfluenceArgs
 from .scopes import ScopedLoss, autograd_curvature, scope_parameter_names
 from .selection import SelectionArgs, generalization_bound, select
@@ -76,6 +78,21 @@ def checkpoint_stage(dataset: str, data_root: str | None, model_name: str, check
             "seconds": 0.0}
 
 
+def _cached_run_dataset(cache: Path, dataset: str, data_root: str | None):
+    """The run's dataset as this process loads it, refused when its content is not the data
+    `cache` was claimed for (the fingerprint in its arguments.json, from the process that trained
+    the model): a Dask worker that sees other data under the same name (another machine's file at
+    that path, another version of a table) would otherwise write shards that this run and later
+    ones take for the run's own."""
+    ds = load_dataset(dataset, data_root)
+    expected = artifacts.claimed_arguments(cache).get("dataset")
+    if expected is not None and expected != ds.fingerprint:
+        raise DatasetError(f"{dataset} as loaded on {socket.gethostname()} (process {os.getpid()}) is not the data "
+                           f"this run trained on (fingerprint {ds.fingerprint[:12]}, not {expected[:12]}); every Dask "
+                           "worker must see the same data under the same name")
+    return ds
+
+
 @functools.lru_cache(maxsize=2)
 def _model_once(checkpoint: str, sha256: str, model_name: str, dataset: str, data_root: str | None):
     """The model of a checkpoint, loaded once per process (a Dask worker loads it once)."""
@@ -90,7 +107,7 @@ def features_shard_stage(cache: Path, checkpoint: str, sha256: str, model_name: 
         return str(path)
     if args_scope != "last-layer":  # other scopes take gradients from the inputs directly
         return None
-    ds = load_dataset(dataset, data_root)
+    ds = _cached_run_dataset(cache, dataset, data_root)
     with torch_threads(threads if default_device().type == "cpu" else None):
         phi = influence.last_layer_inputs(_model_once(checkpoint, sha256, model_name, dataset, data_root),
                                           ds.x[start:end], block_size)
@@ -104,7 +121,7 @@ def _curvature(cache: Path, model, args: InfluenceArgs, dataset: str, data_root:
         W, b = influence.last_layer_weights(model)
         probs = influence.softmax_probs(phi, W, b, device)
         return influence.last_layer_curvature(phi, probs, args.block_size, device)
-    ds = load_dataset(dataset, data_root)
+    ds = _cached_run_dataset(cache, dataset, data_root)
     loss = ScopedLoss(model, scope_parameter_names(model, args.scope))
     return autograd_curvature(loss, ds.x, ds.y, args.block_size)
 
@@ -146,7 +163,7 @@ def influence_shard_stage(cache: Path, checkpoint: str, sha256: str, model_name:
     path = artifacts.scores_shard_path(cache, start, end)
     if path.exists():
         return str(path)
-    ds = load_dataset(dataset, data_root)
+    ds = _cached_run_dataset(cache, dataset, data_root)
     model = _model_once(checkpoint, sha256, model_name, dataset, data_root)
     y = ds.y[start:end]
     M = np.load(inverse)

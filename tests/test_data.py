@@ -59,9 +59,11 @@ def test_delta_version_round_trip_with_time_travel(tmp_path, small_npz):
     assert np.array_equal(back.x, ds.x[keep_a]) and np.array_equal(back.y, ds.y[keep_a])
     assert np.array_equal(back.x_test, ds.x_test)
     assert np.array_equal(read_version(uri, None).sample_id, ds.sample_id[keep_b])
+    assert load_dataset(f"delta:{uri}").name == f"delta:{uri}@1"
     # pruned again: ids survive
     again = back.subset(back.sample_id % 2 == 1)
     commit_version(uri, again, np.ones(again.n, bool), {"run_id": "c"})
+    assert load_dataset(f"delta:{uri}").name == f"delta:{uri}@2"  # the newest, not the one this process loaded
     assert np.array_equal(read_version(uri, 2).sample_id, ds.sample_id[keep_a & (ds.sample_id % 2 == 1)])
     assert [v["provenance"]["run_id"] for v in list_versions(uri)] == ["c", "b", "a"]
 

@@ -11,8 +11,10 @@ from deltalake import DeltaTable
 
 from flows.parameters import RunParameters
 from flows.prune import prune_dataset
-from pruning_core.artifacts import load_scores
+from pruning_core.artifacts import claim_folder, load_scores
+from pruning_core.errors import DatasetError
 from pruning_core.selection import objective
+from pruning_core.versions import commit_version, read_version
 
 
 def run(tmp_path, name, **overrides):
@@ -147,14 +149,25 @@ def version_rows(manifest):
 
 
 def test_pruned_version_trains_and_scores_again(first_run, dask_cluster):
+    """A table named without a version is read at its newest version, by every run: the warm
+    cluster's workers, which hold an older version of the table loaded under its bare name,
+    too. The run records the version it read."""
     tmp, manifest = first_run
-    source = f"delta:{manifest['version']['uri']}@{manifest['version']['version']}"
-    again = run(tmp, "again", dataset=source, prune_ratio=0.25, dask_address=dask_cluster)
+    uri, version = manifest["version"]["uri"], manifest["version"]["version"]
+    again = run(tmp, "again", dataset=f"delta:{uri}", prune_ratio=0.25, dask_address=dask_cluster)
+    assert again["arguments"]["dataset"] == f"delta:{uri}@{version}"
     assert again["dataset"]["n"] == 1200 and again["selection"]["n_pruned"] == 300
-    first_rows = DeltaTable(manifest["version"]["uri"], version=manifest["version"]["version"]).to_pyarrow_table()
+    first_rows = DeltaTable(uri, version=version).to_pyarrow_table()
     rows = DeltaTable(again["version"]["uri"]).to_pyarrow_table()
     assert set(rows.column("sample_id").to_pylist()) < set(first_rows.column("sample_id").to_pylist())
     assert rows.num_rows == 900
+
+    older = read_version(uri, version)
+    newer = commit_version(uri, older, np.arange(older.n) < 600, {"run_id": "by-hand"})
+    third = run(tmp, "third", dataset=f"delta:{uri}", prune_ratio=0.25, dask_address=dask_cluster)
+    assert third["arguments"]["dataset"] == f"delta:{uri}@{newer}" and third["dataset"]["n"] == 600
+    scores = pq.read_table(tmp / "third" / "runs" / third["run_id"] / "scores.parquet")
+    assert scores.column("sample_id").to_pylist() == older.sample_id[:600].tolist()
 
 
 def test_sharded_dask_scores_equal_one_plain_process(first_run, small_npz, tmp_path):
@@ -172,6 +185,25 @@ def test_sharded_dask_scores_equal_one_plain_process(first_run, small_npz, tmp_p
     shard = pipeline.influence_shard_stage(tmp_path, ckpt, sha, "cnn", spec, None, 0, 2000, inverse["path"], args)
     flow_scores = pq.read_table(tmp / "first" / "runs" / manifest["run_id"] / "scores.parquet")
     assert pq.read_table(shard).equals(flow_scores.drop_columns(["forgetting"]).replace_schema_metadata(None))
+
+
+def test_a_shard_stage_that_loads_other_data_than_the_run_trained_on_writes_nothing(first_run, small_npz, tmp_path):
+    """The cache folder is claimed for the data the run trained on (its fingerprint). A worker
+    that loads other data under the same name (another machine's file at that path) is refused
+    before it writes a shard there that this run and later ones would take for the run's."""
+    from pruning_core import pipeline
+
+    tmp, manifest = first_run
+    spec, ckpt, sha = f"npz:{small_npz}", manifest["model"]["checkpoint"], manifest["checkpoint_sha256"]
+    args = RunParameters(dataset=spec, prune_ratio=0.4, block_size=128).influence_args()
+    cache = claim_folder(tmp_path / "cache", {"dataset": "0" * 64})
+    with pytest.raises(DatasetError, match=r"is not the data this run trained on \(fingerprint \w{12}, not 000000000000\)"):
+        pipeline.features_shard_stage(cache, ckpt, sha, "cnn", spec, None, 0, 100, 128)
+    inverse = tmp / "first" / "runs" / ".cache"
+    inverse = next(inverse.glob("influence-*/inverse*.npy"))
+    with pytest.raises(DatasetError, match="is not the data this run trained on"):
+        pipeline.influence_shard_stage(cache, ckpt, sha, "cnn", spec, None, 0, 100, str(inverse), args)
+    assert [p.name for p in cache.iterdir()] == ["arguments.json"]
 
 
 @pytest.mark.parametrize("extra", [["--method", "el2n"], ["--class-balanced"], ["--method", "forgetting"]])
