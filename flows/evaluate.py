@@ -26,7 +26,7 @@ from tasks.progress import RunProgress
 from tasks.select import compose_selections, select_samples
 
 from .parameters import EvaluateParameters, RunParameters, scoring_recipe
-from .prune import dask_runner, later_rounds, new_run_id, prune_dataset
+from .prune import dask_runner, later_rounds, new_run_id, prune_dataset, workers_ready
 
 
 class Done:
@@ -199,6 +199,8 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
     scores, checkpoint = str(artifacts.scores_path(Path(manifest["run_dir"]))), manifest["model"]["checkpoint"]
     staging.mkdir(parents=True)
     try:
+        if params.dask_address and params.from_run:  # else the scoring run just asked the workers
+            workers_ready(params, load_dataset(params.dataset, params.data_root), staging)
         cache = out / ".cache" / "retrain"
         cache.mkdir(parents=True, exist_ok=True)
         made = (influence_in_rounds(params, scores, staging, out) if params.rounds > 1 and "influence" in params.methods

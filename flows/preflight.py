@@ -1,13 +1,16 @@
 """What a run checks before it writes anything: the data and the checkpoint load, a given Dask
-scheduler answers, and the influence stage's estimated peak memory fits where it will run.
-Each failure is a `BadInputError`: one line, exit status 2, nothing written."""
+scheduler answers, and the influence stage's estimated peak memory fits where it will run;
+then, on a given cluster, before it trains: every worker opens the data and shares the run
+folder. Each failure is a `BadInputError`: one line, exit status 2, nothing left behind."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import threading
+from pathlib import Path
 
-from pruning_core.errors import BadInputError
+from pruning_core.errors import BadInputError, first_line
 from pruning_core.influence import check_memory, memory_available, stage_estimate
 from pruning_core.selection import check_scip_size, round_ratios
 
@@ -60,9 +63,55 @@ def scheduler_info(address: str, timeout: float | None = None) -> dict:
     elif isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not str(exc).strip():
         reason = "it accepted the connection but never replied"
     else:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        reason = first_line(exc, 160)
     raise BadInputError(f"--dask-address {address}: no Dask scheduler answered within {timeout:g} s ({reason}); "
                         f"start one (dask scheduler) or leave --dask-address out for a local cluster")
+
+
+def check_workers(address: str, dataset: str, data_root: str | None, fingerprint: str, folder: Path) -> int:
+    """On the Dask cluster at `address`, ask every worker what it sees of the run
+    (`pipeline.worker_view`) before the run trains, and refuse, in one line, a worker that cannot
+    open `dataset`, that loads other data under its name (`fingerprint` is this process's), or
+    that cannot read and write in `folder` (the run's staging folder: workers read the model
+    from it and write their shards beside it). Without this a run on a cluster whose workers lack
+    the object store's credentials or the shared filesystem fails only after training. Returns
+    the number of workers asked (0: none has joined yet, nothing to check)."""
+    from distributed import Client
+
+    from pruning_core.pipeline import worker_view
+
+    probe, token = folder / ".workers-probe", secrets.token_hex(8)
+    probe.write_text(token)
+    try:
+        with Client(address, timeout=connect_timeout(), set_as_default=False) as client:
+            views = client.run(worker_view, dataset, data_root, str(probe), on_error="return")
+    except (OSError, TimeoutError) as exc:
+        raise BadInputError(f"--dask-address {address}: the scheduler stopped answering ({exc})") from exc
+    finally:
+        probe.unlink(missing_ok=True)
+    for worker, view in sorted(views.items()):
+        problem = worker_problem(view, dataset, fingerprint, token, folder)
+        if problem:
+            raise BadInputError(f"--dask-address {address}: worker {worker} {problem}")
+    return len(views)
+
+
+def worker_problem(view, dataset: str, fingerprint: str, token: str, folder: Path) -> str | None:
+    """Why a worker that answered `view` (`pipeline.worker_view`, or the exception it raised)
+    cannot take part in the run; None if it can."""
+    if isinstance(view, BaseException):
+        return f"cannot run dataset-prune's code ({first_line(view)}); install the same dataset-prune on every worker"
+    if "dataset_error" in view:
+        return (f"cannot open {dataset} ({view['dataset_error']}); every worker needs this process's access to the "
+                f"data (the object store's credentials in its environment, the same --data-root)")
+    if view["fingerprint"] != fingerprint:
+        return (f"loads other data as {dataset} (fingerprint {view['fingerprint'][:12]}, not {fingerprint[:12]} as "
+                f"here); every worker must see the same data under the same name")
+    if "folder_error" in view or view.get("probe") != token:
+        reason = view.get("folder_error", "it holds another run's probe")
+        return (f"cannot use the run's folder {folder} ({reason}); the workers read the model there and write "
+                f"their shards beside it, so they must share --out's filesystem with this process")
+    return None
 
 
 def memory_limit(workers: int, info: dict | None) -> tuple[int | None, str]:

@@ -32,7 +32,7 @@ from tasks.select import compose_selections, select_samples
 from tasks.train import load_checkpoint, train_model
 
 from .parameters import RunParameters
-from .preflight import influence_estimate, run_preflight
+from .preflight import check_workers, influence_estimate, run_preflight
 
 
 def dask_runner(params: RunParameters) -> DaskTaskRunner:
@@ -84,6 +84,15 @@ def influence_scores(params: RunParameters, model: dict, cache: str, scores_out:
     merged = merge_scores([f.result() for f in score_futures], scores_out, {**metadata, "inverse": solve},
                           model.get("forgetting"))
     return {**merged, "inverse": inverse}
+
+
+def workers_ready(params: RunParameters, ds, folder: Path) -> None:
+    """Before training: every worker of the given cluster opens the data and shares `folder`
+    (`preflight.check_workers`); a cluster with no worker yet is only warned about."""
+    if not check_workers(params.dask_address, params.dataset, params.data_root, ds.fingerprint, folder):
+        get_run_logger().warning("no Dask worker has joined %s yet: the run cannot check that workers open %s and "
+                                 "share %s; it waits for them at the influence stage", params.dask_address,
+                                 params.dataset, folder)
 
 
 def shard_resources(params: RunParameters):
@@ -244,6 +253,8 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
 
     try:
         ds = load_dataset(params.dataset, params.data_root)
+        if params.dask_address:
+            workers_ready(params, ds, staging)
         target = params.target_uri()
         first_share = round_ratios(params.prune_ratio, params.rounds, ds.n)[0] if params.rounds > 1 else params.prune_ratio
         first = prune_round(params.model_copy(update={"prune_ratio": first_share}), staging, out,

@@ -28,3 +28,9 @@ class ArgumentsMismatchError(PruningError):
 
 class CommitConflictError(PruningError):
     """A version could not be committed: concurrent writers kept winning the race for the table."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name if it has none), at most
+    `limit` characters: the reason inside a one-line error."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

@@ -18,7 +18,7 @@ import torch
 
 from . import artifacts, hessians, influence
 from .data import load_dataset
-from .errors import BadInputError, DatasetError
+from .errors import BadInputError, DatasetError, first_line
 from .influence import InfluenceArgs
 from .scopes import ScopedLoss, autograd_curvature, scope_parameter_names
 from .selection import SelectionArgs, generalization_bound, select
@@ -91,6 +91,27 @@ def _cached_run_dataset(cache: Path, dataset: str, data_root: str | None):
                            f"this run trained on (fingerprint {ds.fingerprint[:12]}, not {expected[:12]}); every Dask "
                            "worker must see the same data under the same name")
     return ds
+
+
+def worker_view(dataset: str, data_root: str | None, probe: str) -> dict:
+    """What this process (a Dask worker, asked before a run trains) sees of the run's inputs:
+    `fingerprint`, that of `dataset` as it loads here, or `dataset_error`, why it cannot; `probe`,
+    the text of the file the run wrote in its folder, and that a file can be written beside it
+    (shards are), or `folder_error`, why not. The dataset stays loaded for the run's shards."""
+    view = {}
+    try:
+        view["fingerprint"] = load_dataset(dataset, data_root).fingerprint
+    except Exception as exc:
+        view["dataset_error"] = first_line(exc)
+    probe = Path(probe)
+    try:
+        view["probe"] = probe.read_text()
+        beside = probe.with_name(f"{probe.name}.{socket.gethostname()}.{os.getpid()}")
+        beside.write_text("")
+        beside.unlink()
+    except OSError as exc:
+        view["folder_error"] = first_line(exc)
+    return view
 
 
 @functools.lru_cache(maxsize=2)

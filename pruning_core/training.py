@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .data import Dataset, as_float, np_float_dtype
-from .errors import BadInputError, CheckpointError
+from .errors import BadInputError, CheckpointError, first_line
 from .models import LinearModel, build_model, inference_features
 
 DEFAULT_EPOCHS = {"linear": 0, "cnn": 4, "resnet18": 30}
@@ -216,8 +216,7 @@ def load_model(path: str, model_name: str, ds: Dataset, device=None) -> nn.Modul
     except FileNotFoundError as exc:
         raise CheckpointError(f"--checkpoint {path}: file not found") from exc
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"--checkpoint {path}: not a loadable state_dict ({first[:160]})") from exc
+        raise CheckpointError(f"--checkpoint {path}: not a loadable state_dict ({first_line(exc, 160)})") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"--checkpoint {path}: expected a state_dict of tensors")
     model = build_model(model_name, ds.sample_shape, ds.n_classes)
@@ -228,5 +227,5 @@ def load_model(path: str, model_name: str, ds: Dataset, device=None) -> nn.Modul
                                for k, v in state.items()})
     except RuntimeError as exc:
         raise CheckpointError(f"--checkpoint {path}: does not fit --model {model_name} for this dataset "
-                              f"({str(exc).splitlines()[0][:160]})") from exc
+                              f"({first_line(exc, 160)})") from exc
     return model.to(device).eval()

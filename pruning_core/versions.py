@@ -30,7 +30,7 @@ from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from .data import Dataset
-from .errors import CommitConflictError, DatasetError
+from .errors import CommitConflictError, DatasetError, first_line
 
 METADATA_KEY = "dataset_pruning"
 COMMIT_ATTEMPTS = 10  # per run, against concurrent writers of the same table
@@ -89,7 +89,7 @@ def commit_version(uri: str, ds: Dataset, keep: np.ndarray, provenance: dict) ->
                                           f"writers; nothing of it was committed, rerun it") from exc
             delay = min(2.0, 0.05 * 2 ** attempt) * random.uniform(0.5, 1.5)
             log.warning("%s: commit of run %s conflicted with a concurrent writer (%s); retrying in %.2f s "
-                        "(attempt %d of %d)", uri, run_id, str(exc).splitlines()[0][:120], delay, attempt + 1,
+                        "(attempt %d of %d)", uri, run_id, first_line(exc, 120), delay, attempt + 1,
                         COMMIT_ATTEMPTS)
             time.sleep(delay)
     if run_id is None:  # nothing to find it by: the table's newest version
@@ -165,7 +165,7 @@ def open_table(uri: str, version: int | None = None) -> DeltaTable:
         raise DatasetError(f"delta:{uri}: no Delta table there") from exc
     except (DeltaError, OSError) as exc:  # OSError: an object store that cannot be reached or read
         at = "" if version is None else f"@{version}"
-        raise DatasetError(f"delta:{uri}{at}: cannot be opened ({str(exc).splitlines()[0][:160]})") from exc
+        raise DatasetError(f"delta:{uri}{at}: cannot be opened ({first_line(exc, 160)})") from exc
 
 
 def read_version(uri: str, version: int | None = None) -> Dataset:

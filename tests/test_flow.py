@@ -206,6 +206,38 @@ def test_a_shard_stage_that_loads_other_data_than_the_run_trained_on_writes_noth
     assert [p.name for p in cache.iterdir()] == ["arguments.json"]
 
 
+def test_a_worker_s_view_of_a_run_names_what_it_lacks(small_npz, tmp_path):
+    """What the run asks each worker of a given cluster before it trains (`worker_view`), and the
+    one-line reason it gives for a worker that cannot take part (`worker_problem`)."""
+    from flows.preflight import worker_problem
+    from pruning_core.data import load_dataset
+    from pruning_core.pipeline import worker_view
+
+    spec, here = f"npz:{small_npz}", load_dataset(f"npz:{small_npz}").fingerprint
+    probe = tmp_path / ".workers-probe"
+    probe.write_text("t0k3n")
+    view = worker_view(spec, None, str(probe))
+    assert view == {"fingerprint": here, "probe": "t0k3n"} and worker_problem(view, spec, here, "t0k3n", tmp_path) is None
+    assert list(tmp_path.iterdir()) == [probe]  # the file it wrote beside the probe is gone
+    assert worker_problem(view, spec, "f" * 64, "t0k3n", tmp_path) == (
+        f"loads other data as {spec} (fingerprint {here[:12]}, not ffffffffffff as here); every worker must see the "
+        "same data under the same name")
+    assert "it holds another run's probe" in worker_problem(view, spec, here, "other", tmp_path)
+
+    absent, elsewhere = f"npz:{tmp_path / 'absent.npz'}", tmp_path / "elsewhere"
+    lost = worker_view(absent, None, str(elsewhere / ".workers-probe"))
+    assert worker_problem(lost, absent, here, "t0k3n", elsewhere) == (
+        f"cannot open {absent} ({absent}: file not found); every worker needs this process's access to the data (the "
+        "object store's credentials in its environment, the same --data-root)")
+    folderless = worker_view(spec, None, str(elsewhere / ".workers-probe"))
+    assert re.fullmatch(rf"cannot use the run's folder {elsewhere} \(\[Errno 2\] No such file or directory: .+\); the "
+                        r"workers read the model there and write their shards beside it, so they must share --out's "
+                        r"filesystem with this process", worker_problem(folderless, spec, here, "t0k3n", elsewhere))
+    assert worker_problem(ModuleNotFoundError("No module named 'pruning_core'"), spec, here, "t0k3n", tmp_path) == (
+        "cannot run dataset-prune's code (No module named 'pruning_core'); install the same dataset-prune on every "
+        "worker")
+
+
 @pytest.mark.parametrize("extra", [["--method", "el2n"], ["--class-balanced"], ["--method", "forgetting"]])
 def test_select_command_over_stored_scores(first_run, tmp_path, extra, capsys):
     from flows.cli import main

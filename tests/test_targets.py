@@ -4,6 +4,7 @@ source → pruned lineage across Delta tables."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -210,6 +211,26 @@ def test_runs_publish_to_an_object_store_and_prune_what_they_published(s3, prefe
     assert main(["versions", uri, "--lineage", "--json"]) == 0
     chains = json.loads(capsys.readouterr().out)
     assert [f"delta:{uri}@1", f"delta:{uri}@0", source.name] in [[node["ref"] for node in c] for c in chains]
+
+
+def test_workers_without_the_store_s_credentials_are_refused_before_the_run_trains(s3, prefect_api, small_npz,
+                                                                                   dask_cluster, tmp_path, capsys):
+    """The session's cluster started before the store's credentials were set, like a cluster
+    someone started without them: its workers cannot open the table this process can. The run
+    refuses in one line before it trains, instead of failing at the influence stage after."""
+    uri = f"{s3}/source"
+    ds = load_dataset(f"npz:{small_npz}")
+    commit_version(uri, ds, np.ones(ds.n, bool), {"run_id": "by-hand"})
+    out = tmp_path / "runs"
+    code = main(["run", "--dataset", f"delta:{uri}", "--model", "cnn", "--epochs", "1", "--prune-ratio", "0.4",
+                 "--out", str(out), "--target", str(tmp_path / "table"), "--dask-address", dask_cluster])
+    estimate, error = capsys.readouterr().err.strip().splitlines()  # the influence stage's estimate, then why not
+    assert code == 2 and estimate.startswith("influence stage estimate: n=2000")
+    assert re.fullmatch(rf"dataset-prune: error: --dask-address {dask_cluster}: worker tcp://\S+ cannot open "
+                        rf"delta:{uri}@0 \(.+\); every worker needs this process's access to the data \(the object "
+                        r"store's credentials in its environment, the same --data-root\)", error), error
+    assert sorted(p.name for p in out.iterdir()) == [".staging"] and not any((out / ".staging").iterdir())
+    assert not (tmp_path / "table").exists()
 
 
 # --- lakeFS (against its API contract) -----------------------------------------------------
