@@ -1,0 +1,83 @@
+"""How long a run takes to refuse a Dask cluster whose workers cannot open its source: a
+`delta:` table of Fashion-MNIST's 60,000 training samples in a local S3 store (moto), a
+LocalCluster started before the store's credentials were set (as a cluster started by someone
+without them), then `dataset-prune run --dask-address` with the credentials in the command's
+environment. Prints the exit status, the seconds to it and the error line.
+
+    .venv/bin/python benchmarks/worker_check.py [--epochs 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+
+def moto(folder: Path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=(folder / "moto.log").open("w"), stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"{endpoint}/datasets", method="PUT"), timeout=5)
+            return server, endpoint
+        except OSError:
+            time.sleep(0.1)
+    server.terminate()
+    raise RuntimeError("moto's S3 server did not answer in 30 s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=1)
+    args = parser.parse_args()
+    from distributed import LocalCluster
+
+    from flows.cli import main as cli
+    from flows.parameters import RunParameters
+    from flows.prune import dask_runner
+    from pruning_core.data import load_dataset
+    from pruning_core.versions import commit_version
+
+    folder = Path(tempfile.mkdtemp(prefix="worker-check-"))
+    server, endpoint = moto(folder)
+    try:
+        with LocalCluster(**dask_runner(RunParameters(prune_ratio=0.4, workers=2)).cluster_kwargs) as cluster:
+            os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"})
+            ds = load_dataset("fashion-mnist")
+            commit_version("s3://datasets/fmnist", ds, np.ones(ds.n, bool), {"run_id": "source"})
+            argv = ["run", "--dataset", "delta:s3://datasets/fmnist", "--model", "cnn", "--epochs", str(args.epochs),
+                    "--prune-ratio", "0.4", "--out", str(folder / "runs"), "--target", str(folder / "table"),
+                    "--dask-address", cluster.scheduler_address]
+            err = io.StringIO()
+            started = time.perf_counter()
+            with contextlib.redirect_stderr(err):
+                code = cli(argv)
+            seconds = time.perf_counter() - started
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    errors = [line for line in err.getvalue().splitlines() if line.startswith("dataset-prune: error")]
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · {platform.node()} · {os.cpu_count()} CPUs")
+    print(f"exit status {code} after {seconds:.1f} s (epochs {args.epochs})")
+    print(errors[-1] if errors else err.getvalue()[-2000:])
+
+
+if __name__ == "__main__":
+    main()
