@@ -13,6 +13,7 @@ import functools
 import gzip
 import hashlib
 import json
+import os
 import re
 import struct
 import zipfile
@@ -236,7 +237,8 @@ def validate(ds: Dataset) -> Dataset:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(spec: DatasetSpec, data_root: str | None) -> Dataset:
+def _load_cached(spec: DatasetSpec, data_root: str | None, stamp: tuple | None) -> Dataset:
+    """`stamp` (`file_stamp`) is only part of the cache's key."""
     if spec.kind == "fashion-mnist":
         ds = _load_idx_dataset("fashion-mnist", Path(data_root) if data_root else FASHION_MNIST_ROOT)
     elif spec.kind in TORCHVISION_DATASETS:
@@ -253,14 +255,26 @@ def _load_cached(spec: DatasetSpec, data_root: str | None) -> Dataset:
 
 
 def load_dataset(spec: str | DatasetSpec, data_root: str | None = None) -> Dataset:
-    """Load and validate a dataset; cached per process, so a worker loads it once. A Delta
-    table named without a version is its newest version at this call, not at the first one: a
-    long-lived process (a Dask worker serving run after run) must not keep an older version
-    under the table's bare name."""
+    """Load and validate a dataset; cached per process, so a worker loads it once. What a name
+    means is looked up at every call, not at the first one, so that a long-lived process (a Dask
+    worker serving run after run) keeps no older data under it: a Delta table named without a
+    version is its newest version, an npz file rewritten at its path is read again."""
     spec = pinned(spec)
     if data_root is not None:
         data_root = str(Path(data_root).expanduser().resolve())
-    return _load_cached(spec, data_root)
+    return _load_cached(spec, data_root, file_stamp(spec))
+
+
+def file_stamp(spec: DatasetSpec) -> tuple | None:
+    """An npz file's inode, modification time and size (None for other sources, or a file that is
+    not there: loading it says so)."""
+    if spec.kind != "npz":
+        return None
+    try:
+        st = os.stat(spec.path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def pinned(spec: str | DatasetSpec) -> DatasetSpec:

@@ -28,6 +28,18 @@ def test_npz_source_scaling_and_fingerprint(tmp_path, fmnist):
     assert load_dataset(f"npz:{floats}").fingerprint != ds.fingerprint
 
 
+def test_an_npz_file_rewritten_at_its_path_is_read_again(tmp_path, fmnist):
+    """A long-lived process (a Dask worker serving run after run) keeps no older data under a
+    file's name, and reads an unchanged file once."""
+    path = tmp_path / "nightly.npz"
+    np.savez(path, x=fmnist.x[:50], y=fmnist.y[:50], x_test=fmnist.x_test[:10], y_test=fmnist.y_test[:10])
+    first = load_dataset(f"npz:{path}")
+    assert load_dataset(f"npz:{path}") is first
+    np.savez(path, x=fmnist.x[50:90], y=fmnist.y[50:90], x_test=fmnist.x_test[:10], y_test=fmnist.y_test[:10])
+    again = load_dataset(f"npz:{path}")
+    assert again.n == 40 and np.array_equal(again.x, fmnist.x[50:90]) and again.fingerprint != first.fingerprint
+
+
 @pytest.mark.parametrize("arrays, message", [
     ({"x": np.zeros((3, 2)), "y": np.zeros(2, int)}, "3 samples but 2 labels"),
     ({"x": np.array([[np.nan, 0.0]] * 3), "y": np.array([0, 1, 0])}, "NaN or Inf"),
