@@ -200,7 +200,7 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
     staging.mkdir(parents=True)
     try:
         if params.dask_address and params.from_run:  # else the scoring run just asked the workers
-            workers_ready(params, load_dataset(params.dataset, params.data_root), staging)
+            workers_ready(params, load_dataset(params.dataset, params.data_root), staging, (scores, checkpoint))
         cache = out / ".cache" / "retrain"
         cache.mkdir(parents=True, exist_ok=True)
         made = (influence_in_rounds(params, scores, staging, out) if params.rounds > 1 and "influence" in params.methods

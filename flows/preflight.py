@@ -68,12 +68,14 @@ def scheduler_info(address: str, timeout: float | None = None) -> dict:
                         f"start one (dask scheduler) or leave --dask-address out for a local cluster")
 
 
-def check_workers(address: str, dataset: str, data_root: str | None, fingerprint: str, folder: Path) -> int:
+def check_workers(address: str, dataset: str, data_root: str | None, fingerprint: str, folder: Path,
+                  reads: tuple[str, ...] = ()) -> int:
     """On the Dask cluster at `address`, ask every worker what it sees of the run
     (`pipeline.worker_view`) before the run trains, and refuse, in one line, a worker that cannot
     open `dataset`, that loads other data under its name (`fingerprint` is this process's), or
     that cannot read and write in `folder` (the run's staging folder: workers read the model
-    from it and write their shards beside it). Without this a run on a cluster whose workers lack
+    from it and write their shards beside it), or that cannot open one of the files `reads`.
+    Without this a run on a cluster whose workers lack
     the object store's credentials or the shared filesystem fails only after training. Returns
     the number of workers asked (0: none has joined yet, nothing to check)."""
     from distributed import Client
@@ -84,7 +86,7 @@ def check_workers(address: str, dataset: str, data_root: str | None, fingerprint
     probe.write_text(token)
     try:
         with Client(address, timeout=connect_timeout(), set_as_default=False) as client:
-            views = client.run(worker_view, dataset, data_root, str(probe), on_error="return")
+            views = client.run(worker_view, dataset, data_root, str(probe), tuple(reads), on_error="return")
     except (OSError, TimeoutError) as exc:
         raise BadInputError(f"--dask-address {address}: the scheduler stopped answering ({exc})") from exc
     finally:
@@ -111,6 +113,10 @@ def worker_problem(view, dataset: str, fingerprint: str, token: str, folder: Pat
         reason = view.get("folder_error", "it holds another run's probe")
         return (f"cannot use the run's folder {folder} ({reason}); the workers read the model there and write "
                 f"their shards beside it, so they must share --out's filesystem with this process")
+    if view.get("unreadable"):
+        more = f" and {len(view['unreadable']) - 1} more" if len(view["unreadable"]) > 1 else ""
+        return (f"cannot read {view['unreadable'][0]}{more}; the workers read it themselves, so they must share its "
+                f"filesystem with this process")
     return None
 
 

@@ -93,12 +93,21 @@ def _cached_run_dataset(cache: Path, dataset: str, data_root: str | None):
     return ds
 
 
-def worker_view(dataset: str, data_root: str | None, probe: str) -> dict:
+def worker_view(dataset: str, data_root: str | None, probe: str, reads: tuple[str, ...] = ()) -> dict:
     """What this process (a Dask worker, asked before a run trains) sees of the run's inputs:
     `fingerprint`, that of `dataset` as it loads here, or `dataset_error`, why it cannot; `probe`,
     the text of the file the run wrote in its folder, and that a file can be written beside it
-    (shards are), or `folder_error`, why not. The dataset stays loaded for the run's shards."""
+    (shards are), or `folder_error`, why not; `unreadable`, those of the files `reads` it cannot
+    open. The dataset stays loaded for the run's shards."""
     view = {}
+    unreadable = []
+    for path in reads:
+        try:
+            open(path, "rb").close()
+        except OSError as exc:
+            unreadable.append(f"{path} ({first_line(exc)})")
+    if unreadable:
+        view["unreadable"] = unreadable
     try:
         view["fingerprint"] = load_dataset(dataset, data_root).fingerprint
     except Exception as exc:

@@ -233,6 +233,10 @@ def test_a_worker_s_view_of_a_run_names_what_it_lacks(small_npz, tmp_path):
     assert re.fullmatch(rf"cannot use the run's folder {elsewhere} \(\[Errno 2\] No such file or directory: .+\); the "
                         r"workers read the model there and write their shards beside it, so they must share --out's "
                         r"filesystem with this process", worker_problem(folderless, spec, here, "t0k3n", elsewhere))
+    gone = [str(tmp_path / "scores.parquet"), str(tmp_path / "model.pt")]
+    assert worker_problem(worker_view(spec, None, str(probe), (str(probe), *gone)), spec, here, "t0k3n", tmp_path) == (
+        f"cannot read {gone[0]} ([Errno 2] No such file or directory: '{gone[0]}') and 1 more; the workers read it "
+        "themselves, so they must share its filesystem with this process")
     assert worker_problem(ModuleNotFoundError("No module named 'pruning_core'"), spec, here, "t0k3n", tmp_path) == (
         "cannot run dataset-prune's code (No module named 'pruning_core'); install the same dataset-prune on every "
         "worker")
