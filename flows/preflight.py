@@ -120,6 +120,18 @@ def worker_problem(view, dataset: str, fingerprint: str, token: str, folder: Pat
     return None
 
 
+def check_gpu_workers(address: str, info: dict) -> None:
+    """`--gpu` on a given cluster: the shard tasks ask for the Dask resource GPU=1, and Dask
+    holds a task that no worker can take without an error, for ever. Refuse a cluster none of
+    whose workers offers it (`info`: `scheduler_info`'s); one with no worker yet may still get
+    GPU workers, and passes."""
+    workers = info.get("workers") or {}
+    if workers and not any((w.get("resources") or {}).get("GPU", 0) >= 1 for w in workers.values()):
+        raise BadInputError(f"--gpu: none of the {len(workers)} workers at --dask-address {address} offers the Dask "
+                            f"resource GPU, so the shards would wait for one for ever; start one worker per GPU "
+                            f"with `dask worker {address} --resources GPU=1`, or leave --gpu out")
+
+
 def memory_limit(workers: int, info: dict | None) -> tuple[int | None, str]:
     """Bytes the process computing M = B H⁻¹ may use, and where that is. On a given cluster: the
     smallest worker's Dask memory limit (None if the workers have none). On a local cluster:
@@ -173,6 +185,8 @@ def run_preflight(params, load_checkpoint: bool = True) -> dict:
     if params.rounds > 1:  # every round must remove at least one sample
         round_ratios(params.prune_ratio, params.rounds, ds.n)
     info = scheduler_info(params.dask_address) if params.dask_address else None
+    if params.gpu and info is not None:
+        check_gpu_workers(params.dask_address, info)
     limit, where = memory_limit(params.workers, info)
     check_memory(estimate, limit, where)
     return estimate

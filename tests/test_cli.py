@@ -307,6 +307,24 @@ def test_a_dask_address_that_never_answers_fails_within_the_connect_timeout(smal
     assert not out.exists()
 
 
+def test_gpu_on_a_cluster_without_gpu_workers_is_refused_before_anything_runs(dask_cluster, small_npz, tmp_path,
+                                                                              capsys):
+    """The shards would wait for ever for a worker offering the resource GPU."""
+    from flows.preflight import check_gpu_workers
+
+    out = tmp_path / "runs"
+    assert main(["run", "--dataset", f"npz:{small_npz}", "--prune-ratio", "0.4", "--gpu", "--dask-address",
+                 dask_cluster, "--out", str(out), "--target", str(tmp_path / "table")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"dataset-prune: error: --gpu: none of the 2 workers at --dask-address {dask_cluster} offers the Dask resource "
+        f"GPU, so the shards would wait for one for ever; start one worker per GPU with `dask worker {dask_cluster} "
+        "--resources GPU=1`, or leave --gpu out"]
+    assert not out.exists() and not (tmp_path / "table").exists()
+    cpu, gpu = {"resources": {}}, {"resources": {"GPU": 1.0}}
+    check_gpu_workers("tcp://h:1", {"workers": {"a": cpu, "b": gpu}})  # one GPU worker is enough
+    check_gpu_workers("tcp://h:1", {"workers": {}})  # none has joined yet: GPU workers may still come
+
+
 def test_versions_command_lists_provenance(tmp_path, small_npz, capsys):
     from pruning_core.data import load_dataset
     from pruning_core.versions import commit_version
