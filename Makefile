@@ -74,6 +74,7 @@ bench: setup
 	$(BIN)/python benchmarks/selection_reference.py
 	$(BIN)/python benchmarks/influence.py
 	$(BIN)/python benchmarks/exact_inverse.py
+	$(BIN)/python benchmarks/worker_check.py
 	$(BIN)/python benchmarks/gpu_check.py
 
 clean:

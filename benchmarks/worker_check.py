@@ -2,7 +2,8 @@
 `delta:` table of Fashion-MNIST's 60,000 training samples in a local S3 store (moto), a
 LocalCluster started before the store's credentials were set (as a cluster started by someone
 without them), then `dataset-prune run --dask-address` with the credentials in the command's
-environment. Prints the exit status, the seconds to it and the error line.
+environment. Prints the exit status, the seconds to it and the error line, and writes them to
+benchmarks/results/worker-check.json (machine, date, command, commit).
 
     .venv/bin/python benchmarks/worker_check.py [--epochs 1]
 """
@@ -12,8 +13,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,6 +26,9 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "benchmarks" / "results" / "worker-check.json"
 
 
 def moto(folder: Path):
@@ -73,10 +79,21 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)
     errors = [line for line in err.getvalue().splitlines() if line.startswith("dataset-prune: error")]
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · {platform.node()} · {os.cpu_count()} CPUs")
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    result = {"benchmark": "time to refuse a Dask cluster whose workers cannot open the source",
+              "command": f".venv/bin/python benchmarks/worker_check.py --epochs {args.epochs}", "commit": commit,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": {"platform": platform.platform(), "node": platform.node(), "cpu_count": os.cpu_count()},
+              "epochs": args.epochs, "exit_status": code, "seconds": round(seconds, 1),
+              "error": errors[-1] if errors else err.getvalue()[-2000:]}
+    RESULT.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    print(f"{result['date']} · {platform.node()} · {os.cpu_count()} CPUs · {commit}")
     print(f"exit status {code} after {seconds:.1f} s (epochs {args.epochs})")
-    print(errors[-1] if errors else err.getvalue()[-2000:])
+    print(result["error"])
+    print(f"written: {RESULT.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
