@@ -101,8 +101,10 @@ def check_workers(address: str, dataset: str, data_root: str | None, fingerprint
 def worker_problem(view, dataset: str, fingerprint: str, token: str, folder: Path) -> str | None:
     """Why a worker that answered `view` (`pipeline.worker_view`, or the exception it raised)
     cannot take part in the run; None if it can."""
-    if isinstance(view, BaseException):
+    if isinstance(view, ImportError):
         return f"cannot run dataset-prune's code ({first_line(view)}); install the same dataset-prune on every worker"
+    if isinstance(view, BaseException):  # lost while it answered, or out of memory
+        return f"failed while it was asked ({type(view).__name__}: {first_line(view)})"
     if "dataset_error" in view:
         return (f"cannot open {dataset} ({view['dataset_error']}); every worker needs this process's access to the "
                 f"data (the object store's credentials in its environment, the same --data-root)")

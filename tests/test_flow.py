@@ -240,6 +240,8 @@ def test_a_worker_s_view_of_a_run_names_what_it_lacks(small_npz, tmp_path):
     assert worker_problem(ModuleNotFoundError("No module named 'pruning_core'"), spec, here, "t0k3n", tmp_path) == (
         "cannot run dataset-prune's code (No module named 'pruning_core'); install the same dataset-prune on every "
         "worker")
+    assert worker_problem(MemoryError("Unable to allocate 4.7 GiB"), spec, here, "t0k3n", tmp_path) == (
+        "failed while it was asked (MemoryError: Unable to allocate 4.7 GiB)")
 
 
 @pytest.mark.parametrize("extra", [["--method", "el2n"], ["--class-balanced"], ["--method", "forgetting"]])
