@@ -78,7 +78,7 @@ def checkpoint_stage(dataset: str, data_root: str | None, model_name: str, check
             "seconds": 0.0}
 
 
-def _cached_run_dataset(cache: Path, dataset: str, data_root: str | None):
+def _claimed_dataset(cache: Path, dataset: str, data_root: str | None):
     """The run's dataset as this process loads it, refused when its content is not the data
     `cache` was claimed for (the fingerprint in its arguments.json, from the process that trained
     the model): a Dask worker that sees other data under the same name (another machine's file at
@@ -137,7 +137,7 @@ def features_shard_stage(cache: Path, checkpoint: str, sha256: str, model_name: 
         return str(path)
     if args_scope != "last-layer":  # other scopes take gradients from the inputs directly
         return None
-    ds = _cached_run_dataset(cache, dataset, data_root)
+    ds = _claimed_dataset(cache, dataset, data_root)
     with torch_threads(threads if default_device().type == "cpu" else None):
         phi = influence.last_layer_inputs(_model_once(checkpoint, sha256, model_name, dataset, data_root),
                                           ds.x[start:end], block_size)
@@ -151,7 +151,7 @@ def _curvature(cache: Path, model, args: InfluenceArgs, dataset: str, data_root:
         W, b = influence.last_layer_weights(model)
         probs = influence.softmax_probs(phi, W, b, device)
         return influence.last_layer_curvature(phi, probs, args.block_size, device)
-    ds = _cached_run_dataset(cache, dataset, data_root)
+    ds = _claimed_dataset(cache, dataset, data_root)
     loss = ScopedLoss(model, scope_parameter_names(model, args.scope))
     return autograd_curvature(loss, ds.x, ds.y, args.block_size)
 
@@ -193,7 +193,7 @@ def influence_shard_stage(cache: Path, checkpoint: str, sha256: str, model_name:
     path = artifacts.scores_shard_path(cache, start, end)
     if path.exists():
         return str(path)
-    ds = _cached_run_dataset(cache, dataset, data_root)
+    ds = _claimed_dataset(cache, dataset, data_root)
     model = _model_once(checkpoint, sha256, model_name, dataset, data_root)
     y = ds.y[start:end]
     M = np.load(inverse)
