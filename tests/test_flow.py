@@ -142,6 +142,41 @@ def test_scores_identical_for_any_shard_and_worker_count(first_run, small_npz):
         assert rows.equals(version_rows(manifest)) and rows.num_rows == 1200
 
 
+def test_gpu_shards_run_only_on_the_workers_that_offer_the_resource(first_run, small_npz):
+    """`--gpu`: the shard tasks ask for the Dask resource GPU=1, so on a cluster where one worker of
+    two offers it (a `dask worker --resources GPU=1`, as on a GPU host) only that worker runs them,
+    which shows in the models the workers loaded. The scores are the reference's (on this machine the
+    shards compute on its CPU)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from distributed import Client, LocalCluster
+
+    from flows.prune import dask_runner
+    from pruning_core import pipeline
+
+    tmp, manifest = first_run
+    plain = dask_runner(RunParameters(prune_ratio=0.4, workers=1)).cluster_kwargs  # one worker, no GPU resource
+    with LocalCluster(**plain) as cluster, Client(cluster) as client:
+        gpu = subprocess.Popen([str(Path(sys.executable).parent / "dask"), "worker", cluster.scheduler_address,
+                                "--nthreads", "1", "--resources", "GPU=1", "--name", "gpu-worker", "--host", "127.0.0.1",
+                                "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            client.wait_for_workers(2, timeout=120)
+            m = run(tmp, "gpu", dataset=f"npz:{small_npz}", checkpoint=manifest["model"]["checkpoint"], gpu=True,
+                    dask_address=cluster.scheduler_address)
+            models = client.run(lambda: pipeline._model_once.cache_info().currsize)
+            names = {w["id"]: a for a, w in client.scheduler_info()["workers"].items()}
+        finally:
+            gpu.terminate()
+            gpu.wait(timeout=60)
+    assert models[names["gpu-worker"]] == 1 and sum(models.values()) == 1
+    scores = pq.read_table(tmp / "gpu" / "runs" / m["run_id"] / "scores.parquet")
+    reference = pq.read_table(tmp / "first" / "runs" / manifest["run_id"] / "scores.parquet").drop_columns(["forgetting"])
+    assert scores.equals(reference.replace_schema_metadata(scores.schema.metadata))
+
+
 def version_rows(manifest):
     """The rows of a run's Delta version, in sample order."""
     return DeltaTable(manifest["version"]["uri"], version=manifest["version"]["version"]).to_pyarrow_table() \
