@@ -125,7 +125,8 @@ def test_scores_identical_for_any_shard_and_worker_count(first_run, small_npz):
     tmp, manifest = first_run
     checkpoint = manifest["model"]["checkpoint"]
     outputs = []
-    for shards, workers in [(1, 1), (7, 2), (7, 1)]:  # and the first run's (3, 2), the reference
+    # and the first run's (3, 2), the reference; 7 shards on one worker: the --gpu test below
+    for shards, workers in [(1, 1), (7, 2)]:
         m = run(tmp, f"s{shards}w{workers}", dataset=f"npz:{small_npz}", checkpoint=checkpoint,
                 shards=shards, workers=workers)
         folder = tmp / f"s{shards}w{workers}" / "runs" / m["run_id"]
@@ -145,8 +146,8 @@ def test_scores_identical_for_any_shard_and_worker_count(first_run, small_npz):
 def test_gpu_shards_run_only_on_the_workers_that_offer_the_resource(first_run, small_npz):
     """`--gpu`: the shard tasks ask for the Dask resource GPU=1, so on a cluster where one worker of
     two offers it (a `dask worker --resources GPU=1`, as on a GPU host) only that worker runs them,
-    which shows in the models the workers loaded. The scores are the reference's (on this machine the
-    shards compute on its CPU)."""
+    which shows in the models the workers loaded. Its 7 shards on that one worker give the reference's
+    scores and selection (on this machine the shards compute on its CPU)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -165,16 +166,18 @@ def test_gpu_shards_run_only_on_the_workers_that_offer_the_resource(first_run, s
         try:
             client.wait_for_workers(2, timeout=120)
             m = run(tmp, "gpu", dataset=f"npz:{small_npz}", checkpoint=manifest["model"]["checkpoint"], gpu=True,
-                    dask_address=cluster.scheduler_address)
+                    shards=7, dask_address=cluster.scheduler_address)
             models = client.run(lambda: pipeline._model_once.cache_info().currsize)
             names = {w["id"]: a for a, w in client.scheduler_info()["workers"].items()}
         finally:
             gpu.terminate()
             gpu.wait(timeout=60)
     assert models[names["gpu-worker"]] == 1 and sum(models.values()) == 1
-    scores = pq.read_table(tmp / "gpu" / "runs" / m["run_id"] / "scores.parquet")
-    reference = pq.read_table(tmp / "first" / "runs" / manifest["run_id"] / "scores.parquet").drop_columns(["forgetting"])
+    folder, first = tmp / "gpu" / "runs" / m["run_id"], tmp / "first" / "runs" / manifest["run_id"]
+    scores = pq.read_table(folder / "scores.parquet")
+    reference = pq.read_table(first / "scores.parquet").drop_columns(["forgetting"])
     assert scores.equals(reference.replace_schema_metadata(scores.schema.metadata))
+    assert (folder / "selection.parquet").read_bytes() == (first / "selection.parquet").read_bytes()
 
 
 def version_rows(manifest):
