@@ -17,35 +17,16 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "worker-check.json"
-
-
-def moto(folder: Path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=(folder / "moto.log").open("w"), stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(urllib.request.Request(f"{endpoint}/datasets", method="PUT"), timeout=5)
-            return server, endpoint
-        except OSError:
-            time.sleep(0.1)
-    server.terminate()
-    raise RuntimeError("moto's S3 server did not answer in 30 s")
 
 
 def main() -> None:
@@ -60,12 +41,14 @@ def main() -> None:
     from pruning_core.data import load_dataset
     from pruning_core.versions import commit_version
 
+    sys.path.insert(0, str(ROOT / "tests"))
+    from local_s3 import local_s3
+
     folder = Path(tempfile.mkdtemp(prefix="worker-check-"))
-    server, endpoint = moto(folder)
     try:
-        with LocalCluster(**dask_runner(RunParameters(prune_ratio=0.4, workers=2)).cluster_kwargs) as cluster:
-            os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"})
+        with local_s3(folder / "moto.log") as store, \
+                LocalCluster(**dask_runner(RunParameters(prune_ratio=0.4, workers=2)).cluster_kwargs) as cluster:
+            os.environ.update(store)  # after the cluster started: its workers lack the credentials
             ds = load_dataset("fashion-mnist")
             commit_version("s3://datasets/fmnist", ds, np.ones(ds.n, bool), {"run_id": "source"})
             argv = ["run", "--dataset", "delta:s3://datasets/fmnist", "--model", "cnn", "--epochs", str(args.epochs),
@@ -77,8 +60,6 @@ def main() -> None:
                 code = cli(argv)
             seconds = time.perf_counter() - started
     finally:
-        server.terminate()
-        server.wait(timeout=30)
         shutil.rmtree(folder, ignore_errors=True)
     errors = [line for line in err.getvalue().splitlines() if line.startswith("dataset-prune: error")]
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -81,7 +81,7 @@ def claim_folder(folder: str | Path, arguments: dict) -> Path:
     folder = Path(folder)
     saved = folder / "arguments.json"
     if saved.exists():
-        if json.loads(saved.read_text()) != json.loads(json.dumps(arguments, sort_keys=True, default=str)):
+        if claimed_arguments(folder) != json.loads(json.dumps(arguments, sort_keys=True, default=str)):
             raise ArgumentsMismatchError(f"{folder} holds results made with other arguments; use another folder")
     else:
         write_json(saved, arguments)

@@ -5,11 +5,8 @@ source → pruned lineage across Delta tables."""
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from fake_lakefs import FakeLakeFS
+from local_s3 import local_s3
 
 from flows.cli import main
 from pruning_core.data import load_dataset
@@ -148,35 +146,12 @@ def test_an_object_store_target_is_probed_before_the_run(tmp_path):
 
 @pytest.fixture
 def s3(monkeypatch, tmp_path):
-    """A local S3 server (moto's, in a process of its own: served from a thread of this one, it
-    waits for the GIL that deltalake's blocking calls hold, delta-rs #3942) with one bucket, and
-    the credentials in the environment, as a user sets them for a real store."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = (tmp_path / "moto.log").open("w")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(urllib.request.Request(f"{endpoint}/datasets", method="PUT"), timeout=5)
-                break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "moto.log").read_text()
-                time.sleep(0.1)
-        else:
-            pytest.fail(f"moto's S3 server did not answer in 30 s: {(tmp_path / 'moto.log').read_text()}")
-        for name, value in (("AWS_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", "testing"),
-                            ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_REGION", "us-east-1"),
-                            ("AWS_ALLOW_HTTP", "true")):
+    """A local S3 server (`local_s3`) with one bucket, and the credentials in the environment, as a
+    user sets them for a real store."""
+    with local_s3(tmp_path / "moto.log") as env:
+        for name, value in env.items():
             monkeypatch.setenv(name, value)
         yield "s3://datasets"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
 
 
 def test_runs_publish_to_an_object_store_and_prune_what_they_published(s3, prefect_api, small_npz, tmp_path,
