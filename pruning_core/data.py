@@ -258,7 +258,7 @@ def load_dataset(spec: str | DatasetSpec, data_root: str | None = None) -> Datas
     """Load and validate a dataset; cached per process, so a worker loads it once. What a name
     means is looked up at every call, not at the first one, so that a long-lived process (a Dask
     worker serving run after run) keeps no older data under it: a Delta table named without a
-    version is its newest version, an npz file rewritten at its path is read again."""
+    version is its newest version, a table or an npz file written anew at its path is read again."""
     spec = pinned(spec)
     if data_root is not None:
         data_root = str(Path(data_root).expanduser().resolve())
@@ -266,8 +266,14 @@ def load_dataset(spec: str | DatasetSpec, data_root: str | None = None) -> Datas
 
 
 def file_stamp(spec: DatasetSpec) -> tuple | None:
-    """An npz file's inode, modification time and size (None for other sources, or a file that is
-    not there: loading it says so)."""
+    """What tells this copy of the data from another under the same name: an npz file's inode,
+    modification time and size (None if it is not there: loading it says so); a Delta table's id,
+    which a table deleted and written again at the same path does not keep, though its versions
+    start again at 0. None for the named datasets."""
+    if spec.kind == "delta":
+        from .versions import open_table  # deltalake is needed only for this source
+
+        return ("delta", open_table(spec.path, spec.version).metadata().id)
     if spec.kind != "npz":
         return None
     try:

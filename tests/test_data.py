@@ -80,6 +80,20 @@ def test_delta_version_round_trip_with_time_travel(tmp_path, small_npz):
     assert [v["provenance"]["run_id"] for v in list_versions(uri)] == ["c", "b", "a"]
 
 
+def test_a_table_deleted_and_written_again_at_its_path_is_read_again(tmp_path, small_npz):
+    """Its versions start again at 0: a long-lived worker must not serve the old table's @0."""
+    import shutil
+
+    ds = load_dataset(f"npz:{small_npz}")
+    uri = str(tmp_path / "table")
+    commit_version(uri, ds, np.arange(ds.n) % 2 == 0, {"run_id": "a"})
+    assert np.array_equal(load_dataset(f"delta:{uri}@0").sample_id, ds.sample_id[::2])
+    shutil.rmtree(uri)
+    commit_version(uri, ds, np.arange(ds.n) % 3 == 0, {"run_id": "b"})
+    for spec in (f"delta:{uri}@0", f"delta:{uri}"):
+        assert np.array_equal(load_dataset(spec).sample_id, ds.sample_id[::3])
+
+
 def test_old_versions_keep_their_own_provenance_after_newer_commits_and_a_vacuum(tmp_path, small_npz):
     """deltalake 1.6's history() numbers the log from the snapshot it is called on: reading an
     old version took a newer commit's provenance, and after a vacuum (which commits) the table
