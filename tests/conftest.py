@@ -7,9 +7,16 @@ import os
 from pathlib import Path
 
 import numpy as np
+import prefect.main  # noqa: F401  (see below: `import prefect` alone sets nothing up)
 import pytest
 
 from pruning_core.data import FASHION_MNIST_ROOT, load_dataset
+
+# Prefect sets up its console log handler when prefect.main is first imported (by the first use of
+# `prefect.flow` and the like, not by `import prefect`), on the sys.stderr of that moment.
+# Imported first inside a test that captures with capsys, the handler keeps that test's stream,
+# closed after it: every later flow log in the process prints a "Logging error" traceback into the
+# next test's captured stderr. Imported here, at collection, it keeps pytest's own stream.
 
 
 @pytest.fixture(scope="module")
