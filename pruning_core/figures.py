@@ -15,7 +15,7 @@ CLASS_NAMES = {
     "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
 }
 BAR_CLASSES = 20  # up to this many classes get a bar each; more are drawn as the sorted kept share
-EXAMPLE_CLASSES = 10  # rows of the examples grid (the first classes where there are more)
+EXAMPLE_CLASSES = 10  # rows of the examples grid (the most and the least pruned classes where there are more)
 KEPT, PRUNED = "tab:blue", "tab:orange"
 INLINE_LIMIT = 1 << 20  # bytes: a larger picture is named by its path in a Prefect artifact, not carried
 
@@ -114,18 +114,31 @@ def displayable(x: np.ndarray) -> np.ndarray | None:
     return images[:, 0] if x.shape[1] == 1 else images.transpose(0, 2, 3, 1)
 
 
+def example_classes(labels: np.ndarray, pruned: np.ndarray, n_classes: int, rows: int = EXAMPLE_CLASSES) -> list[int]:
+    """The classes the examples grid shows: all of them where they fit in `rows`, else the `rows`
+    // 2 most pruned and the rest least pruned (by the share of the class kept), most pruned first:
+    where the selection differs most between classes, which is what the grid is looked at for."""
+    if n_classes <= rows:
+        return list(range(n_classes))
+    total = np.bincount(labels, minlength=n_classes)
+    share = np.bincount(labels[~pruned], minlength=n_classes) / np.maximum(total, 1)
+    order = [int(c) for c in np.argsort(share, kind="stable") if total[c]]
+    most = rows // 2
+    return order[:most] + order[max(most, len(order) - (rows - most)):]
+
+
 def draw_examples(path: Path, x: np.ndarray, labels: np.ndarray, pruned: np.ndarray, names: list[str],
                   per_side: int = 6, seed: int = 0) -> str | None:
-    """examples.png: for each class (the first EXAMPLE_CLASSES), `per_side` pruned samples on the
-    left and `per_side` kept ones on the right, drawn at random (seeded) from each, framed in the
-    colour of their side; None when the samples are not images. One mosaic, one image on the figure."""
+    """examples.png: for each class (`example_classes`), `per_side` pruned samples on the left and
+    `per_side` kept ones on the right, drawn at random (seeded) from each, framed in the colour of
+    their side; None when the samples are not images. One mosaic, one image on the figure."""
     if displayable(x[:1]) is None:
         return None
     from matplotlib.colors import to_rgb
 
     plt = pyplot()
     rng = np.random.default_rng(seed)
-    classes = list(range(min(len(names), EXAMPLE_CLASSES)))
+    classes = example_classes(labels, pruned, len(names))
     h, w = x.shape[2:]
     frame, pad = max(1, h // 14), max(2, h // 7)
     tile_h, tile_w = h + 2 * frame + pad, w + 2 * frame + pad
@@ -151,7 +164,10 @@ def draw_examples(path: Path, x: np.ndarray, labels: np.ndarray, pruned: np.ndar
     ax.imshow(mosaic, interpolation="nearest")
     for cx, cy in empty:
         ax.text(cx, cy, "none", ha="center", va="center", fontsize=8)
-    ax.set_yticks([pad + row * tile_h + (h + 2 * frame) / 2 for row in range(len(classes))], [names[c] for c in classes],
+    subset = len(names) > len(classes)
+    kept_share = [100 * float(np.mean(~pruned[labels == c])) for c in classes]
+    ax.set_yticks([pad + row * tile_h + (h + 2 * frame) / 2 for row in range(len(classes))],
+                  [f"{names[c]} ({share:.0f} % kept)" if subset else names[c] for c, share in zip(classes, kept_share)],
                   fontsize=8)
     ax.set_xticks([pad + per_side * tile_w / 2, pad + per_side * tile_w + gap + per_side * tile_w / 2],
                   [f"pruned ({pruned.sum():,})", f"kept ({(~pruned).sum():,})"])
@@ -161,7 +177,8 @@ def draw_examples(path: Path, x: np.ndarray, labels: np.ndarray, pruned: np.ndar
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    more = f" (the first {len(classes)} of {len(names)} classes)" if len(names) > len(classes) else ""
+    most = EXAMPLE_CLASSES // 2
+    more = (f"\n(the {most} most and {len(classes) - most} least pruned of {len(names)} classes)" if subset else "")
     ax.set_title(f"Random pruned and kept samples per class{more}", fontsize=10, pad=24)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

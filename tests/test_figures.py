@@ -65,6 +65,21 @@ def test_examples_grid_for_images_and_none_for_vectors(tmp_path):
     assert not (tmp_path / "none.png").exists()
 
 
+def test_examples_of_many_classes_are_the_most_and_the_least_pruned(tmp_path):
+    labels = np.repeat(np.arange(30), 10)
+    pruned = np.zeros(300, dtype=bool)
+    for c, k in enumerate((np.arange(30) * 7) % 11):  # class c loses k of its 10 samples
+        pruned[10 * c:10 * c + k] = True
+    share = [np.mean(~pruned[labels == c]) for c in range(30)]
+    chosen = figures.example_classes(labels, pruned, 30)
+    assert len(chosen) == 10 and [share[c] for c in chosen] == sorted(share[c] for c in chosen)
+    assert max(share[c] for c in chosen[:5]) <= sorted(share)[4] and min(share[c] for c in chosen[5:]) >= sorted(share)[-5]
+    assert figures.example_classes(labels[:40], pruned[:40], 4) == [0, 1, 2, 3]
+    x = np.random.default_rng(2).integers(0, 256, (300, 1, 8, 8), dtype=np.uint8)
+    path = figures.draw_examples(tmp_path / "examples.png", x, labels, pruned, [str(c) for c in range(30)])
+    assert mpimg.imread(path).shape[0] > 10 * 8  # ten rows of images
+
+
 def test_displayable_images():
     gray = np.array([[[[0, 255], [51, 102]]]], dtype=np.uint8).repeat(2, axis=2).repeat(2, axis=3)
     assert figures.displayable(gray).shape == (1, 4, 4) and figures.displayable(gray).max() == 1.0
