@@ -10,6 +10,7 @@ import secrets
 import threading
 from pathlib import Path
 
+from pruning_core import code_digest
 from pruning_core.errors import BadInputError, first_line
 from pruning_core.influence import check_memory, memory_available, stage_estimate
 from pruning_core.selection import check_scip_size, round_ratios
@@ -105,6 +106,9 @@ def worker_problem(view, dataset: str, fingerprint: str, token: str, folder: Pat
         return f"cannot run dataset-prune's code ({first_line(view)}); install the same dataset-prune on every worker"
     if isinstance(view, BaseException):  # lost while it answered, or out of memory
         return f"failed while it was asked ({type(view).__name__}: {first_line(view)})"
+    if view.get("code") != code_digest():
+        return (f"runs other dataset-prune code (its pruning_core sources hash to {str(view.get('code'))[:12]}, here "
+                f"to {code_digest()[:12]}); install the same dataset-prune on every worker")
     if "dataset_error" in view:
         return (f"cannot open {dataset} ({view['dataset_error']}); every worker needs this process's access to the "
                 f"data (the object store's credentials in its environment, the same --data-root)")

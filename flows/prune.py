@@ -108,7 +108,8 @@ def software_versions() -> dict:
     import pyarrow
     import torch
 
-    return {"dataset-pruning": pruning_core.__version__, "python": platform.python_version(),
+    return {"dataset-pruning": pruning_core.__version__, "pruning_core sha256": pruning_core.code_digest(),
+            "python": platform.python_version(),
             "torch": torch.__version__, "prefect": prefect.__version__, "pyarrow": pyarrow.__version__,
             "deltalake": deltalake.__version__, "platform": platform.platform()}
 

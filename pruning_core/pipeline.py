@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import artifacts, hessians, influence
+from . import artifacts, code_digest, hessians, influence
 from .data import load_dataset
 from .errors import BadInputError, DatasetError, first_line
 from .influence import InfluenceArgs
@@ -98,8 +98,9 @@ def worker_view(dataset: str, data_root: str | None, probe: str, reads: tuple[st
     `fingerprint`, that of `dataset` as it loads here, or `dataset_error`, why it cannot; `probe`,
     the text of the file the run wrote in its folder, and that a file can be written beside it
     (shards are), or `folder_error`, why not; `unreadable`, those of the files `reads` it cannot
-    open. The dataset stays loaded for the run's shards."""
-    view = {}
+    open; `code`, the digest of its `pruning_core` (`code_digest`). The dataset stays loaded for
+    the run's shards."""
+    view = {"code": code_digest()}
     unreadable = []
     for path in reads:
         try:

@@ -2,7 +2,9 @@
 
 import json
 import logging
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -248,6 +250,7 @@ def test_a_worker_s_view_of_a_run_names_what_it_lacks(small_npz, tmp_path):
     """What the run asks each worker of a given cluster before it trains (`worker_view`), and the
     one-line reason it gives for a worker that cannot take part (`worker_problem`)."""
     from flows.preflight import worker_problem
+    from pruning_core import code_digest
     from pruning_core.data import load_dataset
     from pruning_core.pipeline import worker_view
 
@@ -255,7 +258,8 @@ def test_a_worker_s_view_of_a_run_names_what_it_lacks(small_npz, tmp_path):
     probe = tmp_path / ".workers-probe"
     probe.write_text("t0k3n")
     view = worker_view(spec, None, str(probe))
-    assert view == {"fingerprint": here, "probe": "t0k3n"} and worker_problem(view, spec, here, "t0k3n", tmp_path) is None
+    assert view == {"code": code_digest(), "fingerprint": here, "probe": "t0k3n"}
+    assert worker_problem(view, spec, here, "t0k3n", tmp_path) is None
     assert list(tmp_path.iterdir()) == [probe]  # the file it wrote beside the probe is gone
     assert worker_problem(view, spec, "f" * 64, "t0k3n", tmp_path) == (
         f"loads other data as {spec} (fingerprint {here[:12]}, not ffffffffffff as here); every worker must see the "
@@ -280,6 +284,30 @@ def test_a_worker_s_view_of_a_run_names_what_it_lacks(small_npz, tmp_path):
         "worker")
     assert worker_problem(MemoryError("Unable to allocate 4.7 GiB"), spec, here, "t0k3n", tmp_path) == (
         "failed while it was asked (MemoryError: Unable to allocate 4.7 GiB)")
+    assert worker_problem({**view, "code": "0123456789abcdef"}, spec, here, "t0k3n", tmp_path) == (
+        f"runs other dataset-prune code (its pruning_core sources hash to 0123456789ab, here to {code_digest()[:12]}); "
+        "install the same dataset-prune on every worker")
+
+
+def test_the_code_digest_changes_with_any_source_of_pruning_core(tmp_path):
+    """What tells a worker's code from the run's: the package's sources, not its version number."""
+    import shutil
+    import subprocess
+    import sys
+
+    import pruning_core
+
+    copy = tmp_path / "pruning_core"
+    shutil.copytree(Path(pruning_core.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    digest = [sys.executable, "-c", "import pruning_core; print(pruning_core.code_digest())"]
+
+    def digest_of_copy():
+        return subprocess.run(digest, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                              capture_output=True, text=True, check=True).stdout.strip()
+    assert digest_of_copy() == pruning_core.code_digest()
+    with (copy / "selection.py").open("a") as f:
+        f.write("\n# an edit\n")
+    assert digest_of_copy() != pruning_core.code_digest()
 
 
 @pytest.mark.parametrize("extra", [["--method", "el2n"], ["--class-balanced"], ["--method", "forgetting"]])
