@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -35,17 +36,25 @@ class _Parser(argparse.ArgumentParser):
 
 def _float(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if math.isnan(value):  # else refused later for a range it does lie outside of, but not for what it is
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    return value
 
 
 def _list(kind):
+    name = kind.__name__.strip("_")
+
     def parse(text: str) -> list:
+        parts = text.split(",")
+        if not all(part.strip() for part in parts):
+            raise argparse.ArgumentTypeError(f"{text!r} has an empty entry; give a comma-separated list of {name}")
         try:
-            return [kind(part) for part in text.split(",") if part.strip()]
+            return [kind(part) for part in parts]
         except (ValueError, argparse.ArgumentTypeError):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__.strip('_')}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {name}") from None
     return parse
 
 
@@ -400,13 +409,20 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
 def cmd_select(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from flows.parameters import check_train_epochs, scoring_recipe, selection_args, train_budget
+    from flows.parameters import check_train_epochs, dask_address_problem, scoring_recipe, selection_args, train_budget
     from pruning_core.artifacts import check_can_create
     from pruning_core.pipeline import selection_stage
 
     args = selection_args(ns.method, ns.prune_ratio, ns.epsilon, ns.solver, ns.seed, ns.class_balanced, ns.coverage,
                           ns.candidates, ns.hard_cut, time_limit=ns.time_limit, swap_rounds=ns.swap_rounds)
     check_train_epochs(ns.train_epochs, args)
+    if ns.workers < 1:
+        raise BadInputError(f"--workers {ns.workers} must be at least 1")
+    if ns.dask_address is not None:
+        if args.solver != "bucketed":
+            raise BadInputError("--dask-address applies to --solver bucketed (the only solver that runs on Dask)")
+        if dask_address_problem(ns.dask_address):
+            raise BadInputError(f"--dask-address {ns.dask_address!r} {dask_address_problem(ns.dask_address)}")
     if not Path(ns.scores).is_file():
         raise BadInputError(f"--scores {ns.scores}: file not found")
     if Path(ns.out).is_dir():

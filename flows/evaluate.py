@@ -191,12 +191,12 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
     if final.exists():
         raise FileExistsError(f"evaluation folder {final} already exists")
     started = time.perf_counter()
-    if params.from_run:
-        manifest = artifacts.load_manifest(Path(params.from_run).resolve())
-        logger.info("reusing scores and model of %s", manifest["run_dir"])
+    if params.from_run:  # the folder given, wherever the run was made: a run folder may be copied or moved
+        scored = Path(params.from_run).resolve()
+        logger.info("reusing scores and model of %s", scored)
     else:
-        manifest = prune_dataset(params.run_parameters())
-    scores, checkpoint = str(artifacts.scores_path(Path(manifest["run_dir"]))), manifest["model"]["checkpoint"]
+        scored = Path(prune_dataset(params.run_parameters())["run_dir"])
+    scores, checkpoint = str(artifacts.scores_path(scored)), str(artifacts.checkpoint_path(scored))
     staging.mkdir(parents=True)
     try:
         if params.dask_address and params.from_run:  # else the scoring run just asked the workers
@@ -217,7 +217,7 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
         ds = load_dataset(params.dataset, params.data_root)
         context = {"dataset": ds.name, "model": params.model, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    "machine": evaluation.machine(),
-                   "run_dir": str(final), "scores_from": manifest["run_dir"],
+                   "run_dir": str(final), "scores_from": str(scored),
                    "recipe": json.dumps({k: v for k, v in vars(params.train_args()).items() if k != "seed"}),
                    "command": command, "influence_selection": influence_selection(params)}
         report = evaluation.report_markdown(summary, records, results["gaps"], goal, plots, context, relative_to=final,
@@ -229,7 +229,7 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
             artifacts.save_parquet(pa.Table.from_pylist(results["gaps"]), staging / "generalization_gap.parquet")
         (staging / "report.md").write_text(report)
         out_summary = {"run_id": run_id, "run_dir": str(final), "report": str(final / "report.md"), "plots": plots,
-                       "scores_from": manifest["run_dir"], "targets": goal, "summary": summary,
+                       "scores_from": str(scored), "targets": goal, "summary": summary,
                        "gap": results["gaps"], "overlaps": overlaps, "seconds": time.perf_counter() - started,
                        "arguments": params.as_json()}
         artifacts.write_json(staging / "evaluation.json", out_summary)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pruning_core import artifacts
 from pruning_core.data import parse_dataset_spec, pinned
-from pruning_core.errors import BadInputError
+from pruning_core.errors import BadInputError, first_line
 from pruning_core.influence import InfluenceArgs
 from pruning_core.selection import MAX_ROUNDS, MAX_SWAP_ROUNDS, SelectionArgs
 from pruning_core.targets import open_target
@@ -73,13 +73,35 @@ def check_train_epochs(train_epochs: int | None, selection: SelectionArgs) -> No
         raise BadInputError("--train-epochs shifts the hard-cut schedule; with --hard-cut given there is none to shift")
 
 
+def dask_address_problem(address: str) -> str | None:
+    """Why `address` is not a Dask scheduler's address (None where it is one): a scheme Dask
+    speaks, and a host and port where the scheme needs them."""
+    if not re.fullmatch(r"(tcp|tls|inproc|ucx)://[^\s]+", address):
+        return "must look like tcp://host:port"
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    scheme, location = parse_address(address)
+    if scheme != "inproc":
+        try:
+            parse_host_port(location)
+        except ValueError as exc:
+            return f"must look like tcp://host:port ({first_line(exc)})"
+    return None
+
+
 def run_arguments(run_dir: Path, needed: str) -> dict:
     """The arguments a finished run was given, from its manifest; refused in one line where the
     folder has none (`needed`: what is not known without them)."""
     path = run_dir / "manifest.json"
     if not path.is_file():
         raise BadInputError(f"{run_dir}: no manifest.json, so {needed} not known")
-    return json.loads(path.read_text()).get("arguments", {})
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BadInputError(f"{path}: cannot be read as a run's manifest ({first_line(exc)})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("arguments", {}), dict):
+        raise BadInputError(f"{path}: not a run's manifest (a JSON object with the run's arguments)")
+    return manifest.get("arguments", {})
 
 
 def scoring_recipe(run_dir: Path) -> TrainArgs:
@@ -191,8 +213,8 @@ class RunParameters(BaseModel):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name} must be finite")
-        if self.dask_address is not None and not re.fullmatch(r"(tcp|tls|inproc|ucx)://[^\s]+", self.dask_address):
-            raise ValueError(f"dask_address {self.dask_address!r} must look like tcp://host:port")
+        if self.dask_address is not None and dask_address_problem(self.dask_address):
+            raise ValueError(f"dask_address {self.dask_address!r} {dask_address_problem(self.dask_address)}")
         return self
 
     # --- stage arguments -------------------------------------------------------------------
@@ -313,16 +335,17 @@ class EvaluateParameters(RunParameters):
         if self.checkpoint is not None:
             raise BadInputError(f"--checkpoint with --from-run: the run {self.from_run} brings its own scores and "
                                 "model; give one of them")
-        if not (run / "manifest.json").is_file() or not (run / "scores.parquet").is_file():
-            raise BadInputError(f"--from-run {self.from_run}: not a finished run folder (no manifest.json/scores.parquet)")
-        import pyarrow.parquet as pq
-
+        if not all((run / name).is_file() for name in ("manifest.json", "scores.parquet", "model.pt")):
+            raise BadInputError(f"--from-run {self.from_run}: not a finished run folder (no manifest.json, "
+                                "scores.parquet or model.pt)")
         used = run_arguments(run, "what it was made with is")
         for name in ("dataset", "model", "data_root"):
             if used.get(name) != getattr(self, name):
                 raise BadInputError(f"--from-run {self.from_run} was made with {name} {used.get(name)!r}, "
                                     f"not {getattr(self, name)!r}")
-        columns = pq.read_schema(run / "scores.parquet").names
+        # read whole, so that a damaged file is refused now and not after the first retrainings
+        table, _, _ = artifacts.load_scores(run / "scores.parquet", name=f"--from-run {self.from_run}: its scores.parquet")
+        columns = table.column_names
         missing = [m for m, c in (("forgetting", "forgetting"), ("herding", "embedding"), ("kcenter", "embedding"),
                                   ("moderate", "embedding")) if m in self.methods and c not in columns]
         if missing:

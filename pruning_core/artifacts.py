@@ -290,27 +290,30 @@ def save_parquet(table: pa.Table, path: str | Path) -> Path:
     return Path(path)
 
 
-def load_scores(path: str | Path, with_vectors: bool = True) -> tuple[pa.Table, np.ndarray | None, dict]:
-    """(table without `influence`, vectors (n, p) or None, metadata). Checks the contract."""
+def load_scores(path: str | Path, with_vectors: bool = True, name: str | None = None
+                ) -> tuple[pa.Table, np.ndarray | None, dict]:
+    """(table without `influence`, vectors (n, p) or None, metadata). Checks the contract; its
+    messages name the file as `name` (default: `--scores PATH`)."""
+    name = name or f"--scores {path}"
     try:
         schema = pq.read_schema(path)
         table = pq.read_table(path, columns=None if with_vectors else [n for n in schema.names if n != "influence"])
     except (OSError, pa.ArrowInvalid) as exc:
-        raise BadInputError(f"--scores {path}: cannot be read as Parquet ({exc})") from exc
+        raise BadInputError(f"{name}: cannot be read as Parquet ({exc})") from exc
     required = {"sample_id": pa.int64(), "label": pa.int64(), "loss": pa.float64(), "el2n": pa.float64()}
     for name, dtype in required.items():
         if name not in schema.names or schema.field(name).type != dtype:
-            raise BadInputError(f"--scores {path}: column {name} ({dtype}) is missing or of another type")
+            raise BadInputError(f"{name}: column {name} ({dtype}) is missing or of another type")
     if "influence" not in schema.names or not pa.types.is_fixed_size_list(schema.field("influence").type):
-        raise BadInputError(f"--scores {path}: column influence (fixed-size list of floats) is missing")
+        raise BadInputError(f"{name}: column influence (fixed-size list of floats) is missing")
     if table.num_rows == 0:
-        raise BadInputError(f"--scores {path}: no rows")
+        raise BadInputError(f"{name}: no rows")
     ids = table.column("sample_id").to_numpy()
     if len(np.unique(ids)) != len(ids):
-        raise BadInputError(f"--scores {path}: sample_id values must be unique")
+        raise BadInputError(f"{name}: sample_id values must be unique")
     vectors = column_array(table, "influence") if with_vectors else None
     if vectors is not None and not np.isfinite(vectors).all():
-        raise BadInputError(f"--scores {path}: influence vectors contain NaN or Inf")
+        raise BadInputError(f"{name}: influence vectors contain NaN or Inf")
     meta = schema.metadata or {}
     metadata = json.loads(meta.get(b"dataset_pruning", b"{}"))
     return (table.drop_columns(["influence"]) if with_vectors else table), vectors, metadata

@@ -106,6 +106,8 @@ class SelectionArgs:
                                 "must be a positive finite number")
         if self.class_balanced and self.epsilon is not None:
             raise BadInputError("--class-balanced applies to --prune-ratio, not --epsilon")
+        if self.seed < 0:
+            raise BadInputError(f"--seed {self.seed} must be ≥ 0")
         if self.pool_size < 1 or self.swap_candidates < 1:
             raise BadInputError("pool size and swap candidates must be ≥ 1")
         if self.swap_rounds is not None:

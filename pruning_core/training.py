@@ -4,7 +4,6 @@ loaded with `weights_only=True`."""
 
 from __future__ import annotations
 
-import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -215,8 +214,11 @@ def load_model(path: str, model_name: str, ds: Dataset, device=None) -> nn.Modul
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise CheckpointError(f"--checkpoint {path}: file not found") from exc
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"--checkpoint {path}: not a loadable state_dict ({first_line(exc, 160)})") from exc
+    except IsADirectoryError as exc:
+        raise CheckpointError(f"--checkpoint {path}: is a folder, not a checkpoint file") from exc
+    except Exception as exc:  # the unpickler fails in many ways on bytes that are no checkpoint (KeyError, IndexError…)
+        raise CheckpointError(f"--checkpoint {path}: not a loadable state_dict ({type(exc).__name__}: "
+                              f"{first_line(exc, 160)})") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"--checkpoint {path}: expected a state_dict of tensors")
     model = build_model(model_name, ds.sample_shape, ds.n_classes)

@@ -159,13 +159,28 @@ def provenance_of(history_entry: dict) -> dict:
 
 
 def open_table(uri: str, version: int | None = None) -> DeltaTable:
+    at = "" if version is None else f"@{version}"
+    if "://" not in uri and Path(uri).is_file():
+        raise DatasetError(f"delta:{uri}: is a file; a Delta table is a folder")
     try:
         return DeltaTable(uri, version=version)
     except TableNotFoundError as exc:
+        if str(exc).startswith("Unknown scheme"):  # not "no table yet": no table can be there (nor be written)
+            raise DatasetError(f"delta:{uri}: unknown scheme {uri.partition('://')[0]!r} (Delta Lake's include s3, "
+                               "gs, az, abfss, hdfs and file; a local path needs none)") from None
         raise DatasetError(f"delta:{uri}: no Delta table there") from exc
     except (DeltaError, OSError) as exc:  # OSError: an object store that cannot be reached or read
-        at = "" if version is None else f"@{version}"
+        newest = _newest_version(uri) if version is not None else None
+        if newest is not None and version > newest:
+            raise DatasetError(f"delta:{uri}{at}: no such version (the newest is {newest})") from exc
         raise DatasetError(f"delta:{uri}{at}: cannot be opened ({first_line(exc, 160)})") from exc
+
+
+def _newest_version(uri: str) -> int | None:
+    try:
+        return DeltaTable(uri).version()
+    except (DeltaError, OSError):
+        return None
 
 
 def read_version(uri: str, version: int | None = None) -> Dataset:
@@ -183,7 +198,10 @@ def read_version(uri: str, version: int | None = None) -> Dataset:
     origin = provenance.get("origin") or {}
     if not origin.get("source"):
         raise DatasetError(f"delta:{uri}@{version}: not written by dataset-prune (no provenance in its commit)")
-    rows = table.to_pyarrow_table().sort_by("sample_id")
+    try:
+        rows = table.to_pyarrow_table().sort_by("sample_id")
+    except (DeltaError, OSError, pa.ArrowException) as exc:  # a data file deleted, truncated or damaged
+        raise DatasetError(f"delta:{uri}@{version}: its data cannot be read ({first_line(exc, 160)})") from exc
     dtypes = set(rows.column("dtype").unique().to_pylist())
     shapes = {tuple(s) for s in rows.column("shape").to_pylist()}
     if len(dtypes) > 1 or len(shapes) > 1:

@@ -34,6 +34,7 @@ def files(tmp_path_factory, small_npz):
     np.savez(root / "nan.npz", x=np.full((5, 4), np.nan), y=np.array([0, 1, 0, 1, 0]), x_test=np.zeros((2, 4)),
              y_test=np.array([0, 1]))
     (root / "corrupt.pt").write_bytes(b"not a checkpoint at all")
+    (root / "hello.pt").write_bytes(b"hello")  # torch.load's unpickler fails on it with a KeyError
     np.save(root / "array.npy", np.zeros((5, 4)))
     (root / "truncated.npz").write_bytes((root / "short.npz").read_bytes()[:200])
     good = (root / "nan.npz").read_bytes()  # the first member's data bytes flipped: its CRC no longer matches
@@ -64,6 +65,9 @@ def files(tmp_path_factory, small_npz):
     y = np.r_[ds.y[:49], 12].astype(np.int64)
     commit_version(str(root / "labels"), Dataset("l", ds.x[:50], y, np.arange(50), ds.x_test, ds.y_test, 10,
                                                  dict(ds.origin)), np.ones(50, bool), {"run_id": "labels"})
+    commit_version(str(root / "no-data"), ds, np.ones(ds.n, bool), {"run_id": "no-data"})
+    for part in (root / "no-data").glob("*.parquet"):  # its log names a data file that is gone
+        part.unlink()
     return root
 
 
@@ -132,7 +136,8 @@ CASES = {
     "rounds removing nothing": (["--dataset", "npz:{small}", "--prune-ratio", "0.002", "--rounds", "5"],
                                 "--rounds 5: --prune-ratio 0.002 of 2000 samples removes 4, fewer than one per round"),
     "infinite lr": (["--lr", "inf"], "--lr must be finite"),
-    "NaN lr": (["--lr", "nan"], "--lr nan"),
+    "NaN lr": (["--lr", "nan"], "argument --lr: 'nan' is not a number"),
+    "NaN ratio": (["--prune-ratio", "nan"], "argument --prune-ratio: 'nan' is not a number"),
     "negative weight decay": (["--weight-decay", "-1"], "--weight-decay -1.0"),
     "negative seed": (["--seed", "-1"], "--seed -1"),
     "zero batch size": (["--batch-size", "0"], "--batch-size 0"),
@@ -142,7 +147,7 @@ CASES = {
     "ratio one": (["--prune-ratio", "1"], "--prune-ratio 1.0"),
     "negative epsilon": (["--epsilon", "-1"], "--epsilon -1.0"),
     "infinite epsilon": (["--epsilon", "inf"], "epsilon must be finite"),
-    "NaN epsilon": (["--epsilon", "nan"], "--epsilon nan"),
+    "NaN epsilon": (["--epsilon", "nan"], "argument --epsilon: 'nan' is not a number"),
     "npz Inf": (["--dataset", "npz:{root}/inf.npz", "--model", "linear"], "train samples contain NaN or Inf"),
     "npz NaN in the test split": (["--dataset", "npz:{root}/nan-test.npz", "--model", "linear"],
                                   "test samples contain NaN or Inf"),
@@ -154,12 +159,19 @@ CASES = {
     "duplicate sample ids": (["--dataset", "delta:{root}/duplicates"], "sample_id values must be unique"),
     "labels outside the classes": (["--dataset", "delta:{root}/labels"], "train labels must lie in [0, 10), found [0, 12]"),
     "missing delta table": (["--dataset", "delta:{root}/absent"], "no Delta table there"),
-    "missing delta version": (["--dataset", "delta:{root}/duplicates@7"], "cannot be opened"),
+    "missing delta version": (["--dataset", "delta:{root}/duplicates@7"], "@7: no such version (the newest is 0)"),
+    "delta table whose data file is gone": (["--dataset", "delta:{root}/no-data"], "@0: its data cannot be read"),
+    "delta table that is a file": (["--dataset", "delta:{root}/corrupt.pt"], "is a file; a Delta table is a folder"),
+    "target of an unknown scheme": (["--target", "bogus://bucket/table"], "--target bogus://bucket/table: unknown "
+                                    "scheme 'bogus'"),
+    "dask address without a port": (["--dask-address", "tcp://127.0.0.1"], "missing port number"),
     "checkpoint of another class count": (["--dataset", "npz:{small}", "--checkpoint", "{root}/cnn-12-classes.pt"],
                                           "does not fit --model cnn"),
     "checkpoint that runs code": (["--dataset", "npz:{small}", "--model", "linear", "--checkpoint", "{root}/payload.pt"],
                                   "not a loadable state_dict"),
     "checkpoint is a folder": (["--checkpoint", "{root}"], "file not found"),
+    "checkpoint of a few bytes": (["--dataset", "npz:{small}", "--checkpoint", "{root}/hello.pt"],
+                                  "not a loadable state_dict (KeyError"),
     "target escaping with ..": (["--target", "../escape"], "'..' is not allowed"),
     "absolute target with ..": (["--target", "{root}/x/../../escape"], "'..' is not allowed"),
     "target is a file": (["--target", "{root}/corrupt.pt"], "exists and is not a folder"),
@@ -227,6 +239,32 @@ def test_select_refuses_bad_scores_in_one_line(case, tmp_path, capsys):
     pq.write_table(make(), tmp_path / "scores.parquet")
     out = tmp_path / "selection.parquet"
     assert main(["select", "--scores", str(tmp_path / "scores.parquet"), "--prune-ratio", "0.5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and expected in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--method", "random", "--seed", "-1"], "--seed -1 must be ≥ 0"),
+    (["--solver", "bucketed", "--workers", "0"], "--workers 0 must be at least 1"),  # a cluster of none: waited for ever
+    (["--dask-address", "tcp://127.0.0.1:8786"], "--dask-address applies to --solver bucketed"),
+    (["--solver", "bucketed", "--dask-address", "tcp://127.0.0.1:abc"], "must look like tcp://host:port (invalid"),
+    (["--solver", "bucketed", "--dask-address", "bogus"], "--dask-address 'bogus' must look like tcp://host:port"),
+    (["--train-epochs", "8", "manifest:{bad"], "manifest.json: cannot be read as a run's manifest (Expecting"),
+    (["--train-epochs", "8", "manifest:[]"], "manifest.json: not a run's manifest"),
+])
+def test_select_refuses_bad_options_in_one_line(argv, expected, tmp_path, capsys):
+    """Each was a traceback, or a wait for ever (no workers), before it was checked."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(_scores(10), tmp_path / "scores.parquet")
+    for arg in argv:
+        if arg.startswith("manifest:"):  # the run folder's manifest, damaged
+            (tmp_path / "manifest.json").write_text(arg.removeprefix("manifest:"))
+    argv = [a for a in argv if not a.startswith("manifest:")]
+    out = tmp_path / "selection.parquet"
+    assert main(["select", "--scores", str(tmp_path / "scores.parquet"), "--prune-ratio", "0.4", "--out", str(out),
+                 *argv]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and expected in err, err
     assert not out.exists()

@@ -4,6 +4,7 @@
 import base64
 import json
 import re
+import shutil
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -356,12 +357,17 @@ def test_evaluate_flow_end_to_end(prefect_api, pooled_npz, tmp_path, capsys, das
 
     # Each finished retraining was recorded as it completed: a second evaluation (as after an
     # interruption) trains nothing again, and reports the very same runs.
+    # The scoring run's folder moved meanwhile: its manifest still names where it was made, and the
+    # evaluation reads the folder it is given.
     assert len(list((out / ".cache" / "retrain").glob("*.json"))) == 6
+    moved = tmp_path / "moved-run"
+    shutil.move(summary["scores_from"], moved)
     assert main(["evaluate", "--dataset", f"npz:{pooled_npz}", "--model", "linear", "--methods", "influence,random",
                  "--ratios", "0.5", "--seeds", "0,1", "--gap-samples", "0", "--evaluations-per-epoch", "2",
-                 "--from-run", summary["scores_from"], "--dask-address", dask_cluster, "--out", str(out),
+                 "--from-run", str(moved), "--dask-address", dask_cluster, "--out", str(out),
                  "--target", str(tmp_path / "t")]) == 0
     again = next(p for p in out.iterdir() if p.name.startswith("eval-") and p != folder)
+    assert json.loads((again / "evaluation.json").read_text())["scores_from"] == str(moved.resolve())
     key = ("method", "prune_ratio", "seed", "n_kept", "test_accuracy", "train_seconds", "curve")
     assert sorted(tuple(str(r[k]) for k in key) for r in pq.read_table(again / "evaluation.parquet").to_pylist()) == \
         sorted(tuple(str(r[k]) for k in key) for r in table)
@@ -378,6 +384,8 @@ def test_evaluate_flow_end_to_end(prefect_api, pooled_npz, tmp_path, capsys, das
     (["--seeds", "0,1,0"], "--seeds must be distinct"),
     (["--methods", "influence,random,influence"], "--methods lists influence more than once"),
     (["--ratios", "0.4,0.6,0.4"], "--ratios lists 0.4 more than once"),
+    (["--seeds", "1,,2"], "'1,,2' has an empty entry"),
+    (["--methods", "influence,,random"], "'influence,,random' has an empty entry"),
 ])
 def test_evaluate_bad_input_exits_2(argv, message, small_npz, tmp_path, capsys):
     assert main(["evaluate", "--dataset", f"npz:{small_npz}", "--out", str(tmp_path / "runs"), *argv]) == 2
@@ -385,6 +393,48 @@ def test_evaluate_bad_input_exits_2(argv, message, small_npz, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and message in err
     assert not (tmp_path / "runs").exists()
 
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no model", "not a finished run folder (no manifest.json, scores.parquet or model.pt)"),
+    ("manifest not JSON", "manifest.json: cannot be read as a run's manifest (Expecting"),
+    ("manifest a list", "manifest.json: not a run's manifest"),
+    ("scores cut short", "its scores.parquet: cannot be read as Parquet (Parquet magic bytes not found"),
+    ("scores damaged inside", "its scores.parquet: cannot be read as Parquet"),
+])
+def test_evaluate_refuses_a_damaged_run_folder_before_it_trains(damage, message, small_npz, tmp_path, capsys):
+    """A copied or half-deleted run folder: one line, exit 2, nothing written. The scores are read
+    whole: a file damaged inside has a sound footer and schema."""
+    from pruning_core.artifacts import scores_table
+
+    run = tmp_path / "run"
+    run.mkdir()
+    n = 2000
+    rng = np.random.default_rng(0)
+    vectors = np.tile(rng.normal(size=(1, 64)), (n, 1))  # the last column, compressed (snappy)
+    pq.write_table(scores_table({"sample_id": np.arange(n), "label": rng.integers(0, 10, n), "loss": rng.random(n),
+                                 "el2n": rng.random(n)}, vectors), run / "scores.parquet", use_dictionary=False)
+    (run / "manifest.json").write_text(json.dumps({"arguments": {"dataset": f"npz:{small_npz}", "model": "cnn",
+                                                                 "data_root": None}}))
+    (run / "model.pt").write_bytes(b"")
+    scores = (run / "scores.parquet").read_bytes()
+    if damage == "no model":
+        (run / "model.pt").unlink()
+    elif damage == "manifest not JSON":
+        (run / "manifest.json").write_text("{bad")
+    elif damage == "manifest a list":
+        (run / "manifest.json").write_text("[]")
+    elif damage == "scores cut short":
+        (run / "scores.parquet").write_bytes(scores[:len(scores) // 2])
+    else:  # inside the vectors' compressed pages, the footer intact
+        inside = int(0.7 * len(scores))
+        (run / "scores.parquet").write_bytes(scores[:inside] + rng.bytes(512) + scores[inside + 512:])
+    out = tmp_path / "runs"
+    assert main(["evaluate", "--dataset", f"npz:{small_npz}", "--from-run", str(run), "--out", str(out),
+                 "--target", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists() and not (tmp_path / "t").exists()
 
 
 def test_selections_that_draw_at_random_are_drawn_once_per_seed():
