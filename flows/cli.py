@@ -21,7 +21,7 @@ import typing
 from pydantic import ValidationError
 
 from flows.preflight import run_preflight
-from pruning_core.errors import BadInputError
+from pruning_core.errors import BadInputError, no_file
 from pruning_core.influence import format_estimate
 
 EXIT_BAD_INPUT = 2
@@ -424,7 +424,7 @@ def cmd_select(ns: argparse.Namespace) -> int:
         if dask_address_problem(ns.dask_address):
             raise BadInputError(f"--dask-address {ns.dask_address!r} {dask_address_problem(ns.dask_address)}")
     if not Path(ns.scores).is_file():
-        raise BadInputError(f"--scores {ns.scores}: file not found")
+        raise BadInputError(f"--scores {ns.scores}: {no_file(ns.scores)}")
     if Path(ns.out).is_dir():
         raise BadInputError(f"--out {ns.out}: is a folder; give the selection's file path (e.g. selection.parquet)")
     check_can_create(Path(ns.out).resolve(), "--out", folder=False)

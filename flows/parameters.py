@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pruning_core import artifacts
 from pruning_core.data import parse_dataset_spec, pinned
-from pruning_core.errors import BadInputError, first_line
+from pruning_core.errors import BadInputError, first_line, no_file
 from pruning_core.influence import InfluenceArgs
 from pruning_core.selection import MAX_ROUNDS, MAX_SWAP_ROUNDS, SelectionArgs
 from pruning_core.targets import open_target
@@ -270,12 +270,15 @@ class RunParameters(BaseModel):
             raise BadInputError(f"--rounds {self.rounds} splits --prune-ratio over the rounds; with --epsilon give one "
                                 "round")
         if self.checkpoint is not None and not Path(self.checkpoint).is_file():
-            raise BadInputError(f"--checkpoint {self.checkpoint}: file not found")
+            raise BadInputError(f"--checkpoint {self.checkpoint}: {no_file(self.checkpoint)}")
         artifacts.check_can_create(Path(self.out).expanduser().resolve(), "--out")
         delta_target = self.target is not None and not self.target.startswith(("dvc:", "lakefs://"))  # checked there
         if delta_target and ".." in re.split(r"[/\\]", self.target):
             raise BadInputError(f"--target {self.target}: '..' is not allowed in a table path (it would leave the "
                                 f"folder it names); give the path without it, an absolute path is fine")
+        if delta_target and re.search(r"@\d+$", self.target):
+            raise BadInputError(f"--target {self.target}: names a version; a run commits the table's next version, so "
+                                "give the table alone")
         open_target(self.target_uri()).check()
 
     def as_json(self) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DatasetError
+from .errors import DatasetError, no_file
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 TORCHVISION_DATASETS = {"mnist": "MNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
@@ -189,7 +189,7 @@ def _load_torchvision(name: str, root: Path) -> Dataset:
 
 def _load_npz(path: str) -> Dataset:
     if not Path(path).is_file():
-        raise DatasetError(f"npz:{path}: file not found")
+        raise DatasetError(f"npz:{path}: {no_file(path)}")
     if not zipfile.is_zipfile(path):  # np.load would return a .npy's array, or try to unpickle anything else
         raise DatasetError(f"npz:{path}: not an .npz archive (a zip of the arrays x, y, x_test, y_test, as np.savez "
                            "writes it)")

@@ -34,3 +34,10 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (its type's name if it has none), at most
     `limit` characters: the reason inside a one-line error."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
+def no_file(path) -> str:
+    """Why `path`, which is not a file, cannot be read as one: the reason inside a one-line error."""
+    from pathlib import Path
+
+    return "is a folder, not a file" if Path(path).is_dir() else "file not found"

@@ -173,7 +173,9 @@ def open_table(uri: str, version: int | None = None) -> DeltaTable:
         newest = _newest_version(uri) if version is not None else None
         if newest is not None and version > newest:
             raise DatasetError(f"delta:{uri}{at}: no such version (the newest is {newest})") from exc
-        raise DatasetError(f"delta:{uri}{at}: cannot be opened ({first_line(exc, 160)})") from exc
+        hint = (" (the store's credentials, region and endpoint come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                "AWS_REGION and AWS_ENDPOINT_URL)") if uri.startswith(("s3://", "s3a://")) else ""
+        raise DatasetError(f"delta:{uri}{at}: cannot be opened ({first_line(exc, 160)}){hint}") from exc
 
 
 def _newest_version(uri: str) -> int | None:
