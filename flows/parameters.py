@@ -108,7 +108,10 @@ def scoring_recipe(run_dir: Path) -> TrainArgs:
     """The training recipe of a finished run, from its manifest (the model's default epochs when
     none were given)."""
     used = run_arguments(run_dir, "the scoring run's epochs are")
-    return TrainArgs(model=used.get("model", "cnn"), epochs=used.get("epochs"))
+    try:
+        return TrainArgs(model=used.get("model", "cnn"), epochs=used.get("epochs"))
+    except BadInputError as exc:  # its message names the option, which the manifest, not the user, gave here
+        raise BadInputError(f"{run_dir / 'manifest.json'}: its arguments are not a run's ({exc})") from None
 
 
 def train_budget(train_epochs: int | None, scoring_epochs: int, model: str) -> float:
