@@ -475,7 +475,6 @@ def test_retraining_longer_than_the_scoring_run_shifts_the_hard_cut(tmp_path):
     """An evaluation that retrains a --from-run's scores with twice its epochs selects with the
     schedule shifted (10 % cut at 80 % pruned, not 15 %), with half of them 25 %; the baselines keep their published
     schedules; a scoring run of its own trains as long as it retrains; train_epochs is refused."""
-    import pyarrow as pa
 
     from flows.parameters import EvaluateParameters
     from pruning_core.errors import BadInputError
@@ -484,7 +483,10 @@ def test_retraining_longer_than_the_scoring_run_shifts_the_hard_cut(tmp_path):
     run.mkdir()
     arguments = {"dataset": "fashion-mnist", "model": "cnn", "data_root": None, "epochs": None}  # cnn default: 4
     (run / "manifest.json").write_text(json.dumps({"arguments": arguments}))
-    pq.write_table(pa.table({"forgetting": [0], "embedding": [[0.0]]}), run / "scores.parquet")
+    columns = {"sample_id": np.arange(2), "label": np.arange(2), "loss": np.zeros(2), "el2n": np.zeros(2),
+               "forgetting": np.zeros(2, np.int64)}
+    pq.write_table(artifacts.scores_table(columns, np.ones((2, 3)), embedding=np.ones((2, 3))), run / "scores.parquet")
+    (run / "model.pt").write_bytes(b"")  # not read here
     params = EvaluateParameters(from_run=str(run), epochs=8, ratios=[0.6, 0.8])
     params.validate_all()
     assert params.train_budget() == 2.0
