@@ -421,8 +421,8 @@ def cmd_select(ns: argparse.Namespace) -> int:
     if ns.dask_address is not None:
         if args.solver != "bucketed":
             raise BadInputError("--dask-address applies to --solver bucketed (the only solver that runs on Dask)")
-        if dask_address_problem(ns.dask_address):
-            raise BadInputError(f"--dask-address {ns.dask_address!r} {dask_address_problem(ns.dask_address)}")
+        if problem := dask_address_problem(ns.dask_address):
+            raise BadInputError(f"--dask-address {ns.dask_address!r} {problem}")
     if not Path(ns.scores).is_file():
         raise BadInputError(f"--scores {ns.scores}: {no_file(ns.scores)}")
     if Path(ns.out).is_dir():

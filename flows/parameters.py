@@ -216,8 +216,8 @@ class RunParameters(BaseModel):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name} must be finite")
-        if self.dask_address is not None and dask_address_problem(self.dask_address):
-            raise ValueError(f"dask_address {self.dask_address!r} {dask_address_problem(self.dask_address)}")
+        if self.dask_address is not None and (problem := dask_address_problem(self.dask_address)):
+            raise ValueError(f"dask_address {self.dask_address!r} {problem}")
         return self
 
     # --- stage arguments -------------------------------------------------------------------
@@ -350,8 +350,8 @@ class EvaluateParameters(RunParameters):
                 raise BadInputError(f"--from-run {self.from_run} was made with {name} {used.get(name)!r}, "
                                     f"not {getattr(self, name)!r}")
         # read whole, so that a damaged file is refused now and not after the first retrainings
-        table, _, _ = artifacts.load_scores(run / "scores.parquet", name=f"--from-run {self.from_run}: its scores.parquet")
-        columns = table.column_names
+        columns = artifacts.check_scores(run / "scores.parquet", f"--from-run {self.from_run}: its scores.parquet"
+                                         ).column_names
         missing = [m for m, c in (("forgetting", "forgetting"), ("herding", "embedding"), ("kcenter", "embedding"),
                                   ("moderate", "embedding")) if m in self.methods and c not in columns]
         if missing:

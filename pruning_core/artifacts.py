@@ -301,9 +301,9 @@ def load_scores(path: str | Path, with_vectors: bool = True, name: str | None = 
     except (OSError, pa.ArrowInvalid) as exc:
         raise BadInputError(f"{name}: cannot be read as Parquet ({exc})") from exc
     required = {"sample_id": pa.int64(), "label": pa.int64(), "loss": pa.float64(), "el2n": pa.float64()}
-    for name, dtype in required.items():
-        if name not in schema.names or schema.field(name).type != dtype:
-            raise BadInputError(f"{name}: column {name} ({dtype}) is missing or of another type")
+    for column, dtype in required.items():
+        if column not in schema.names or schema.field(column).type != dtype:
+            raise BadInputError(f"{name}: column {column} ({dtype}) is missing or of another type")
     if "influence" not in schema.names or not pa.types.is_fixed_size_list(schema.field("influence").type):
         raise BadInputError(f"{name}: column influence (fixed-size list of floats) is missing")
     if table.num_rows == 0:
@@ -317,6 +317,19 @@ def load_scores(path: str | Path, with_vectors: bool = True, name: str | None = 
     meta = schema.metadata or {}
     metadata = json.loads(meta.get(b"dataset_pruning", b"{}"))
     return (table.drop_columns(["influence"]) if with_vectors else table), vectors, metadata
+
+
+def check_scores(path: str | Path, name: str) -> pa.Table:
+    """`load_scores`'s checks with the vectors read in batches and never all held (every page is
+    still decoded: a file damaged inside is refused). Returns the table without `influence`."""
+    table, _, _ = load_scores(path, with_vectors=False, name=name)
+    try:
+        norms = influence_norms(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise BadInputError(f"{name}: cannot be read as Parquet ({exc})") from exc
+    if not np.isfinite(norms).all():
+        raise BadInputError(f"{name}: influence vectors contain NaN or Inf")
+    return table
 
 
 def influence_norms(path: str | Path, batch_rows: int = 8192) -> np.ndarray:

@@ -5,6 +5,8 @@ missing or malformed); the command line turns it into one line and exit status 2
 is a bug or an environment failure and keeps its traceback.
 """
 
+from pathlib import Path
+
 
 class PruningError(Exception):
     """Base class of every error this project raises on purpose."""
@@ -38,6 +40,4 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
 
 def no_file(path) -> str:
     """Why `path`, which is not a file, cannot be read as one: the reason inside a one-line error."""
-    from pathlib import Path
-
     return "is a folder, not a file" if Path(path).is_dir() else "file not found"

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .data import Dataset, as_float, np_float_dtype
-from .errors import BadInputError, CheckpointError, first_line
+from .errors import BadInputError, CheckpointError, first_line, no_file
 from .models import LinearModel, build_model, inference_features
 
 DEFAULT_EPOCHS = {"linear": 0, "cnn": 4, "resnet18": 30}
@@ -212,10 +212,8 @@ def load_model(path: str, model_name: str, ds: Dataset, device=None) -> nn.Modul
     device = device or default_device()
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"--checkpoint {path}: file not found") from exc
-    except IsADirectoryError as exc:
-        raise CheckpointError(f"--checkpoint {path}: is a folder, not a checkpoint file") from exc
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise CheckpointError(f"--checkpoint {path}: {no_file(path)}") from exc
     except Exception as exc:  # the unpickler fails in many ways on bytes that are no checkpoint (KeyError, IndexError…)
         raise CheckpointError(f"--checkpoint {path}: not a loadable state_dict ({type(exc).__name__}: "
                               f"{first_line(exc, 160)})") from exc

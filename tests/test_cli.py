@@ -244,6 +244,7 @@ def test_select_refuses_bad_scores_in_one_line(case, tmp_path, capsys):
     assert main(["select", "--scores", str(tmp_path / "scores.parquet"), "--prune-ratio", "0.5", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and expected in err, err
+    assert err.startswith(f"dataset-prune: error: --scores {tmp_path / 'scores.parquet'}: "), err  # the file, named
     assert not out.exists()
 
 
