@@ -148,7 +148,7 @@ class RunParameters(BaseModel):
 
     dataset: str = Field("fashion-mnist", description="fashion-mnist, mnist, cifar10, cifar100, npz:PATH or delta:URI[@VERSION]",
                          json_schema_extra={"pattern": DATASET_PATTERN})
-    data_root: str | None = Field(None, description="Folder holding torchvision datasets; Fashion-MNIST defaults to the system copy")
+    data_root: str | None = Field(None, description="Folder holding a named dataset's files (torchvision datasets); Fashion-MNIST defaults to the system copy; not for npz: or delta: sources")
     model: Literal["linear", "cnn", "resnet18"] = Field("cnn", description="Model trained on the dataset")
     checkpoint: str | None = Field(None, description="Use these weights (a state_dict) instead of training")
     epochs: int | None = Field(None, ge=1, le=1000, description="Training epochs (default: 4 for cnn, 30 for resnet18)")
@@ -266,7 +266,10 @@ class RunParameters(BaseModel):
 
     def validate_all(self) -> None:
         """Build every stage's arguments so that bad values fail before anything runs."""
-        parse_dataset_spec(self.dataset)
+        spec = parse_dataset_spec(self.dataset)
+        if self.data_root is not None and spec.kind in ("npz", "delta"):
+            raise BadInputError(f"--data-root {self.data_root}: --dataset {self.dataset} names its own data; "
+                                "--data-root is for a named dataset (fashion-mnist, cifar10, …), so leave it out")
         self.train_args(), self.influence_args()
         check_train_epochs(self.train_epochs, self.selection_args())
         if self.rounds > 1 and self.prune_ratio is None:

@@ -100,6 +100,8 @@ CASES = {
     "npz with a corrupt member": (["--dataset", "npz:{root}/bad-crc.npz"], "cannot be read as an .npz file"),
     "missing idx files": (["--data-root", "{root}/empty"], "train-images-idx3-ubyte.gz is missing"),
     "npz lengths": (["--dataset", "npz:{root}/short.npz", "--model", "linear"], "5 samples but 4 labels"),
+    "data root for an npz": (["--dataset", "npz:{small}", "--data-root", "{root}"],
+                             "names its own data; --data-root is for a named dataset"),
     "npz NaN": (["--dataset", "npz:{root}/nan.npz", "--model", "linear"], "NaN or Inf"),
     "corrupt checkpoint": (["--dataset", "npz:{small}", "--checkpoint", "{root}/corrupt.pt"], "not a loadable state_dict"),
     "mismatched checkpoint": (["--dataset", "npz:{small}", "--checkpoint", "{root}/linear.pt"], "does not fit --model cnn"),
