@@ -503,7 +503,10 @@ def _table_uri(uri: str) -> str:
 
     if uri.startswith("delta:"):
         uri = uri[len("delta:"):]
-    elif is_versioning_uri(uri):
+    if not uri.strip():
+        raise BadInputError("versions: no table given; name a Delta table path or URI, dvc:REPO#PATH or "
+                            "lakefs://REPO/BRANCH/PATH")
+    if is_versioning_uri(uri):
         return uri
     table, version = split_version(uri)
     if version is not None and not Path(uri).exists():

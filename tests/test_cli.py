@@ -389,6 +389,8 @@ def test_versions_command_lists_provenance(tmp_path, small_npz, capsys):
     for uri, expected in ((str(tmp_path / "missing"), "no Delta table there"),
                           (f"delta:{tmp_path / 't'}@0", f"give {tmp_path / 't'} without @0"),
                           (str(tmp_path / "a-file"), "is a file; a Delta table is a folder"),
+                          ("", "versions: no table given"), ("delta:", "versions: no table given"),
+                          ("bogus://x/y", "unknown scheme 'bogus'"),
                           (f"dvc:{tmp_path / 'absent'}#x", "is not a folder"),
                           (f"dvc:{tmp_path / 'not-git'}#x", "is not the top folder of a git repository")):
         assert main(["versions", uri]) == 2, uri
