@@ -5,6 +5,7 @@ missing or malformed); the command line turns it into one line and exit status 2
 is a bug or an environment failure and keeps its traceback.
 """
 
+import re
 from pathlib import Path
 
 
@@ -32,10 +33,22 @@ class CommitConflictError(PruningError):
     """A version could not be committed: concurrent writers kept winning the race for the table."""
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (its type's name if it has none), at most
-    `limit` characters: the reason inside a one-line error."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+    `limit` characters (a longer one cut at a space, '…' marking the cut): the reason inside a
+    one-line error. A chain of causes written one a line, each marked '↳' (delta-rs's object-store
+    errors: "Generic LocalFileSystem error / ↳ Requested range was invalid / ↳ Wanted range …"),
+    gives its last, the most specific."""
+    lines = [_ANSI.sub("", line).strip() for line in str(exc).strip().splitlines()] or [type(exc).__name__]
+    causes = [line.removeprefix("↳").strip() for line in lines[1:] if line.startswith("↳")]
+    line = causes[-1] if causes and causes[-1] else lines[0]
+    if len(line) <= limit:
+        return line
+    cut = line[:limit - 1]
+    return (cut.rsplit(" ", 1)[0] if " " in cut[limit // 2:] else cut).rstrip(" ,;:") + "…"
 
 
 def no_file(path) -> str:

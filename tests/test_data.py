@@ -150,6 +150,30 @@ def test_missing_delta_table(tmp_path):
         load_dataset(f"delta:{tmp_path / 'nothing'}@0")
 
 
+def test_a_truncated_data_file_is_named_in_one_line_with_its_specific_reason(tmp_path, small_npz):
+    """delta-rs words a data file shorter than its log says as a chain of causes, one a line
+    ("Generic LocalFileSystem error / ↳ Requested range was invalid / ↳ Wanted range …"): the
+    one-line error gives the last, the specific one."""
+    ds = load_dataset(f"npz:{small_npz}")
+    commit_version(str(tmp_path / "t"), ds, np.ones(ds.n, bool), {"run_id": "r"})
+    (part,) = (tmp_path / "t").glob("*.parquet")
+    part.write_bytes(part.read_bytes()[:1000])
+    with pytest.raises(DatasetError, match=r"@0: its data cannot be read \(Wanted range starting at \d+, but object "
+                                           r"was only 1000 bytes long\)$") as info:
+        load_dataset(f"delta:{tmp_path / 't'}")
+    assert len(str(info.value).splitlines()) == 1 and "\x1b" not in str(info.value)
+
+
+def test_first_line_cuts_a_long_reason_between_words():
+    from pruning_core.errors import first_line
+
+    assert first_line(ValueError("a b c"), 10) == "a b c" and first_line(ValueError("x" * 30), 10) == "x" * 9 + "…"
+    assert first_line(ValueError("one two three four"), 12) == "one two…"
+    assert first_line(ValueError("first\nsecond")) == "first" and first_line(ValueError("")) == "ValueError"
+    chain = "Generic error\n  \x1b[31m↳\x1b[0m Requested range was invalid\n   \x1b[31m↳\x1b[0m Too short\n"
+    assert first_line(OSError(chain)) == "Too short"
+
+
 def test_torchvision_source_reads_a_data_root(tmp_path, fmnist):
     """`mnist` through torchvision's reader: the Fashion-MNIST idx files laid out as
     torchvision's MNIST/raw folder must read back as the same arrays."""
