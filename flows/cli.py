@@ -565,6 +565,10 @@ def _lineage_text(chain: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # delta-rs logs through Rust's env_logger at level warn unless RUST_LOG says otherwise: without an
+    # AWS region its SDK printed a WARN line per probe of the instance metadata on stderr, before the
+    # command's own one-line error. Errors still show; a RUST_LOG the user sets is kept.
+    os.environ.setdefault("RUST_LOG", "error")
     handles_sigterm = threading.current_thread() is threading.main_thread()
     terminated = []
     if handles_sigterm:
