@@ -283,31 +283,53 @@ def greedy_path(vectors: np.ndarray, steps: int, pool_size: int, labels: np.ndar
 
 
 def _greedy_path_quotas(vectors, norms2, stream, steps, pool_size, labels, quotas):
-    n = len(vectors)
+    """`greedy_path` with per-class removal quotas. The pool is K slots holding its members'
+    vectors (float64) and squared norms, refilled in stream order; a pick ties with another only
+    at an equal score, and then the one that entered the pool first is taken."""
+    n, p = vectors.shape
     K = min(pool_size, n)
-    pool, nxt = [], 0
-    S = np.zeros(vectors.shape[1])
+    pool = np.full(K, -1)
+    entered = np.zeros(K, dtype=np.int64)  # when each member entered the pool: ties go to the earliest
+    P = np.zeros((K, p))
+    Pn = np.full(K, np.inf)  # an empty slot never wins
+    pool_label = np.full(K, -1)
+    S = np.zeros(p)
+    scores = np.empty(K)
     order, path = np.empty(steps, dtype=np.int64), np.empty(steps)
+    nxt, arrivals = 0, 0
 
     def refill():
-        nonlocal nxt
-        while len(pool) < K and nxt < n:
-            if quotas[labels[stream[nxt]]] > 0:
-                pool.append(int(stream[nxt]))
+        nonlocal nxt, arrivals
+        for j in np.flatnonzero(pool < 0):
+            while nxt < n and quotas[labels[stream[nxt]]] <= 0:
+                nxt += 1
+            if nxt == n:
+                return
+            i = int(stream[nxt])
             nxt += 1
+            pool[j], pool_label[j], entered[j], Pn[j] = i, labels[i], arrivals, norms2[i]
+            P[j] = vectors[i]
+            arrivals += 1
+
+    def empty(slots):
+        pool[slots], pool_label[slots], Pn[slots] = -1, -1, np.inf
+        P[slots] = 0.0
 
     refill()
     for t in range(steps):
-        rows = np.asarray(pool)
-        P = vectors[rows].astype(np.float64)
-        k = int(np.argmin(2.0 * (P @ S) + norms2[rows]))
-        i = pool.pop(k)
+        np.dot(P, S, out=scores)
+        scores *= 2.0
+        scores += Pn  # ‖S + s‖² − ‖S‖² for each pool member
+        best = np.flatnonzero(scores == scores.min())
+        k = int(best[np.argmin(entered[best])]) if len(best) > 1 else int(best[0])
+        i = int(pool[k])
+        if i < 0:  # every slot empty: the quotas ask for more than the stream holds
+            raise ValueError(f"greedy path: no candidate left after {t} of {steps} removals")
         order[t] = i
         S += P[k]
         path[t] = math.sqrt(float(S @ S))
         quotas[labels[i]] -= 1
-        if quotas[labels[i]] == 0:
-            pool[:] = [j for j in pool if labels[j] != labels[i]]
+        empty(np.flatnonzero(pool_label == labels[i]) if quotas[labels[i]] == 0 else k)
         refill()
     return order, path
 

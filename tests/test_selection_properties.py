@@ -212,3 +212,55 @@ def test_order_free_past_the_greedy_paths_refresh():
         assert result.pruned.sum() == 2700
         assert_reported_objective(vectors, result)
         assert_same_up_to_ties(vectors, result, select(vectors[perm], SelectionArgs(prune_ratio=0.45)), perm)
+
+
+def reference_path_with_quotas(vectors, stream, steps, pool_size, labels, quotas):
+    """The pool greedy path under per-class quotas as plainly as it can be written: the pool is a
+    list in the order its members entered, the pick the first of the smallest ‖S + s‖² − ‖S‖²."""
+    quotas, pool, nxt, S, order = quotas.copy(), [], 0, np.zeros(vectors.shape[1]), []
+    norms2 = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
+    for _ in range(steps):
+        while len(pool) < pool_size and nxt < len(stream):
+            if quotas[labels[stream[nxt]]] > 0:
+                pool.append(int(stream[nxt]))
+            nxt += 1
+        P = vectors[pool].astype(np.float64)
+        i = pool.pop(int(np.argmin(2.0 * (P @ S) + norms2[pool])))
+        order.append(i)
+        S += vectors[i]
+        quotas[labels[i]] -= 1
+        pool = [j for j in pool if quotas[labels[j]] > 0]
+    return np.array(order, dtype=np.int64)
+
+
+@SETTINGS
+@given(instance=instances(), duplicates=st.integers(0, 10), pool_size=st.integers(1, 8), data=st.data())
+def test_the_path_under_quotas_is_the_plain_pool_greedy_path(instance, duplicates, pool_size, data):
+    """The slot-based path (`greedy_path` with quotas) picks what the plain list does, ties
+    included: rows repeated exactly tie, and the one that entered the pool first wins."""
+    from pruning_core.selection import greedy_path
+
+    vectors, labels = instance
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    copies = rng.integers(0, len(vectors), duplicates)
+    vectors, labels = np.concatenate([vectors, vectors[copies]]), np.concatenate([labels, labels[copies]])
+    counts = np.bincount(labels)
+    quotas = np.array([data.draw(st.integers(0, c)) for c in counts])
+    steps = data.draw(st.integers(0, int(quotas.sum())))
+    stream = rng.permutation(len(vectors))
+    order, path = greedy_path(vectors, steps, pool_size, labels, quotas, stream=stream)
+    assert order.tolist() == reference_path_with_quotas(vectors, stream, steps, pool_size, labels, quotas).tolist()
+    assert np.array_equal(np.bincount(labels[order], minlength=len(quotas)) <= quotas, np.ones(len(quotas), bool))
+    assert path == pytest.approx([exact_objective(vectors, np.isin(np.arange(len(vectors)), order[:t + 1]))
+                                  for t in range(steps)], rel=1e-6, abs=1e-12)
+
+
+def test_a_tie_in_the_pool_goes_to_the_member_that_entered_first():
+    """A (picked first) frees its slot for C, an exact copy of B: B and C then tie, and B, in the
+    pool since before C, is the pick, as in the plain list, whichever slot C landed in."""
+    from pruning_core.selection import greedy_path
+
+    vectors = np.array([[1.0, 0.0], [0.0, 2.0], [0.0, 2.0]])
+    order, _ = greedy_path(vectors, 2, 2, np.zeros(3, np.int64), np.array([3]), stream=np.arange(3))
+    assert order.tolist() == [0, 1] == reference_path_with_quotas(vectors, np.arange(3), 2, 2, np.zeros(3, np.int64),
+                                                                  np.array([3])).tolist()
