@@ -41,7 +41,8 @@ def model_el2n(job) -> np.ndarray:
 
         from pruning_core.data import load_dataset
         from pruning_core.influence import loss_and_el2n
-        from pruning_core.training import TrainArgs, predict_logits, train
+        from pruning_core.recipe import TrainArgs
+        from pruning_core.training import predict_logits, train
 
         torch.set_num_threads(1)
         ds = load_dataset(dataset)

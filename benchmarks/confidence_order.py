@@ -44,7 +44,8 @@ from cross_validation import evaluate, fold_scoring_run, variant_folder  # noqa:
 
 from pruning_core.data import load_dataset  # noqa: E402
 from pruning_core.models import build_model  # noqa: E402
-from pruning_core.training import TrainArgs, predict_logits, train_network  # noqa: E402
+from pruning_core.recipe import TrainArgs  # noqa: E402
+from pruning_core.training import predict_logits, train_network  # noqa: E402
 
 
 def epoch_confidence(run: Path, threads: int) -> np.ndarray:

@@ -41,7 +41,8 @@ from pruning_core import hessians  # noqa: E402
 from pruning_core import influence as inf  # noqa: E402
 from pruning_core.artifacts import file_sha256, save_checkpoint  # noqa: E402
 from pruning_core.data import as_float, load_dataset  # noqa: E402
-from pruning_core.training import TrainArgs, accuracy, load_model, train  # noqa: E402
+from pruning_core.recipe import TrainArgs  # noqa: E402
+from pruning_core.training import accuracy, load_model, train  # noqa: E402
 
 BENCH = ROOT / "benchmarks"
 CACHE = BENCH / ".cache"

@@ -17,8 +17,9 @@ import torch
 from pruning_core import hessians
 from pruning_core import influence as inf
 from pruning_core.data import load_dataset
+from pruning_core.recipe import TrainArgs
 from pruning_core.selection import SelectionArgs, objective, select
-from pruning_core.training import TrainArgs, predict_logits, train
+from pruning_core.training import predict_logits, train
 
 
 def timed(fn):

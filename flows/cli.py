@@ -20,9 +20,7 @@ import typing
 
 from pydantic import ValidationError
 
-from flows.preflight import run_preflight
 from pruning_core.errors import BadInputError, no_file
-from pruning_core.influence import format_estimate
 
 EXIT_BAD_INPUT = 2
 STARTUP_TIMEOUT = 120  # seconds the temporary Prefect server may take to answer
@@ -245,6 +243,9 @@ def cmd_run(ns: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise BadInputError(_pydantic_message(exc, RunParameters)) from None
     params.validate_all()
+    from flows.preflight import run_preflight  # torch: loaded by the commands that train
+    from pruning_core.influence import format_estimate
+
     estimate = run_preflight(params)  # bad files, a silent scheduler, too little memory: before the flow
     print(format_estimate(estimate), file=sys.stderr if not ns.dry_run else sys.stdout)
     if ns.dry_run:
@@ -390,6 +391,9 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
         raise BadInputError(_pydantic_message(exc, EvaluateParameters)) from None
     params.validate_all()
     if not params.from_run:
+        from flows.preflight import run_preflight
+        from pruning_core.influence import format_estimate
+
         print(format_estimate(run_preflight(params.run_parameters())), file=sys.stderr)
     from flows.evaluate import evaluate_pruning
 

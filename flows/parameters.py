@@ -15,10 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pruning_core import artifacts
 from pruning_core.data import parse_dataset_spec, pinned
 from pruning_core.errors import BadInputError, first_line, no_file
-from pruning_core.influence import InfluenceArgs
+from pruning_core.recipe import InfluenceArgs, TrainArgs
 from pruning_core.selection import MAX_ROUNDS, MAX_SWAP_ROUNDS, SelectionArgs
 from pruning_core.targets import open_target
-from pruning_core.training import TrainArgs
 
 
 def resolve_coverage(coverage: str, method: str, prune_ratio: float | None, solver: str, class_balanced: bool) -> str:

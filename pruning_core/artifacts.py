@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from .errors import ArgumentsMismatchError, BadInputError
 
@@ -176,9 +175,11 @@ def checkpoint_path(run_dir: Path) -> Path:
     return Path(run_dir) / "model.pt"
 
 
-def save_checkpoint(model: torch.nn.Module, path: str | Path) -> str:
+def save_checkpoint(model, path: str | Path) -> str:
     """Save a CPU state_dict atomically; return its sha256. Serialised in memory first: torch
     names the archive after the file, and a temporary name would make equal weights differ."""
+    import torch  # here: what only reads artifacts starts without torch
+
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
     with atomic_path(path) as tmp:

@@ -34,8 +34,9 @@ from . import artifacts, hessians, influence
 from .data import Dataset, as_float, load_dataset
 from .errors import BadInputError
 from .figures import pyplot, save_figure
+from .recipe import TrainArgs
 from .selection import METHODS, SelectionArgs, largest_size_within
-from .training import TrainArgs, fit_linear, train
+from .training import fit_linear, train
 
 FULL = "full"  # the method name of full-data reference runs
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from .errors import BadInputError
+from .recipe import STRATEGIES
 
-STRATEGIES = ("exact", "kfac", "ekfac", "cg", "lissa")
 EXACT_MAX_BYTES = 16 * 2**30
 
 

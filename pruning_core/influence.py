@@ -14,7 +14,6 @@ results are bit-identical whatever the shard or worker count.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,51 +22,9 @@ from torch import nn
 
 from .data import as_float, np_float_dtype
 from .errors import BadInputError
-from .hessians import STRATEGIES, Curvature, KroneckerFactors
+from .hessians import Curvature, KroneckerFactors
 from .models import inference_features
-from .scopes import validate_scope
-
-
-@dataclass
-class InfluenceArgs:
-    """Influence settings, saved in the manifest; a cache made with other settings is not reused."""
-
-    scope: str = "last-layer"  # last-layer, all, modules:NAME[,NAME...]
-    hessian: str = "exact"  # inverse-Hessian strategy: exact, kfac, ekfac, cg, lissa
-    damping: float | str = 0.0  # added to the diagonal of H on top of λ; "auto": 1e-3 · trace(H)/p
-    projection_dim: int | None = None  # seeded random projection of s_i (applied after H⁻¹)
-    projection_kind: str = "gaussian"  # gaussian or rademacher
-    projection_seed: int = 0
-    block_size: int = 1024  # rows per fixed block; part of the numerical identity of results
-    storage_dtype: str = "float32"  # dtype of the stored vectors (and of the final product)
-    cg_tol: float = 1e-10
-    cg_max_iter: int = 1000
-    lissa_depth: int = 2000
-    lissa_batch_size: int | None = 512  # None: full-data Hessian-vector products
-
-    def __post_init__(self):
-        self.scope = validate_scope(self.scope)
-        if self.hessian not in STRATEGIES:
-            raise BadInputError(f"--hessian {self.hessian!r} is not known; valid: {', '.join(STRATEGIES)}")
-        if self.hessian in ("kfac", "ekfac") and self.scope != "last-layer":
-            raise BadInputError(f"--hessian {self.hessian} is available for --scope last-layer; "
-                                f"use exact, cg or lissa with --scope {self.scope}")
-        if isinstance(self.damping, str):
-            if self.damping != "auto":
-                try:
-                    self.damping = float(self.damping)
-                except ValueError:
-                    raise BadInputError(f"--damping {self.damping!r} must be a non-negative number or 'auto'") from None
-        if self.damping != "auto" and not (self.damping >= 0 and np.isfinite(self.damping)):
-            raise BadInputError(f"--damping {self.damping} must be a non-negative number or 'auto'")
-        if self.projection_dim is not None and self.projection_dim < 1:
-            raise BadInputError(f"--projection-dim {self.projection_dim} must be at least 1")
-        if self.projection_kind not in ("gaussian", "rademacher"):
-            raise BadInputError(f"projection kind {self.projection_kind!r}; valid: gaussian, rademacher")
-        if self.block_size < 1:
-            raise BadInputError(f"block size {self.block_size} must be at least 1")
-        if self.storage_dtype not in ("float32", "float64"):
-            raise BadInputError(f"storage dtype {self.storage_dtype!r}; valid: float32, float64")
+from .recipe import InfluenceArgs
 
 
 def block_ranges(start: int, end: int, block_size: int) -> list[tuple[int, int]]:

@@ -19,10 +19,10 @@ import torch
 from . import artifacts, code_digest, hessians, influence
 from .data import load_dataset
 from .errors import BadInputError, DatasetError, first_line
-from .influence import InfluenceArgs
+from .recipe import InfluenceArgs, TrainArgs
 from .scopes import ScopedLoss, autograd_curvature, scope_parameter_names
 from .selection import SelectionArgs, generalization_bound, select
-from .training import TrainArgs, default_device, load_model, predict_logits, train
+from .training import default_device, load_model, predict_logits, train
 
 
 @contextlib.contextmanager

@@ -15,16 +15,6 @@ from torch.func import functional_call, grad, jvp, vmap
 from .data import as_float, np_float_dtype
 from .errors import BadInputError
 
-SCOPE_FORMS = "last-layer, all, modules:NAME[,NAME...]"
-
-
-def validate_scope(scope: str) -> str:
-    if scope in ("last-layer", "all"):
-        return scope
-    if scope.startswith("modules:") and all(scope[8:].split(",")):
-        return scope
-    raise BadInputError(f"--scope {scope!r} is not valid; valid: {SCOPE_FORMS}")
-
 
 def scope_parameter_names(model: nn.Module, scope: str) -> list[str]:
     """Names of the scoped parameters in state_dict order."""

@@ -13,43 +13,13 @@ import torch
 from torch import nn
 
 from .data import Dataset, as_float, np_float_dtype
-from .errors import BadInputError, CheckpointError, first_line, no_file
+from .errors import CheckpointError, first_line, no_file
 from .models import LinearModel, build_model, inference_features
-
-DEFAULT_EPOCHS = {"linear": 0, "cnn": 4, "resnet18": 30}
+from .recipe import TrainArgs
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@dataclass
-class TrainArgs:
-    """The training recipe. `epochs` is ignored by `linear`, which trains to the optimum."""
-
-    model: str = "cnn"
-    epochs: int | None = None  # None: the model's default (DEFAULT_EPOCHS)
-    lr: float = 0.05  # SGD learning rate, annealed by a cosine schedule
-    batch_size: int = 128
-    weight_decay: float = 5e-4  # λ of J(θ); also the λ of the influence Hessian
-    seed: int = 0
-    grad_tol: float = 1e-6  # linear only: stop when ‖∇J‖∞ ≤ grad_tol
-
-    def __post_init__(self):
-        if self.model not in DEFAULT_EPOCHS:
-            raise BadInputError(f"--model {self.model!r} is not a known model; valid: {', '.join(DEFAULT_EPOCHS)}")
-        if self.epochs is None:
-            self.epochs = DEFAULT_EPOCHS[self.model]
-        if self.epochs < 0 or (self.model != "linear" and self.epochs < 1):
-            raise BadInputError(f"--epochs {self.epochs} must be at least 1")
-        if not (self.lr > 0 and np.isfinite(self.lr)):
-            raise BadInputError(f"--lr {self.lr} must be a positive number")
-        if self.batch_size < 1:
-            raise BadInputError(f"--batch-size {self.batch_size} must be at least 1")
-        if not (self.weight_decay >= 0 and np.isfinite(self.weight_decay)):
-            raise BadInputError(f"--weight-decay {self.weight_decay} must be a non-negative number")
-        if self.model == "linear" and self.weight_decay <= 0:
-            raise BadInputError("--weight-decay must be > 0 for --model linear (the optimum must exist)")
 
 
 @dataclass

@@ -5,7 +5,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pruning_core import evaluation
 from pruning_core.data import load_dataset
-from pruning_core.training import TrainArgs
+from pruning_core.recipe import TrainArgs
 
 
 @task(name="retrain", cache_policy=NO_CACHE, task_run_name="retrain-{labels[selection]}-seed{train_args.seed}")

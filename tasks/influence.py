@@ -8,7 +8,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pruning_core import pipeline
-from pruning_core.influence import InfluenceArgs
+from pruning_core.recipe import InfluenceArgs
 
 
 @task(name="features-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)

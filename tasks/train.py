@@ -7,7 +7,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from pruning_core import pipeline
-from pruning_core.training import TrainArgs
+from pruning_core.recipe import TrainArgs
 
 
 @task(name="train-model", cache_policy=NO_CACHE)

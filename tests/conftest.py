@@ -58,7 +58,8 @@ def small_npz(fmnist, tmp_path_factory) -> str:
 def cnn_checkpoint(small_npz, tmp_path_factory) -> str:
     """A `cnn` trained for 2 epochs on `small_npz` (seed 0), saved as a state_dict."""
     from pruning_core.artifacts import save_checkpoint
-    from pruning_core.training import TrainArgs, train
+    from pruning_core.recipe import TrainArgs
+    from pruning_core.training import train
 
     path = tmp_path_factory.mktemp("checkpoint") / "cnn.pt"
     save_checkpoint(train(load_dataset(f"npz:{small_npz}"), TrainArgs(model="cnn", epochs=2)).model, path)

@@ -7,8 +7,8 @@ from torch import nn
 
 from pruning_core import hessians
 from pruning_core import influence as inf
-from pruning_core.influence import InfluenceArgs
 from pruning_core.models import LinearModel
+from pruning_core.recipe import InfluenceArgs
 from pruning_core.scopes import ScopedLoss, autograd_curvature, scope_parameter_names
 
 

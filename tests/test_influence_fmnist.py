@@ -6,8 +6,9 @@ import torch
 
 from pruning_core import hessians
 from pruning_core import influence as inf
+from pruning_core.recipe import TrainArgs
 from pruning_core.selection import SelectionArgs, objective, select
-from pruning_core.training import TrainArgs, train
+from pruning_core.training import train
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,95 @@
+"""The run's recipes as plain data: the training recipe (`TrainArgs`) and the influence settings
+(`InfluenceArgs`), checked as they are made. Free of torch, so that what only reads or checks
+arguments (the command line's parser and `--help`, `select`, `versions`, the flow parameters)
+starts without loading it; the modules that train and score import these from here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import BadInputError
+
+DEFAULT_EPOCHS = {"linear": 0, "cnn": 4, "resnet18": 30}
+STRATEGIES = ("exact", "kfac", "ekfac", "cg", "lissa")  # inverse-Hessian strategies (hessians.py)
+SCOPE_FORMS = "last-layer, all, modules:NAME[,NAME...]"
+
+
+@dataclass
+class TrainArgs:
+    """The training recipe. `epochs` is ignored by `linear`, which trains to the optimum."""
+
+    model: str = "cnn"
+    epochs: int | None = None  # None: the model's default (DEFAULT_EPOCHS)
+    lr: float = 0.05  # SGD learning rate, annealed by a cosine schedule
+    batch_size: int = 128
+    weight_decay: float = 5e-4  # λ of J(θ); also the λ of the influence Hessian
+    seed: int = 0
+    grad_tol: float = 1e-6  # linear only: stop when ‖∇J‖∞ ≤ grad_tol
+
+    def __post_init__(self):
+        if self.model not in DEFAULT_EPOCHS:
+            raise BadInputError(f"--model {self.model!r} is not a known model; valid: {', '.join(DEFAULT_EPOCHS)}")
+        if self.epochs is None:
+            self.epochs = DEFAULT_EPOCHS[self.model]
+        if self.epochs < 0 or (self.model != "linear" and self.epochs < 1):
+            raise BadInputError(f"--epochs {self.epochs} must be at least 1")
+        if not (self.lr > 0 and np.isfinite(self.lr)):
+            raise BadInputError(f"--lr {self.lr} must be a positive number")
+        if self.batch_size < 1:
+            raise BadInputError(f"--batch-size {self.batch_size} must be at least 1")
+        if not (self.weight_decay >= 0 and np.isfinite(self.weight_decay)):
+            raise BadInputError(f"--weight-decay {self.weight_decay} must be a non-negative number")
+        if self.model == "linear" and self.weight_decay <= 0:
+            raise BadInputError("--weight-decay must be > 0 for --model linear (the optimum must exist)")
+
+
+def validate_scope(scope: str) -> str:
+    if scope in ("last-layer", "all"):
+        return scope
+    if scope.startswith("modules:") and all(scope[8:].split(",")):
+        return scope
+    raise BadInputError(f"--scope {scope!r} is not valid; valid: {SCOPE_FORMS}")
+
+
+@dataclass
+class InfluenceArgs:
+    """Influence settings, saved in the manifest; a cache made with other settings is not reused."""
+
+    scope: str = "last-layer"  # last-layer, all, modules:NAME[,NAME...]
+    hessian: str = "exact"  # inverse-Hessian strategy: exact, kfac, ekfac, cg, lissa
+    damping: float | str = 0.0  # added to the diagonal of H on top of λ; "auto": 1e-3 · trace(H)/p
+    projection_dim: int | None = None  # seeded random projection of s_i (applied after H⁻¹)
+    projection_kind: str = "gaussian"  # gaussian or rademacher
+    projection_seed: int = 0
+    block_size: int = 1024  # rows per fixed block; part of the numerical identity of results
+    storage_dtype: str = "float32"  # dtype of the stored vectors (and of the final product)
+    cg_tol: float = 1e-10
+    cg_max_iter: int = 1000
+    lissa_depth: int = 2000
+    lissa_batch_size: int | None = 512  # None: full-data Hessian-vector products
+
+    def __post_init__(self):
+        self.scope = validate_scope(self.scope)
+        if self.hessian not in STRATEGIES:
+            raise BadInputError(f"--hessian {self.hessian!r} is not known; valid: {', '.join(STRATEGIES)}")
+        if self.hessian in ("kfac", "ekfac") and self.scope != "last-layer":
+            raise BadInputError(f"--hessian {self.hessian} is available for --scope last-layer; "
+                                f"use exact, cg or lissa with --scope {self.scope}")
+        if isinstance(self.damping, str):
+            if self.damping != "auto":
+                try:
+                    self.damping = float(self.damping)
+                except ValueError:
+                    raise BadInputError(f"--damping {self.damping!r} must be a non-negative number or 'auto'") from None
+        if self.damping != "auto" and not (self.damping >= 0 and np.isfinite(self.damping)):
+            raise BadInputError(f"--damping {self.damping} must be a non-negative number or 'auto'")
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise BadInputError(f"--projection-dim {self.projection_dim} must be at least 1")
+        if self.projection_kind not in ("gaussian", "rademacher"):
+            raise BadInputError(f"projection kind {self.projection_kind!r}; valid: gaussian, rademacher")
+        if self.block_size < 1:
+            raise BadInputError(f"block size {self.block_size} must be at least 1")
+        if self.storage_dtype not in ("float32", "float64"):
+            raise BadInputError(f"storage dtype {self.storage_dtype!r}; valid: float32, float64")
