@@ -47,9 +47,8 @@ from pruning_core import artifacts  # noqa: E402
 from pruning_core.baselines import ccs_hard_fraction  # noqa: E402
 from pruning_core.data import load_dataset  # noqa: E402
 from pruning_core.evaluation import paired_differences, paired_interval, retrain_stage  # noqa: E402
-from pruning_core.pipeline import selection_stage  # noqa: E402
 from pruning_core.recipe import TrainArgs  # noqa: E402
-from pruning_core.selection import SelectionArgs  # noqa: E402
+from pruning_core.selection import SelectionArgs, selection_stage  # noqa: E402
 
 VARIANTS = ("smallest", "uniform", "ccs")  # the candidate-order experiment
 

@@ -415,7 +415,7 @@ def cmd_select(ns: argparse.Namespace) -> int:
 
     from flows.parameters import check_train_epochs, dask_address_problem, scoring_recipe, selection_args, train_budget
     from pruning_core.artifacts import check_can_create
-    from pruning_core.pipeline import selection_stage
+    from pruning_core.selection import selection_stage
 
     args = selection_args(ns.method, ns.prune_ratio, ns.epsilon, ns.solver, ns.seed, ns.class_balanced, ns.coverage,
                           ns.candidates, ns.hard_cut, time_limit=ns.time_limit, swap_rounds=ns.swap_rounds)

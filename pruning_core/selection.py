@@ -23,9 +23,11 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from . import artifacts
 from .baselines import ORDER_METHODS, coverage_strata, removal_order
 from .errors import BadInputError
 
@@ -674,3 +676,31 @@ def generalization_bound(objective_value: float, n_pruned: int, n: int) -> dict:
     figure is a scale to compare against, not a certified bound."""
     return {"form": "O(eps/n + m/n^2), eps = n*||sum_R s_i|| (Yang et al. 2023, Thm. 1; constants unstated)",
             "order_term": float(objective_value + n_pruned / n**2)}
+
+
+def selection_stage(scores: Path, args: SelectionArgs, out: Path, map_fn=None, progress=None) -> dict:
+    """Select over stored vectors; write selection.parquet; return the manifest's `selection`.
+    `progress(done, total, note)`, if given, is called as each of the 3 phases (read, solve,
+    write) finishes."""
+    progress = progress or (lambda done, total, note="": None)
+    table, vectors, _ = artifacts.load_scores(scores)
+    progress(1, 3, f"read {len(vectors)} vectors")
+    started = time.perf_counter()
+    columns = {name: artifacts.column_array(table, name) for name in table.column_names
+               if name in ("label", "el2n", "grand", "forgetting", "embedding")}
+    result = select(vectors, args, columns, map_fn)
+    progress(2, 3, f"solved ({args.method}{'/' + args.solver if args.method == 'influence' else ''})")
+    n = len(vectors)
+    if result.pruned.all():  # a version without samples is never what was meant: refuse before writing
+        given = f"--epsilon {args.epsilon:g}" if args.epsilon is not None else f"--prune-ratio {args.prune_ratio:g}"
+        raise BadInputError(f"{given} removes all {n} samples (‖Σ s_i‖ of the whole set = {result.objective:.4g}), "
+                            "so nothing would be kept; give a smaller value")
+    summary = {"method": args.method, "solver": result.info.get("solver"), "prune_ratio": args.prune_ratio,
+               "epsilon": args.epsilon, "n": n, "n_pruned": int(result.pruned.sum()),
+               "n_kept": int(n - result.pruned.sum()), "objective": result.objective,
+               "bound": generalization_bound(result.objective, int(result.pruned.sum()), n),
+               "seconds": time.perf_counter() - started,
+               "solver_info": {k: v for k, v in result.info.items() if k not in ("method", "solver", "seconds")}}
+    artifacts.save_parquet(artifacts.selection_table(table.column("sample_id").to_numpy(), result.pruned, summary), out)
+    progress(3, 3, f"wrote {summary['n_pruned']} pruned of {n}")
+    return summary

@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pruning_core import pipeline
+from pruning_core import pipeline, selection
 from pruning_core.selection import SelectionArgs
 from tasks.progress import RunProgress
 
@@ -33,9 +33,9 @@ def select_samples(scores: str, args: SelectionArgs, out: str, dask_address: str
     """`progress`: the run's progress artifact id, advanced per selection phase."""
     phase = RunProgress.attach(progress).phase_callback("selection") if progress else None
     if args.solver != "bucketed":
-        return pipeline.selection_stage(Path(scores), args, Path(out), progress=phase)
+        return selection.selection_stage(Path(scores), args, Path(out), progress=phase)
     with dask_map(dask_address, workers) as map_fn:
-        return pipeline.selection_stage(Path(scores), args, Path(out), map_fn, progress=phase)
+        return selection.selection_stage(Path(scores), args, Path(out), map_fn, progress=phase)
 
 
 @task(name="compose-selections", cache_policy=NO_CACHE)

@@ -22,8 +22,7 @@ from hypothesis import strategies as st
 from pruning_core import artifacts
 from pruning_core.baselines import coverage_strata
 from pruning_core.errors import BadInputError
-from pruning_core.pipeline import selection_stage
-from pruning_core.selection import SelectionArgs, class_quotas, hard_cut_for, select
+from pruning_core.selection import SelectionArgs, class_quotas, hard_cut_for, select, selection_stage
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
