@@ -30,17 +30,17 @@ def die() -> None:
 def install(point: str) -> None:
     import pyarrow as pa
 
-    import pruning_core.pipeline as pipeline
+    import pruning_core.selection as selection
     import pruning_core.versions as versions
 
     if point == "selection":
-        solve = pipeline.select
+        solve = selection.select  # what the selection stage calls
 
         def select_then_die(*args, **kwargs):
             solve(*args, **kwargs)
             die()
 
-        pipeline.select = select_then_die
+        selection.select = select_then_die
     elif point == "commit":
         write = versions.write_deltalake
 
