@@ -234,6 +234,15 @@ def _pydantic_message(exc: ValidationError, model) -> str:
                   err["msg"].removeprefix("Value error, "))
 
 
+def _preflight_text(params) -> str:
+    """The run's checks before its flow (bad files, a silent scheduler, too little memory), then
+    its memory and time estimate as text. Imported here: torch loads only for commands that train."""
+    from flows.preflight import run_preflight
+    from pruning_core.influence import format_estimate
+
+    return format_estimate(run_preflight(params))
+
+
 def cmd_run(ns: argparse.Namespace) -> int:
     from flows.parameters import RunParameters
 
@@ -243,11 +252,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise BadInputError(_pydantic_message(exc, RunParameters)) from None
     params.validate_all()
-    from flows.preflight import run_preflight  # torch: loaded by the commands that train
-    from pruning_core.influence import format_estimate
-
-    estimate = run_preflight(params)  # bad files, a silent scheduler, too little memory: before the flow
-    print(format_estimate(estimate), file=sys.stderr if not ns.dry_run else sys.stdout)
+    print(_preflight_text(params), file=sys.stderr if not ns.dry_run else sys.stdout)
     if ns.dry_run:
         return 0
     from flows.prune import prune_dataset
@@ -391,10 +396,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
         raise BadInputError(_pydantic_message(exc, EvaluateParameters)) from None
     params.validate_all()
     if not params.from_run:
-        from flows.preflight import run_preflight
-        from pruning_core.influence import format_estimate
-
-        print(format_estimate(run_preflight(params.run_parameters())), file=sys.stderr)
+        print(_preflight_text(params.run_parameters()), file=sys.stderr)
     from flows.evaluate import evaluate_pruning
 
     with prefect_api():

@@ -195,8 +195,7 @@ def later_rounds(params: RunParameters, first_selection: Path, folder: Path, out
         here = folder / f"round-{j}"
         here.mkdir(parents=True)
         before = done[-1]
-        commit_dataset_version(str(here / "source"), before["dataset"], params.data_root if j == 2 else None,
-                               before["selection_path"],
+        commit_dataset_version(str(here / "source"), before["dataset"], params.data_root, before["selection_path"],
                                {"round": j - 1, "rounds": params.rounds, "prune_ratio": before["prune_ratio"],
                                 "run_dir": str(folder)})
         round_params = params.model_copy(update={"dataset": f"delta:{here / 'source'}@0", "prune_ratio": ratios[j - 1],

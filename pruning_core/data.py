@@ -260,7 +260,9 @@ def load_dataset(spec: str | DatasetSpec, data_root: str | None = None) -> Datas
     worker serving run after run) keeps no older data under it: a Delta table named without a
     version is its newest version, a table or an npz file written anew at its path is read again."""
     spec = pinned(spec)
-    if data_root is not None:
+    if spec.kind in ("npz", "delta"):  # a source that holds its own data: no part of its cache key
+        data_root = None
+    elif data_root is not None:
         data_root = str(Path(data_root).expanduser().resolve())
     return _load_cached(spec, data_root, file_stamp(spec))
 
