@@ -26,7 +26,7 @@ from tasks.progress import RunProgress
 from tasks.select import compose_selections, select_samples
 
 from .parameters import EvaluateParameters, RunParameters, scoring_recipe
-from .prune import dask_runner, later_rounds, new_run_id, prune_dataset, workers_ready
+from .prune import dask_runner, later_rounds, new_run_id, prune_dataset, run_cluster, workers_ready
 
 
 class Done:
@@ -60,10 +60,11 @@ def rounds_parameters(params: EvaluateParameters, ratio: float) -> RunParameters
     return params.run_parameters().model_copy(update=update)
 
 
-def influence_in_rounds(params: EvaluateParameters, scores: str, folder: Path, out: Path) -> dict[str, dict]:
+def influence_in_rounds(params: EvaluateParameters, scores: str, folder: Path, out: Path, cluster) -> dict[str, dict]:
     """`--rounds K`: the influence method's selection per ratio R in K rounds (`flows.prune.later_rounds`):
     round 1 selects R/K over the scoring run's scores, each later round trains a fresh model on the
-    samples still kept, scores and selects its share there; the rounds composed over every sample."""
+    samples still kept, scores and selects its share there; the rounds composed over every sample.
+    `cluster()`: the evaluation's Dask scheduler address (`flows.prune.run_cluster`)."""
     logger = get_run_logger()
     args = params.eval_args()
     made, n = {}, load_dataset(params.dataset, params.data_root).n
@@ -72,10 +73,10 @@ def influence_in_rounds(params: EvaluateParameters, scores: str, folder: Path, o
         first = artifacts.selection_path(here / "round-1")
         first.parent.mkdir(parents=True)
         select_samples(scores, params.selection_args_for("influence", round_ratios(ratio, params.rounds, n)[0], 0),
-                       str(first))
+                       str(first), cluster())
         rounds = later_rounds(rounds_parameters(params, ratio), first, here, out, RunProgress(None),
                               lambda stage, started: logger.info("%s: %s finished in %.1f s", job["name"], stage,
-                                                                 time.perf_counter() - started))
+                                                                 time.perf_counter() - started), cluster)
         path = folder / "selections" / f"{job['name']}.parquet"
         made[job["name"]] = compose_selections(scores, [r["selection_path"] for r in rounds], str(path), ratio)
         logger.info("%s in %d rounds: pruned %s", job["name"], params.rounds, made[job["name"]]["pruned_per_round"])
@@ -203,10 +204,11 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
             workers_ready(params, load_dataset(params.dataset, params.data_root), staging, (scores, checkpoint))
         cache = out / ".cache" / "retrain"
         cache.mkdir(parents=True, exist_ok=True)
-        made = (influence_in_rounds(params, scores, staging, out) if params.rounds > 1 and "influence" in params.methods
-                else None)
-        results = evaluation_runs.with_options(task_runner=dask_runner(params))(params, scores, checkpoint, str(staging),
-                                                                                str(cache), made)
+        with run_cluster(params, warm=("tasks.influence", "tasks.evaluate")) as cluster:
+            made = (influence_in_rounds(params, scores, staging, out, cluster)
+                    if params.rounds > 1 and "influence" in params.methods else None)
+            results = evaluation_runs.with_options(task_runner=dask_runner(cluster()))(
+                params, scores, checkpoint, str(staging), str(cache), made)
         records = evaluation.add_convergence(results["records"], args.target_drop)
         summary = evaluation.summarise(records)
         goal = evaluation.targets(summary, records, drop=args.target_drop)

@@ -4,12 +4,16 @@ stage is a sub-flow on a Dask task runner (a LocalCluster unless an address is g
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import platform
 import secrets
 import shutil
+import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,14 +35,12 @@ from tasks.publish import class_balance, commit_dataset_version, draw_figures, e
 from tasks.select import compose_selections, select_samples
 from tasks.train import load_checkpoint, train_model
 
-from .parameters import RunParameters
+from .parameters import EvaluateParameters, RunParameters
 from .preflight import check_workers, influence_estimate, run_preflight
 
 
-def dask_runner(params: RunParameters) -> DaskTaskRunner:
-    logging.getLogger("distributed").setLevel(logging.WARNING)  # cluster start/stop chatter
-    if params.dask_address:
-        return DaskTaskRunner(address=params.dask_address)
+def local_cluster_kwargs(params: RunParameters | EvaluateParameters) -> dict:
+    """`distributed.LocalCluster` arguments for a run's own cluster of `params.workers` workers."""
     # Dask starts local workers with MALLOC_TRIM_THRESHOLD_=65536, which fixes glibc's mmap
     # threshold too: every large tensor is then mapped and unmapped afresh, and training runs
     # 2x slower (13.3 s vs 26.9 s for one retraining). Our workers keep glibc's defaults and the
@@ -52,7 +54,69 @@ def dask_runner(params: RunParameters) -> DaskTaskRunner:
               "dashboard_address": "127.0.0.1:0", "host": "127.0.0.1", "silence_logs": logging.WARNING}
     if params.gpu:
         kwargs["resources"] = {"GPU": 1}
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+    return kwargs
+
+
+def import_modules(names: tuple[str, ...]) -> None:
+    """Run on each worker of a fresh cluster: import what its tasks will need."""
+    for name in names:
+        importlib.import_module(name)
+
+
+def quiet_on_interrupt() -> None:
+    """Block SIGINT in the calling thread, and so in the threads it starts and the worker processes
+    they spawn. Ctrl-C in a terminal signals the whole process group: the command unwinds and
+    closes its cluster itself, where each worker used to die on it printing a KeyboardInterrupt
+    traceback. Python's multiprocessing resource tracker unblocks SIGINT in the thread that first
+    starts it, so it is started first."""
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX
+        return
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+@contextlib.contextmanager
+def run_cluster(params: RunParameters | EvaluateParameters, warm: tuple[str, ...] = ("tasks.influence",)):
+    """The Dask scheduler every stage of one run shares, as a function that returns its address
+    once it answers: `--dask-address` as given, or else a LocalCluster of `--workers` workers
+    started now, in a thread of its own, whose workers import the modules `warm` (torch and
+    Prefect: about 6 s here) while the run loads its data and trains; it closes when the run ends.
+    A cluster per stage cost every round's influence stage, and the bucketed selection, a cold
+    start and a shutdown of their own (about 8 s here), after training rather than beside it."""
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # cluster start/stop chatter
+    if params.dask_address:
+        yield lambda: params.dask_address
+        return
+    from distributed import Client, LocalCluster
+
+    kwargs = local_cluster_kwargs(params)
+    made, ended = [], threading.Event()
+
+    def start() -> str:
+        quiet_on_interrupt()
+        made.append(LocalCluster(**kwargs))
+        if not ended.is_set():  # a run that failed meanwhile needs no warm workers
+            with Client(made[0]) as client:
+                client.run(import_modules, warm)
+        return made[0].scheduler_address
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="local-dask-cluster")
+    started = pool.submit(start)
+    try:
+        yield started.result
+    finally:
+        ended.set()
+        wait([started])  # a start under way cannot be stopped; what it made is closed
+        pool.shutdown()
+        if made:
+            made[0].close()
+
+
+def dask_runner(address: str) -> DaskTaskRunner:
+    """The task runner of a sub-flow that fans out over the run's cluster (`run_cluster`)."""
+    return DaskTaskRunner(address=address)
 
 
 @flow(name="influence-scores")
@@ -144,10 +208,12 @@ def mark_crashed(flow_run_id: str | None, run_id: str, logger) -> None:
                    state.name if state else "without a state")
 
 
-def prune_round(params: RunParameters, folder: Path, out: Path, progress: RunProgress, timed, label: str = "") -> dict:
+def prune_round(params: RunParameters, folder: Path, out: Path, progress: RunProgress, timed, cluster,
+                label: str = "") -> dict:
     """One round of a run on `params.dataset`: train (or load --checkpoint), score every sample's
     influence on Dask, select; model.pt, scores.parquet and selection.parquet go to `folder`.
-    `timed(stage, started)` records each stage's seconds under `label` + its name."""
+    `timed(stage, started)` records each stage's seconds under `label` + its name; `cluster()`
+    returns the address of the run's Dask scheduler (`run_cluster`)."""
     logger = get_run_logger()
     t = time.perf_counter()
     ds = load_dataset(params.dataset, params.data_root)
@@ -167,13 +233,13 @@ def prune_round(params: RunParameters, folder: Path, out: Path, progress: RunPro
     cache = artifacts.claim_folder(out / ".cache" / f"influence-{artifacts.arguments_key(key_args)}", key_args)
     scores_meta = {"influence": asdict(influence_args), "weight_decay": params.weight_decay,
                    "dataset_fingerprint": ds.fingerprint, "checkpoint_sha256": model["checkpoint_sha256"]}
-    scores = influence_scores.with_options(task_runner=dask_runner(params))(
+    scores = influence_scores.with_options(task_runner=dask_runner(cluster()))(
         params, model, str(cache), str(artifacts.scores_path(folder)), scores_meta, progress.artifact_id)
     timed(label + "influence", t)
 
     t = time.perf_counter()
     selection = select_samples(scores["path"], params.selection_args(), str(artifacts.selection_path(folder)),
-                               params.dask_address, params.workers, progress=progress.artifact_id)
+                               cluster(), params.workers, progress=progress.artifact_id)
     timed(label + "selection", t)
     logger.info("%spruned %d of %d samples, objective ‖Σ s_i‖ = %.6g", label, selection["n_pruned"], ds.n,
                 selection["objective"])
@@ -181,13 +247,13 @@ def prune_round(params: RunParameters, folder: Path, out: Path, progress: RunPro
 
 
 def later_rounds(params: RunParameters, first_selection: Path, folder: Path, out: Path, progress: RunProgress,
-                 timed, first_round: dict | None = None) -> list[dict]:
+                 timed, cluster, first_round: dict | None = None) -> list[dict]:
     """Rounds 2…K of `--rounds K` (`params.prune_ratio` is the total share pruned; round 1 pruned
     its share `round_ratios(...)[0]` of `params.dataset` into `first_selection`). Round j keeps the
     rows the round before kept as a Delta table (folder/round-j/source, the sample_ids unchanged),
     trains a fresh model on them with the run's recipe, scores and selects its share there.
     Returns every round's {dataset, prune_ratio, folder, model, selection} (round 1's from
-    `first_round` when given)."""
+    `first_round` when given). `cluster`: as for `prune_round`."""
     ratios = round_ratios(params.prune_ratio, params.rounds, load_dataset(params.dataset, params.data_root).n)
     done = [{"round": 1, "dataset": params.dataset, "prune_ratio": ratios[0], "selection_path": str(first_selection),
              **({"model": first_round["model"], "selection": first_round["selection"]} if first_round else {})}]
@@ -201,7 +267,8 @@ def later_rounds(params: RunParameters, first_selection: Path, folder: Path, out
         round_params = params.model_copy(update={"dataset": f"delta:{here / 'source'}@0", "prune_ratio": ratios[j - 1],
                                                  "checkpoint": None, "rounds": 1,
                                                  "data_root": None})  # a table holds its rows
-        run = prune_round(round_params, here, out, progress.in_round(j, params.rounds), timed, label=f"round {j} ")
+        run = prune_round(round_params, here, out, progress.in_round(j, params.rounds), timed, cluster,
+                          label=f"round {j} ")
         done.append({"round": j, "dataset": round_params.dataset, "prune_ratio": ratios[j - 1], "folder": str(here),
                      "selection_path": str(artifacts.selection_path(here)), "model": run["model"],
                      "selection": run["selection"]})
@@ -249,28 +316,31 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
     staging.mkdir(parents=True)
     timings: dict[str, float] = {}
     progress = RunProgress.create(run_id)
+    stack = contextlib.ExitStack()
 
     def timed(stage, started):
         timings[stage] = round(time.perf_counter() - started, 3)
         logger.info("stage %s finished in %.1f s", stage, timings[stage])
 
     try:
+        cluster = stack.enter_context(run_cluster(params))  # starts while the data loads and the model trains
         ds = load_dataset(params.dataset, params.data_root)
         if params.dask_address:
             workers_ready(params, ds, staging)
         target = params.target_uri()
         first_share = round_ratios(params.prune_ratio, params.rounds, ds.n)[0] if params.rounds > 1 else params.prune_ratio
         first = prune_round(params.model_copy(update={"prune_ratio": first_share}), staging, out,
-                            progress.in_round(1, params.rounds), timed)
+                            progress.in_round(1, params.rounds), timed, cluster)
         model, scores, selection, cache = first["model"], first["scores"], first["selection"], first["cache"]
         if params.rounds > 1:
             rounds = later_rounds(params, artifacts.selection_path(staging), staging / "rounds", out, progress, timed,
-                                  first_round=first)
+                                  cluster, first_round=first)
             selection = compose_rounds(params, staging, rounds, final)
             logger.info("%d rounds pruned %d of %d samples, objective ‖Σ s_i‖ = %.6g with round 1's vectors",
                         params.rounds, selection["n_pruned"], ds.n, selection["objective"])
         influence_args = params.influence_args()
 
+        stack.close()  # the cluster: no stage after selection uses it
         t = time.perf_counter()
         try:
             pictures = draw_figures(params.dataset, params.data_root, str(artifacts.scores_path(staging)),
@@ -317,6 +387,7 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
+        stack.close()
         artifacts.release_staging(out, run_id, lock)
     emit_version_event(version["uri"], version["version"], run_id, version["n_kept"])
     publish_artifacts(manifest, class_balance(params.dataset, params.data_root, str(artifacts.selection_path(final))))

@@ -91,9 +91,9 @@ def dask_cluster(prefect_api) -> str:
     from distributed import LocalCluster
 
     from flows.parameters import RunParameters
-    from flows.prune import dask_runner
+    from flows.prune import local_cluster_kwargs
 
-    with LocalCluster(**dask_runner(RunParameters(prune_ratio=0.4, workers=2)).cluster_kwargs) as cluster:
+    with LocalCluster(**local_cluster_kwargs(RunParameters(prune_ratio=0.4, workers=2))) as cluster:
         yield cluster.scheduler_address
 
 

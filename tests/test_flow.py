@@ -156,11 +156,11 @@ def test_gpu_shards_run_only_on_the_workers_that_offer_the_resource(first_run, s
 
     from distributed import Client, LocalCluster
 
-    from flows.prune import dask_runner
+    from flows.prune import local_cluster_kwargs
     from pruning_core import pipeline
 
     tmp, manifest = first_run
-    plain = dask_runner(RunParameters(prune_ratio=0.4, workers=1)).cluster_kwargs  # one worker, no GPU resource
+    plain = local_cluster_kwargs(RunParameters(prune_ratio=0.4, workers=1))  # one worker, no GPU resource
     with LocalCluster(**plain) as cluster, Client(cluster) as client:
         gpu = subprocess.Popen([str(Path(sys.executable).parent / "dask"), "worker", cluster.scheduler_address,
                                 "--nthreads", "1", "--resources", "GPU=1", "--name", "gpu-worker", "--host", "127.0.0.1",
@@ -406,11 +406,11 @@ def test_local_dask_workers_keep_glibc_malloc_defaults():
 
     from distributed import Client, LocalCluster
 
-    from flows.prune import dask_runner
+    from flows.prune import local_cluster_kwargs
 
     os.environ["MALLOC_TRIM_THRESHOLD_"] = "65536"  # as a previous Nanny leaves it
-    runner = dask_runner(RunParameters(prune_ratio=0.4, workers=1))
-    with LocalCluster(**runner.cluster_kwargs) as cluster, Client(cluster) as client:
+    kwargs = local_cluster_kwargs(RunParameters(prune_ratio=0.4, workers=1))
+    with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
         seen = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
     assert list(seen.values()) == [None]
 
@@ -423,15 +423,58 @@ def test_local_cluster_dashboard_link_answers_on_loopback():
 
     from distributed import Client, LocalCluster
 
-    from flows.prune import dask_runner
+    from flows.prune import local_cluster_kwargs
 
-    runner = dask_runner(RunParameters(prune_ratio=0.4, workers=1))
-    with LocalCluster(**runner.cluster_kwargs) as cluster, Client(cluster) as client:
+    kwargs = local_cluster_kwargs(RunParameters(prune_ratio=0.4, workers=1))
+    with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
         link = client.dashboard_link
         with urllib.request.urlopen(link, timeout=30) as page:
             status, body = page.status, page.read()
     assert urllib.parse.urlsplit(link).hostname == "127.0.0.1"
     assert status == 200 and b"Dask" in body
+
+
+def test_a_run_s_local_cluster_starts_once_warm_and_closes_with_the_run():
+    """`run_cluster`: the local cluster every stage of a run shares starts in the background, its
+    workers importing the shard tasks' modules (while the run trains), answers at one address
+    however often it is asked, and is gone when the run ends, also when the run fails while the
+    cluster is still starting. Its workers outlive a SIGINT (Ctrl-C reaches the whole process
+    group; the command closes the cluster itself). A given scheduler is passed through and nothing
+    is started."""
+    import os
+    import signal
+
+    import psutil
+    from distributed import Client
+
+    from flows.prune import run_cluster
+
+    params = RunParameters(prune_ratio=0.4, workers=1)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with run_cluster(params) as cluster:
+        address = cluster()
+        assert cluster() == address
+        with Client(address) as client:
+            imported = client.run(lambda: "tasks.influence" in __import__("sys").modules)
+            (pid,) = client.run(os.getpid).values()
+            os.kill(pid, signal.SIGINT)
+            with pytest.raises(psutil.TimeoutExpired):
+                psutil.Process(pid).wait(timeout=3)
+            assert list(client.run(os.getpid).values()) == [pid]
+    assert list(imported.values()) == [True]
+    with pytest.raises(OSError):
+        Client(address, timeout=3)
+    with pytest.raises(RuntimeError, match="the run failed"), run_cluster(params):
+        raise RuntimeError("the run failed")
+    def started():  # but multiprocessing's resource tracker, which lives as long as this process
+        return [p for p in psutil.Process().children(recursive=True)
+                if p.pid not in before and "resource_tracker" not in " ".join(p.cmdline())]
+
+    _, alive = psutil.wait_procs(started(), timeout=30)
+    assert not alive, [" ".join(p.cmdline())[:100] for p in alive]
+    with run_cluster(RunParameters(prune_ratio=0.4, dask_address="tcp://127.0.0.1:1")) as given:
+        assert given() == "tcp://127.0.0.1:1"
+    assert not started()
 
 
 def test_release_memory_runs_where_there_is_no_glibc_too(monkeypatch):
@@ -483,19 +526,35 @@ def test_a_selection_that_keeps_nothing_publishes_nothing(first_run, small_npz, 
     assert "removes all 2000 samples" in capsys.readouterr().err and not out.exists()
 
 
-def test_rounds_rescore_what_the_earlier_rounds_kept(first_run, small_npz, dask_cluster):
+def test_rounds_rescore_what_the_earlier_rounds_kept(first_run, small_npz):
     """--rounds 2 at 0.4: round 1 prunes 20 % of the samples with the run's model; round 2 trains a
     fresh model on the 1,600 kept (a Delta table in the run folder, sample ids unchanged), scores
     them and prunes 25 % of them; one version of the 1,200 left is published, one selection lists
-    every sample with the round that pruned it."""
+    every sample with the round that pruned it. Both rounds score on the run's one local cluster,
+    which is closed when the run ends."""
+    import logging
+
+    from distributed import Client
+
     from flows.cli import _lineage_text
     from pruning_core.targets import lineage
     from tasks.progress import listening
 
     tmp, first = first_run
-    seen = []
-    with listening(lambda value, text: seen.append((value, text))):
-        manifest = run(tmp, "rounds", dataset=f"npz:{small_npz}", rounds=2, dask_address=dask_cluster)
+    seen, runner_log = [], logging.getLogger("prefect.task_runner.dask")
+    said = logging.Handler()
+    said.emit = lambda record: seen.append((None, record.getMessage()))
+    runner_log.addHandler(said)
+    try:
+        with listening(lambda value, text: seen.append((value, text))):
+            manifest = run(tmp, "rounds", dataset=f"npz:{small_npz}", rounds=2)
+    finally:
+        runner_log.removeHandler(said)
+    connected = [t for v, t in seen if v is None and t.startswith("Connecting to an existing Dask cluster at ")]
+    assert len(connected) == 2 and len(set(connected)) == 1, [t for v, t in seen if v is None]
+    with pytest.raises(OSError):
+        Client(connected[0].rsplit(" ", 1)[1], timeout=3)
+    seen = [(v, t) for v, t in seen if v is not None]
     # one bar for the whole run: each round fills its half, never going back
     values = [v for v, _ in seen]
     assert values == sorted(values) and values[-1] == 100.0
