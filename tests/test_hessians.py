@@ -83,8 +83,8 @@ def test_cg_and_lissa_converge_to_exact():
     exact, _ = engine_influence(model, "all", x, y, lam=0.5)
     cg, info = engine_influence(model, "all", x, y, lam=0.5, strategy="cg", tol=1e-12)
     assert rel(cg, exact) <= 1e-6 and info.iterations < 200
-    lissa, info = engine_influence(model, "all", x, y, lam=0.5, strategy="lissa", depth=400, batch_size=None)
-    assert rel(lissa, exact) <= 1e-2
+    lissa, info = engine_influence(model, "all", x, y, lam=0.5, strategy="lissa", depth=150, batch_size=None)
+    assert rel(lissa, exact) <= 1e-3  # 6e-5 at this depth; 2.6e-2 at depth 50
 
 
 def last_layer(model, x, y, lam, strategy, block=7):
