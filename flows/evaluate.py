@@ -204,7 +204,7 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
             workers_ready(params, load_dataset(params.dataset, params.data_root), staging, (scores, checkpoint))
         cache = out / ".cache" / "retrain"
         cache.mkdir(parents=True, exist_ok=True)
-        with run_cluster(params, warm=("tasks.influence", "tasks.evaluate")) as cluster:
+        with run_cluster(params) as cluster:
             made = (influence_in_rounds(params, scores, staging, out, cluster)
                     if params.rounds > 1 and "influence" in params.methods else None)
             results = evaluation_runs.with_options(task_runner=dask_runner(cluster()))(

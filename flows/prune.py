@@ -4,14 +4,12 @@ stage is a sub-flow on a Dask task runner (a LocalCluster unless an address is g
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import platform
 import secrets
 import shutil
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict
@@ -57,12 +55,6 @@ def local_cluster_kwargs(params: RunParameters | EvaluateParameters) -> dict:
     return kwargs
 
 
-def import_modules(names: tuple[str, ...]) -> None:
-    """Run on each worker of a fresh cluster: import what its tasks will need."""
-    for name in names:
-        importlib.import_module(name)
-
-
 def quiet_on_interrupt() -> None:
     """Block SIGINT in the calling thread, and so in the threads it starts and the worker processes
     they spawn. Ctrl-C in a terminal signals the whole process group: the command unwinds and
@@ -78,38 +70,38 @@ def quiet_on_interrupt() -> None:
 
 
 @contextlib.contextmanager
-def run_cluster(params: RunParameters | EvaluateParameters, warm: tuple[str, ...] = ("tasks.influence",)):
-    """The Dask scheduler every stage of one run shares, as a function that returns its address
-    once it answers: `--dask-address` as given, or else a LocalCluster of `--workers` workers
-    started now, in a thread of its own, whose workers import the modules `warm` (torch and
-    Prefect: about 6 s here) while the run loads its data and trains; it closes when the run ends.
-    A cluster per stage cost every round's influence stage, and the bucketed selection, a cold
-    start and a shutdown of their own (about 8 s here), after training rather than beside it."""
+def run_cluster(params: RunParameters | EvaluateParameters):
+    """The Dask scheduler every stage of one run shares, as a function that returns its address:
+    `--dask-address` as given, or else a LocalCluster of `--workers` workers, started when a stage
+    first asks for it and closed when the run ends. A cluster per stage cost every later round's
+    influence stage, and the bucketed solver, a cold start and a shutdown of their own (about 8 s
+    here). It is not started beside the training: on two cores its workers' imports slowed the
+    training by as much as they saved (benchmarks/results/run-cluster.md)."""
     logging.getLogger("distributed").setLevel(logging.WARNING)  # cluster start/stop chatter
     if params.dask_address:
         yield lambda: params.dask_address
         return
-    from distributed import Client, LocalCluster
+    from distributed import LocalCluster
 
     kwargs = local_cluster_kwargs(params)
-    made, ended = [], threading.Event()
+    made, starting = [], []
 
-    def start() -> str:
+    def start() -> None:  # in a thread of its own, whose blocked SIGINT the workers inherit
         quiet_on_interrupt()
         made.append(LocalCluster(**kwargs))
-        if not ended.is_set():  # a run that failed meanwhile needs no warm workers
-            with Client(made[0]) as client:
-                client.run(import_modules, warm)
+
+    def address() -> str:
+        if not starting:
+            pool = ThreadPoolExecutor(1, thread_name_prefix="local-dask-cluster")
+            starting.append(pool.submit(start))
+            pool.shutdown(wait=False)
+        starting[0].result()
         return made[0].scheduler_address
 
-    pool = ThreadPoolExecutor(1, thread_name_prefix="local-dask-cluster")
-    started = pool.submit(start)
     try:
-        yield started.result
+        yield address
     finally:
-        ended.set()
-        wait([started])  # a start under way cannot be stopped; what it made is closed
-        pool.shutdown()
+        wait(starting)  # a start under way (Ctrl-C while waiting for it) cannot be stopped
         if made:
             made[0].close()
 
@@ -323,7 +315,7 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
         logger.info("stage %s finished in %.1f s", stage, timings[stage])
 
     try:
-        cluster = stack.enter_context(run_cluster(params))  # starts while the data loads and the model trains
+        cluster = stack.enter_context(run_cluster(params))
         ds = load_dataset(params.dataset, params.data_root)
         if params.dask_address:
             workers_ready(params, ds, staging)
