@@ -442,13 +442,14 @@ def cmd_select(ns: argparse.Namespace) -> int:
         recipe = scoring_recipe(Path(ns.scores).resolve().parent)  # the run folder of --scores
         args = dataclasses.replace(args, train_budget=train_budget(ns.train_epochs, recipe.epochs, recipe.model))
     if args.solver == "bucketed":
+        from flows.cluster import run_cluster
         from flows.preflight import scheduler_info
         from tasks.select import dask_map
 
         if ns.dask_address:
             scheduler_info(ns.dask_address)  # refuses, in one line, an address where none answers
 
-        with dask_map(ns.dask_address, ns.workers) as map_fn:
+        with run_cluster(ns.dask_address, ns.workers) as cluster, dask_map(cluster()) as map_fn:
             summary = selection_stage(Path(ns.scores), args, Path(ns.out), map_fn)
     else:
         summary = selection_stage(Path(ns.scores), args, Path(ns.out))

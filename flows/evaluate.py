@@ -25,8 +25,9 @@ from tasks.evaluate import generalization_gap, retrain
 from tasks.progress import RunProgress
 from tasks.select import compose_selections, select_samples
 
+from .cluster import run_cluster
 from .parameters import EvaluateParameters, RunParameters, scoring_recipe
-from .prune import dask_runner, later_rounds, new_run_id, prune_dataset, run_cluster, workers_ready
+from .prune import dask_runner, later_rounds, new_run_id, prune_dataset, workers_ready
 
 
 class Done:
@@ -64,7 +65,7 @@ def influence_in_rounds(params: EvaluateParameters, scores: str, folder: Path, o
     """`--rounds K`: the influence method's selection per ratio R in K rounds (`flows.prune.later_rounds`):
     round 1 selects R/K over the scoring run's scores, each later round trains a fresh model on the
     samples still kept, scores and selects its share there; the rounds composed over every sample.
-    `cluster()`: the evaluation's Dask scheduler address (`flows.prune.run_cluster`)."""
+    `cluster()`: the evaluation's Dask scheduler address (`flows.cluster.run_cluster`)."""
     logger = get_run_logger()
     args = params.eval_args()
     made, n = {}, load_dataset(params.dataset, params.data_root).n
@@ -204,7 +205,7 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
             workers_ready(params, load_dataset(params.dataset, params.data_root), staging, (scores, checkpoint))
         cache = out / ".cache" / "retrain"
         cache.mkdir(parents=True, exist_ok=True)
-        with run_cluster(params) as cluster:
+        with run_cluster(params.dask_address, params.workers, params.gpu) as cluster:
             made = (influence_in_rounds(params, scores, staging, out, cluster)
                     if params.rounds > 1 and "influence" in params.methods else None)
             results = evaluation_runs.with_options(task_runner=dask_runner(cluster()))(

@@ -1,5 +1,5 @@
 """Selection task: solve over `scores.parquet`, write `selection.parquet`. The `bucketed`
-solver maps its buckets over a Dask cluster (the given scheduler, or a LocalCluster)."""
+solver maps its buckets over the run's Dask cluster (`flows.cluster.run_cluster`)."""
 
 import contextlib
 from pathlib import Path
@@ -13,28 +13,27 @@ from tasks.progress import RunProgress
 
 
 @contextlib.contextmanager
-def dask_map(address: str | None, workers: int):
-    """A `map(f, jobs)` over Dask workers: `client.map` then `client.gather`."""
-    from distributed import Client, LocalCluster
+def dask_map(address: str):
+    """A `map(f, jobs)` over the workers of the Dask scheduler at `address`: the jobs (each a
+    bucket's vectors) are scattered to the workers first, not embedded in the task graph (which
+    made Dask warn "Sending large graph of size … MiB" on every bucketed selection)."""
+    from distributed import Client
 
-    with contextlib.ExitStack() as stack:
-        if address:
-            client = stack.enter_context(Client(address))
-        else:
-            cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                       dashboard_address=None, host="127.0.0.1"))
-            client = stack.enter_context(Client(cluster))
-        yield lambda f, jobs: client.gather(client.map(f, jobs, pure=False))
+    with Client(address) as client:
+        yield lambda f, jobs: client.gather(client.map(f, client.scatter(list(jobs)), pure=False))
 
 
 @task(name="select-samples", cache_policy=NO_CACHE)
 def select_samples(scores: str, args: SelectionArgs, out: str, dask_address: str | None = None,
-                   workers: int = 2, progress: str | None = None) -> dict:
-    """`progress`: the run's progress artifact id, advanced per selection phase."""
+                   progress: str | None = None) -> dict:
+    """`dask_address`: the run's Dask scheduler, for the bucketed solver; `progress`: the run's
+    progress artifact id, advanced per selection phase."""
     phase = RunProgress.attach(progress).phase_callback("selection") if progress else None
     if args.solver != "bucketed":
         return selection.selection_stage(Path(scores), args, Path(out), progress=phase)
-    with dask_map(dask_address, workers) as map_fn:
+    if dask_address is None:
+        raise ValueError("the bucketed solver needs the run's Dask scheduler address")
+    with dask_map(dask_address) as map_fn:
         return selection.selection_stage(Path(scores), args, Path(out), map_fn, progress=phase)
 
 

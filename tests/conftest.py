@@ -90,10 +90,9 @@ def dask_cluster(prefect_api) -> str:
     API, so that its workers report to it."""
     from distributed import LocalCluster
 
-    from flows.parameters import RunParameters
-    from flows.prune import local_cluster_kwargs
+    from flows.cluster import local_cluster_kwargs
 
-    with LocalCluster(**local_cluster_kwargs(RunParameters(prune_ratio=0.4, workers=2))) as cluster:
+    with LocalCluster(**local_cluster_kwargs(workers=2)) as cluster:
         yield cluster.scheduler_address
 
 

@@ -156,11 +156,11 @@ def test_gpu_shards_run_only_on_the_workers_that_offer_the_resource(first_run, s
 
     from distributed import Client, LocalCluster
 
-    from flows.prune import local_cluster_kwargs
+    from flows.cluster import local_cluster_kwargs
     from pruning_core import pipeline
 
     tmp, manifest = first_run
-    plain = local_cluster_kwargs(RunParameters(prune_ratio=0.4, workers=1))  # one worker, no GPU resource
+    plain = local_cluster_kwargs(workers=1)  # one worker, no GPU resource
     with LocalCluster(**plain) as cluster, Client(cluster) as client:
         gpu = subprocess.Popen([str(Path(sys.executable).parent / "dask"), "worker", cluster.scheduler_address,
                                 "--nthreads", "1", "--resources", "GPU=1", "--name", "gpu-worker", "--host", "127.0.0.1",
@@ -406,10 +406,10 @@ def test_local_dask_workers_keep_glibc_malloc_defaults():
 
     from distributed import Client, LocalCluster
 
-    from flows.prune import local_cluster_kwargs
+    from flows.cluster import local_cluster_kwargs
 
     os.environ["MALLOC_TRIM_THRESHOLD_"] = "65536"  # as a previous Nanny leaves it
-    kwargs = local_cluster_kwargs(RunParameters(prune_ratio=0.4, workers=1))
+    kwargs = local_cluster_kwargs(workers=1)
     with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
         seen = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
     assert list(seen.values()) == [None]
@@ -423,9 +423,9 @@ def test_local_cluster_dashboard_link_answers_on_loopback():
 
     from distributed import Client, LocalCluster
 
-    from flows.prune import local_cluster_kwargs
+    from flows.cluster import local_cluster_kwargs
 
-    kwargs = local_cluster_kwargs(RunParameters(prune_ratio=0.4, workers=1))
+    kwargs = local_cluster_kwargs(workers=1)
     with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
         link = client.dashboard_link
         with urllib.request.urlopen(link, timeout=30) as page:
@@ -446,19 +446,18 @@ def test_a_run_s_local_cluster_starts_once_when_asked_and_closes_with_the_run():
     import psutil
     from distributed import Client
 
-    from flows.prune import run_cluster
+    from flows.cluster import run_cluster
 
-    params = RunParameters(prune_ratio=0.4, workers=1)
     before = {p.pid for p in psutil.Process().children(recursive=True)}
 
     def started():  # but multiprocessing's resource tracker, which lives as long as this process
         return [p for p in psutil.Process().children(recursive=True)
                 if p.pid not in before and "resource_tracker" not in " ".join(p.cmdline())]
 
-    with pytest.raises(RuntimeError, match="the run failed"), run_cluster(params):
+    with pytest.raises(RuntimeError, match="the run failed"), run_cluster(None, workers=1):
         assert not started()
         raise RuntimeError("the run failed")
-    with run_cluster(params) as cluster:
+    with run_cluster(None, workers=1) as cluster:
         address = cluster()
         assert cluster() == address
         with Client(address) as client:
@@ -471,7 +470,7 @@ def test_a_run_s_local_cluster_starts_once_when_asked_and_closes_with_the_run():
         Client(address, timeout=3)
     _, alive = psutil.wait_procs(started(), timeout=30)
     assert not alive, [" ".join(p.cmdline())[:100] for p in alive]
-    with run_cluster(RunParameters(prune_ratio=0.4, dask_address="tcp://127.0.0.1:1")) as given:
+    with run_cluster("tcp://127.0.0.1:1", workers=1) as given:
         assert given() == "tcp://127.0.0.1:1"
     assert not started()
 

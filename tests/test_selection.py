@@ -173,12 +173,16 @@ def test_scip_refuses_an_instance_it_could_not_build_within_its_time_limit():
 
 
 def test_bucketed_on_a_local_cluster_matches_the_unbucketed_solver():
+    import warnings
+
+    from flows.cluster import run_cluster
     from tasks.select import dask_map
 
     rng = np.random.default_rng(6)
     V = instance(rng, 20_000, 32, drift=0.02).astype(np.float32)
     plain = select(V, SelectionArgs(prune_ratio=0.4))
-    with dask_map(None, 2) as map_fn:
+    with run_cluster(None, workers=2) as cluster, dask_map(cluster()) as map_fn, warnings.catch_warnings():
+        warnings.simplefilter("error")  # Dask's "Sending large graph" warning when the buckets rode in the graph
         bucketed = select(V, SelectionArgs(prune_ratio=0.4, solver="bucketed", buckets=4), map_fn=map_fn)
     assert bucketed.pruned.sum() == plain.pruned.sum() == 8000
     assert bucketed.info["buckets"] == 4
