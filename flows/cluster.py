@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 import signal
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import dask
 
@@ -61,23 +61,20 @@ def run_cluster(dask_address: str | None, workers: int, gpu: bool = False):
     from distributed import LocalCluster
 
     kwargs = local_cluster_kwargs(workers, gpu)
-    made, starting = [], []
+    starting: list[Future] = []
 
-    def start() -> None:  # in a thread of its own, whose blocked SIGINT the workers inherit
+    def start():  # in a thread of its own, whose blocked SIGINT the workers inherit
         quiet_on_interrupt()
-        made.append(LocalCluster(**kwargs))
+        return LocalCluster(**kwargs)
 
     def address() -> str:
         if not starting:
-            pool = ThreadPoolExecutor(1, thread_name_prefix="local-dask-cluster")
-            starting.append(pool.submit(start))
-            pool.shutdown(wait=False)
-        starting[0].result()
-        return made[0].scheduler_address
+            with ThreadPoolExecutor(1, thread_name_prefix="local-dask-cluster") as pool:
+                starting.append(pool.submit(start))
+        return starting[0].result().scheduler_address
 
     try:
         yield address
-    finally:
-        wait(starting)  # a start under way (Ctrl-C while waiting for it) cannot be stopped
-        if made:
-            made[0].close()
+    finally:  # a start under way cannot be stopped (Ctrl-C while waiting for it): it is waited for, then closed
+        if starting and starting[0].exception() is None:
+            starting[0].result().close()

@@ -17,6 +17,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
+from prefect_dask import DaskTaskRunner
 
 from pruning_core import artifacts, evaluation, figures
 from pruning_core.data import load_dataset
@@ -27,7 +28,7 @@ from tasks.select import compose_selections, select_samples
 
 from .cluster import run_cluster
 from .parameters import EvaluateParameters, RunParameters, scoring_recipe
-from .prune import dask_runner, later_rounds, new_run_id, prune_dataset, workers_ready
+from .prune import later_rounds, new_run_id, prune_dataset, workers_ready
 
 
 class Done:
@@ -208,7 +209,7 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
         with run_cluster(params.dask_address, params.workers, params.gpu) as cluster:
             made = (influence_in_rounds(params, scores, staging, out, cluster)
                     if params.rounds > 1 and "influence" in params.methods else None)
-            results = evaluation_runs.with_options(task_runner=dask_runner(cluster()))(
+            results = evaluation_runs.with_options(task_runner=DaskTaskRunner(address=cluster()))(
                 params, scores, checkpoint, str(staging), str(cache), made)
         records = evaluation.add_convergence(results["records"], args.target_drop)
         summary = evaluation.summarise(records)

@@ -35,11 +35,6 @@ from .parameters import RunParameters
 from .preflight import check_workers, influence_estimate, run_preflight
 
 
-def dask_runner(address: str) -> DaskTaskRunner:
-    """The task runner of a sub-flow that fans out over the run's cluster (`run_cluster`)."""
-    return DaskTaskRunner(address=address)
-
-
 @flow(name="influence-scores")
 def influence_scores(params: RunParameters, model: dict, cache: str, scores_out: str, metadata: dict,
                      progress: str | None = None) -> dict:
@@ -154,7 +149,7 @@ def prune_round(params: RunParameters, folder: Path, out: Path, progress: RunPro
     cache = artifacts.claim_folder(out / ".cache" / f"influence-{artifacts.arguments_key(key_args)}", key_args)
     scores_meta = {"influence": asdict(influence_args), "weight_decay": params.weight_decay,
                    "dataset_fingerprint": ds.fingerprint, "checkpoint_sha256": model["checkpoint_sha256"]}
-    scores = influence_scores.with_options(task_runner=dask_runner(cluster()))(
+    scores = influence_scores.with_options(task_runner=DaskTaskRunner(address=cluster()))(
         params, model, str(cache), str(artifacts.scores_path(folder)), scores_meta, progress.artifact_id)
     timed(label + "influence", t)
 
@@ -237,31 +232,30 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
     staging.mkdir(parents=True)
     timings: dict[str, float] = {}
     progress = RunProgress.create(run_id)
-    stack = contextlib.ExitStack()
 
     def timed(stage, started):
         timings[stage] = round(time.perf_counter() - started, 3)
         logger.info("stage %s finished in %.1f s", stage, timings[stage])
 
     try:
-        cluster = stack.enter_context(run_cluster(params.dask_address, params.workers, params.gpu))
         ds = load_dataset(params.dataset, params.data_root)
         if params.dask_address:
             workers_ready(params, ds, staging)
         target = params.target_uri()
         first_share = round_ratios(params.prune_ratio, params.rounds, ds.n)[0] if params.rounds > 1 else params.prune_ratio
-        first = prune_round(params.model_copy(update={"prune_ratio": first_share}), staging, out,
-                            progress.in_round(1, params.rounds), timed, cluster)
+        with run_cluster(params.dask_address, params.workers, params.gpu) as cluster:  # no stage after selection uses it
+            first = prune_round(params.model_copy(update={"prune_ratio": first_share}), staging, out,
+                                progress.in_round(1, params.rounds), timed, cluster)
+            if params.rounds > 1:
+                rounds = later_rounds(params, artifacts.selection_path(staging), staging / "rounds", out, progress,
+                                      timed, cluster, first_round=first)
         model, scores, selection, cache = first["model"], first["scores"], first["selection"], first["cache"]
         if params.rounds > 1:
-            rounds = later_rounds(params, artifacts.selection_path(staging), staging / "rounds", out, progress, timed,
-                                  cluster, first_round=first)
             selection = compose_rounds(params, staging, rounds, final)
             logger.info("%d rounds pruned %d of %d samples, objective ‖Σ s_i‖ = %.6g with round 1's vectors",
                         params.rounds, selection["n_pruned"], ds.n, selection["objective"])
         influence_args = params.influence_args()
 
-        stack.close()  # the cluster: no stage after selection uses it
         t = time.perf_counter()
         try:
             pictures = draw_figures(params.dataset, params.data_root, str(artifacts.scores_path(staging)),
@@ -308,7 +302,6 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
-        stack.close()
         artifacts.release_staging(out, run_id, lock)
     emit_version_event(version["uri"], version["version"], run_id, version["n_kept"])
     publish_artifacts(manifest, class_balance(params.dataset, params.data_root, str(artifacts.selection_path(final))))
