@@ -571,6 +571,23 @@ def _lineage_text(chain: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _stdout_is_closed() -> bool:
+    """Whether stdout is a pipe or socket whose reader has gone (poll reports an error on its end);
+    if so stdout is pointed at /dev/null, so that Python's flush at exit does not fail on it again."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if not any(events & select.POLLERR for _, events in poller.poll(0)):
+            return False
+    except (OSError, ValueError):  # no file behind stdout (replaced, closed)
+        return False
+    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     # delta-rs logs through Rust's env_logger at level warn unless RUST_LOG says otherwise: without an
     # AWS region its SDK printed a WARN line per probe of the instance metadata on stderr, before the
@@ -593,6 +610,12 @@ def main(argv: list[str] | None = None) -> int:
     except BadInputError as exc:
         print(f"dataset-prune: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        # the reader of stdout went away (`dataset-prune versions | head`): the work is done and
+        # there is no one to tell, so exit as a command killed by SIGPIPE would, without a traceback
+        if not _stdout_is_closed():
+            raise
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:  # Ctrl-C: the runs are marked Crashed and the staging removed on the way here
         print("dataset-prune: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT

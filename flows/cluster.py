@@ -54,11 +54,13 @@ def run_cluster(dask_address: str | None, workers: int, gpu: bool = False):
     influence stage, and the bucketed solver, a cold start and a shutdown of their own (about 8 s
     here). It is not started beside the training: on two cores its workers' imports slowed the
     training by as much as they saved (benchmarks/results/run-cluster.md)."""
-    logging.getLogger("distributed").setLevel(logging.WARNING)  # cluster start/stop chatter
+    from distributed import LocalCluster
+
+    # cluster start/stop chatter; after the import, which sets the level from Dask's config (INFO)
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     if dask_address:
         yield lambda: dask_address
         return
-    from distributed import LocalCluster
 
     kwargs = local_cluster_kwargs(workers, gpu)
     starting: list[Future] = []

@@ -336,6 +336,42 @@ def test_console_script_exit_status(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_select_on_its_own_local_cluster_prints_its_one_line_and_no_dask_chatter(tmp_path):
+    """`select --solver bucketed` printed 34 INFO lines of the Dask cluster's start and close on
+    stderr before its result: importing distributed set its logger back to INFO."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(_scores(400), tmp_path / "scores.parquet")
+    exe = Path(sys.executable).parent / "dataset-prune"
+    out = tmp_path / "selection.parquet"
+    result = subprocess.run([str(exe), "select", "--scores", str(tmp_path / "scores.parquet"), "--prune-ratio", "0.4",
+                             "--solver", "bucketed", "--workers", "1", "--out", str(out)],
+                            capture_output=True, text=True, env={**os.environ, "PREFECT_API_URL": ""}, timeout=300)
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert result.stdout.startswith(f"{out}: pruned 160 of 400, objective") and result.stdout.count("\n") == 1
+    assert pq.read_table(out).num_rows == 400
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly_with_its_work_kept(tmp_path):
+    """`dataset-prune … | head`: the print after the work met a closed pipe and ended in a
+    BrokenPipeError traceback (exit 1). Now: exit 141, as if killed by SIGPIPE, nothing on stderr."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(_scores(50), tmp_path / "scores.parquet")
+    exe = Path(sys.executable).parent / "dataset-prune"
+    out = tmp_path / "selection.parquet"
+    reader, writer = os.pipe()
+    os.close(reader)  # gone before the command writes a line
+    try:
+        result = subprocess.run([str(exe), "select", "--scores", str(tmp_path / "scores.parquet"), "--prune-ratio",
+                                 "0.4", "--out", str(out)], stdout=writer, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PREFECT_API_URL": ""}, timeout=300)
+    finally:
+        os.close(writer)
+    assert (result.returncode, result.stderr) == (141, ""), result.stderr
+    assert pq.read_table(out).num_rows == 50  # the selection was written before the line
+
+
 def test_a_dask_address_that_never_answers_fails_within_the_connect_timeout(small_npz, dead_ports, tmp_path):
     """The installed command against a port that accepts and never replies: one line, exit 2,
     within Dask's connect timeout (set to 3 s here), the command bounded by a 60 s timeout."""
