@@ -32,7 +32,7 @@ from .prune import later_rounds, new_run_id, prune_dataset, workers_ready
 
 
 class Done:
-    """A selection made before the retraining sub-flow (the influence method's rounds), standing in
+    """A selection made before the retraining sub-flow (`influence_before`), standing in
     for the future of one made inside it."""
 
     def __init__(self, summary: dict):
@@ -62,16 +62,24 @@ def rounds_parameters(params: EvaluateParameters, ratio: float) -> RunParameters
     return params.run_parameters().model_copy(update=update)
 
 
-def influence_in_rounds(params: EvaluateParameters, scores: str, folder: Path, out: Path, cluster) -> dict[str, dict]:
-    """`--rounds K`: the influence method's selection per ratio R in K rounds (`flows.prune.later_rounds`):
-    round 1 selects R/K over the scoring run's scores, each later round trains a fresh model on the
-    samples still kept, scores and selects its share there; the rounds composed over every sample.
-    `cluster()`: the evaluation's Dask scheduler address (`flows.cluster.run_cluster`)."""
+def influence_before(params: EvaluateParameters, scores: str, folder: Path, out: Path, cluster) -> dict[str, dict]:
+    """The influence method's selections that are made before the retraining sub-flow, on the
+    evaluation's Dask scheduler (`cluster()`, `flows.cluster.run_cluster`), and not as tasks in it:
+    `--rounds K` (`flows.prune.later_rounds`: round 1 selects R/K over the scoring run's scores, each
+    later round trains a fresh model on the samples still kept, scores and selects its share there;
+    the rounds composed over every sample), and the bucketed solver, which maps its buckets over
+    that scheduler's workers (as a task on one of them it would wait for a worker it holds)."""
     logger = get_run_logger()
     args = params.eval_args()
     made, n = {}, load_dataset(params.dataset, params.data_root).n
     for job in evaluation.selection_jobs(replace(args, methods=("influence",)), draws=lambda m, r: False):
         ratio, here = job["ratio"], folder / "rounds" / job["name"]
+        path = folder / "selections" / f"{job['name']}.parquet"
+        if params.rounds == 1:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            made[job["name"]] = select_samples(scores, params.selection_args_for("influence", ratio, 0), str(path),
+                                               cluster())
+            continue
         first = artifacts.selection_path(here / "round-1")
         first.parent.mkdir(parents=True)
         select_samples(scores, params.selection_args_for("influence", round_ratios(ratio, params.rounds, n)[0], 0),
@@ -79,7 +87,6 @@ def influence_in_rounds(params: EvaluateParameters, scores: str, folder: Path, o
         rounds = later_rounds(rounds_parameters(params, ratio), first, here, out, RunProgress(None),
                               lambda stage, started: logger.info("%s: %s finished in %.1f s", job["name"], stage,
                                                                  time.perf_counter() - started), cluster)
-        path = folder / "selections" / f"{job['name']}.parquet"
         made[job["name"]] = compose_selections(scores, [r["selection_path"] for r in rounds], str(path), ratio)
         logger.info("%s in %d rounds: pruned %s", job["name"], params.rounds, made[job["name"]]["pruned_per_round"])
     return made
@@ -207,8 +214,8 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
         cache = out / ".cache" / "retrain"
         cache.mkdir(parents=True, exist_ok=True)
         with run_cluster(params.dask_address, params.workers, params.gpu) as cluster:
-            made = (influence_in_rounds(params, scores, staging, out, cluster)
-                    if params.rounds > 1 and "influence" in params.methods else None)
+            made = (influence_before(params, scores, staging, out, cluster)
+                    if (params.rounds > 1 or params.solver == "bucketed") and "influence" in params.methods else None)
             results = evaluation_runs.with_options(task_runner=DaskTaskRunner(address=cluster()))(
                 params, scores, checkpoint, str(staging), str(cache), made)
         records = evaluation.add_convergence(results["records"], args.target_drop)

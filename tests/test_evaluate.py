@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from flows.cli import main
-from flows.evaluate import influence_selection, rounds_parameters
+from flows.evaluate import evaluate_pruning, influence_selection, rounds_parameters
+from flows.parameters import EvaluateParameters
 from pruning_core import artifacts, evaluation
 from pruning_core.data import Dataset
 
@@ -372,6 +373,19 @@ def test_evaluate_flow_end_to_end(prefect_api, pooled_npz, tmp_path, capsys, das
     assert sorted(tuple(str(r[k]) for k in key) for r in pq.read_table(again / "evaluation.parquet").to_pylist()) == \
         sorted(tuple(str(r[k]) for k in key) for r in table)
     assert len(list((out / ".cache" / "retrain").glob("*.json"))) == 6
+
+    # A deployment's parameters may ask for the bucketed solver (the command line has no --solver
+    # for evaluate): its selections map their buckets over the evaluation's scheduler from the flow;
+    # as Dask tasks they failed ("the bucketed solver needs the run's Dask scheduler address")
+    bucketed = evaluate_pruning(EvaluateParameters(
+        dataset=f"npz:{pooled_npz}", model="linear", methods=["influence"], ratios=[0.5], seeds=[0], gap_samples=0,
+        evaluations_per_epoch=2, from_run=str(moved), solver="bucketed", dask_address=dask_cluster, out=str(out),
+        target=str(tmp_path / "t")))
+    third = Path(bucketed["report"]).parent
+    (row,) = [r for r in pq.read_table(third / "evaluation.parquet").to_pylist() if r["method"] == "influence"]
+    assert row["n_kept"] == 1000
+    chosen = pq.read_schema(third / "selections" / "influence-r0.5.parquet").metadata[b"dataset_pruning"]
+    assert json.loads(chosen)["solver"] == "bucketed" and json.loads(chosen)["n_pruned"] == 1000
 
 
 @pytest.mark.parametrize("argv, message", [
