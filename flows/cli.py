@@ -571,18 +571,18 @@ def _lineage_text(chain: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _stdout_is_closed() -> bool:
-    """Whether stdout is a pipe or socket whose reader has gone (poll reports an error on its end);
-    if so stdout is pointed at /dev/null, so that Python's flush at exit does not fail on it again."""
+def _reader_gone(stream) -> bool:
+    """Whether `stream` is a pipe or socket whose reader has gone (poll reports an error on its
+    end); if so it is pointed at /dev/null, so that Python's flush at exit does not fail on it again."""
     import select
 
     try:
-        fd = sys.stdout.fileno()
+        fd = stream.fileno()
         poller = select.poll()
         poller.register(fd, select.POLLOUT)
         if not any(events & select.POLLERR for _, events in poller.poll(0)):
             return False
-    except (OSError, ValueError):  # no file behind stdout (replaced, closed)
+    except (OSError, ValueError):  # no file behind the stream (replaced, closed)
         return False
     os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
     return True
@@ -613,9 +613,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # the reader of stdout went away (`dataset-prune versions | head`): the work is done and
         # there is no one to tell, so exit as a command killed by SIGPIPE would, without a traceback
-        if not _stdout_is_closed():
+        if not _reader_gone(sys.stdout):
             raise
         return 128 + signal.SIGPIPE
+    except SystemExit as exc:
+        # Rich, which prints Prefect's log lines, ends the command with SystemExit(1) when the reader of
+        # its stream has gone (`dataset-prune run … 2>&1 | head`): the run unwound on the way here as
+        # on Ctrl-C (marked Crashed, staging removed); it exits as SIGPIPE would have ended it
+        if exc.code == 1 and (_reader_gone(sys.stderr) or _reader_gone(sys.stdout)):
+            return 128 + signal.SIGPIPE
+        raise
     except KeyboardInterrupt:  # Ctrl-C: the runs are marked Crashed and the staging removed on the way here
         print("dataset-prune: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT

@@ -203,3 +203,34 @@ def test_sigterm_marks_the_run_crashed_and_stops_the_server_the_command_started(
     assert "Finished in state Crashed" in text
     assert not [p for p in out.iterdir() if not p.name.startswith(".")], "a terminated run left a run folder"
     assert not any((out / ".staging").iterdir()), "a terminated run left staged output"
+
+
+def test_a_run_whose_log_reader_goes_away_unwinds_and_exits_as_sigpipe_would(small_npz, own_home, tmp_path):
+    """`dataset-prune run … 2>&1 | head`: once head has its lines, the next log line meets a closed
+    pipe. Rich, which prints Prefect's log lines, ends the command there with SystemExit(1), which
+    unwinds the run as Ctrl-C does; the command exits 141 (128 + SIGPIPE), not 1, and leaves no run
+    folder, no staged output and no process it started."""
+    import psutil
+
+    argv = [str(Path(sys.executable).parent / "dataset-prune"), "run", "--dataset", f"npz:{small_npz}",
+            "--epochs", "30", "--prune-ratio", "0.4", "--out", str(tmp_path / "runs"), "--target", str(tmp_path / "t")]
+    proc = subprocess.Popen(argv, env=clean_env(own_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        seen = []
+        for line in proc.stdout:  # the reader takes lines up to the first epoch's, then goes
+            seen.append(line)
+            if "epoch 1/30" in line:
+                break
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        proc.stdout.close()
+        returncode = proc.wait(timeout=120)
+        _, alive = psutil.wait_procs(tree, timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert any("epoch 1/30" in line for line in seen), "".join(seen)[-2000:]
+    assert returncode == 128 + signal.SIGPIPE
+    assert not alive, [" ".join(c.cmdline())[:120] for c in alive]
+    assert not [p for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")]
+    assert not any((tmp_path / "runs" / ".staging").iterdir()) and not (tmp_path / "t").exists()
