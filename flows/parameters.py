@@ -235,7 +235,8 @@ class RunParameters(BaseModel):
         return self.selection_args_for(self.method, self.prune_ratio, self.seed)
 
     def selection_args_for(self, method: str, prune_ratio: float | None, seed: int) -> SelectionArgs:
-        return selection_args(method, prune_ratio, self.epsilon if prune_ratio is None else None, self.solver, seed,
+        return selection_args(method, prune_ratio, self.epsilon if prune_ratio is None else None,
+                              self.solver if method == self.method else "greedy", seed,
                               self.class_balanced, self.coverage, self.candidates if method == self.method else "auto",
                               self.hard_cut if method == self.method else None,  # baselines as published
                               train_budget=self.train_budget(),

@@ -82,6 +82,9 @@ class SelectionArgs:
             raise BadInputError(f"--method {self.method!r} is not known; valid: {', '.join(METHODS)}")
         if self.solver not in SOLVERS:
             raise BadInputError(f"--solver {self.solver!r} is not known; valid: {', '.join(SOLVERS)}")
+        if self.solver != "greedy" and self.method != "influence":
+            raise BadInputError(f"--solver {self.solver} applies to --method influence ({self.method} ranks or draws "
+                                "its removals; it has no solver)")
         if (self.prune_ratio is None) == (self.epsilon is None):
             raise BadInputError("give exactly one of --prune-ratio and --epsilon")
         if self.prune_ratio is not None and not (0 < self.prune_ratio < 1):

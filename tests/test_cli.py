@@ -118,6 +118,8 @@ CASES = {
     "zero shards": (["--shards", "0"], "--shards 0"),
     "bad dask address": (["--dask-address", "localhost"], "must look like tcp://host:port"),
     "unknown solver": (["--solver", "magic"], "--solver 'magic'"),
+    "a solver for a baseline": (["--method", "el2n", "--solver", "bucketed"],
+                                "--solver bucketed applies to --method influence (el2n ranks or draws"),
     "unknown coverage": (["--coverage", "most"], "invalid choice: 'most'"),
     "unknown candidate order": (["--candidates", "best"], "invalid choice: 'best'"),
     "uniform candidates with epsilon": (["--epsilon", "0.1", "--candidates", "uniform"],
@@ -252,6 +254,7 @@ def test_select_refuses_bad_scores_in_one_line(case, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, expected", [
     (["--method", "random", "--seed", "-1"], "--seed -1 must be ≥ 0"),
+    (["--method", "random", "--solver", "scip"], "--solver scip applies to --method influence (random ranks or draws"),
     (["--solver", "bucketed", "--workers", "0"], "--workers 0 must be at least 1"),  # a cluster of none: waited for ever
     (["--dask-address", "tcp://127.0.0.1:8786"], "--dask-address applies to --solver bucketed"),
     (["--solver", "bucketed", "--dask-address", "tcp://127.0.0.1:abc"], "must look like tcp://host:port (invalid"),

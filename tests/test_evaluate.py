@@ -468,6 +468,14 @@ def test_selections_that_draw_at_random_are_drawn_once_per_seed():
                                                                                         "influence-r0.8"]
 
 
+def test_the_solver_of_an_evaluation_is_the_influence_method_s():
+    """A baseline ranks or draws its removals and refuses a solver: an evaluation with
+    `solver: bucketed` (a deployment's parameter) gives it to the influence method alone."""
+    bucketed = EvaluateParameters(solver="bucketed")
+    assert [bucketed.selection_args_for(m, 0.4, 0).solver for m in ("influence", "random", "el2n")] == \
+        ["bucketed", "greedy", "greedy"]
+
+
 def test_auto_candidates_take_the_easiest_first_where_no_hard_share_is_cut():
     """`--candidates auto` under difficulty coverage: easiest where β = 0, uniform where a hardest
     share is cut, smallest from 70 %; a longer recipe (β shifted to 0 at 60 %) or an explicit
