@@ -141,9 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--seed", type=int, default=0,
                         help="seed of the seeded choices: random, CCS's draws, the uniform candidate order (default: 0)")
     select.add_argument("--class-balanced", action="store_true")
-    select.add_argument("--time-limit", type=_float, default=60.0, help="seconds, for --solver scip")
+    select.add_argument("--time-limit", type=_float, help="seconds, for --solver scip (default: 60)")
     select.add_argument("--dask-address", help="scheduler for --solver bucketed (default: a local cluster)")
-    select.add_argument("--workers", type=int, default=2)
+    select.add_argument("--workers", type=int, help="workers of --solver bucketed's local cluster, without --dask-address (default: 2)")
     select.add_argument("--out", required=True, help="the selection's Parquet file (sample_id, pruned)")
     select.add_argument("--pictures", metavar="DIR",
                         help="also draw the selection's pictures into DIR (selection.png; examples.png for images), "
@@ -420,10 +420,16 @@ def cmd_select(ns: argparse.Namespace) -> int:
     from pruning_core.selection import selection_stage
 
     args = selection_args(ns.method, ns.prune_ratio, ns.epsilon, ns.solver, ns.seed, ns.class_balanced, ns.coverage,
-                          ns.candidates, ns.hard_cut, time_limit=ns.time_limit, swap_rounds=ns.swap_rounds)
+                          ns.candidates, ns.hard_cut, swap_rounds=ns.swap_rounds,
+                          **({} if ns.time_limit is None else {"time_limit": ns.time_limit}))
     check_train_epochs(ns.train_epochs, args)
-    if ns.workers < 1:
-        raise BadInputError(f"--workers {ns.workers} must be at least 1")
+    if ns.time_limit is not None and args.solver != "scip":
+        raise BadInputError("--time-limit applies to --solver scip (the greedy and bucketed solvers have no limit)")
+    if ns.workers is not None and args.solver != "bucketed":
+        raise BadInputError("--workers applies to --solver bucketed (the only solver that runs on Dask)")
+    workers = 2 if ns.workers is None else ns.workers
+    if workers < 1:
+        raise BadInputError(f"--workers {workers} must be at least 1")
     if ns.dask_address is not None:
         if args.solver != "bucketed":
             raise BadInputError("--dask-address applies to --solver bucketed (the only solver that runs on Dask)")
@@ -449,7 +455,7 @@ def cmd_select(ns: argparse.Namespace) -> int:
         if ns.dask_address:
             scheduler_info(ns.dask_address)  # refuses, in one line, an address where none answers
 
-        with run_cluster(ns.dask_address, ns.workers) as cluster, dask_map(cluster()) as map_fn:
+        with run_cluster(ns.dask_address, workers) as cluster, dask_map(cluster()) as map_fn:
             summary = selection_stage(Path(ns.scores), args, Path(ns.out), map_fn)
     else:
         summary = selection_stage(Path(ns.scores), args, Path(ns.out))

@@ -82,6 +82,8 @@ class SelectionArgs:
             raise BadInputError(f"--method {self.method!r} is not known; valid: {', '.join(METHODS)}")
         if self.solver not in SOLVERS:
             raise BadInputError(f"--solver {self.solver!r} is not known; valid: {', '.join(SOLVERS)}")
+        if not (self.time_limit > 0 and math.isfinite(self.time_limit)):
+            raise BadInputError(f"--time-limit {self.time_limit:g} must be a positive number of seconds")
         if self.solver != "greedy" and self.method != "influence":
             raise BadInputError(f"--solver {self.solver} applies to --method influence ({self.method} ranks or draws "
                                 "its removals; it has no solver)")

@@ -256,6 +256,9 @@ def test_select_refuses_bad_scores_in_one_line(case, tmp_path, capsys):
     (["--method", "random", "--seed", "-1"], "--seed -1 must be ≥ 0"),
     (["--method", "random", "--solver", "scip"], "--solver scip applies to --method influence (random ranks or draws"),
     (["--solver", "bucketed", "--workers", "0"], "--workers 0 must be at least 1"),  # a cluster of none: waited for ever
+    (["--workers", "4"], "--workers applies to --solver bucketed"),  # was ignored
+    (["--time-limit", "5"], "--time-limit applies to --solver scip"),  # was ignored
+    (["--solver", "scip", "--time-limit", "-5"], "--time-limit -5 must be a positive number of seconds"),
     (["--dask-address", "tcp://127.0.0.1:8786"], "--dask-address applies to --solver bucketed"),
     (["--solver", "bucketed", "--dask-address", "tcp://127.0.0.1:abc"], "must look like tcp://host:port (invalid"),
     (["--solver", "bucketed", "--dask-address", "bogus"], "--dask-address 'bogus' must look like tcp://host:port"),
