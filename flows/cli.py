@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--methods", type=_list(str), default=None, help="comma-separated, e.g. influence,random,el2n")
     evaluate.add_argument("--ratios", type=_list(_float), default=None, help="comma-separated prune ratios")
     evaluate.add_argument("--seeds", type=_list(int), default=None, help="comma-separated training seeds")
+    evaluate.add_argument("--solver", choices=("greedy", "scip", "bucketed"),
+                          help="solver of the influence method's selections (bucketed: on the evaluation's Dask "
+                               "cluster; default: greedy)")
     evaluate.add_argument("--coverage", choices=("auto", "none", "difficulty"), default="auto")
     evaluate.add_argument("--candidates", choices=("auto", "smallest", "uniform", "easiest"), default="auto")
     evaluate.add_argument("--hard-cut", type=_float)
