@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--class-balanced", action="store_true")
     select.add_argument("--time-limit", type=_float, help="seconds, for --solver scip (default: 60)")
     select.add_argument("--dask-address", help="scheduler for --solver bucketed (default: a local cluster)")
-    select.add_argument("--workers", type=int, help="workers of --solver bucketed's local cluster, without --dask-address (default: 2)")
+    select.add_argument("--workers", type=int,
+                        help="workers of --solver bucketed's local cluster, without --dask-address (default: 2)")
     select.add_argument("--out", required=True, help="the selection's Parquet file (sample_id, pruned)")
     select.add_argument("--pictures", metavar="DIR",
                         help="also draw the selection's pictures into DIR (selection.png; examples.png for images), "
