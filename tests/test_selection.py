@@ -73,6 +73,31 @@ def test_epsilon_mode_is_maximal_for_the_solver():
     assert objective(V, solve_size(V, k + 1, args)[0]) > 2.0  # one more sample by the solver's rule breaks ε
 
 
+def test_a_shorter_greedy_path_is_a_prefix_of_a_longer_one():
+    """What lets the ε mode draw one path for all its probes: no step depends on the path's length,
+    across the refreshes of its second queue (every 2,048 steps with the default pool of 256)."""
+    from pruning_core.selection import greedy_path
+
+    V = instance(np.random.default_rng(11), 5000, 6)
+    order, path = greedy_path(V, 5000, 256)
+    for m in (1, 2047, 2048, 2049, 4097, 4999):
+        shorter, its_path = greedy_path(V, m, 256)
+        np.testing.assert_array_equal(shorter, order[:m])
+        np.testing.assert_array_equal(its_path, path[:m])
+
+
+def test_epsilon_mode_gives_what_a_path_per_probe_gives():
+    from pruning_core.selection import largest_size_within, solve_size
+
+    V = instance(np.random.default_rng(12), 6000, 6)  # above 5,000: no restarts, the path matters
+    args = SelectionArgs(epsilon=1.0)
+    pruned, probes = largest_size_within(V, args)
+    for m in probes:  # each probe's answer, solved from a path of its own
+        alone, _ = solve_size(V, m, args)
+        assert (objective(V, alone) <= 1.0) == (m <= pruned.sum())
+    np.testing.assert_array_equal(pruned, solve_size(V, int(pruned.sum()), args)[0])
+
+
 def test_an_epsilon_above_the_whole_set_s_norm_removes_everything_without_a_search():
     """m* = n at once (the stage then refuses a version without samples before writing anything):
     not after the binary search's log2(n) solves, which take minutes over 60,000 samples."""
