@@ -374,9 +374,9 @@ def test_evaluate_flow_end_to_end(prefect_api, pooled_npz, tmp_path, capsys, das
         sorted(tuple(str(r[k]) for k in key) for r in table)
     assert len(list((out / ".cache" / "retrain").glob("*.json"))) == 6
 
-    # A deployment's parameters may ask for the bucketed solver (the command line has no --solver
-    # for evaluate): its selections map their buckets over the evaluation's scheduler from the flow;
-    # as Dask tasks they failed ("the bucketed solver needs the run's Dask scheduler address")
+    # The bucketed solver, as a deployment's parameters ask for it (or `evaluate --solver bucketed`):
+    # the selections map their buckets over the evaluation's scheduler from the flow; as Dask tasks
+    # they failed ("the bucketed solver needs the run's Dask scheduler address")
     bucketed = evaluate_pruning(EvaluateParameters(
         dataset=f"npz:{pooled_npz}", model="linear", methods=["influence"], ratios=[0.5], seeds=[0], gap_samples=0,
         evaluations_per_epoch=2, from_run=str(moved), solver="bucketed", dask_address=dask_cluster, out=str(out),

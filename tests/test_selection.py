@@ -87,6 +87,7 @@ def test_a_shorter_greedy_path_is_a_prefix_of_a_longer_one():
 
 
 def test_epsilon_mode_gives_what_a_path_per_probe_gives():
+    """The search's probes, each cut from one shared path, decide as solves from paths of their own."""
     from pruning_core.selection import largest_size_within, solve_size
 
     V = instance(np.random.default_rng(12), 6000, 6)  # above 5,000: no restarts, the path matters
