@@ -419,7 +419,14 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
 def cmd_select(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from flows.parameters import check_train_epochs, dask_address_problem, scoring_recipe, selection_args, train_budget
+    from flows.parameters import (
+        RunParameters,
+        check_train_epochs,
+        dask_address_problem,
+        scoring_recipe,
+        selection_args,
+        train_budget,
+    )
     from pruning_core.artifacts import check_can_create
     from pruning_core.selection import selection_stage
 
@@ -431,7 +438,7 @@ def cmd_select(ns: argparse.Namespace) -> int:
         raise BadInputError("--time-limit applies to --solver scip (the greedy and bucketed solvers have no limit)")
     if ns.workers is not None and args.solver != "bucketed":
         raise BadInputError("--workers applies to --solver bucketed (the only solver that runs on Dask)")
-    workers = 2 if ns.workers is None else ns.workers
+    workers = RunParameters.model_fields["workers"].default if ns.workers is None else ns.workers
     if workers < 1:
         raise BadInputError(f"--workers {workers} must be at least 1")
     if ns.dask_address is not None:
@@ -620,19 +627,16 @@ def main(argv: list[str] | None = None) -> int:
     except BadInputError as exc:
         print(f"dataset-prune: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except BrokenPipeError:
-        # the reader of stdout went away (`dataset-prune versions | head`): the work is done and
-        # there is no one to tell, so exit as a command killed by SIGPIPE would, without a traceback
-        if not _reader_gone(sys.stdout):
+    except (BrokenPipeError, SystemExit) as exc:
+        # The reader of the output went away: the final print met the closed pipe (`dataset-prune
+        # versions | head`: the work is done), or Rich, which prints Prefect's log lines, ended the
+        # command with SystemExit(1) at a log line (`dataset-prune run … 2>&1 | head`: the run
+        # unwound on the way here as on Ctrl-C). Exit as SIGPIPE would have ended it, without a traceback.
+        if isinstance(exc, SystemExit) and exc.code != 1:  # argparse, --help, the SIGTERM handler: not Rich's
+            raise
+        if not (_reader_gone(sys.stdout) or _reader_gone(sys.stderr)):
             raise
         return 128 + signal.SIGPIPE
-    except SystemExit as exc:
-        # Rich, which prints Prefect's log lines, ends the command with SystemExit(1) when the reader of
-        # its stream has gone (`dataset-prune run … 2>&1 | head`): the run unwound on the way here as
-        # on Ctrl-C (marked Crashed, staging removed); it exits as SIGPIPE would have ended it
-        if exc.code == 1 and (_reader_gone(sys.stderr) or _reader_gone(sys.stdout)):
-            return 128 + signal.SIGPIPE
-        raise
     except KeyboardInterrupt:  # Ctrl-C: the runs are marked Crashed and the staging removed on the way here
         print("dataset-prune: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT

@@ -73,13 +73,12 @@ def influence_before(params: EvaluateParameters, scores: str, folder: Path, out:
     args = params.eval_args()
     made, n = {}, load_dataset(params.dataset, params.data_root).n
     for job in evaluation.selection_jobs(replace(args, methods=("influence",)), draws=lambda m, r: False):
-        ratio, here = job["ratio"], folder / "rounds" / job["name"]
-        path = folder / "selections" / f"{job['name']}.parquet"
+        ratio, path = job["ratio"], folder / "selections" / f"{job['name']}.parquet"
         if params.rounds == 1:
-            path.parent.mkdir(parents=True, exist_ok=True)
             made[job["name"]] = select_samples(scores, params.selection_args_for("influence", ratio, 0), str(path),
                                                cluster())
             continue
+        here = folder / "rounds" / job["name"]
         first = artifacts.selection_path(here / "round-1")
         first.parent.mkdir(parents=True)
         select_samples(scores, params.selection_args_for("influence", round_ratios(ratio, params.rounds, n)[0], 0),

@@ -443,7 +443,7 @@ def candidate_stream(vectors: np.ndarray, args: SelectionArgs, difficulty: np.nd
 
 
 def solve_size(vectors: np.ndarray, m: int, args: SelectionArgs, labels=None, quotas=None,
-               difficulty: np.ndarray | None = None, path: tuple[np.ndarray, np.ndarray] | None = None
+               difficulty: np.ndarray | None = None, longer_path: tuple[np.ndarray, np.ndarray] | None = None
                ) -> tuple[np.ndarray, dict]:
     """The greedy solver for |R| = m: pool greedy path, swap search, random restarts; with no
     swap rounds (`args.rounds()` = 0, the default under difficulty coverage and for the `easiest`
@@ -451,12 +451,13 @@ def solve_size(vectors: np.ndarray, m: int, args: SelectionArgs, labels=None, qu
     easiest samples not yet taken, the one that keeps ‖S‖ smallest, and no swap search or restart
     trades those picks for harder samples that cancel better (at 40 % pruned on Fashion-MNIST
     the swaps would lower ‖Σ_R s_i‖ from 0.083 to 0.058 and cost 0.12 points of held-out
-    accuracy: benchmarks/results/cross-validation-0.4.md). `path`: a longer greedy path of the
-    same vectors and arguments without quotas, whose first m steps are this one's (`greedy_path`)."""
+    accuracy: benchmarks/results/cross-validation-0.4.md). `longer_path`: (order, ‖S_k‖) of a longer
+    greedy path of the same vectors and arguments, without quotas, whose first m steps are this
+    one's (`greedy_path`)."""
     n = len(vectors)
     info: dict = {}
-    if path is not None and quotas is None:
-        order, path = path[0][:m], path[1][:m]
+    if longer_path is not None:
+        order, path = longer_path[0][:m], longer_path[1][:m]
     else:
         stream = candidate_stream(vectors, args, difficulty)
         order, path = greedy_path(vectors, m, args.pool_size, labels, quotas, stream=stream)
@@ -506,7 +507,7 @@ def largest_size_within(vectors: np.ndarray, args: SelectionArgs) -> tuple[np.nd
     path = greedy_path(vectors, n, args.pool_size, stream=candidate_stream(vectors, args))
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        mask, _ = solve_size(vectors, mid, args, path=path)
+        mask, _ = solve_size(vectors, mid, args, longer_path=path)
         probes.append(mid)
         if objective(vectors, mask) <= args.epsilon:
             lo, best = mid, mask

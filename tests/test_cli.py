@@ -330,11 +330,19 @@ def test_run_ids_that_leave_their_folder_are_refused(case, small_npz, tmp_path, 
     assert not Path("/tmp/escaped-run").exists() and not (tmp_path / "escape").exists()
 
 
+def installed(*argv: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """The installed `dataset-prune` run in a subprocess (text; no Prefect API unless `env` sets
+    one; output captured unless `kwargs` route it), within 300 s unless `timeout` says otherwise."""
+    if "stdout" not in kwargs:
+        kwargs["capture_output"] = True
+    return subprocess.run([str(Path(sys.executable).parent / "dataset-prune"), *argv], text=True,
+                          env={**os.environ, "PREFECT_API_URL": "", **(env or {})},
+                          **{"timeout": 300, **kwargs})
+
+
 def test_console_script_exit_status(tmp_path):
     """The installed command itself exits 2 (checked once in a real subprocess)."""
-    exe = Path(sys.executable).parent / "dataset-prune"
-    result = subprocess.run([str(exe), "run", "--dataset", "nope", "--prune-ratio", "0.4", "--out", str(tmp_path / "r")],
-                            capture_output=True, text=True, env={**os.environ, "PREFECT_API_URL": ""})
+    result = installed("run", "--dataset", "nope", "--prune-ratio", "0.4", "--out", str(tmp_path / "r"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "dataset-prune: error: --dataset 'nope' is not a known dataset; valid: fashion-mnist, mnist, cifar10, "
@@ -348,11 +356,9 @@ def test_select_on_its_own_local_cluster_prints_its_one_line_and_no_dask_chatter
     import pyarrow.parquet as pq
 
     pq.write_table(_scores(400), tmp_path / "scores.parquet")
-    exe = Path(sys.executable).parent / "dataset-prune"
     out = tmp_path / "selection.parquet"
-    result = subprocess.run([str(exe), "select", "--scores", str(tmp_path / "scores.parquet"), "--prune-ratio", "0.4",
-                             "--solver", "bucketed", "--workers", "1", "--out", str(out)],
-                            capture_output=True, text=True, env={**os.environ, "PREFECT_API_URL": ""}, timeout=300)
+    result = installed("select", "--scores", str(tmp_path / "scores.parquet"), "--prune-ratio", "0.4",
+                       "--solver", "bucketed", "--workers", "1", "--out", str(out))
     assert (result.returncode, result.stderr) == (0, ""), result.stderr
     assert result.stdout.startswith(f"{out}: pruned 160 of 400, objective") and result.stdout.count("\n") == 1
     assert pq.read_table(out).num_rows == 400
@@ -364,14 +370,12 @@ def test_a_reader_that_goes_away_ends_the_command_quietly_with_its_work_kept(tmp
     import pyarrow.parquet as pq
 
     pq.write_table(_scores(50), tmp_path / "scores.parquet")
-    exe = Path(sys.executable).parent / "dataset-prune"
     out = tmp_path / "selection.parquet"
     reader, writer = os.pipe()
     os.close(reader)  # gone before the command writes a line
     try:
-        result = subprocess.run([str(exe), "select", "--scores", str(tmp_path / "scores.parquet"), "--prune-ratio",
-                                 "0.4", "--out", str(out)], stdout=writer, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "PREFECT_API_URL": ""}, timeout=300)
+        result = installed("select", "--scores", str(tmp_path / "scores.parquet"), "--prune-ratio", "0.4",
+                           "--out", str(out), stdout=writer, stderr=subprocess.PIPE)
     finally:
         os.close(writer)
     assert (result.returncode, result.stderr) == (141, ""), result.stderr
@@ -381,12 +385,10 @@ def test_a_reader_that_goes_away_ends_the_command_quietly_with_its_work_kept(tmp
 def test_a_dask_address_that_never_answers_fails_within_the_connect_timeout(small_npz, dead_ports, tmp_path):
     """The installed command against a port that accepts and never replies: one line, exit 2,
     within Dask's connect timeout (set to 3 s here), the command bounded by a 60 s timeout."""
-    exe = Path(sys.executable).parent / "dataset-prune"
     out = tmp_path / "runs"
-    result = subprocess.run([str(exe), "run", "--dataset", f"npz:{small_npz}", "--prune-ratio", "0.4", "--dask-address",
-                             f"tcp://127.0.0.1:{dead_ports['silent']}", "--out", str(out)], capture_output=True,
-                            text=True, timeout=60, env={**os.environ, "PREFECT_API_URL": "",
-                                                        "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"})
+    result = installed("run", "--dataset", f"npz:{small_npz}", "--prune-ratio", "0.4", "--dask-address",
+                       f"tcp://127.0.0.1:{dead_ports['silent']}", "--out", str(out), timeout=60,
+                       env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"dataset-prune: error: --dask-address tcp://127.0.0.1:{dead_ports['silent']}: no Dask scheduler answered "
