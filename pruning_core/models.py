@@ -107,7 +107,11 @@ def inference_features(model: nn.Module, example: torch.Tensor) -> Callable[[tor
     try:
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.compile, which is slower here
-            graph = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(_Features(model).eval(), example)))
+            # check_trace off: its own check (the trace run again and compared through torch.testing,
+            # which imports torch.distributed) cost 1.1 s of each worker's first feature pass and
+            # 0.25 s of every later one; the comparison with eager below is the check that counts
+            traced = torch.jit.trace(_Features(model).eval(), example, check_trace=False)
+            graph = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
             fast, eager = graph(example), model.features(example)
         if fast.shape == eager.shape and torch.allclose(fast, eager, rtol=1e-4, atol=1e-5 * float(eager.abs().max()) + 1e-7):
             return graph
