@@ -9,8 +9,19 @@ from pathlib import Path
 import numpy as np
 import prefect.main  # noqa: F401  (see below: `import prefect` alone sets nothing up)
 import pytest
+import torch
 
 from pruning_core.data import FASHION_MNIST_ROOT, load_dataset
+
+# Each test process computes on its share of the cores (xdist starts one per core), and so do the
+# commands the tests start, which inherit OMP_NUM_THREADS: with torch's default of one thread per
+# core in every process, the processes' threads spin-waited against each other (2-thread training
+# beside one busy process: 3x the CPU of 1-thread) and tests/test_flow.py, test_baselines.py and
+# test_evaluate.py took 19 % more CPU and 18 % more time (benchmarks/results/test-suite.md).
+# Dask's local workers run on one thread each whatever this says (the nanny sets it).
+THREADS = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Prefect sets up its console log handler when prefect.main is first imported (by the first use of
 # `prefect.flow` and the like, not by `import prefect`), on the sys.stderr of that moment.
