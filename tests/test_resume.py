@@ -35,7 +35,10 @@ def reference(small_npz, cnn_checkpoint, prefect_api, tmp_path_factory, dask_clu
                                        target=str(tmp / "table")))
 
 
-def test_killed_run_recomputes_only_missing_shards(small_npz, cnn_checkpoint, tmp_path, prefect_api, reference):
+def test_killed_run_recomputes_only_missing_shards(small_npz, cnn_checkpoint, tmp_path, prefect_api, reference,
+                                                  dask_cluster):
+    """The run is killed with its own cluster mid-shards; the rerun (on the session's warm cluster:
+    which cluster computes the missing shards is not what this tests) reuses what was written."""
     checkpoint = cnn_checkpoint
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
 
@@ -58,8 +61,8 @@ def test_killed_run_recomputes_only_missing_shards(small_npz, cnn_checkpoint, tm
 
     # 2. rerun: finished shards are not rewritten, the missing ones are computed; the killed run's
     #    flow run is marked Crashed
-    subprocess.run(command(small_npz, checkpoint, out, tmp_path / "table"), env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(command(small_npz, checkpoint, out, tmp_path / "table", dask_address=dask_cluster), env=env,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert flow_run_state(killed).name == "Crashed"
     assert "died before it finished" in flow_run_state(killed).message
     assert not list(out.glob(".staging/*"))
@@ -205,16 +208,18 @@ def test_sigterm_marks_the_run_crashed_and_stops_the_server_the_command_started(
     assert not any((out / ".staging").iterdir()), "a terminated run left staged output"
 
 
-def test_a_run_whose_log_reader_goes_away_unwinds_and_exits_as_sigpipe_would(small_npz, own_home, tmp_path):
+def test_a_run_whose_log_reader_goes_away_unwinds_and_exits_as_sigpipe_would(small_npz, own_home, tmp_path,
+                                                                             prefect_api):
     """`dataset-prune run … 2>&1 | head`: once head has its lines, the next log line meets a closed
     pipe. Rich, which prints Prefect's log lines, ends the command there with SystemExit(1), which
     unwinds the run as Ctrl-C does; the command exits 141 (128 + SIGPIPE), not 1, and leaves no run
-    folder, no staged output and no process it started."""
+    folder, no staged output and no process it started. It reports to the session's server (the
+    server a command starts for itself is the subject of the test above)."""
     import psutil
 
     argv = [str(Path(sys.executable).parent / "dataset-prune"), "run", "--dataset", f"npz:{small_npz}",
             "--epochs", "30", "--prune-ratio", "0.4", "--out", str(tmp_path / "runs"), "--target", str(tmp_path / "t")]
-    proc = subprocess.Popen(argv, env=clean_env(own_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(argv, env=clean_env(own_home, PREFECT_API_URL=prefect_api), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
         seen = []
