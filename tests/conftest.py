@@ -13,21 +13,26 @@ import torch
 
 from pruning_core.data import FASHION_MNIST_ROOT, load_dataset
 
-# Each test process computes on its share of the cores (xdist starts one per core), and so do the
-# commands the tests start, which inherit OMP_NUM_THREADS: with torch's default of one thread per
-# core in every process, the processes' threads spin-waited against each other (2-thread training
-# beside one busy process: 3x the CPU of 1-thread) and tests/test_flow.py, test_baselines.py and
-# test_evaluate.py took 19 % more CPU and 18 % more time (benchmarks/results/test-suite.md).
-# Dask's local workers run on one thread each whatever this says (the nanny sets it).
-THREADS = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
 # Prefect sets up its console log handler when prefect.main is first imported (by the first use of
 # `prefect.flow` and the like, not by `import prefect`), on the sys.stderr of that moment.
 # Imported first inside a test that captures with capsys, the handler keeps that test's stream,
 # closed after it: every later flow log in the process prints a "Logging error" traceback into the
 # next test's captured stderr. Imported here, at collection, it keeps pytest's own stream.
+
+
+def pytest_configure(config):
+    """Each test process computes on its share of the cores (xdist starts one per core), and so do
+    the commands the tests start, which inherit OMP_NUM_THREADS: with torch's default of one thread
+    per core in every process, the processes' threads spin-waited against each other (2-thread
+    training beside one busy process: 3x the CPU of 1-thread) and tests/test_flow.py,
+    test_baselines.py and test_evaluate.py took 19 % more CPU and 18 % more time
+    (benchmarks/results/test-suite.md). An OMP_NUM_THREADS given is kept. Dask's local workers run
+    on one thread each whatever this says (their nanny sets it)."""
+    processes = os.environ.get("PYTEST_XDIST_WORKER_COUNT")  # set in xdist's workers only
+    if processes is None and getattr(config.option, "numprocesses", None):
+        return  # xdist's controller, which tests nothing: its workers would inherit what it set
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // int(processes or 1))))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="module")
