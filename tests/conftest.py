@@ -25,7 +25,7 @@ def pytest_configure(config):
     the commands the tests start, which inherit OMP_NUM_THREADS: with torch's default of one thread
     per core in every process, the processes' threads spin-waited against each other (2-thread
     training beside one busy process: 3x the CPU of 1-thread) and tests/test_flow.py,
-    test_baselines.py and test_evaluate.py took 19 % more CPU and 18 % more time
+    test_baselines.py and test_evaluate.py took 23 % more CPU and 22 % more time
     (benchmarks/results/test-suite.md). An OMP_NUM_THREADS given is kept. Dask's local workers run
     on one thread each whatever this says (their nanny sets it)."""
     processes = os.environ.get("PYTEST_XDIST_WORKER_COUNT")  # set in xdist's workers only

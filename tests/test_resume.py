@@ -219,8 +219,8 @@ def test_a_run_whose_log_reader_goes_away_unwinds_and_exits_as_sigpipe_would(sma
 
     argv = [str(Path(sys.executable).parent / "dataset-prune"), "run", "--dataset", f"npz:{small_npz}",
             "--epochs", "30", "--prune-ratio", "0.4", "--out", str(tmp_path / "runs"), "--target", str(tmp_path / "t")]
-    proc = subprocess.Popen(argv, env=clean_env(own_home, PREFECT_API_URL=prefect_api), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(argv, env=clean_env(own_home, PREFECT_API_URL=prefect_api), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         seen = []
         for line in proc.stdout:  # the reader takes lines up to the first epoch's, then goes
