@@ -401,6 +401,10 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     params.validate_all()
     if not params.from_run:
         print(_preflight_text(params.run_parameters()), file=sys.stderr)
+    else:
+        from flows.preflight import gpu_preflight
+
+        gpu_preflight(params)
     from flows.evaluate import evaluate_pruning
 
     with prefect_api():

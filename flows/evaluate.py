@@ -28,7 +28,8 @@ from tasks.select import compose_selections, select_samples
 
 from .cluster import run_cluster
 from .parameters import EvaluateParameters, RunParameters, scoring_recipe
-from .prune import later_rounds, new_run_id, prune_dataset, workers_ready
+from .preflight import gpu_preflight
+from .prune import gpu_resources, later_rounds, new_run_id, prune_dataset, workers_ready
 
 
 class Done:
@@ -121,9 +122,10 @@ def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, fo
     futures = []
     for sel, labels, seed in runs:
         wait = [sel[0]] if sel and not isinstance(sel[0], Done) else []
-        futures.append((labels, sel, retrain.submit(params.dataset, params.data_root, sel[1] if sel else None,
-                                                    replace(base, seed=seed), args.evaluations_per_epoch, labels,
-                                                    cache, wait_for=wait)))
+        with gpu_resources(params):  # the retrainings on the GPU workers, the selections wherever
+            futures.append((labels, sel, retrain.submit(params.dataset, params.data_root, sel[1] if sel else None,
+                                                        replace(base, seed=seed), args.evaluations_per_epoch, labels,
+                                                        cache, wait_for=wait)))
     gap_futures = []
     if args.gap_samples:
         for kind in ("linear", "head") if params.model != "linear" else ("linear",):
@@ -201,6 +203,7 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
         raise FileExistsError(f"evaluation folder {final} already exists")
     started = time.perf_counter()
     if params.from_run:  # the folder given, wherever the run was made: a run folder may be copied or moved
+        gpu_preflight(params)  # else the scoring run's preflight checks the GPU workers
         scored = Path(params.from_run).resolve()
         logger.info("reusing scores and model of %s", scored)
     else:

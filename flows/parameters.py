@@ -161,7 +161,7 @@ class RunParameters(BaseModel):
     damping: float | Literal["auto"] = Field(0.0, description="Added to the Hessian's diagonal on top of λ; "
                                                                "'auto': 1e-3 × mean eigenvalue")
     projection_dim: int | None = Field(None, ge=1, description="Random-projection dimension of the stored vectors, below the scope's parameter count (empty: the full vectors)")
-    gpu: bool = Field(False, description="Shard tasks request the Dask resource GPU=1")
+    gpu: bool = Field(False, description="Shard tasks (and an evaluation's retrainings) request the Dask resource GPU=1")
     prune_ratio: float | None = Field(None, gt=0, lt=1, description="Fraction of samples to remove (size-constrained)")
     epsilon: float | None = Field(None, gt=0, description="Bound on ‖Σ s_i‖₂ of the removed set (guaranteed mode)")
     method: Literal["influence", "random", "el2n", "grand", "forgetting", "influence-score", "herding", "kcenter",

@@ -127,15 +127,22 @@ def worker_problem(view, dataset: str, fingerprint: str, token: str, folder: Pat
 
 
 def check_gpu_workers(address: str, info: dict) -> None:
-    """`--gpu` on a given cluster: the shard tasks ask for the Dask resource GPU=1, and Dask
-    holds a task that no worker can take without an error, for ever. Refuse a cluster none of
-    whose workers offers it (`info`: `scheduler_info`'s); one with no worker yet may still get
-    GPU workers, and passes."""
+    """`--gpu` on a given cluster: the shard tasks (and an evaluation's retrainings) ask for the
+    Dask resource GPU=1, and Dask holds a task that no worker can take without an error, for
+    ever. Refuse a cluster none of whose workers offers it (`info`: `scheduler_info`'s); one with
+    no worker yet may still get GPU workers, and passes."""
     workers = info.get("workers") or {}
     if workers and not any((w.get("resources") or {}).get("GPU", 0) >= 1 for w in workers.values()):
         raise BadInputError(f"--gpu: none of the {len(workers)} workers at --dask-address {address} offers the Dask "
-                            f"resource GPU, so the shards would wait for one for ever; start one worker per GPU "
-                            f"with `dask worker {address} --resources GPU=1`, or leave --gpu out")
+                            "resource GPU, so the tasks asking for it would wait for one for ever; start one worker "
+                            f"per GPU with `dask worker {address} --resources GPU=1`, or leave --gpu out")
+
+
+def gpu_preflight(params) -> None:
+    """An evaluation with `--gpu` on a given cluster and `--from-run` (no scoring run, whose
+    `run_preflight` would check it): refused where no worker offers the resource GPU."""
+    if params.gpu and params.dask_address:
+        check_gpu_workers(params.dask_address, scheduler_info(params.dask_address))
 
 
 def memory_limit(workers: int, info: dict | None) -> tuple[int | None, str]:

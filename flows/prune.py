@@ -31,7 +31,7 @@ from tasks.select import compose_selections, select_samples
 from tasks.train import load_checkpoint, train_model
 
 from .cluster import run_cluster
-from .parameters import RunParameters
+from .parameters import EvaluateParameters, RunParameters
 from .preflight import check_workers, influence_estimate, run_preflight
 
 
@@ -46,7 +46,7 @@ def influence_scores(params: RunParameters, model: dict, cache: str, scores_out:
     ranges = shard_ranges(ds.n, params.shards, args.block_size)
     get_run_logger().info(format_estimate(influence_estimate(params, ds)))
     common = dict(cache=cache, model=model, dataset=params.dataset, data_root=params.data_root)
-    with shard_resources(params):
+    with gpu_resources(params):
         feature_futures = [features_shard.submit(**common, start=a, end=b, args=args) for a, b in ranges]
     shard_of = {id(f): r for f, r in zip(feature_futures, ranges)}
     for done, future in enumerate(as_completed(feature_futures), 1):
@@ -54,7 +54,7 @@ def influence_scores(params: RunParameters, model: dict, cache: str, scores_out:
     feature_paths = [f.result() for f in feature_futures]
     inverse = inverse_hessian(**common, feature_paths=feature_paths, weight_decay=params.weight_decay, args=args)
     track.update("inverse", 1, 1, inverse["strategy"])
-    with shard_resources(params):
+    with gpu_resources(params):
         score_futures = [influence_shard.submit(**common, start=a, end=b, inverse=inverse["path"], args=args)
                          for a, b in ranges]
     shard_of = {id(f): r for f, r in zip(score_futures, ranges)}
@@ -76,9 +76,10 @@ def workers_ready(params: RunParameters, ds, folder: Path, reads: tuple[str, ...
                                  params.dataset, folder)
 
 
-def shard_resources(params: RunParameters):
-    """Shard tasks ask for a Dask GPU resource when `gpu` is set (workers started with
-    `--resources GPU=1`, or a LocalCluster on a CUDA machine)."""
+def gpu_resources(params: RunParameters | EvaluateParameters):
+    """The tasks submitted inside ask for a Dask GPU resource when `params.gpu` is set (workers
+    started with `--resources GPU=1`, or a LocalCluster on a CUDA machine): a run's shard tasks,
+    an evaluation's retrainings."""
     return dask.annotate(resources={"GPU": 1}) if params.gpu else contextlib.nullcontext()
 
 

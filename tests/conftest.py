@@ -64,6 +64,27 @@ def write_npz(ds, path, n: int, n_test: int) -> str:
     return str(path)
 
 
+def finished_run_files(run: Path, dataset: str, n: int = 2000) -> Path:
+    """The files `--from-run` asks of a finished run folder (a manifest naming `dataset` and
+    `cnn`, n samples' scores, a model.pt) with made-up contents: for what is refused before any
+    of them is used."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pruning_core.artifacts import scores_table
+
+    run.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    vectors = np.tile(rng.normal(size=(1, 64)), (n, 1))  # the last column, compressed (snappy)
+    pq.write_table(scores_table({"sample_id": np.arange(n), "label": rng.integers(0, 10, n), "loss": rng.random(n),
+                                 "el2n": rng.random(n)}, vectors), run / "scores.parquet", use_dictionary=False)
+    (run / "manifest.json").write_text(json.dumps({"arguments": {"dataset": dataset, "model": "cnn",
+                                                                 "data_root": None}}))
+    (run / "model.pt").write_bytes(b"")
+    return run
+
+
 @pytest.fixture(scope="session")
 def small_npz(fmnist, tmp_path_factory) -> str:
     """2,000 training and 500 test samples of Fashion-MNIST, uint8 (n, 1, 28, 28)."""

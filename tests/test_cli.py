@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import clean_env
+from conftest import clean_env, finished_run_files
 
 from flows.cli import main
 from pruning_core.errors import BadInputError
@@ -399,17 +399,23 @@ def test_a_dask_address_that_never_answers_fails_within_the_connect_timeout(smal
 
 def test_gpu_on_a_cluster_without_gpu_workers_is_refused_before_anything_runs(dask_cluster, small_npz, tmp_path,
                                                                               capsys):
-    """The shards would wait for ever for a worker offering the resource GPU."""
+    """The shards, and an evaluation's retrainings, would wait for ever for a worker offering the
+    resource GPU."""
     from flows.preflight import check_gpu_workers
 
     out = tmp_path / "runs"
+    refusal = [f"dataset-prune: error: --gpu: none of the 2 workers at --dask-address {dask_cluster} offers the Dask "
+               "resource GPU, so the tasks asking for it would wait for one for ever; start one worker per GPU with "
+               f"`dask worker {dask_cluster} --resources GPU=1`, or leave --gpu out"]
     assert main(["run", "--dataset", f"npz:{small_npz}", "--prune-ratio", "0.4", "--gpu", "--dask-address",
                  dask_cluster, "--out", str(out), "--target", str(tmp_path / "table")]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        f"dataset-prune: error: --gpu: none of the 2 workers at --dask-address {dask_cluster} offers the Dask resource "
-        f"GPU, so the shards would wait for one for ever; start one worker per GPU with `dask worker {dask_cluster} "
-        "--resources GPU=1`, or leave --gpu out"]
+    assert capsys.readouterr().err.strip().splitlines() == refusal
     assert not out.exists() and not (tmp_path / "table").exists()
+    run_dir = finished_run_files(tmp_path / "scored", f"npz:{small_npz}")  # no scoring run, whose preflight refuses it
+    assert main(["evaluate", "--dataset", f"npz:{small_npz}", "--from-run", str(run_dir), "--methods", "random", "--gpu",
+                 "--dask-address", dask_cluster, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == refusal
+    assert not out.exists()
     cpu, gpu = {"resources": {}}, {"resources": {"GPU": 1.0}}
     check_gpu_workers("tcp://h:1", {"workers": {"a": cpu, "b": gpu}})  # one GPU worker is enough
     check_gpu_workers("tcp://h:1", {"workers": {}})  # none has joined yet: GPU workers may still come

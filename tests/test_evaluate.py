@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import finished_run_files
 
 from flows.cli import main
 from flows.evaluate import evaluate_pruning, influence_selection, rounds_parameters
@@ -388,6 +389,41 @@ def test_evaluate_flow_end_to_end(prefect_api, pooled_npz, tmp_path, capsys, das
     assert json.loads(chosen)["solver"] == "bucketed" and json.loads(chosen)["n_pruned"] == 1000
 
 
+def test_gpu_retrainings_run_only_on_the_workers_that_offer_the_resource(prefect_api, pooled_npz, tmp_path):
+    """`evaluate --gpu`: the retrainings, not only the scoring run's shards, ask for the Dask
+    resource GPU=1, so on a cluster of two plain workers and one offering it (a `dask worker
+    --resources GPU=1`, as on a GPU host) only that worker trains them; without it they went to
+    any worker, and a 30-epoch ResNet-18 trained on a CPU. (They compute on its CPU here.)"""
+    import subprocess
+    import sys
+
+    from distributed import Client, LocalCluster, get_task_stream
+
+    from flows.cluster import local_cluster_kwargs
+
+    with LocalCluster(**local_cluster_kwargs(workers=2)) as cluster, Client(cluster) as client:
+        gpu = subprocess.Popen([str(Path(sys.executable).parent / "dask"), "worker", cluster.scheduler_address,
+                                "--nthreads", "1", "--resources", "GPU=1", "--name", "gpu-worker", "--host", "127.0.0.1",
+                                "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            client.wait_for_workers(3, timeout=120)
+            with get_task_stream(client) as stream:
+                result = evaluate_pruning(EvaluateParameters(
+                    dataset=f"npz:{pooled_npz}", model="linear", methods=["random"], ratios=[0.25, 0.5],
+                    seeds=[0, 1], gap_samples=0, evaluations_per_epoch=2, shards=2, gpu=True,
+                    dask_address=cluster.scheduler_address, out=str(tmp_path / "runs"), target=str(tmp_path / "t")))
+            names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
+        finally:
+            gpu.terminate()
+            gpu.wait(timeout=60)
+    ran = {}
+    for task in stream.data:
+        ran.setdefault(task["key"].rsplit("-", 1)[0], []).append(names[task["worker"]])
+    assert len(ran["retrain"]) == 6 and set(ran["retrain"]) == {"gpu-worker"}  # full and 2 ratios, 2 seeds each
+    assert set(ran["features_shard"]) == set(ran["influence_shard"]) == {"gpu-worker"}  # the scoring run's
+    assert len(pq.read_table(Path(result["run_dir"]) / "evaluation.parquet")) == 6
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--ratios", "0.4,1.5"], "--ratios"),
     (["--methods", "influence,bogus"], "--methods"),
@@ -419,18 +455,8 @@ def test_evaluate_bad_input_exits_2(argv, message, small_npz, tmp_path, capsys):
 def test_evaluate_refuses_a_damaged_run_folder_before_it_trains(damage, message, small_npz, tmp_path, capsys):
     """A copied or half-deleted run folder: one line, exit 2, nothing written. The scores are read
     whole: a file damaged inside has a sound footer and schema."""
-    from pruning_core.artifacts import scores_table
-
-    run = tmp_path / "run"
-    run.mkdir()
-    n = 2000
-    rng = np.random.default_rng(0)
-    vectors = np.tile(rng.normal(size=(1, 64)), (n, 1))  # the last column, compressed (snappy)
-    pq.write_table(scores_table({"sample_id": np.arange(n), "label": rng.integers(0, 10, n), "loss": rng.random(n),
-                                 "el2n": rng.random(n)}, vectors), run / "scores.parquet", use_dictionary=False)
-    (run / "manifest.json").write_text(json.dumps({"arguments": {"dataset": f"npz:{small_npz}", "model": "cnn",
-                                                                 "data_root": None}}))
-    (run / "model.pt").write_bytes(b"")
+    run = finished_run_files(tmp_path / "run", f"npz:{small_npz}")
+    rng = np.random.default_rng(1)
     scores = (run / "scores.parquet").read_bytes()
     if damage == "no model":
         (run / "model.pt").unlink()
