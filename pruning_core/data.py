@@ -175,7 +175,9 @@ def _load_torchvision(name: str, root: Path) -> Dataset:
     try:
         train, test = cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
     except RuntimeError as exc:
-        raise DatasetError(f"{name}: not found under --data-root {root} ({exc}); download it there first") from exc
+        raise DatasetError(f"{name}: not found under --data-root {root} ({exc}); download it there first: python -c "
+                           f"'import torchvision; torchvision.datasets.{cls.__name__}(\"{root}\", download=True)'"
+                           ) from exc
 
     def arrays(split):
         x = np.asarray(split.data)

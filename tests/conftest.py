@@ -64,6 +64,12 @@ def write_npz(ds, path, n: int, n_test: int) -> str:
     return str(path)
 
 
+def cifar_shaped(x: np.ndarray) -> np.ndarray:
+    """Fashion-MNIST images (n, 1, 28, 28) as CIFAR's shape (n, 3, 32, 32): padded by 2 pixels
+    and repeated over 3 channels, real images for the paper's ResNet-18 recipe."""
+    return np.repeat(np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2))), 3, axis=1)
+
+
 def finished_run_files(run: Path, dataset: str, n: int = 2000) -> Path:
     """The files `--from-run` asks of a finished run folder (a manifest naming `dataset` and
     `cnn`, n samples' scores, a model.pt) with made-up contents: for what is refused before any

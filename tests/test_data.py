@@ -1,7 +1,10 @@
 """Data sources, fingerprints and Delta versions."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from conftest import cifar_shaped
 
 from pruning_core.data import as_float, load_dataset, parse_dataset_spec
 from pruning_core.errors import DatasetError
@@ -192,3 +195,37 @@ def test_torchvision_source_reads_a_data_root(tmp_path, fmnist):
     assert np.array_equal(ds.x, fmnist.x) and np.array_equal(ds.y_test, fmnist.y_test)
     with pytest.raises(DatasetError, match="not found under --data-root"):
         load_dataset("cifar10", str(tmp_path))
+
+
+def test_cifar10_from_torchvision_s_folder(tmp_path, fmnist, monkeypatch):
+    """`cifar10 --data-root R` reads what `torchvision.datasets.CIFAR10(R, download=True)` leaves
+    there (cifar-10-batches-py: five pickled training batches of (n, 3072) uint8 rows, channel
+    after channel, a test batch, the class names), as (n, 3, 32, 32) in the batches' order.
+    torchvision checks each file's MD5 against the published archive's, which a folder written
+    here cannot match: this test keeps its check that every file is there and drops the MD5
+    (without that, the folder is refused in one line that says how to download it)."""
+    import pickle
+
+    import torchvision.datasets.cifar as cifar
+
+    x, y = cifar_shaped(fmnist.x[:120]), fmnist.y[:120]
+    x[:, 1], x[:, 2] = 255 - x[:, 1], x[:, 2, ::-1]  # three channels that differ, so that their order shows
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rows = lambda images: images.reshape(len(images), -1)  # noqa: E731  (1024 red, 1024 green, 1024 blue values)
+    for k in range(5):  # data_batch_1 … data_batch_5, 20 samples each; the test batch the last 20
+        with open(folder / f"data_batch_{k + 1}", "wb") as f:
+            pickle.dump({"data": rows(x[20 * k:20 * k + 20]), "labels": y[20 * k:20 * k + 20].tolist()}, f)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": rows(x[100:]), "labels": y[100:].tolist()}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                                     "truck"]}, f)
+    with pytest.raises(DatasetError, match=r"^cifar10: not found under --data-root .*download=True\)"):
+        load_dataset("cifar10", str(tmp_path))  # the MD5s differ from the published files'
+    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: Path(path).is_file())
+    ds = load_dataset("cifar10", str(tmp_path))
+    assert ds.x.shape == (100, 3, 32, 32) and ds.x.dtype == np.uint8 and ds.x.flags.c_contiguous
+    assert np.array_equal(ds.x, x[:100]) and np.array_equal(ds.y, y[:100])
+    assert np.array_equal(ds.x_test, x[100:]) and np.array_equal(ds.y_test, y[100:])
+    assert ds.n_classes == 10 and ds.origin == {"source": "cifar10", "data_root": str(tmp_path)}

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import cifar_shaped
 from deltalake import DeltaTable
 
 from flows.parameters import RunParameters
@@ -208,6 +209,30 @@ def test_pruned_version_trains_and_scores_again(first_run, dask_cluster):
     assert third["arguments"]["dataset"] == f"delta:{uri}@{newer}" and third["dataset"]["n"] == 600
     scores = pq.read_table(tmp / "third" / "runs" / third["run_id"] / "scores.parquet")
     assert scores.column("sample_id").to_pylist() == older.sample_id[:600].tolist()
+
+
+def test_the_paper_s_resnet18_runs_on_cifar_shaped_images(prefect_api, fmnist, tmp_path, dask_cluster):
+    """The GPU recipe's model (README: "The paper's setting") end to end, on the CPU and small:
+    `resnet18` trained 1 epoch on 128 real images shaped as CIFAR-10's (3 x 32 x 32), its
+    influence over the last layer (512 features and a bias per class), the selection, the Delta
+    version and the pictures, in colour."""
+    import matplotlib.image as mpimg
+
+    path = tmp_path / "cifar-shaped.npz"
+    np.savez(path, x=cifar_shaped(fmnist.x[:128]), y=fmnist.y[:128], x_test=cifar_shaped(fmnist.x_test[:32]),
+             y_test=fmnist.y_test[:32])
+    manifest = run(tmp_path, "resnet18", dataset=f"npz:{path}", model="resnet18", epochs=1, shards=1, block_size=64,
+                   dask_address=dask_cluster)
+    run_dir = tmp_path / "resnet18" / "runs" / manifest["run_id"]
+    assert manifest["arguments"]["model"] == "resnet18" and 0 <= manifest["model"]["test_accuracy"] <= 1
+    table, vectors, _ = load_scores(run_dir / "scores.parquet")
+    assert vectors.shape == (128, 10 * 512 + 10) and np.isfinite(vectors).all() and (vectors != 0).any()
+    pruned = pq.read_table(run_dir / "selection.parquet").column("pruned").to_numpy(zero_copy_only=False)
+    assert pruned.sum() == round(0.4 * 128) == manifest["selection"]["n_pruned"]
+    assert manifest["selection"]["objective"] == pytest.approx(objective(vectors, pruned), rel=1e-12)
+    assert version_rows(manifest).num_rows == 128 - pruned.sum()
+    image = mpimg.imread(run_dir / "examples.png")
+    assert image.shape[2] >= 3 and image.std() > 0.05
 
 
 def test_sharded_dask_scores_equal_one_plain_process(first_run, small_npz, tmp_path):
