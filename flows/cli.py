@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=128)
     run.add_argument("--weight-decay", type=_float, default=5e-4)
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--augment", action="store_true")
     run.add_argument("--scope", default="last-layer")
     run.add_argument("--hessian", default="exact")
     run.add_argument("--damping", type=_damping, default=0.0)
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("--evaluations-per-epoch", int, 4), ("--gap-samples", int, 5000),
                                 ("--gap-points", int, 8), ("--gap-weight-decay", _float, 0.01)):
         evaluate.add_argument(flag, type=kind, default=default)
+    evaluate.add_argument("--augment", action="store_true")
     evaluate.add_argument("--prune-ratio", type=_float,
                           help="prune ratio of the scoring run's own version (default: 0.4; not with --from-run)")
     evaluate.add_argument("--methods", type=_list(str), default=None, help="comma-separated, e.g. influence,random,el2n")

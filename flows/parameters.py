@@ -155,6 +155,8 @@ class RunParameters(BaseModel):
     batch_size: int = Field(128, ge=1, description="Training mini-batch size")
     weight_decay: float = Field(5e-4, ge=0, description="λ: L2 penalty in training and in the influence Hessian")
     seed: int = Field(0, ge=0, description="Seed of training and of random selection")
+    augment: bool = Field(False, description="Train on random crops (4-pixel padding) and horizontal flips of every "
+                                              "batch, the usual CIFAR recipe (cnn and resnet18)")
     scope: str = Field("last-layer", description="Parameters the influence is taken over: last-layer, all, "
                                                  "modules:NAME[,NAME...]")
     hessian: Literal["exact", "kfac", "ekfac", "cg", "lissa"] = Field("exact", description="Inverse-Hessian strategy")
@@ -222,7 +224,7 @@ class RunParameters(BaseModel):
     # --- stage arguments -------------------------------------------------------------------
     def train_args(self) -> TrainArgs:
         return TrainArgs(model=self.model, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                         weight_decay=self.weight_decay, seed=self.seed)
+                         weight_decay=self.weight_decay, seed=self.seed, augment=self.augment)
 
     def influence_args(self) -> InfluenceArgs:
         if isinstance(self.damping, float) and not self.damping >= 0:

@@ -92,9 +92,11 @@ def selection_jobs(args: EvalArgs, draws: Callable[[str, float], bool] | None = 
 
 def retrain_key(ds: Dataset, rows: np.ndarray, train_args: TrainArgs, evaluations_per_epoch: int) -> str:
     """Names one retraining by what determines it: the data's content, the kept sample ids, the
-    recipe (seed included) and the evaluation schedule."""
+    recipe (seed included) and the evaluation schedule. A recipe without augmentation is named
+    as before `augment` existed, so that earlier records are found."""
     kept = hashlib.sha256(np.ascontiguousarray(ds.sample_id[rows]).tobytes()).hexdigest()
-    return artifacts.arguments_key({"format": 2, "data": ds.fingerprint, "kept": kept, "recipe": asdict(train_args),
+    recipe = {k: v for k, v in asdict(train_args).items() if k != "augment" or v}
+    return artifacts.arguments_key({"format": 2, "data": ds.fingerprint, "kept": kept, "recipe": recipe,
                                     "evaluations_per_epoch": evaluations_per_epoch})
 
 
@@ -289,12 +291,30 @@ def targets(summary: list[dict], records: list[dict], ratio: float = 0.4, drop: 
 
 
 # --- the generalization-gap check ------------------------------------------------------------
+GAP_PARAMETERS = 8192  # most parameters of the linear gap problem: its dense Hessian is p² float64 (0.5 GiB)
+
+
+def _pixels(x: np.ndarray, n_classes: int) -> tuple[np.ndarray, int]:
+    """Images (n, C, H, W) as float64 rows, 2x2-average-pooled until the linear problem has at
+    most GAP_PARAMETERS parameters ((C·H·W + 1) per class): Fashion-MNIST's 7,850 as they are,
+    CIFAR-10's 30,730 (whose Hessian and its factor took more than 23 GiB) pooled once to 7,690.
+    Returns the rows and how many times they were pooled."""
+    x, times = as_float(x, np.float64), 0
+    while x.ndim == 4 and (x[0].size + 1) * n_classes > GAP_PARAMETERS and min(x.shape[2:]) >= 2:
+        n, c, h, w = x.shape
+        x = x[:, :, :h // 2 * 2, :w // 2 * 2].reshape(n, c, h // 2, 2, w // 2, 2).mean(axis=(3, 5))
+        times += 1
+    return x.reshape(len(x), -1), times
+
+
 def _head_problem(kind: str, ds: Dataset, rows: np.ndarray, checkpoint: str | None, model_name: str | None):
-    """(X train (k, d) float64, X test, description): pixels for `linear`, φ(x) of a trained
-    network for `head` (its final layer refit on frozen features)."""
+    """(X train (k, d) float64, X test, description): pixels for `linear` (pooled where they are
+    many: `_pixels`), φ(x) of a trained network for `head` (its final layer refit on frozen
+    features)."""
     if kind == "linear":
-        return (as_float(ds.x[rows], np.float64).reshape(len(rows), -1),
-                as_float(ds.x_test, np.float64).reshape(len(ds.x_test), -1), "linear on pixels")
+        (X, times), (X_test, _) = _pixels(ds.x[rows], ds.n_classes), _pixels(ds.x_test, ds.n_classes)
+        side = 2 ** times
+        return X, X_test, "linear on pixels" if not times else f"linear on {side}x{side}-pooled pixels"
     if checkpoint is None or model_name is None:
         raise BadInputError("the head gap check needs a trained network checkpoint")
     from .training import load_model

@@ -27,6 +27,7 @@ class TrainArgs:
     weight_decay: float = 5e-4  # λ of J(θ); also the λ of the influence Hessian
     seed: int = 0
     grad_tol: float = 1e-6  # linear only: stop when ‖∇J‖∞ ≤ grad_tol
+    augment: bool = False  # networks: random 4-pixel-padded crops and horizontal flips of every batch
 
     def __post_init__(self):
         if self.model not in DEFAULT_EPOCHS:
@@ -41,6 +42,9 @@ class TrainArgs:
             raise BadInputError(f"--batch-size {self.batch_size} must be at least 1")
         if not (self.weight_decay >= 0 and np.isfinite(self.weight_decay)):
             raise BadInputError(f"--weight-decay {self.weight_decay} must be a non-negative number")
+        if self.augment and self.model == "linear":
+            raise BadInputError("--augment applies to cnn and resnet18; linear trains to its optimum on the samples "
+                                "as they are")
         if self.model == "linear" and self.weight_decay <= 0:
             raise BadInputError("--weight-decay must be > 0 for --model linear (the optimum must exist)")
 

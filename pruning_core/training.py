@@ -96,10 +96,27 @@ def fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, weight_decay: float
     return model, {"grad_inf_norm": grad_norm, "lbfgs_rounds": rounds}
 
 
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Each image (n, C, H, W) cropped at a random offset from its copy padded by `pad` zeros on
+    every side, then flipped left to right with probability ½: the usual CIFAR augmentation
+    (torchvision's RandomCrop(padding=4) and RandomHorizontalFlip), for a whole batch on its device.
+    The offsets and flips are drawn from `generator` (on the CPU), so a seed gives the same batches."""
+    n, _, h, w = x.shape
+    dy, dx = (torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device) for _ in range(2))
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    padded = nn.functional.pad(x, (pad, pad, pad, pad))  # (n, C, H + 2 pad, W + 2 pad)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (n, 1, H, 1)
+    cols = dx[:, None] + torch.arange(w, device=x.device)  # (n, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]  # (n, 1, 1, W)
+    return padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(x.shape[1], device=x.device)
+                  [None, :, None, None], rows, cols]
+
+
 def train_network(model: nn.Module, ds: Dataset, args: TrainArgs, device=None,
                   progress: Callable[[int, int, float], None] | None = None,
                   evaluations_per_epoch: int = 0, curve: list | None = None) -> np.ndarray:
-    """Seeded SGD (momentum 0.9, one-cycle lr, weight decay λ on every parameter).
+    """Seeded SGD (momentum 0.9, one-cycle lr, weight decay λ on every parameter), on batches
+    augmented with `args.augment` (`augment_batch`).
 
     Returns correctness (n, epochs): whether each sample was classified right in its own
     mini-batch of each epoch (what forgetting scores count). `progress(epoch, epochs, loss)`.
@@ -126,7 +143,7 @@ def train_network(model: nn.Module, ds: Dataset, args: TrainArgs, device=None,
         started = time.perf_counter()
         for batch, start in enumerate(range(0, ds.n, args.batch_size), 1):
             rows = order[start:start + args.batch_size]
-            logits = model(x[rows])
+            logits = model(augment_batch(x[rows], generator) if args.augment else x[rows])
             loss = nn.functional.cross_entropy(logits, y[rows])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

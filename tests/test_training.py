@@ -1,0 +1,62 @@
+"""The training recipe: CIFAR's augmentation and what it leaves unchanged."""
+
+import numpy as np
+import pytest
+import torch
+
+from pruning_core.data import Dataset, load_dataset
+from pruning_core.errors import BadInputError
+from pruning_core.evaluation import retrain_key
+from pruning_core.recipe import TrainArgs
+from pruning_core.training import augment_batch, train
+
+
+def test_augmented_images_are_padded_crops_flipped_half_the_time():
+    """Every augmented image is its image padded by 4 zeros, cropped at an offset of 0–8 pixels
+    each way, and mirrored or not; over 400 images every offset and both orientations occur;
+    the same seed gives the same batch."""
+    x = torch.randint(1, 256, (400, 3, 8, 6), dtype=torch.uint8).float()  # no zero pixel: the padding shows
+    out = augment_batch(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.equal(out, augment_batch(x, torch.Generator().manual_seed(0)))
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    seen = set()
+    for i in range(len(x)):
+        found = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)
+                 if torch.equal(out[i], (lambda c: c.flip(2) if flip else c)(padded[i, :, dy:dy + 8, dx:dx + 6]))]
+        assert found, f"image {i} is no crop of its padded copy"
+        seen.update(found)
+    assert {dy for dy, _, _ in seen} == {dx for _, dx, _ in seen} == set(range(9))
+    assert {flip for _, _, flip in seen} == {False, True}
+
+
+def test_augmentation_trains_the_networks_and_is_refused_for_linear(fmnist):
+    ds = Dataset("small", fmnist.x[:512], fmnist.y[:512], np.arange(512), fmnist.x_test[:256], fmnist.y_test[:256], 10,
+                 {"source": "npz:small"})
+    plain, augmented = (train(ds, TrainArgs(model="cnn", epochs=1, augment=a), device="cpu") for a in (False, True))
+    assert 0 <= augmented.test_accuracy <= 1 and augmented.info["args"]["augment"] is True
+    weights = lambda r: torch.cat([p.flatten() for p in r.model.state_dict().values()])  # noqa: E731
+    assert not torch.equal(weights(plain), weights(augmented))
+    with pytest.raises(BadInputError, match="^--augment applies to cnn and resnet18"):
+        TrainArgs(model="linear", augment=True)
+
+
+def test_a_recipe_without_augmentation_keeps_the_retrain_records_made_before_it():
+    """The retraining cache's key of a recipe without augmentation is the one computed before the
+    option existed (the digest below, from b0e0b1b's code), so that an interrupted evaluation
+    resumes with its records; with augmentation the key differs."""
+    x = np.arange(6 * 4, dtype=np.uint8).reshape(6, 1, 2, 2)
+    ds = Dataset("d", x, np.arange(6) % 2, np.arange(6), x[:2], np.arange(2) % 2, 2, {"source": "npz:d"})
+    assert retrain_key(ds, np.array([0, 2, 3]), TrainArgs(model="cnn", seed=1), 4) == "ab699a8d547f48fa"
+    assert retrain_key(ds, np.array([0, 2, 3]), TrainArgs(model="cnn", seed=1, augment=True), 4) != "ab699a8d547f48fa"
+
+
+def test_run_refuses_augment_for_linear_in_one_line(small_npz, tmp_path, capsys):
+    from flows.cli import main
+
+    assert main(["run", "--dataset", f"npz:{small_npz}", "--model", "linear", "--augment", "--prune-ratio", "0.4",
+                 "--out", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "dataset-prune: error: --augment applies to cnn and resnet18; linear trains to its optimum on the samples as "
+        "they are"]
+    assert not (tmp_path / "runs").exists()
+    assert load_dataset(f"npz:{small_npz}").n == 2000
