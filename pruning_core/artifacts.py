@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,13 +24,29 @@ import pyarrow.parquet as pq
 from .errors import ArgumentsMismatchError, BadInputError
 
 
+def fresh_path(parent: str | Path, prefix: str, suffix: str = "", folder: bool = False) -> Path:
+    """A new empty file (or folder) in `parent` under a name nothing else has, made with the
+    process's umask, as every other output is: tempfile's are 0600 (0700) whatever the umask, and
+    the run's files renamed from them were unreadable to the rest of a group sharing the folder."""
+    for _ in range(100):
+        path = Path(parent) / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            if folder:
+                os.mkdir(path, 0o777)
+            else:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free name for {prefix}…{suffix} in {parent}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = fresh_path(path.parent, f".{path.name}.", ".tmp")
     try:
         yield Path(tmp)
         os.replace(tmp, path)

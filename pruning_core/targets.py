@@ -28,7 +28,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -41,7 +40,7 @@ import pyarrow.parquet as pq
 from deltalake.exceptions import TableNotFoundError
 
 from . import versions as delta
-from .artifacts import check_can_create
+from .artifacts import check_can_create, fresh_path
 from .data import Dataset, split_version
 from .errors import BadInputError, PruningError
 
@@ -225,7 +224,7 @@ class DvcTarget(VersionTarget):
             tracked += [".dvc/config", ".dvc/.gitignore", ".dvcignore"]
         before = {name: (self.repo / name).read_bytes() if (self.repo / name).is_file() else None for name in tracked}
         info = _provenance_json(provenance, ds)
-        staging = Path(tempfile.mkdtemp(prefix=f".{self.name}.new-", dir=folder.parent))
+        staging = fresh_path(folder.parent, f".{self.name}.new-", folder=True)  # published: the umask's mode
         backup = folder.parent / f".{self.name}.old-{uuid.uuid4().hex[:8]}"
         existed, committed = folder.exists(), False
         try:

@@ -42,7 +42,7 @@ def test_augmentation_trains_the_networks_and_is_refused_for_linear(fmnist):
 
 def test_a_recipe_without_augmentation_keeps_the_retrain_records_made_before_it():
     """The retraining cache's key of a recipe without augmentation is the one computed before the
-    option existed (the digest below, from b0e0b1b's code), so that an interrupted evaluation
+    option existed (the digest below, from 1ef0ae7's code), so that an interrupted evaluation
     resumes with its records; with augmentation the key differs."""
     x = np.arange(6 * 4, dtype=np.uint8).reshape(6, 1, 2, 2)
     ds = Dataset("d", x, np.arange(6) % 2, np.arange(6), x[:2], np.arange(2) % 2, 2, {"source": "npz:d"})
