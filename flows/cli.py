@@ -456,6 +456,9 @@ def cmd_select(ns: argparse.Namespace) -> int:
         raise BadInputError(f"--scores {ns.scores}: {no_file(ns.scores)}")
     if Path(ns.out).is_dir():
         raise BadInputError(f"--out {ns.out}: is a folder; give the selection's file path (e.g. selection.parquet)")
+    if Path(ns.out).resolve() == Path(ns.scores).resolve():
+        raise BadInputError(f"--out {ns.out}: is the --scores file; the selection would replace the scores it is "
+                            "made from")
     check_can_create(Path(ns.out).resolve(), "--out", folder=False)
     scored = None
     if ns.pictures:  # refused here, before the selection
@@ -464,6 +467,10 @@ def cmd_select(ns: argparse.Namespace) -> int:
     if ns.train_epochs is not None:
         recipe = scoring_recipe(Path(ns.scores).resolve().parent)  # the run folder of --scores
         args = dataclasses.replace(args, train_budget=train_budget(ns.train_epochs, recipe.epochs, recipe.model))
+    out = Path(ns.out).resolve()
+    if out.name == "selection.parquet" and (out.parent / "manifest.json").is_file():
+        raise BadInputError(f"--out {ns.out}: is a run folder's own selection, which its manifest describes; write "
+                            "the new selection elsewhere (another name or folder)")
     if args.solver == "bucketed":
         from flows.cluster import run_cluster
         from flows.preflight import scheduler_info

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pruning_core import artifacts
 from pruning_core.data import parse_dataset_spec, pinned
@@ -205,9 +205,21 @@ class RunParameters(BaseModel):
     dask_address: str | None = Field(None, description="tcp://host:port of an existing Dask scheduler",
                                      json_schema_extra={"pattern": r"^(tcp|tls|inproc|ucx)://\S+$"})
     out: str = Field("runs", description="Root of run folders")
-    target: str | None = Field(None, description="Receives the version: a Delta table path or URI (default "
-                                                 "datasets/NAME-pruned), dvc:REPO#PATH or lakefs://REPO/BRANCH/PATH")
+    target: str | None = Field(None, description="Receives the version: a Delta table path or URI (delta:URI too; "
+                                                 "default datasets/NAME-pruned), dvc:REPO#PATH or "
+                                                 "lakefs://REPO/BRANCH/PATH")
     block_size: int = Field(1024, ge=1, description="Rows per fixed computation block")
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _delta_prefix(cls, value):
+        """A Delta table as lineage, provenance and `--dataset` name it (`delta:URI`) is the table
+        URI: taken as a path, it made a folder named `delta:` in the working directory."""
+        if isinstance(value, str) and value.startswith("delta:"):
+            if not value[len("delta:"):].strip():
+                raise ValueError("delta: names no table; give delta:URI or the table's path")
+            return value[len("delta:"):]
+        return value
 
     @model_validator(mode="after")
     def _check(self):

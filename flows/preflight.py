@@ -138,9 +138,21 @@ def check_gpu_workers(address: str, info: dict) -> None:
                             f"per GPU with `dask worker {address} --resources GPU=1`, or leave --gpu out")
 
 
+def check_local_gpu(params) -> None:
+    """`--gpu` with a local cluster, whose workers all offer the resource GPU: on a machine with no
+    CUDA device they computed on the CPU, and the option did nothing."""
+    import torch
+
+    if params.gpu and not params.dask_address and not torch.cuda.is_available():
+        raise BadInputError("--gpu without --dask-address: this machine has no CUDA device for the local cluster's "
+                            "workers; leave --gpu out, or give the address of a cluster with GPU workers")
+
+
 def gpu_preflight(params) -> None:
-    """An evaluation with `--gpu` on a given cluster and `--from-run` (no scoring run, whose
-    `run_preflight` would check it): refused where no worker offers the resource GPU."""
+    """An evaluation with `--gpu` and `--from-run` (no scoring run, whose `run_preflight` would
+    check it): refused where no worker of the given cluster offers the resource GPU, or where a
+    local cluster would have no GPU."""
+    check_local_gpu(params)
     if params.gpu and params.dask_address:
         check_gpu_workers(params.dask_address, scheduler_info(params.dask_address))
 
@@ -197,6 +209,7 @@ def run_preflight(params, load_checkpoint: bool = True) -> dict:
         check_scip_size(estimate["n"], estimate["k"])
     if params.rounds > 1:  # every round must remove at least one sample
         round_ratios(params.prune_ratio, params.rounds, ds.n)
+    check_local_gpu(params)
     info = scheduler_info(params.dask_address) if params.dask_address else None
     if params.gpu and info is not None:
         check_gpu_workers(params.dask_address, info)

@@ -326,9 +326,18 @@ def load_scores(path: str | Path, with_vectors: bool = True, name: str | None = 
         raise BadInputError(f"{name}: column influence (fixed-size list of floats) is missing")
     if table.num_rows == 0:
         raise BadInputError(f"{name}: no rows")
+    if any(table.column(c).null_count for c in required):
+        raise BadInputError(f"{name}: {', '.join(c for c in required if table.column(c).null_count)} has empty values")
     ids = table.column("sample_id").to_numpy()
     if len(np.unique(ids)) != len(ids):
         raise BadInputError(f"{name}: sample_id values must be unique")
+    if (table.column("label").to_numpy() < 0).any():
+        raise BadInputError(f"{name}: label values must be class indices (0 or more)")
+    # the scores the baselines and the difficulty strata rank by: a NaN sorted silently last
+    for column in ("loss", "el2n", *(c for c in ("grand", "forgetting") if c in schema.names)):
+        values = table.column(column)
+        if pa.types.is_floating(values.type) and not np.isfinite(values.to_numpy(zero_copy_only=False)).all():
+            raise BadInputError(f"{name}: column {column} contains NaN, Inf or empty values")
     vectors = column_array(table, "influence") if with_vectors else None
     if vectors is not None and not np.isfinite(vectors).all():
         raise BadInputError(f"{name}: influence vectors contain NaN or Inf")

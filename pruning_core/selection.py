@@ -97,6 +97,9 @@ class SelectionArgs:
             raise BadInputError(f"--coverage {self.coverage!r} is not known; valid: {', '.join(COVERAGE)}")
         if self.candidates not in CANDIDATES:
             raise BadInputError(f"--candidates {self.candidates!r} is not known; valid: {', '.join(CANDIDATES)}")
+        if self.solver == "bucketed" and (self.epsilon is not None or self.class_balanced or self.coverage != "none"):
+            # before the candidate order, which `auto` may have chosen for the coverage
+            raise BadInputError("--solver bucketed solves --prune-ratio without --class-balanced or --coverage")
         if self.candidates != "smallest" and (self.method != "influence" or self.solver == "bucketed"
                                               or self.epsilon is not None):
             raise BadInputError(f"--candidates {self.candidates} applies to --method influence with --prune-ratio "
@@ -108,6 +111,9 @@ class SelectionArgs:
             raise BadInputError(f"--hard-cut {self.hard_cut} must lie in [0, 1)")
         if self.hard_cut is not None and self.coverage == "none" and self.method != "ccs":
             raise BadInputError("--hard-cut applies to --coverage difficulty and --method ccs")
+        if self.hard_cut is not None and self.prune_ratio is not None and self.hard_cut > self.prune_ratio:
+            raise BadInputError(f"--hard-cut {self.hard_cut:g} cuts more than --prune-ratio {self.prune_ratio:g} "
+                                f"removes; give at most {self.prune_ratio:g} (all of the removals the hardest)")
         if not (self.train_budget > 0 and math.isfinite(self.train_budget)):
             raise BadInputError(f"the training budget {self.train_budget} (--train-epochs ÷ the scoring run's epochs) "
                                 "must be a positive finite number")

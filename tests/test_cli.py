@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from conftest import clean_env, finished_run_files
@@ -127,6 +128,11 @@ CASES = {
     "uniform candidates for a baseline": (["--method", "ccs", "--candidates", "uniform"],
                                           "--candidates uniform applies to --method influence with --prune-ratio"),
     "hard cut of one": (["--hard-cut", "1"], "--hard-cut 1.0"),
+    "hard cut past the removals": (["--prune-ratio", "0.3", "--hard-cut", "0.5"],
+                                   "--hard-cut 0.5 cuts more than --prune-ratio 0.3 removes; give at most 0.3"),
+    "bucketed under coverage": (["--prune-ratio", "0.3", "--solver", "bucketed", "--coverage", "difficulty"],
+                                "--solver bucketed solves --prune-ratio without --class-balanced or --coverage"),
+    "target delta: naming nothing": (["--target", "delta:"], "delta: names no table"),
     "hard cut with epsilon": (["--epsilon", "0.1", "--hard-cut", "0.1"],
                               "--hard-cut applies to --coverage difficulty and --method ccs"),
     "hard cut for random": (["--method", "random", "--hard-cut", "0.1"], "--hard-cut applies to"),
@@ -218,12 +224,12 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, files, dead_po
     assert not (files / "pwned").exists() and not (files / "x").exists() and not Path("../escape").exists()
 
 
-def _scores(n: int, ids=None, vectors=None):
+def _scores(n: int, ids=None, vectors=None, **columns):
     from pruning_core.artifacts import scores_table
 
     rng = np.random.default_rng(0)
     columns = {"sample_id": np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64),
-               "label": rng.integers(0, 2, n), "loss": rng.random(n), "el2n": rng.random(n)}
+               "label": rng.integers(0, 2, n), "loss": rng.random(n), "el2n": rng.random(n), **columns}
     return scores_table(columns, rng.normal(size=(n, 3)) if vectors is None else vectors)
 
 
@@ -233,6 +239,13 @@ SCORES = {
     "NaN in a vector": (lambda: _scores(4, vectors=np.array([[0.0, 1], [np.nan, 0], [1, 1], [2, 0]])),
                         "influence vectors contain NaN or Inf"),
     "no influence column": (lambda: _scores(4).drop_columns(["influence"]), "column influence"),
+    # each went through: a negative label crashed the class quotas with a traceback, NaN scores
+    # were ranked (sorted last) into a selection that meant nothing
+    "negative label": (lambda: _scores(4, label=np.array([0, 1, -5, 1])), "label values must be class indices"),
+    "NaN EL2N": (lambda: _scores(4, el2n=np.array([0.1, np.nan, 0.3, 0.2])), "column el2n contains NaN"),
+    "Inf GraNd": (lambda: _scores(4, grand=np.array([0.1, np.inf, 0.3, 0.2])), "column grand contains NaN, Inf"),
+    "empty loss": (lambda: _scores(4).set_column(2, "loss", pa.array([0.1, None, 0.3, 0.2], pa.float64())),
+                   "loss has empty values"),
 }
 
 
@@ -290,22 +303,31 @@ def test_select_refuses_bad_options_in_one_line(argv, expected, tmp_path, capsys
     ("select", "{root}", "is a folder; give the selection's file path"),
     ("select", "{root}/corrupt.pt/selection.parquet", "corrupt.pt is not a folder"),
     ("select", "/proc/dataset-prune-test/selection.parquet", "nothing can be written in /proc"),
+    # these two went through: the scores replaced by the selection, a finished run's selection changed
+    ("select", "{tmp}/scores.parquet", "is the --scores file; the selection would replace the scores"),
+    ("select", "{tmp}/run/selection.parquet", "is a run folder's own selection, which its manifest describes"),
 ])
 def test_an_out_where_nothing_can_be_written_is_refused_in_one_line(command, out, expected, files, small_npz, tmp_path,
                                                                    capsys):
     """Checked before any work: these were tracebacks once the run or the selection had finished."""
     import pyarrow.parquet as pq
 
-    out = out.format(root=files)
+    out = out.format(root=files, tmp=tmp_path)
     if command == "run":
         argv = ["run", "--dataset", f"npz:{small_npz}", "--prune-ratio", "0.4", "--target", str(tmp_path / "t")]
     else:
         pq.write_table(_scores(10), tmp_path / "scores.parquet")
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "manifest.json").write_text("{}")
         argv = ["select", "--scores", str(tmp_path / "scores.parquet"), "--prune-ratio", "0.4"]
+    scores = (tmp_path / "scores.parquet").read_bytes() if command == "select" else None
     assert main([*argv, "--out", out]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and expected in err, err
     assert not (tmp_path / "t").exists() and not list(files.glob(".dataset-prune-probe*"))
+    if command == "select":
+        assert (tmp_path / "scores.parquet").read_bytes() == scores and not (tmp_path / "run" / "selection.parquet"
+                                                                               ).exists()
 
 
 RUN_IDS = {"parent folder": "../escape", "absolute path": "/tmp/escaped-run", "nested": "a/b", "dots": "..",
@@ -555,3 +577,29 @@ def test_a_sigterm_exits_143_even_when_what_it_interrupted_wraps_it(wrapped, sma
     monkeypatch.setattr(cli, "cmd_select", select_that_fails)
     with pytest.raises(RuntimeError, match="a real failure"):
         main(argv)
+
+
+def test_a_delta_target_may_be_named_as_lineage_names_it(tmp_path):
+    """`--target delta:PATH`, the form `versions`, lineage and `--dataset` use: the table at PATH.
+    It was taken as a relative path, a folder named `delta:` in the working directory."""
+    from flows.parameters import RunParameters
+
+    params = RunParameters(prune_ratio=0.4, target=f"delta:{tmp_path}/table")
+    assert params.target == f"{tmp_path}/table" and params.target_uri() == str(tmp_path / "table")
+    assert RunParameters(prune_ratio=0.4, target="delta:s3://bucket/t").target_uri() == "s3://bucket/t"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine: its local workers have a GPU")
+def test_gpu_with_a_local_cluster_on_a_machine_without_cuda_is_refused(small_npz, tmp_path, capsys):
+    """The local cluster's workers all offer the resource GPU: here they computed on the CPU, and
+    `--gpu` did nothing (run, and evaluate --from-run, which makes no scoring run)."""
+    refusal = ["dataset-prune: error: --gpu without --dask-address: this machine has no CUDA device for the local "
+               "cluster's workers; leave --gpu out, or give the address of a cluster with GPU workers"]
+    assert main(["run", "--dataset", f"npz:{small_npz}", "--prune-ratio", "0.4", "--gpu", "--out",
+                 str(tmp_path / "runs"), "--target", str(tmp_path / "t")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == refusal
+    run_dir = finished_run_files(tmp_path / "scored", f"npz:{small_npz}")
+    assert main(["evaluate", "--dataset", f"npz:{small_npz}", "--from-run", str(run_dir), "--methods", "random",
+                 "--gpu", "--out", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == refusal
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "t").exists()

@@ -108,9 +108,10 @@ def test_class_balanced_quotas_hold_for_every_method(instance, ratio, data):
 
 @SETTINGS
 @given(instance=instances(), ratio=st.floats(0.01, 0.99), candidates=st.sampled_from(["smallest", "uniform", "easiest"]),
-       hard_cut=st.one_of(st.none(), st.floats(0.0, 0.95)), data=st.data())
-def test_coverage_keeps_each_difficulty_stratum_quota(instance, ratio, candidates, hard_cut, data):
+       cut_share=st.one_of(st.none(), st.floats(0.0, 1.0)), data=st.data())
+def test_coverage_keeps_each_difficulty_stratum_quota(instance, ratio, candidates, cut_share, data):
     vectors, _ = instance
+    hard_cut = None if cut_share is None else cut_share * ratio  # at most the removals (more is refused)
     el2n = np.random.default_rng(len(vectors)).random(len(vectors)) * np.sqrt(2)
     args = SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates=candidates, hard_cut=hard_cut)
     result = select(vectors, args, {"el2n": el2n})
