@@ -350,8 +350,24 @@ class EvaluateParameters(RunParameters):
                                 "longer recipe, retrain a run's scores longer (--from-run RUN --epochs N)")
         if self.from_run is not None:  # first: the selection's training budget reads its manifest
             self._check_from_run()
+            self._check_selection_options_apply()
         super().validate_all()
         self.eval_args()
+
+    def _check_selection_options_apply(self) -> None:
+        """With --from-run no scoring run selects with --method: the influence method's options act
+        on the influence selections of --methods only, and were silently unused without them."""
+        listed = ",".join(self.methods)
+        options = (("--solver", self.solver, "greedy"), ("--coverage", self.coverage, "auto"),
+                   ("--candidates", self.candidates, "auto"), ("--swap-rounds", self.swap_rounds, None),
+                   ("--rounds", self.rounds, 1))
+        given = [flag for flag, value, default in options if value != default]
+        if given and "influence" not in self.methods:
+            raise BadInputError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to the influence method, "
+                                f"which --methods {listed} does not list")
+        if self.hard_cut is not None and not {"influence", "ccs"} & set(self.methods):
+            raise BadInputError(f"--hard-cut applies to the influence method and ccs, which --methods {listed} does not "
+                                "list")
 
     def _check_from_run(self) -> None:
         run = Path(self.from_run)

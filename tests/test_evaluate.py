@@ -497,6 +497,27 @@ def test_evaluate_refuses_a_damaged_run_folder_before_it_trains(damage, message,
     assert not out.exists() and not (tmp_path / "t").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--hard-cut", "0.1"], "--hard-cut applies to the influence method and ccs, which --methods el2n does not list"),
+    (["--swap-rounds", "3"], "--swap-rounds applies to the influence method, which --methods el2n does not list"),
+    (["--candidates", "uniform", "--solver", "scip"], "--solver, --candidates apply to the influence method"),
+    (["--rounds", "2"], "--rounds applies to the influence method, which --methods el2n does not list"),
+])
+def test_influence_options_without_the_influence_method_are_refused(argv, message, small_npz, tmp_path, capsys):
+    """With --from-run (no scoring run of its own) and --methods without influence, these options
+    changed nothing and the whole evaluation ran (--rounds 2 trained rounds for nothing)."""
+    run = finished_run_files(tmp_path / "run", f"npz:{small_npz}")
+    out = tmp_path / "runs"
+    assert main(["evaluate", "--dataset", f"npz:{small_npz}", "--from-run", str(run), "--methods", "el2n",
+                 "--ratios", "0.4", "--seeds", "0", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()
+    if argv[0] == "--hard-cut":  # which acts on ccs too
+        EvaluateParameters(dataset=f"npz:{small_npz}", from_run=str(run), methods=["el2n", "ccs"],
+                           hard_cut=0.1)._check_selection_options_apply()
+
+
 def test_selections_that_draw_at_random_are_drawn_once_per_seed():
     from flows.parameters import EvaluateParameters
 
