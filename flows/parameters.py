@@ -116,7 +116,10 @@ def scoring_recipe(run_dir: Path) -> TrainArgs:
 def train_budget(train_epochs: int | None, scoring_epochs: int, model: str) -> float:
     """The pruned set's training epochs ÷ the scoring run's (SelectionArgs.train_budget); 1 when
     not given and for `linear`, which trains to the optimum."""
-    return 1.0 if train_epochs is None or model == "linear" else train_epochs / scoring_epochs
+    if train_epochs is not None and model == "linear":
+        raise BadInputError("--train-epochs shifts the hard cut by a network's training budget; --model linear "
+                            "trains to its optimum, without epochs")
+    return 1.0 if train_epochs is None else train_epochs / scoring_epochs
 
 
 # Labels of the deployment form in the Prefect UI ("Custom run"); other fields get their name.
@@ -291,6 +294,7 @@ class RunParameters(BaseModel):
                                 "round")
         if self.checkpoint is not None and not Path(self.checkpoint).is_file():
             raise BadInputError(f"--checkpoint {self.checkpoint}: {no_file(self.checkpoint)}")
+        self._check_checkpoint_recipe()
         artifacts.check_can_create(Path(self.out).expanduser().resolve(), "--out")
         delta_target = self.target is not None and not self.target.startswith(("dvc:", "lakefs://"))  # checked there
         if delta_target and ".." in re.split(r"[/\\]", self.target):
@@ -300,6 +304,17 @@ class RunParameters(BaseModel):
             raise BadInputError(f"--target {self.target}: names a version; a run commits the table's next version, so "
                                 "give the table alone")
         open_target(self.target_uri()).check()
+
+    def _check_checkpoint_recipe(self) -> None:
+        """With --checkpoint nothing trains: training options given were silently unused (--epochs
+        and --weight-decay still count: the training budget and the influence Hessian's λ)."""
+        if self.checkpoint is None:
+            return
+        unused = [f"--{name.replace('_', '-')}" for name in ("lr", "batch_size", "augment")
+                  if getattr(self, name) != type(self).model_fields[name].default]
+        if unused:
+            raise BadInputError(f"{', '.join(unused)} with --checkpoint: nothing is trained (the weights are given); "
+                                "leave " + ("them" if len(unused) > 1 else "it") + " out")
 
     def as_json(self) -> dict:
         return json.loads(self.model_dump_json())
@@ -353,6 +368,9 @@ class EvaluateParameters(RunParameters):
             self._check_selection_options_apply()
         super().validate_all()
         self.eval_args()
+
+    def _check_checkpoint_recipe(self) -> None:
+        """The retrainings use the training options, whatever trained --checkpoint."""
 
     def _check_selection_options_apply(self) -> None:
         """With --from-run no scoring run selects with --method: the influence method's options act
