@@ -428,6 +428,7 @@ def cmd_select(ns: argparse.Namespace) -> int:
     from flows.parameters import (
         RunParameters,
         check_train_epochs,
+        check_train_epochs_model,
         dask_address_problem,
         scoring_recipe,
         selection_args,
@@ -466,6 +467,7 @@ def cmd_select(ns: argparse.Namespace) -> int:
         check_can_create(Path(ns.pictures).resolve(), "--pictures")
     if ns.train_epochs is not None:
         recipe = scoring_recipe(Path(ns.scores).resolve().parent)  # the run folder of --scores
+        check_train_epochs_model(ns.train_epochs, recipe.model)
         args = dataclasses.replace(args, train_budget=train_budget(ns.train_epochs, recipe.epochs, recipe.model))
     out = Path(ns.out).resolve()
     if out.name == "selection.parquet" and (out.parent / "manifest.json").is_file():

@@ -116,10 +116,14 @@ def scoring_recipe(run_dir: Path) -> TrainArgs:
 def train_budget(train_epochs: int | None, scoring_epochs: int, model: str) -> float:
     """The pruned set's training epochs ÷ the scoring run's (SelectionArgs.train_budget); 1 when
     not given and for `linear`, which trains to the optimum."""
+    return 1.0 if train_epochs is None or model == "linear" else train_epochs / scoring_epochs
+
+
+def check_train_epochs_model(train_epochs: int | None, model: str) -> None:
+    """--train-epochs given for a `linear` scoring run, which has no epochs to shift by."""
     if train_epochs is not None and model == "linear":
         raise BadInputError("--train-epochs shifts the hard cut by a network's training budget; --model linear "
                             "trains to its optimum, without epochs")
-    return 1.0 if train_epochs is None else train_epochs / scoring_epochs
 
 
 # Labels of the deployment form in the Prefect UI ("Custom run"); other fields get their name.
@@ -289,6 +293,7 @@ class RunParameters(BaseModel):
                                 "--data-root is for a named dataset (fashion-mnist, cifar10, …), so leave it out")
         self.train_args(), self.influence_args()
         check_train_epochs(self.train_epochs, self.selection_args())
+        check_train_epochs_model(self.train_epochs, self.model)
         if self.rounds > 1 and self.prune_ratio is None:
             raise BadInputError(f"--rounds {self.rounds} splits --prune-ratio over the rounds; with --epsilon give one "
                                 "round")

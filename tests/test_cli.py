@@ -281,6 +281,7 @@ def test_select_refuses_bad_scores_in_one_line(case, tmp_path, capsys):
     (["--solver", "bucketed", "--dask-address", "bogus"], "--dask-address 'bogus' must look like tcp://host:port"),
     (["--train-epochs", "8", "manifest:{bad"], "manifest.json: cannot be read as a run's manifest (Expecting"),
     (["--train-epochs", "8", "manifest:[]"], "manifest.json: not a run's manifest"),
+    (["--train-epochs", "8", 'manifest:{"arguments": {"model": "linear"}}'], "--model linear trains to its optimum"),
     (["--train-epochs", "8", 'manifest:{"arguments": {"model": "bogus"}}'],
      "manifest.json: its arguments are not a run's (--model 'bogus' is not a known model"),
 ])

@@ -409,31 +409,32 @@ def test_evaluate_flow_end_to_end(prefect_api, pooled_npz, tmp_path, capsys, das
     assert json.loads(chosen)["solver"] == "bucketed" and json.loads(chosen)["n_pruned"] == 1000
 
 
-def test_gpu_retrainings_run_only_on_the_workers_that_offer_the_resource(prefect_api, pooled_npz, tmp_path):
+def test_gpu_retrainings_run_only_on_the_workers_that_offer_the_resource(prefect_api, pooled_npz, tmp_path,
+                                                                          dask_cluster):
     """`evaluate --gpu`: the retrainings, not only the scoring run's shards, ask for the Dask
     resource GPU=1, so on a cluster of two plain workers and one offering it (a `dask worker
-    --resources GPU=1`, as on a GPU host) only that worker trains them; without it they went to
-    any worker, and a 30-epoch ResNet-18 trained on a CPU. (They compute on its CPU here.)"""
+    --resources GPU=1`, as on a GPU host, joining the session's cluster for this test) only that
+    worker trains them; without it they went to any worker, and a 30-epoch ResNet-18 trained on a
+    CPU. (They compute on its CPU here.)"""
     import subprocess
     import sys
 
-    from distributed import Client, LocalCluster, get_task_stream
+    from distributed import Client, get_task_stream
 
-    from flows.cluster import local_cluster_kwargs
-
-    with LocalCluster(**local_cluster_kwargs(workers=2)) as cluster, Client(cluster) as client:
-        gpu = subprocess.Popen([str(Path(sys.executable).parent / "dask"), "worker", cluster.scheduler_address,
-                                "--nthreads", "1", "--resources", "GPU=1", "--name", "gpu-worker", "--host", "127.0.0.1",
-                                "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with Client(dask_cluster) as client:
+        gpu = subprocess.Popen([str(Path(sys.executable).parent / "dask"), "worker", dask_cluster, "--nthreads", "1",
+                                "--resources", "GPU=1", "--name", "gpu-worker", "--host", "127.0.0.1", "--no-dashboard"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             client.wait_for_workers(3, timeout=120)
             with get_task_stream(client) as stream:
                 result = evaluate_pruning(EvaluateParameters(
                     dataset=f"npz:{pooled_npz}", model="linear", methods=["random"], ratios=[0.25, 0.5],
                     seeds=[0, 1], gap_samples=0, evaluations_per_epoch=2, shards=2, gpu=True,
-                    dask_address=cluster.scheduler_address, out=str(tmp_path / "runs"), target=str(tmp_path / "t")))
+                    dask_address=dask_cluster, out=str(tmp_path / "runs"), target=str(tmp_path / "t")))
             names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
-        finally:
+        finally:  # the session's cluster as it was: the GPU worker retired, then stopped
+            client.retire_workers(names=["gpu-worker"], close_workers=True)
             gpu.terminate()
             gpu.wait(timeout=60)
     ran = {}
