@@ -455,12 +455,13 @@ def cmd_select(ns: argparse.Namespace) -> int:
             raise BadInputError(f"--dask-address {ns.dask_address!r} {problem}")
     if not Path(ns.scores).is_file():
         raise BadInputError(f"--scores {ns.scores}: {no_file(ns.scores)}")
-    if Path(ns.out).is_dir():
+    out = Path(ns.out).resolve()
+    if out.is_dir():
         raise BadInputError(f"--out {ns.out}: is a folder; give the selection's file path (e.g. selection.parquet)")
-    if Path(ns.out).resolve() == Path(ns.scores).resolve():
+    if out == Path(ns.scores).resolve():
         raise BadInputError(f"--out {ns.out}: is the --scores file; the selection would replace the scores it is "
                             "made from")
-    check_can_create(Path(ns.out).resolve(), "--out", folder=False)
+    check_can_create(out, "--out", folder=False)
     scored = None
     if ns.pictures:  # refused here, before the selection
         scored = scored_dataset(Path(ns.scores))
@@ -469,7 +470,6 @@ def cmd_select(ns: argparse.Namespace) -> int:
         recipe = scoring_recipe(Path(ns.scores).resolve().parent)  # the run folder of --scores
         check_train_epochs_model(ns.train_epochs, recipe.model)
         args = dataclasses.replace(args, train_budget=train_budget(ns.train_epochs, recipe.epochs, recipe.model))
-    out = Path(ns.out).resolve()
     if out.name == "selection.parquet" and (out.parent / "manifest.json").is_file():
         raise BadInputError(f"--out {ns.out}: is a run folder's own selection, which its manifest describes; write "
                             "the new selection elsewhere (another name or folder)")

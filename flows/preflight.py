@@ -141,9 +141,11 @@ def check_gpu_workers(address: str, info: dict) -> None:
 def check_local_gpu(params) -> None:
     """`--gpu` with a local cluster, whose workers all offer the resource GPU: on a machine with no
     CUDA device they computed on the CPU, and the option did nothing."""
-    import torch
+    if not params.gpu or params.dask_address:
+        return
+    import torch  # only where it is asked: `evaluate --from-run` reaches here without it
 
-    if params.gpu and not params.dask_address and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise BadInputError("--gpu without --dask-address: this machine has no CUDA device for the local cluster's "
                             "workers; leave --gpu out, or give the address of a cluster with GPU workers")
 

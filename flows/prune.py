@@ -31,7 +31,7 @@ from tasks.select import compose_selections, select_samples
 from tasks.train import load_checkpoint, train_model
 
 from .cluster import run_cluster
-from .parameters import EvaluateParameters, RunParameters
+from .parameters import RunParameters
 from .preflight import check_workers, influence_estimate, run_preflight
 
 
@@ -76,7 +76,7 @@ def workers_ready(params: RunParameters, ds, folder: Path, reads: tuple[str, ...
                                  params.dataset, folder)
 
 
-def gpu_resources(params: RunParameters | EvaluateParameters):
+def gpu_resources(params: RunParameters):
     """The tasks submitted inside ask for a Dask GPU resource when `params.gpu` is set (workers
     started with `--resources GPU=1`, or a LocalCluster on a CUDA machine): a run's shard tasks,
     an evaluation's retrainings."""

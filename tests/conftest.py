@@ -3,7 +3,10 @@ API (`prefect_test_harness`: a temporary server subprocess) exported to Dask wor
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +71,24 @@ def cifar_shaped(x: np.ndarray) -> np.ndarray:
     """Fashion-MNIST images (n, 1, 28, 28) as CIFAR's shape (n, 3, 32, 32): padded by 2 pixels
     and repeated over 3 channels, real images for the paper's ResNet-18 recipe."""
     return np.repeat(np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2))), 3, axis=1)
+
+
+@contextlib.contextmanager
+def gpu_worker(client):
+    """A `dask worker --resources GPU=1` named gpu-worker joined to `client`'s scheduler, as on a
+    GPU host (it computes on this machine's CPU), waited for; retired and stopped on leaving, so a
+    shared cluster is as it was."""
+    before = len(client.scheduler_info()["workers"])
+    worker = subprocess.Popen([str(Path(sys.executable).parent / "dask"), "worker", client.scheduler.address,
+                               "--nthreads", "1", "--resources", "GPU=1", "--name", "gpu-worker", "--host", "127.0.0.1",
+                               "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client.wait_for_workers(before + 1, timeout=120)
+        yield
+    finally:
+        client.retire_workers(names=["gpu-worker"], close_workers=True)
+        worker.terminate()
+        worker.wait(timeout=60)
 
 
 def finished_run_files(run: Path, dataset: str, n: int = 2000) -> Path:

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import cifar_shaped, finished_run_files
+from conftest import cifar_shaped, finished_run_files, gpu_worker
 
 from flows.cli import main
 from flows.evaluate import evaluate_pruning, influence_selection, rounds_parameters
@@ -416,27 +416,15 @@ def test_gpu_retrainings_run_only_on_the_workers_that_offer_the_resource(prefect
     --resources GPU=1`, as on a GPU host, joining the session's cluster for this test) only that
     worker trains them; without it they went to any worker, and a 30-epoch ResNet-18 trained on a
     CPU. (They compute on its CPU here.)"""
-    import subprocess
-    import sys
-
     from distributed import Client, get_task_stream
 
-    with Client(dask_cluster) as client:
-        gpu = subprocess.Popen([str(Path(sys.executable).parent / "dask"), "worker", dask_cluster, "--nthreads", "1",
-                                "--resources", "GPU=1", "--name", "gpu-worker", "--host", "127.0.0.1", "--no-dashboard"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            client.wait_for_workers(3, timeout=120)
-            with get_task_stream(client) as stream:
-                result = evaluate_pruning(EvaluateParameters(
-                    dataset=f"npz:{pooled_npz}", model="linear", methods=["random"], ratios=[0.25, 0.5],
-                    seeds=[0, 1], gap_samples=0, evaluations_per_epoch=2, shards=2, gpu=True,
-                    dask_address=dask_cluster, out=str(tmp_path / "runs"), target=str(tmp_path / "t")))
-            names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
-        finally:  # the session's cluster as it was: the GPU worker retired, then stopped
-            client.retire_workers(names=["gpu-worker"], close_workers=True)
-            gpu.terminate()
-            gpu.wait(timeout=60)
+    with Client(dask_cluster) as client, gpu_worker(client):  # retired and stopped on leaving
+        with get_task_stream(client) as stream:
+            result = evaluate_pruning(EvaluateParameters(
+                dataset=f"npz:{pooled_npz}", model="linear", methods=["random"], ratios=[0.25, 0.5],
+                seeds=[0, 1], gap_samples=0, evaluations_per_epoch=2, shards=2, gpu=True,
+                dask_address=dask_cluster, out=str(tmp_path / "runs"), target=str(tmp_path / "t")))
+        names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
     ran = {}
     for task in stream.data:
         ran.setdefault(task["key"].rsplit("-", 1)[0], []).append(names[task["worker"]])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import cifar_shaped
+from conftest import cifar_shaped, gpu_worker
 from deltalake import DeltaTable
 
 from flows.parameters import RunParameters
@@ -151,10 +151,6 @@ def test_gpu_shards_run_only_on_the_workers_that_offer_the_resource(first_run, s
     two offers it (a `dask worker --resources GPU=1`, as on a GPU host) only that worker runs them,
     which shows in the models the workers loaded. Its 7 shards on that one worker give the reference's
     scores and selection (on this machine the shards compute on its CPU)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from distributed import Client, LocalCluster
 
     from flows.cluster import local_cluster_kwargs
@@ -162,19 +158,11 @@ def test_gpu_shards_run_only_on_the_workers_that_offer_the_resource(first_run, s
 
     tmp, manifest = first_run
     plain = local_cluster_kwargs(workers=1)  # one worker, no GPU resource
-    with LocalCluster(**plain) as cluster, Client(cluster) as client:
-        gpu = subprocess.Popen([str(Path(sys.executable).parent / "dask"), "worker", cluster.scheduler_address,
-                                "--nthreads", "1", "--resources", "GPU=1", "--name", "gpu-worker", "--host", "127.0.0.1",
-                                "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            client.wait_for_workers(2, timeout=120)
-            m = run(tmp, "gpu", dataset=f"npz:{small_npz}", checkpoint=manifest["model"]["checkpoint"], gpu=True,
-                    shards=7, dask_address=cluster.scheduler_address)
-            models = client.run(lambda: pipeline._model_once.cache_info().currsize)
-            names = {w["id"]: a for a, w in client.scheduler_info()["workers"].items()}
-        finally:
-            gpu.terminate()
-            gpu.wait(timeout=60)
+    with LocalCluster(**plain) as cluster, Client(cluster) as client, gpu_worker(client):
+        m = run(tmp, "gpu", dataset=f"npz:{small_npz}", checkpoint=manifest["model"]["checkpoint"], gpu=True,
+                shards=7, dask_address=cluster.scheduler_address)
+        models = client.run(lambda: pipeline._model_once.cache_info().currsize)
+        names = {w["id"]: a for a, w in client.scheduler_info()["workers"].items()}
     assert models[names["gpu-worker"]] == 1 and sum(models.values()) == 1
     folder, first = tmp / "gpu" / "runs" / m["run_id"], tmp / "first" / "runs" / manifest["run_id"]
     scores = pq.read_table(folder / "scores.parquet")
