@@ -53,9 +53,9 @@ lint: setup
 test: setup lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses 4
 
-# rewrites the README's "Every option" tables from the parser (a test fails while they differ)
+# rewrites the option tables of docs/reference.md from the parser (a test fails while they differ)
 options: setup
-	$(BIN)/python -c "from flows.cli import write_options_reference; write_options_reference('README.md')"
+	$(BIN)/python -c "from flows.cli import write_options_reference; write_options_reference('docs/reference.md')"
 
 # the embedded default: a local Prefect server (SQLite) on 127.0.0.1:4200 serving the deployments of
 # deployments/prefect.yaml; with PREFECT_API_URL set, serves onto that server instead

@@ -219,11 +219,11 @@ def options_reference() -> str:
     return "\n".join(lines)
 
 
-def write_options_reference(readme: str) -> None:
-    """Replace the block between the README's option markers with `options_reference()`."""
+def write_options_reference(reference: str = "docs/reference.md") -> None:
+    """Replace the block between the option markers of `reference` with `options_reference()`."""
     from pathlib import Path
 
-    path = Path(readme)
+    path = Path(reference)
     text = path.read_text()
     head, _, rest = text.partition(OPTIONS_BEGIN)
     _, _, tail = rest.partition(OPTIONS_END)
