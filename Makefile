@@ -68,14 +68,16 @@ deploy: setup
 	$(BIN)/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || $(BIN)/prefect work-pool create $(POOL) --type process
 	cd deployments && $(abspath $(BIN))/prefect --no-prompt deploy --all
 
+# every benchmarks/*.py: influence runs peer_influence in pyDVL's own venv, worker_check imports local_s3
+# (tests/test_experiments.py checks the list); the research experiments are in experiments/ (its README)
 bench: setup
-	$(BIN)/python benchmarks/pipeline.py
-	$(BIN)/python benchmarks/selection.py
-	$(BIN)/python benchmarks/selection_reference.py
-	$(BIN)/python benchmarks/influence.py
-	$(BIN)/python benchmarks/exact_inverse.py
-	$(BIN)/python benchmarks/worker_check.py
-	$(BIN)/python benchmarks/gpu_check.py
+	$(BIN)/python -m benchmarks.pipeline
+	$(BIN)/python -m benchmarks.selection
+	$(BIN)/python -m benchmarks.selection_reference
+	$(BIN)/python -m benchmarks.influence
+	$(BIN)/python -m benchmarks.exact_inverse
+	$(BIN)/python -m benchmarks.worker_check
+	$(BIN)/python -m benchmarks.gpu_check
 
 clean:
 	rm -rf runs datasets .pytest_cache

@@ -5,29 +5,26 @@ pixels (p = 7,850; the cnn's final layer, p = 1,290, takes well under a second e
 timed in benchmarks/pipeline.py), with the inverse stage's one intra-op thread and with torch's
 default. Prints a table and writes benchmarks/results/exact_inverse.json (machine, date, command).
 
-Run:  .venv/bin/python benchmarks/exact_inverse.py
+Run:  .venv/bin/python -m benchmarks.exact_inverse
 """
 
 from __future__ import annotations
 
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pruning_core import influence
+from pruning_core.data import as_float, load_dataset
+from pruning_core.training import fit_linear
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pruning_core import influence  # noqa: E402
-from pruning_core.data import as_float, load_dataset  # noqa: E402
-from pruning_core.training import fit_linear  # noqa: E402
-
 RESULT = ROOT / "benchmarks" / "results" / "exact_inverse.json"
-COMMAND = ".venv/bin/python benchmarks/exact_inverse.py"
+COMMAND = ".venv/bin/python -m benchmarks.exact_inverse"
 SHIFT = 1e-2
 
 

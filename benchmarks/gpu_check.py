@@ -1,5 +1,5 @@
 """GPU check: the `cnn` and `resnet18` influence stages on CUDA against the CPU result, with
-throughput. Run where a CUDA GPU exists (`python benchmarks/gpu_check.py`); elsewhere it says
+throughput. Run where a CUDA GPU exists (`python -m benchmarks.gpu_check`); elsewhere it says
 so and exits 0. Writes benchmarks/results/gpu_check.json.
 
 cnn: Fashion-MNIST (first 20,000 training images), freshly initialised seeded weights (the
@@ -51,7 +51,7 @@ def main() -> int:
         "cnn": (fm.x[:20000], fm.y[:20000], (1, 28, 28)),
         "resnet18": (rng.integers(0, 256, (4000, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, 4000), (3, 32, 32)),
     }
-    results = {"benchmark": "gpu_check", "command": "python benchmarks/gpu_check.py",
+    results = {"benchmark": "gpu_check", "command": "python -m benchmarks.gpu_check",
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": torch.cuda.get_device_name(0),
                "machine": platform.platform(), "torch": torch.__version__, "models": {}}
     ok = True

@@ -15,7 +15,7 @@ Same trained `cnn`, same 60,000 Fashion-MNIST training samples, same quantity:
 
 Peak memory is each process's ru_maxrss. The project's stage must stay within
 PEAK_RSS_LIMIT_MIB (stated in the README): past it the benchmark exits with status 1.
-Run:  .venv/bin/python benchmarks/influence.py
+Run:  .venv/bin/python -m benchmarks.influence
 """
 
 from __future__ import annotations
@@ -34,16 +34,14 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from pruning_core import hessians
+from pruning_core import influence as inf
+from pruning_core.artifacts import file_sha256, save_checkpoint
+from pruning_core.data import as_float, load_dataset
+from pruning_core.recipe import TrainArgs
+from pruning_core.training import accuracy, load_model, train
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pruning_core import hessians  # noqa: E402
-from pruning_core import influence as inf  # noqa: E402
-from pruning_core.artifacts import file_sha256, save_checkpoint  # noqa: E402
-from pruning_core.data import as_float, load_dataset  # noqa: E402
-from pruning_core.recipe import TrainArgs  # noqa: E402
-from pruning_core.training import accuracy, load_model, train  # noqa: E402
-
 BENCH = ROOT / "benchmarks"
 CACHE = BENCH / ".cache"
 CHECKPOINT = CACHE / "cnn.pt"
@@ -52,10 +50,10 @@ OURS_VECTORS = CACHE / "ours-vectors.npy"
 PEER_OUT = CACHE / "peer"
 PEER_ENV = BENCH / ".env-peer"
 PEER_PYTHON = PEER_ENV / "bin" / "python"
-PEER_SCRIPT = BENCH / "peer_influence.py"
+PEER_MODULE = "benchmarks.peer_influence"  # run from ROOT, which `-m` puts on the peer's path
 PEER_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "pyDVL[influence]==0.10.0"]
 RESULT = BENCH / "results" / "influence.json"
-COMMAND = ".venv/bin/python benchmarks/influence.py"
+COMMAND = ".venv/bin/python -m benchmarks.influence"
 
 WEIGHT_DECAY = 5e-4
 BLOCK = 1024
@@ -210,10 +208,10 @@ def main() -> None:
     peer_env = ensure_peer_env()
 
     log("project stage (features + Hessian + solve + vectors) and one forward pass, own process …")
-    ours = run_json([sys.executable, str(Path(__file__).resolve()), "--worker", "ours",
+    ours = run_json([sys.executable, "-m", "benchmarks.influence", "--worker", "ours",
                      "--report", str(CACHE / "ours.json")], CACHE / "ours.json", 1200, "project stage")
     log(f"pyDVL DirectInfluence in {PEER_ENV.relative_to(ROOT)}, own process (budget {args.peer_budget_s:.0f} s) …")
-    peer = run_json([str(PEER_PYTHON), str(PEER_SCRIPT), "--checkpoint", str(CHECKPOINT), "--data", str(DATA),
+    peer = run_json([str(PEER_PYTHON), "-m", PEER_MODULE, "--checkpoint", str(CHECKPOINT), "--data", str(DATA),
                      "--out", str(PEER_OUT), "--weight-decay", str(WEIGHT_DECAY), "--batch-size", str(BLOCK),
                      "--min-rows", str(args.check_rows), "--budget-s", str(args.peer_budget_s)],
                     PEER_OUT / "peer.json", args.peer_budget_s + 900, "peer")

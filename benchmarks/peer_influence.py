@@ -1,7 +1,7 @@
 """Peer side of benchmarks/influence.py: pyDVL's exact-Hessian influence over the final layer.
 
 Runs in the benchmark's own virtual environment (benchmarks/.env-peer, pyDVL from PyPI), as a
-separate process so that its peak memory (ru_maxrss) is its own. For the same trained `cnn`
+separate process started from the repository's root (`python -m benchmarks.peer_influence`) so that its peak memory (ru_maxrss) is its own. For the same trained `cnn`
 and the same Fashion-MNIST training arrays as the project's stage, it computes
 
     H⁻¹ ∇_θ ℓ(z_i)   with   H = (1/n) Σ_i ∇²ℓ_i + λ I,   θ = (fc.weight, fc.bias),
@@ -23,7 +23,6 @@ import argparse
 import json
 import platform
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -31,7 +30,6 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pruning_core.models import build_model  # the architecture only
 
 

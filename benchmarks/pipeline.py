@@ -54,7 +54,7 @@ def main() -> None:
     rows.append(("influence-score (smallest ‖s_i‖)", objective(vectors, smallest), None))
 
     result = {
-        "benchmark": "pipeline", "command": "make bench  (python benchmarks/pipeline.py)",
+        "benchmark": "pipeline", "command": "make bench  (python -m benchmarks.pipeline)",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": torch.get_num_threads(), "torch": torch.__version__,

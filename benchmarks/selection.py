@@ -58,7 +58,7 @@ def main() -> int:
         rows.append({"method": "influence (bucketed, 2 workers)", "objective": result.objective,
                      "seconds": time.perf_counter() - started, "n_pruned": int(result.pruned.sum()),
                      **{k: v for k, v in result.info.items() if k in ("swaps", "buckets", "merged_objective")}})
-    out = {"benchmark": "selection", "command": "python benchmarks/selection.py", "n": n, "p": p, "ratio": ratio,
+    out = {"benchmark": "selection", "command": "python -m benchmarks.selection", "n": n, "p": p, "ratio": ratio,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()}, "results": rows}
     path = Path(__file__).parent / "results" / "selection.json"

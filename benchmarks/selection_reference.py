@@ -29,7 +29,7 @@ def main() -> int:
         rows.append({"solver": name, "objective": objective(V, pruned), "seconds": time.perf_counter() - started,
                      "status": info["status"], "bound": info["bound"]})
     best = min(r["objective"] for r in rows[1:])
-    out = {"benchmark": "selection_reference", "command": "python benchmarks/selection_reference.py",
+    out = {"benchmark": "selection_reference", "command": "python -m benchmarks.selection_reference",
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.platform(),
            "n": 2000, "p": 64, "ratio": 0.4, "results": rows, "greedy_over_reference_best": greedy.objective / best}
     path = Path(__file__).parent / "results" / "selection_reference.json"

@@ -5,7 +5,7 @@ without them), then `dataset-prune run --dask-address` with the credentials in t
 environment. Prints the exit status, the seconds to it and the error line, and writes them to
 benchmarks/results/worker-check.json (machine, date, command, commit).
 
-    .venv/bin/python benchmarks/worker_check.py [--epochs 1]
+    .venv/bin/python -m benchmarks.worker_check [--epochs 1]
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,14 +34,13 @@ def main() -> None:
     args = parser.parse_args()
     from distributed import LocalCluster
 
+    from benchmarks.local_s3 import local_s3
     from flows.cli import main as cli
     from flows.parameters import RunParameters
     from flows.prune import dask_runner
     from pruning_core.data import load_dataset
     from pruning_core.versions import commit_version
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from local_s3 import local_s3
 
     folder = Path(tempfile.mkdtemp(prefix="worker-check-"))
     try:
@@ -65,7 +63,7 @@ def main() -> None:
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     result = {"benchmark": "time to refuse a Dask cluster whose workers cannot open the source",
-              "command": f".venv/bin/python benchmarks/worker_check.py --epochs {args.epochs}", "commit": commit,
+              "command": f".venv/bin/python -m benchmarks.worker_check --epochs {args.epochs}", "commit": commit,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": {"platform": platform.platform(), "node": platform.node(), "cpu_count": os.cpu_count()},
               "epochs": args.epochs, "exit_status": code, "seconds": round(seconds, 1),

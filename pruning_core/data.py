@@ -131,6 +131,13 @@ def as_float(x: np.ndarray, dtype=np.float32) -> np.ndarray:
     return x.astype(dtype)
 
 
+def cifar_shaped(x: np.ndarray) -> np.ndarray:
+    """Fashion-MNIST images (n, 1, 28, 28) as CIFAR's shape (n, 3, 32, 32): padded by 2 pixels
+    and repeated over 3 channels, real images for the paper's ResNet-18 recipe (the tests and
+    experiments/gap_memory.py)."""
+    return np.repeat(np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2))), 3, axis=1)
+
+
 def _read_idx(path: Path) -> np.ndarray:
     """Read one idx file (optionally gzipped): magic, dims as big-endian int32, then data."""
     opener = gzip.open if path.suffix == ".gz" else open

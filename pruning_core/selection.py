@@ -449,8 +449,8 @@ def candidate_stream(vectors: np.ndarray, args: SelectionArgs, difficulty: np.nd
 
 
 def solve_size(vectors: np.ndarray, m: int, args: SelectionArgs, labels=None, quotas=None,
-               difficulty: np.ndarray | None = None, longer_path: tuple[np.ndarray, np.ndarray] | None = None
-               ) -> tuple[np.ndarray, dict]:
+               difficulty: np.ndarray | None = None, longer_path: tuple[np.ndarray, np.ndarray] | None = None,
+               stream: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """The greedy solver for |R| = m: pool greedy path, swap search, random restarts; with no
     swap rounds (`args.rounds()` = 0, the default under difficulty coverage and for the `easiest`
     order) the path is the answer. With `easiest` candidates each step then picks, among the K
@@ -459,13 +459,15 @@ def solve_size(vectors: np.ndarray, m: int, args: SelectionArgs, labels=None, qu
     the swaps would lower ‖Σ_R s_i‖ from 0.083 to 0.058 and cost 0.12 points of held-out
     accuracy: benchmarks/results/cross-validation-0.4.md). `longer_path`: (order, ‖S_k‖) of a longer
     greedy path of the same vectors and arguments, without quotas, whose first m steps are this
-    one's (`greedy_path`)."""
+    one's (`greedy_path`). `stream`: the candidate order (n,) fed to the path in place of
+    `candidate_stream`'s."""
     n = len(vectors)
     info: dict = {}
     if longer_path is not None:
         order, path = longer_path[0][:m], longer_path[1][:m]
     else:
-        stream = candidate_stream(vectors, args, difficulty)
+        if stream is None:
+            stream = candidate_stream(vectors, args, difficulty)
         order, path = greedy_path(vectors, m, args.pool_size, labels, quotas, stream=stream)
     info["path_objective"] = float(path[-1]) if m else 0.0
     rounds = args.rounds()
@@ -556,9 +558,14 @@ def select_bucketed(vectors: np.ndarray, m: int, args: SelectionArgs, map_fn=map
 
 
 def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarray] | None = None,
-           map_fn=None) -> Selection:
+           map_fn=None, *, layout=coverage_strata, stream: np.ndarray | None = None) -> Selection:
     """Run the method and mode of `args` over vectors (n, p); baselines read their score
-    columns (`label`, `el2n`, `grand`, `forgetting`, `embedding`) from `columns`."""
+    columns (`label`, `el2n`, `grand`, `forgetting`, `embedding`) from `columns`.
+
+    Two extension points, for experiments that try what is not an option (experiments/):
+    `layout(el2n, n_prune, hard_fraction=β) -> (stratum (n,), removals per stratum)` lays out the
+    difficulty coverage (default CCS's, `baselines.coverage_strata`); `stream`, a candidate order
+    (n,), feeds the influence method's greedy path of a --prune-ratio in place of `args.candidates`'."""
     n = len(vectors)
     started = time.perf_counter()
     info: dict = {"method": args.method, "solver": args.solver if args.method == "influence" else None}
@@ -569,7 +576,7 @@ def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarr
         if "el2n" not in columns:
             raise BadInputError("--coverage difficulty needs the score column 'el2n', which these scores lack")
         cut = args.coverage_cut()
-        labels, quotas = coverage_strata(np.asarray(columns["el2n"], np.float64), args.n_prune(n), hard_fraction=cut)
+        labels, quotas = layout(np.asarray(columns["el2n"], np.float64), args.n_prune(n), hard_fraction=cut)
         info["coverage"] = {"strata": int(len(quotas) - 1), "hard_cut": int(quotas[-1]), "hard_fraction": cut,
                             "train_budget": args.train_budget}
     if args.method != "influence":
@@ -589,7 +596,8 @@ def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarr
             pruned = _largest_prefix_within(vectors, order, path, args.epsilon)
     elif args.solver == "scip":
         check_scip_size(*vectors.shape)
-        warm = select(vectors, dataclasses.replace(args, solver="greedy"), columns).pruned  # SCIP's warm start
+        warm = select(vectors, dataclasses.replace(args, solver="greedy"), columns, layout=layout,
+                      stream=stream).pruned  # SCIP's warm start
         pruned, scip_info = solve_scip(vectors, args, warm, labels if quotas is not None else None, quotas)
         info.update(scip_info)
     elif args.solver == "bucketed":
@@ -599,7 +607,7 @@ def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarr
         info.update(bucket_info)
     elif args.prune_ratio is not None:
         pruned, solve_info = solve_size(vectors, args.n_prune(n), args, labels if quotas is not None else None, quotas,
-                                        columns.get("el2n"))
+                                        columns.get("el2n"), stream=stream)
         info.update(solve_info)
     else:
         pruned, info["probes"] = largest_size_within(vectors, args)
@@ -699,17 +707,20 @@ def generalization_bound(objective_value: float, n_pruned: int, n: int) -> dict:
             "order_term": float(objective_value + n_pruned / n**2)}
 
 
-def selection_stage(scores: Path, args: SelectionArgs, out: Path, map_fn=None, progress=None) -> dict:
+def selection_stage(scores: Path, args: SelectionArgs, out: Path, map_fn=None, progress=None, *,
+                    columns: dict[str, np.ndarray] | None = None, layout=coverage_strata,
+                    stream: np.ndarray | None = None) -> dict:
     """Select over stored vectors; write selection.parquet; return the manifest's `selection`.
     `progress(done, total, note)`, if given, is called as each of the 3 phases (read, solve,
-    write) finishes."""
+    write) finishes. `columns` replace the stored score columns of the same name; they, `layout`
+    and `stream` (`select`'s) let an experiment try another difficulty score, layout or order."""
     progress = progress or (lambda done, total, note="": None)
     table, vectors, _ = artifacts.load_scores(scores)
     progress(1, 3, f"read {len(vectors)} vectors")
     started = time.perf_counter()
-    columns = {name: artifacts.column_array(table, name) for name in table.column_names
-               if name in ("label", "el2n", "grand", "forgetting", "embedding")}
-    result = select(vectors, args, columns, map_fn)
+    stored = {name: artifacts.column_array(table, name) for name in table.column_names
+              if name in ("label", "el2n", "grand", "forgetting", "embedding")}
+    result = select(vectors, args, {**stored, **(columns or {})}, map_fn, layout=layout, stream=stream)
     progress(2, 3, f"solved ({args.method}{'/' + args.solver if args.method == 'influence' else ''})")
     n = len(vectors)
     if result.pruned.all():  # a version without samples is never what was meant: refuse before writing

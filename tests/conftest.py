@@ -14,7 +14,7 @@ import prefect.main  # noqa: F401  (see below: `import prefect` alone sets nothi
 import pytest
 import torch
 
-from pruning_core.data import FASHION_MNIST_ROOT, load_dataset
+from pruning_core.data import FASHION_MNIST_ROOT, cifar_shaped, load_dataset  # noqa: F401 (cifar_shaped: the tests')
 
 # Prefect sets up its console log handler when prefect.main is first imported (by the first use of
 # `prefect.flow` and the like, not by `import prefect`), on the sys.stderr of that moment.
@@ -65,12 +65,6 @@ def write_npz(ds, path, n: int, n_test: int) -> str:
     """The first n training and n_test test samples of `ds` as an `npz:` dataset file."""
     np.savez(path, x=ds.x[:n], y=ds.y[:n], x_test=ds.x_test[:n_test], y_test=ds.y_test[:n_test])
     return str(path)
-
-
-def cifar_shaped(x: np.ndarray) -> np.ndarray:
-    """Fashion-MNIST images (n, 1, 28, 28) as CIFAR's shape (n, 3, 32, 32): padded by 2 pixels
-    and repeated over 3 channels, real images for the paper's ResNet-18 recipe."""
-    return np.repeat(np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2))), 3, axis=1)
 
 
 @contextlib.contextmanager

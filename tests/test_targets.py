@@ -15,8 +15,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from fake_lakefs import FakeLakeFS
-from local_s3 import local_s3
 
+from benchmarks.local_s3 import local_s3
 from flows.cli import main
 from pruning_core.data import load_dataset
 from pruning_core.errors import BadInputError

@@ -13,7 +13,7 @@ Variants, on top of layout_variants.py's:
                    d_i (most harmful first) instead of a seeded uniform order
   heldout-score    a plain ranking: remove the smallest d_i first (no strata)
 
-Run:  .venv/bin/python benchmarks/heldout_influence.py --out runs/budget-half \\
+Run:  .venv/bin/python -m experiments.heldout_influence --out runs/budget-half \\
         --from-run runs/budget-half/runs/RUN --ratios 0.4 --seeds 0,1,2,3,4 \\
         --variants uniform,influence-score,harmful,heldout-score --report heldout-0.4.md
 """
@@ -26,15 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import layout_variants as lv
-import validation_split as vs
-
-import pruning_core.selection as selection
+from experiments import layout_variants as lv
+from experiments import validation_split as vs
 from pruning_core import artifacts, evaluation
 from pruning_core.data import load_dataset
 from pruning_core.influence import last_layer_inputs, last_layer_weights, per_sample_gradients, softmax_probs
+from pruning_core.selection import SelectionArgs, selection_stage
 from pruning_core.training import load_model
 
 HALF = 5000  # validation rows 0..HALF-1 of the split give ∇L_A; the rest measure
@@ -52,37 +49,21 @@ def heldout_influence(run: Path, dataset: str) -> np.ndarray:
     return vectors.astype(np.float64) @ g
 
 
-_column_array = artifacts.column_array
-
-
-def column_array(table, name):
-    if name == "el2n" and "heldout-score" in lv.LAYOUT:  # the el2n baseline removes the smallest first
-        return lv.LAYOUT["heldout-score"]
-    return _column_array(table, name)
-
-
-_layout_args = lv.selection_args
-
-
-def selection_args(variant: str, ratio: float, seed: int):
+def select_variant(run: Path, variant: str, ratio: float, seed: int, out: Path) -> None:
     if variant not in ("harmful", "heldout-score"):
-        return _layout_args(variant, ratio, seed)
-    lv.LAYOUT.clear()
-    run = lv.scoring_run()
+        return lv.select_variant(run, variant, ratio, seed, out)
     d = heldout_influence(run, f"npz:{Path(vs.write_split(run.parents[1], 50000))}")
-    if variant == "harmful":
-        lv.LAYOUT["dense"] = d  # the candidate-stream hook: ascending keys are fed first
-        return lv._selection_args("uniform@0", ratio, seed)  # the original: this module patches vs.selection_args
-    lv.LAYOUT["heldout-score"] = d
-    return selection.SelectionArgs(method="el2n", prune_ratio=ratio)
+    if variant == "harmful":  # the product's layout, candidates fed in ascending d_i
+        selection_stage(artifacts.scores_path(run), vs.selection_args("uniform@0", ratio, seed), out,
+                        stream=np.argsort(d, kind="stable"))
+    else:  # the el2n baseline removes the smallest first: d_i in place of EL2N
+        selection_stage(artifacts.scores_path(run), SelectionArgs(method="el2n", prune_ratio=ratio), out,
+                        columns={"el2n": d})
 
 
-_retrain = vs._retrain
-
-
-def retrain_on_b(job):
+def retrain_on_b(job) -> dict:
     """The run as cached, its accuracy and per-sample record cut to the measuring half B."""
-    record = dict(_retrain(job))
+    record = dict(vs.retrain(job))
     correct = evaluation.unpack_correct(record["test_correct"], record["n_test"])[HALF:]
     record.update(test_correct=evaluation.pack_correct(correct), n_test=len(correct),
                   test_accuracy=float(correct.mean()))
@@ -90,9 +71,4 @@ def retrain_on_b(job):
 
 
 if __name__ == "__main__":
-    selection.coverage_strata = lv.layout
-    selection.row_keys = lv.row_keys
-    artifacts.column_array = column_array
-    vs.selection_args = selection_args
-    vs._retrain = retrain_on_b
-    sys.exit(vs.main())
+    sys.exit(vs.main(select=select_variant, retrain=retrain_on_b, doc=__doc__))

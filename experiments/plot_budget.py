@@ -5,7 +5,7 @@ falls between two measured β). Read from the committed tables of the validation
 recipe-2.md: 2 and 3 epochs, 5 seeds, 3 at 40 %), with the product's candidate order at each
 ratio (`uniform` below 70 %, `smallest` from 70 %), random dotted where it was run.
 
-Run:  .venv/bin/python benchmarks/plot_budget.py   → benchmarks/results/hard-cut-budget.png
+Run:  .venv/bin/python -m experiments.plot_budget   → benchmarks/results/hard-cut-budget.png
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ import re
 import sys
 from pathlib import Path
 
+from pruning_core.baselines import ccs_hard_fraction
+from pruning_core.selection import hard_cut_for
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pruning_core.baselines import ccs_hard_fraction  # noqa: E402
-from pruning_core.selection import hard_cut_for  # noqa: E402
-
 RESULTS = ROOT / "benchmarks" / "results"
 ROW = re.compile(r"^\| (0\.\d+) \| (uniform|smallest|random)(?:@([\d.]+))? \| ([\d.]+) ± ([\d.]+) \|", re.M)
 

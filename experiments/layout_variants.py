@@ -1,8 +1,8 @@
-"""Exploration on the validation split (benchmarks/validation_split.py): layouts of the difficulty
+"""Exploration on the validation split (experiments/validation_split.py): layouts of the difficulty
 coverage and candidate orders that are *not* product options, to see whether any of them beats
-the product's default at a ratio. It wraps validation_split.py, replacing the library's
-`coverage_strata` and candidate stream for the variants below (only in this process; the product
-is unchanged). Extra variant syntax, on top of validation_split.py's:
+the product's default at a ratio. It runs validation_split.py with its own selections, passing
+the selection's `layout` and `stream` extension points (pruning_core.selection.select) for the
+variants below; the product is unchanged. Extra variant syntax, on top of validation_split.py's:
 
   uniform/K        K equal-width EL2N strata instead of CCS's 50
   uniform~α        the kept budget spread over the strata ∝ size^α (α = 0: CCS's even spread,
@@ -12,27 +12,23 @@ is unchanged). Extra variant syntax, on top of validation_split.py's:
                    (default 10) of the same class in the scoring model's embedding
   el2n, forgetting the score baselines; random (seed 0)
 
-Run:  .venv/bin/python benchmarks/layout_variants.py --out runs/candidate-order --from-run RUN \\
+Run:  .venv/bin/python -m experiments.layout_variants --out runs/candidate-order --from-run RUN \\
         --ratios 0.4 --seeds 0,1,2,3,4 --variants uniform,uniform/100,dense,... --report layout-0.4.md
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import validation_split as vs
-
-import pruning_core.selection as selection
+from experiments import validation_split as vs
 from pruning_core import artifacts, baselines
-from pruning_core.selection import SelectionArgs
-
-LAYOUT: dict = {}  # the variant being selected: strata, alpha, per_class, dense
+from pruning_core.selection import SelectionArgs, selection_stage
 
 
 def spread(score: np.ndarray, n_prune: int, strata: int, hard_fraction: float, alpha: float):
@@ -55,22 +51,22 @@ def spread(score: np.ndarray, n_prune: int, strata: int, hard_fraction: float, a
     return label, removals
 
 
-def layout(score, n_prune, strata=50, hard_fraction=None):
-    k, alpha, cut = LAYOUT.get("strata", 50), LAYOUT.get("alpha", 0.0), hard_fraction or 0.0
-    if not LAYOUT.get("per_class"):
-        return spread(score, n_prune, k, cut, alpha)
-    y = LAYOUT["labels"]
+def layout(score, n_prune, hard_fraction=None, *, strata=50, alpha=0.0, labels=None):
+    """A variant's difficulty layout (select's `layout`): `strata` strata, the kept budget ∝ size^α,
+    laid out within each class of `labels` when given."""
+    cut = hard_fraction or 0.0
+    if labels is None:
+        return spread(score, n_prune, strata, cut, alpha)
     label, quotas = np.empty(len(score), np.int64), []
-    for c in np.unique(y):
-        members = np.flatnonzero(y == c)
-        lab, q = spread(score[members], int(round(n_prune / len(score) * len(members))), k, cut, alpha)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        lab, q = spread(score[members], int(round(n_prune / len(score) * len(members))), strata, cut, alpha)
         label[members] = lab + len(quotas)
         quotas.extend(q)
     return label, np.asarray(quotas)
 
 
 def density(scores_path: Path, k: int) -> np.ndarray:
-    import pyarrow.parquet as pq
     import torch
 
     table = pq.read_table(scores_path, columns=["label", "embedding"])
@@ -85,50 +81,33 @@ def density(scores_path: Path, k: int) -> np.ndarray:
     return d
 
 
-_row_keys = selection.row_keys
-
-
-def row_keys(vectors, salt):
-    if salt.endswith(":candidates") and "dense" in LAYOUT:
-        return LAYOUT["dense"]
-    return _row_keys(vectors, salt)
-
-
-_selection_args = vs.selection_args
-
-
-def scoring_run() -> Path:
-    """The scored split's run folder (the variants that read its embedding or labels need --from-run)."""
-    if "--from-run" not in sys.argv:
-        raise SystemExit("dense and +class variants read the scoring run: pass --from-run RUN")
-    return Path(sys.argv[sys.argv.index("--from-run") + 1])
-
-
-def selection_args(variant: str, ratio: float, seed: int) -> SelectionArgs:
-    LAYOUT.clear()
+def selection_args(run: Path, variant: str, ratio: float, seed: int) -> tuple[SelectionArgs, dict]:
+    """A variant's SelectionArgs and the extension points selection_stage takes for it."""
     if variant in ("el2n", "forgetting", "random"):
-        return SelectionArgs(method=variant, prune_ratio=ratio, seed=seed)
+        return SelectionArgs(method=variant, prune_ratio=ratio, seed=seed), {}
     if variant == "influence-score" or variant.startswith("ccs"):
-        return _selection_args(variant, ratio, seed)
+        return vs.selection_args(variant, ratio, seed), {}
     if variant.startswith("dense"):
         _, _, k = variant.partition("#")
-        LAYOUT["dense"] = density(artifacts.scores_path(scoring_run()), int(k or 10))
-        return _selection_args("uniform", ratio, seed)
+        keys = density(artifacts.scores_path(run), int(k or 10))  # ascending keys are fed first
+        return vs.selection_args("uniform", ratio, seed), {"stream": np.argsort(keys, kind="stable")}
     m = re.fullmatch(r"(\w+(?:@[\d.]+)?)(?:/(\d+))?(\+class)?(?:~(-?[\d.]+))?", variant)
     if not m:
         raise SystemExit(f"unknown variant {variant!r}")
     base, k, per_class, alpha = m.groups()
     if not (k or per_class or alpha):
-        return _selection_args(variant, ratio, seed)
-    LAYOUT.update(strata=int(k or 50), per_class=bool(per_class), alpha=float(alpha or 0))
+        return vs.selection_args(variant, ratio, seed), {}
+    labels = None
     if per_class:
-        import pyarrow.parquet as pq
-        LAYOUT["labels"] = pq.read_table(artifacts.scores_path(scoring_run()), columns=["label"]).column("label").to_numpy()
-    return _selection_args(base if "@" in base else base + "@0", ratio, seed)
+        labels = pq.read_table(artifacts.scores_path(run), columns=["label"]).column("label").to_numpy()
+    lay_out = functools.partial(layout, strata=int(k or 50), alpha=float(alpha or 0), labels=labels)
+    return vs.selection_args(base if "@" in base else base + "@0", ratio, seed), {"layout": lay_out}
+
+
+def select_variant(run: Path, variant: str, ratio: float, seed: int, out: Path) -> None:
+    args, extension = selection_args(run, variant, ratio, seed)
+    selection_stage(artifacts.scores_path(run), args, out, **extension)
 
 
 if __name__ == "__main__":
-    selection.coverage_strata = layout
-    selection.row_keys = row_keys
-    vs.selection_args = selection_args
-    sys.exit(vs.main())
+    sys.exit(vs.main(select=select_variant, doc=__doc__))

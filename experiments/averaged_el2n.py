@@ -9,7 +9,7 @@ scores with the averaged `el2n` column under --out, and runs validation_split.py
 `influence-score` (which reads no EL2N) is unchanged. Compare with the default on one model's
 EL2N in benchmarks/results/layout-0.4.md (same split, seeds and recipe).
 
-Run:  .venv/bin/python benchmarks/averaged_el2n.py --split runs/candidate-order \\
+Run:  .venv/bin/python -m experiments.averaged_el2n --split runs/candidate-order \\
         --from-run runs/candidate-order/runs/20261129-013612-ba4c5f --models 4 --out runs/averaged-el2n
 """
 
@@ -24,11 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import validation_split as vs
-
+from experiments import validation_split as vs
 from pruning_core import artifacts
 
 
@@ -70,7 +66,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     split = Path(ns.split).resolve() / "fashion-mnist-validation-split.npz"
     if not split.exists():
-        raise SystemExit(f"{split} is missing: run benchmarks/validation_split.py --out {ns.split} first")
+        raise SystemExit(f"{split} is missing: run python -m experiments.validation_split --out {ns.split} first")
     link = out / split.name
     if not link.exists():
         link.symlink_to(split)
@@ -88,7 +84,7 @@ def main() -> int:
     return vs.main(["--out", str(out), "--from-run", str(run), "--ratios", "0.4", "--seeds", ns.seeds,
                     "--variants", ns.variants, "--title", f"EL2N averaged over {ns.models} scoring models",
                     "--report", f"averaged-el2n-{ns.models}.md"],
-                   command=f".venv/bin/python benchmarks/averaged_el2n.py {shlex.join(sys.argv[1:])}")
+                   command=f".venv/bin/python -m experiments.averaged_el2n {shlex.join(sys.argv[1:])}")
 
 
 if __name__ == "__main__":

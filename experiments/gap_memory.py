@@ -1,8 +1,8 @@
 """The evaluation's generalization-gap check, `linear` problem, on images of CIFAR-10's shape
 (3 x 32 x 32: Fashion-MNIST's images padded by 2 pixels and repeated over 3 channels, as the
-tests make them), timed with its peak memory: run under `/usr/bin/time -v`.
+tests make them: `data.cifar_shaped`), timed with its peak memory: run under `/usr/bin/time -v`.
 
-    /usr/bin/time -v .venv/bin/python benchmarks/gap_memory.py --samples 5000 --points 8
+    /usr/bin/time -v .venv/bin/python -m experiments.gap_memory --samples 5000 --points 8
 
 Before the pixels were pooled (30,730 parameters) the check was killed past 23 GiB of RSS on a
 24 GiB machine; `evaluation._pixels` pools them to 16 x 16 (7,690 parameters)."""
@@ -10,17 +10,12 @@ Before the pixels were pooled (30,730 parameters) the check was killed past 23 G
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import cifar_shaped
-
-from pruning_core.data import Dataset, load_dataset
+from pruning_core.data import Dataset, cifar_shaped, load_dataset
 from pruning_core.evaluation import gap_check
 
 

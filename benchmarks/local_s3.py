@@ -1,6 +1,6 @@
-"""A local S3 server for tests and benchmarks: moto's, in a process of its own (served from a
-thread of the caller, it waits for the GIL that deltalake's blocking calls hold, delta-rs #3942),
-on 127.0.0.1 on a free port, with one bucket `datasets`."""
+"""A local S3 server for benchmarks/worker_check.py and tests/test_targets.py: moto's, in a process
+of its own (served from a thread of the caller, it waits for the GIL that deltalake's blocking
+calls hold, delta-rs #3942), on 127.0.0.1 on a free port, with one bucket `datasets`."""
 
 from __future__ import annotations
 

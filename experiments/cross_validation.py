@@ -20,7 +20,7 @@ run it made). The report gives per fold and pooled: mean accuracy per method, an
 margin over each method with its 95 % interval from a paired bootstrap over seeds and held-out
 samples within every fold (evaluation.paired_interval with by="fold").
 
-Run:  .venv/bin/python benchmarks/cross_validation.py --out runs/cross-validation --folds 0,1,2,3,4
+Run:  .venv/bin/python -m experiments.cross_validation --out runs/cross-validation --folds 0,1,2,3,4
 """
 
 from __future__ import annotations
@@ -36,14 +36,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from experiments.validation_split import write_holdout
+from pruning_core.evaluation import machine, paired_differences, paired_interval
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from validation_split import write_holdout  # noqa: E402
-
-from pruning_core.evaluation import machine, paired_differences, paired_interval  # noqa: E402
 
 FOLD_ROWS = 10000
 
@@ -150,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Cross-validated comparison at {ratio:g} pruned: {len(folds)} folds of Fashion-MNIST's training set",
              "", f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · {machine()} · "
              f"{time.perf_counter() - started:.0f} s", "",
-             f"Command: `.venv/bin/python benchmarks/cross_validation.py {shlex.join(argv)}`", "",
+             f"Command: `.venv/bin/python -m experiments.cross_validation {shlex.join(argv)}`", "",
              f"Fold k holds out training rows {FOLD_ROWS}·k to {FOLD_ROWS}·(k+1) − 1 as its test set; the product "
              "scores, prunes and retrains on the other 50,000 (`dataset-prune evaluate`, the evaluation's recipe, "
              f"{ns.epochs} epochs, seeds {ns.seeds}); the official test set is not used."

@@ -7,7 +7,7 @@ cartography (Swayamdipta et al. 2020) ranks by a sample's mean true-class probab
 training instead: samples learned in the first epoch ("easy to learn") apart from those learned
 late. Here that confidence is measured at the end of each of the scoring run's epochs.
 
-For each fold of benchmarks/cross_validation.py (run that first: it makes every fold's scoring run
+For each fold of experiments/cross_validation.py (run that first: it makes every fold's scoring run
 and retrain cache):
 1. retrain the fold's scoring model with the run's recipe and seed, recording every training
    sample's true-class probability at the end of each epoch; the weights must equal the run's
@@ -20,7 +20,7 @@ and retrain cache):
 Then `cross_validation.py … --variant "confidence=…" --first confidence` reads those folders
 (a finished variant folder is reused whatever its label's options say) and pools them.
 
-Run:  .venv/bin/python benchmarks/confidence_order.py --out runs/cross-validation --folds 0,1,2,3,4 --seeds 0,1
+Run:  .venv/bin/python -m experiments.confidence_order --out runs/cross-validation --folds 0,1,2,3,4 --seeds 0,1
 """
 
 from __future__ import annotations
@@ -36,16 +36,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from cross_validation import evaluate, fold_scoring_run, variant_folder  # noqa: E402
-
-from pruning_core.data import load_dataset  # noqa: E402
-from pruning_core.models import build_model  # noqa: E402
-from pruning_core.recipe import TrainArgs  # noqa: E402
-from pruning_core.training import predict_logits, train_network  # noqa: E402
+from experiments.cross_validation import evaluate, fold_scoring_run, variant_folder
+from pruning_core.data import load_dataset
+from pruning_core.models import build_model
+from pruning_core.recipe import TrainArgs
+from pruning_core.training import predict_logits, train_network
 
 
 def epoch_confidence(run: Path, threads: int) -> np.ndarray:

@@ -21,7 +21,7 @@ pruned), the last 10,000 are the validation set the retrained models are measure
      variant's paired difference from the first with its 95 % interval over seeds and
      validation samples.
 
-Run:  .venv/bin/python benchmarks/validation_split.py --out runs/candidate-order
+Run:  .venv/bin/python -m experiments.validation_split --out runs/candidate-order
 """
 
 from __future__ import annotations
@@ -40,15 +40,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pruning_core import artifacts
+from pruning_core.baselines import ccs_hard_fraction
+from pruning_core.data import load_dataset
+from pruning_core.evaluation import paired_differences, paired_interval, retrain_stage
+from pruning_core.recipe import TrainArgs
+from pruning_core.selection import SelectionArgs, selection_stage
 
-from pruning_core import artifacts  # noqa: E402
-from pruning_core.baselines import ccs_hard_fraction  # noqa: E402
-from pruning_core.data import load_dataset  # noqa: E402
-from pruning_core.evaluation import paired_differences, paired_interval, retrain_stage  # noqa: E402
-from pruning_core.recipe import TrainArgs  # noqa: E402
-from pruning_core.selection import SelectionArgs, selection_stage  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 VARIANTS = ("smallest", "uniform", "ccs")  # the candidate-order experiment
 
@@ -64,6 +63,11 @@ def selection_args(variant: str, ratio: float, seed: int) -> SelectionArgs:
     if name not in ("smallest", "uniform"):
         raise SystemExit(f"unknown variant {variant!r}: smallest|uniform|ccs[@β] or influence-score")
     return SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates=name, hard_cut=cut)
+
+
+def select_variant(run: Path, variant: str, ratio: float, seed: int, out: Path) -> None:
+    """Write the selection of `variant` at `ratio` (seed `seed`) over the scoring run `run` to `out`."""
+    selection_stage(artifacts.scores_path(run), selection_args(variant, ratio, seed), out)
 
 
 def write_holdout(path: Path, start: int, stop: int | None = None) -> Path:
@@ -99,18 +103,22 @@ def score(out: Path, dataset: str, ratio: float = 0.4, name: str = "runs", table
     return latest_run(runs)
 
 
-def _retrain(job):
+def retrain(job) -> dict:
+    """The evaluation's record of one retraining job (dataset, selection, seed, epochs, labels, cache)."""
     dataset, selection, seed, epochs, labels, cache = job
     return retrain_stage(dataset, None, selection, TrainArgs(model="cnn", seed=seed, epochs=epochs), 4, labels,
                          threads=1, cache=cache)
 
 
-def main(argv: list[str] | None = None, command: str | None = None) -> int:
+def main(argv: list[str] | None = None, command: str | None = None, select=select_variant, retrain=retrain,
+         doc: str | None = None) -> int:
     """`argv` as on the command line (default sys.argv[1:]); `command`, the one the report names
-    (default this script's)."""
+    (default the experiment's that was started); `select(run, variant, ratio, seed, out)` writes a
+    variant's selection and `retrain(job)` retrains one (module-level, so a spawned process finds
+    it): the experiments built on this one pass their own; `doc`, the --help text."""
     argv = sys.argv[1:] if argv is None else argv
-    command = command or f".venv/bin/python benchmarks/{Path(sys.argv[0]).name} {shlex.join(argv)}"
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    command = command or f".venv/bin/python -m experiments.{Path(sys.argv[0]).stem} {shlex.join(argv)}"
+    parser = argparse.ArgumentParser(description=(doc or __doc__).split("\n")[0])
     parser.add_argument("--out", default="runs/candidate-order")
     parser.add_argument("--from-run", help="a run folder of the split already scored")
     parser.add_argument("--ratios", default="0.6,0.4,0.8")
@@ -127,7 +135,6 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     dataset = f"npz:{write_split(out, ns.train)}"
     run = Path(ns.from_run).resolve() if ns.from_run else score(out, dataset)
-    scores = artifacts.scores_path(run)
     ratios = [float(r) for r in ns.ratios.split(",")]
     jobs, objectives = [], {}  # objectives: (variant, ratio) → each set's ‖Σ_R s_i‖
     for k, ratio in enumerate(ratios):
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
                 path = out / "selections" / f"{variant}-r{ratio:g}-s{sel_seed}.parquet"
                 if not path.exists():
                     path.parent.mkdir(exist_ok=True)
-                    selection_stage(scores, selection_args(variant, ratio, sel_seed), path)
+                    select(run, variant, ratio, sel_seed, path)
                 meta = json.loads(pq.read_schema(path).metadata[b"dataset_pruning"])
                 objectives.setdefault((variant, ratio), []).append(meta["objective"])
                 labels = {"variant": variant, "prune_ratio": ratio}
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
     started = time.perf_counter()
     records = []
     with multiprocessing.get_context("spawn").Pool(2) as pool:
-        for i, record in enumerate(pool.imap_unordered(_retrain, jobs), 1):
+        for i, record in enumerate(pool.imap_unordered(retrain, jobs), 1):
             records.append(record)
             print(f"{i}/{len(jobs)} {record['variant']} r{record['prune_ratio']:g} seed {record['seed']}: "
                   f"{100 * record['test_accuracy']:.2f} % ({record['train_seconds']:.0f} s)", flush=True)

@@ -1,0 +1,1 @@
+"""Research experiments that chose a default, run as `python -m experiments.NAME` (README.md)."""
