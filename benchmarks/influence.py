@@ -14,7 +14,7 @@ Same trained `cnn`, same 60,000 Fashion-MNIST training samples, same quantity:
      peer computed), prints a table and writes benchmarks/results/influence.json.
 
 Peak memory is each process's ru_maxrss. The project's stage must stay within
-PEAK_RSS_LIMIT_MIB (stated in the README): past it the benchmark exits with status 1.
+PEAK_RSS_LIMIT_MIB (stated in docs/guide.md#failures-and-operations): past it the benchmark exits with status 1.
 Run:  .venv/bin/python -m benchmarks.influence
 """
 
@@ -60,7 +60,7 @@ BLOCK = 1024
 TARGET_THROUGHPUT_RATIO = 10.0  # ours ≥ 10× the peer's samples/s
 TARGET_STAGE_OVER_FORWARD = 1.5  # our whole stage ≤ 1.5× one forward pass
 AGREEMENT_TOL = 1e-3  # relative error; the peer works in float32 (the model's dtype)
-PEAK_RSS_LIMIT_MIB = 2048  # the whole influence stage on 60,000 samples, in one process (README)
+PEAK_RSS_LIMIT_MIB = 2048  # the whole influence stage on 60,000 samples, in one process (docs/guide.md)
 
 
 def log(message: str) -> None:
