@@ -22,7 +22,6 @@ import math
 import os
 import platform
 import re
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -729,8 +728,3 @@ def machine() -> str:
     on the same kind of machine, not across them)."""
     return (f"{platform.node()} · {platform.platform()} · {os.cpu_count()} CPUs · torch {torch.__version__} · "
             f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
-
-
-def describe(args: EvalArgs, train_args: TrainArgs) -> dict:
-    return {"evaluation": asdict(args), "recipe": asdict(train_args), "started": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                                                 time.gmtime())}
