@@ -23,7 +23,7 @@ import os
 import platform
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,46 +33,11 @@ from . import artifacts, hessians, influence
 from .data import Dataset, as_float, load_dataset
 from .errors import BadInputError
 from .figures import pyplot, save_figure
-from .recipe import TrainArgs
-from .selection import METHODS, SelectionArgs, largest_size_within
+from .recipe import EvalArgs, TrainArgs
+from .selection import SelectionArgs, largest_size_within
 from .training import fit_linear, train
 
 FULL = "full"  # the method name of full-data reference runs
-
-
-@dataclass
-class EvalArgs:
-    methods: tuple[str, ...] = ("influence", "random", "el2n", "influence-score", "forgetting", "ccs")
-    ratios: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    target_drop: float = 0.013  # convergence target: full-data accuracy minus this (1.3 points)
-    evaluations_per_epoch: int = 4
-    gap_samples: int = 5000  # rows of the generalization-gap check (0: skip it)
-    gap_points: int = 8  # ε values
-    gap_weight_decay: float = 0.01  # λ of the convex gap problems
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        self.methods, self.ratios, self.seeds = tuple(self.methods), tuple(self.ratios), tuple(self.seeds)
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise BadInputError(f"--methods: {', '.join(unknown)} unknown; valid: {', '.join(METHODS)}")
-        if not self.methods or not self.ratios or not self.seeds:
-            raise BadInputError("--methods, --ratios and --seeds each need at least one value")
-        if any(not (0 < r < 1) for r in self.ratios):
-            raise BadInputError(f"--ratios {','.join(map(str, self.ratios))}: every ratio must lie strictly in (0, 1)")
-        if any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
-            raise BadInputError("--seeds must be distinct non-negative integers")
-        for flag, values in (("--methods", self.methods), ("--ratios", self.ratios)):
-            twice = sorted({v for v in values if values.count(v) > 1}, key=values.index)
-            if twice:  # each cell would be trained twice and counted twice in every mean
-                raise BadInputError(f"{flag} lists {', '.join(map(str, twice))} more than once")
-        if not (0 <= self.target_drop < 1):
-            raise BadInputError(f"--target-drop {self.target_drop} must lie in [0, 1)")
-        if self.evaluations_per_epoch < 1:
-            raise BadInputError("--evaluations-per-epoch must be at least 1")
-        if self.gap_samples < 0 or (0 < self.gap_samples < 200) or self.gap_points < 2:
-            raise BadInputError("--gap-samples must be 0 (skip) or ≥ 200, with at least 2 ε values")
 
 
 def selection_jobs(args: EvalArgs, draws: Callable[[str, float], bool] | None = None) -> list[dict]:

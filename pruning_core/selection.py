@@ -37,6 +37,7 @@ COVERAGE = ("none", "difficulty")
 CANDIDATES = ("smallest", "uniform", "easiest")
 MAX_SWAP_ROUNDS = 100_000  # also the bound of the run/evaluate form (flows/parameters.py)
 MAX_ROUNDS = 10  # pruning rounds of one run (each trains and scores a model): the form's bound too
+SWAP_ROUNDS = 500  # rounds of the swap search where `default_swap_rounds` runs one
 
 
 def round_ratios(total: float, rounds: int, n: int | None = None) -> list[float]:
@@ -150,7 +151,7 @@ def default_swap_rounds(args: SelectionArgs) -> int:
     cancel better: a lower ‖Σ_R s_i‖, not a better pruned set. Held out, on five cross-validation
     folds, the path beat the swaps at 60 % (+0.08 [−0.04, +0.19] points, 4 of 5 folds;
     benchmarks/results/cross-validation-0.6.md) and at 40 % (+0.12 with the easiest order)."""
-    return 0 if args.coverage == "difficulty" or args.candidates == "easiest" else 500
+    return 0 if args.coverage == "difficulty" or args.candidates == "easiest" else SWAP_ROUNDS
 
 
 def hard_cut_for(prune_ratio: float, train_budget: float = 1.0) -> float:
