@@ -68,3 +68,75 @@ def test_the_default_target_drop_is_the_papers_1_3_points():
 def test_a_target_drop_outside_its_range_is_refused_in_one_line(capsys):
     assert main(["evaluate", "--target-drop", "1"]) == 2
     assert capsys.readouterr().err == "dataset-prune: error: --target-drop 1.0: Input should be less than 1\n"
+
+
+def _commands():
+    import argparse
+
+    parser = build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def _reference_rows() -> dict[tuple[str, str], str]:
+    """(command, flag) → the reference table's text of that option."""
+    import re
+
+    from flows.cli import options_reference
+
+    rows, command = {}, None
+    for line in options_reference().splitlines():
+        if line.startswith("#### `dataset-prune "):
+            command = line.split()[2].rstrip("`:")
+        elif match := re.match(r"\| `(--[a-z-]+)[^`]*` \| (.*) \|$", line):
+            rows[command, match[1]] = match[2]
+    return rows
+
+
+def test_the_parser_the_ui_form_and_the_reference_agree_on_every_default():
+    """Each option's default is the parameter model's field default (itself the core argument
+    object's where there is one): the argparse default, the Prefect UI form's JSON schema (from the
+    flows' signatures, as deployments show it) and the generated reference table all say it."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.cli import shown_default
+    from flows.evaluate import evaluate_pruning
+    from flows.parameters import EvaluateParameters, RunParameters
+    from flows.prune import prune_dataset
+    from pruning_core.recipe import EvalArgs, InfluenceArgs, TrainArgs
+    from pruning_core.selection import SelectionArgs
+
+    forms = {}
+    for flow, model in ((prune_dataset, RunParameters), (evaluate_pruning, EvaluateParameters)):
+        schema = parameter_schema(flow).model_dump_for_openapi()
+        forms[model] = schema["definitions"][model.__name__]["properties"]
+    models = {"run": RunParameters, "select": RunParameters, "evaluate": EvaluateParameters}
+    reference = _reference_rows()
+    given_only, checked = set(), 0
+    for command, parser in _commands().items():
+        for action in parser._actions:
+            field = getattr(action, "field", None)
+            if field is None:
+                model = models.get(command)
+                assert model is None or action.dest not in model.model_fields or (command, action.dest) == (
+                    "select", "out"), f"{command} {action.option_strings}: written by hand, not from its field"
+                continue
+            model, name = models[command], action.dest
+            assert field is model.model_fields[name]
+            if action.default is None and field.default is not None:  # the command must know whether it was given
+                given_only.add((command, name))
+            else:
+                assert action.default == field.default, (command, name)
+            assert forms[model][name]["default"] == field.default, (command, name)
+            text = reference[command, action.option_strings[0]]
+            shown = shown_default(field.default)
+            assert text.endswith(f"(default: {shown})") if shown else "(default: None)" not in text, (command, name)
+            checked += 1
+    assert given_only == {("select", "workers"), ("evaluate", "prune_ratio")}
+    assert checked > 60
+    # the field defaults are the core's, written once
+    core = {"lr": TrainArgs.lr, "weight_decay": TrainArgs.weight_decay, "batch_size": TrainArgs.batch_size,
+            "model": TrainArgs.model, "scope": InfluenceArgs.scope, "damping": InfluenceArgs.damping,
+            "block_size": InfluenceArgs.block_size, "method": SelectionArgs.method, "solver": SelectionArgs.solver,
+            "target_drop": EvalArgs.target_drop, "gap_samples": EvalArgs.gap_samples}
+    assert {name: EvaluateParameters.model_fields[name].default for name in core} == core
+    assert EvaluateParameters.model_fields["ratios"].default == list(EvalArgs.ratios)
