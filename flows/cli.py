@@ -427,17 +427,15 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
 def cmd_select(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from flows.parameters import (
-        RunParameters,
+    from flows.parameters import RunParameters, dask_address_problem, scoring_recipe
+    from pruning_core.artifacts import check_can_create
+    from pruning_core.selection import (
         check_train_epochs,
         check_train_epochs_model,
-        dask_address_problem,
-        scoring_recipe,
         selection_args,
+        selection_stage,
         train_budget,
     )
-    from pruning_core.artifacts import check_can_create
-    from pruning_core.selection import selection_stage
 
     args = selection_args(ns.method, ns.prune_ratio, ns.epsilon, ns.solver, ns.seed, ns.class_balanced, ns.coverage,
                           ns.candidates, ns.hard_cut, swap_rounds=ns.swap_rounds,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,69 +15,22 @@ from pruning_core import artifacts
 from pruning_core.data import parse_dataset_spec, pinned
 from pruning_core.errors import BadInputError, first_line, no_file
 from pruning_core.recipe import DEFAULT_EPOCHS, STRATEGIES, EvalArgs, InfluenceArgs, TrainArgs
-from pruning_core.selection import (
+from pruning_core.selection import (  # selection_args: also imported from here by tests and benchmarks
     CANDIDATES,
     COVERAGE,
     MAX_ROUNDS,
     MAX_SWAP_ROUNDS,
     METHODS,
+    SMALLEST_FROM,
     SOLVERS,
     SWAP_ROUNDS,
     SelectionArgs,
+    check_train_epochs,
+    check_train_epochs_model,
+    selection_args,
+    train_budget,
 )
 from pruning_core.targets import open_target
-
-
-def resolve_coverage(coverage: str, method: str, prune_ratio: float | None, solver: str, class_balanced: bool) -> str:
-    """`auto` → `difficulty` where it applies (the product's default), else `none`."""
-    if coverage != "auto":
-        return coverage
-    applies = method == "influence" and prune_ratio is not None and solver != "bucketed" and not class_balanced
-    return "difficulty" if applies else "none"
-
-
-def resolve_candidates(args: SelectionArgs) -> str:
-    """The influence method's `auto` candidate order for `args`: under difficulty coverage below
-    70 % pruned, `easiest` where the strata cut no hardest share (β = `args.coverage_cut()` = 0: up
-    to 50 % pruned with the scoring run's recipe, there the removals all come from the easiest
-    strata, and keeping their harder members cross-validated best at 40 %:
-    benchmarks/results/cross-validation-0.4.md), `uniform` where they do (a near-uniform draw
-    inside each stratum, best at 60 % on a held-out validation split:
-    benchmarks/results/candidate-order.md); `smallest` from 70 % and without coverage."""
-    if args.coverage != "difficulty" or args.prune_ratio >= 0.7:
-        return "smallest"
-    return "easiest" if args.coverage_cut() == 0 else "uniform"
-
-
-def selection_args(method: str, prune_ratio: float | None, epsilon: float | None, solver: str, seed: int,
-                   class_balanced: bool, coverage: str, candidates: str, hard_cut: float | None = None,
-                   train_budget: float = 1.0, **extra) -> SelectionArgs:
-    """SelectionArgs with `auto` coverage and candidate order resolved (the order applies to the
-    influence method only) and the training budget kept where it shifts something (the hard-cut
-    schedule of the influence method under difficulty coverage, no --hard-cut given): one place
-    for the run, the evaluation and `select`."""
-    coverage = resolve_coverage(coverage, method, prune_ratio, solver, class_balanced)
-    shifts = method == "influence" and coverage == "difficulty" and hard_cut is None
-    args = SelectionArgs(method=method, prune_ratio=prune_ratio, epsilon=epsilon, solver=solver, seed=seed,
-                         class_balanced=class_balanced, coverage=coverage,
-                         candidates="smallest" if candidates == "auto" else candidates,
-                         hard_cut=hard_cut, train_budget=train_budget if shifts else 1.0, **extra)
-    # `auto` resolves for the influence method only (an order given for another method was refused above)
-    return replace(args, candidates=resolve_candidates(args)) if candidates == "auto" and method == "influence" \
-        else args
-
-
-def check_train_epochs(train_epochs: int | None, selection: SelectionArgs) -> None:
-    """--train-epochs refused, in one line, where it would change nothing."""
-    if train_epochs is None:
-        return
-    if train_epochs < 1:
-        raise BadInputError(f"--train-epochs {train_epochs} must be at least 1")
-    if selection.method != "influence" or selection.coverage != "difficulty":
-        raise BadInputError("--train-epochs shifts the hard cut of --method influence under difficulty coverage "
-                            "(--prune-ratio); it does not apply here")
-    if selection.hard_cut is not None:
-        raise BadInputError("--train-epochs shifts the hard-cut schedule; with --hard-cut given there is none to shift")
 
 
 def dask_address_problem(address: str) -> str | None:
@@ -117,22 +69,9 @@ def scoring_recipe(run_dir: Path) -> TrainArgs:
     none were given)."""
     used = run_arguments(run_dir, "the scoring run's epochs are")
     try:
-        return TrainArgs(model=used.get("model", "cnn"), epochs=used.get("epochs"))
+        return TrainArgs(model=used.get("model", TrainArgs.model), epochs=used.get("epochs"))
     except BadInputError as exc:  # its message names the option, which the manifest, not the user, gave here
         raise BadInputError(f"{run_dir / 'manifest.json'}: its arguments are not a run's ({exc})") from None
-
-
-def train_budget(train_epochs: int | None, scoring_epochs: int, model: str) -> float:
-    """The pruned set's training epochs ÷ the scoring run's (SelectionArgs.train_budget); 1 when
-    not given and for `linear`, which trains to the optimum."""
-    return 1.0 if train_epochs is None or model == "linear" else train_epochs / scoring_epochs
-
-
-def check_train_epochs_model(train_epochs: int | None, model: str) -> None:
-    """--train-epochs given for a `linear` scoring run, which has no epochs to shift by."""
-    if train_epochs is not None and model == "linear":
-        raise BadInputError("--train-epochs shifts the hard cut by a network's training budget; --model linear "
-                            "trains to its optimum, without epochs")
 
 
 # Labels of the deployment form in the Prefect UI ("Custom run"); other fields get their name.
@@ -206,7 +145,7 @@ class RunParameters(BaseModel):
         "auto", description="order the influence solver's candidate pool is fed in: smallest ‖s_i‖ first (the "
                             "paper's path), a seeded uniform order (a near-uniform draw within each stratum "
                             "whose summed influence is still minimised), or lowest EL2N first; auto: under difficulty "
-                            "coverage below 70 % pruned, easiest where no hardest share is cut, else uniform; "
+                            f"coverage below {100 * SMALLEST_FROM:g} % pruned, easiest where no hardest share is cut, else uniform; "
                             "smallest otherwise")
     hard_cut: float | None = Field(
         SelectionArgs.hard_cut, ge=0, lt=1, description="Under difficulty coverage: the share of the hardest (highest-EL2N) samples "

@@ -38,6 +38,7 @@ CANDIDATES = ("smallest", "uniform", "easiest")
 MAX_SWAP_ROUNDS = 100_000  # also the bound of the run/evaluate form (flows/parameters.py)
 MAX_ROUNDS = 10  # pruning rounds of one run (each trains and scores a model): the form's bound too
 SWAP_ROUNDS = 500  # rounds of the swap search where `default_swap_rounds` runs one
+SMALLEST_FROM = 0.7  # prune ratio from which `auto` feeds the smallest ‖s_i‖ first (`resolve_candidates`)
 
 
 def round_ratios(total: float, rounds: int, n: int | None = None) -> list[float]:
@@ -192,6 +193,74 @@ def hard_cut_formula(train_budget: float = 1.0) -> str:
         return "(r − 0.5) / 2"
     b, slope = _budget_terms(train_budget)
     return f"(r − 0.5 − {slope:g}·log2 {b:g}) / 2"
+
+
+# --- the selection policy: what the options left on `auto` or empty resolve to -----------------
+# One place for the run, the evaluation and `select` (the flow parameters call these).
+
+def resolve_coverage(coverage: str, method: str, prune_ratio: float | None, solver: str, class_balanced: bool) -> str:
+    """`auto` → `difficulty` where it applies (the product's default), else `none`."""
+    if coverage != "auto":
+        return coverage
+    applies = method == "influence" and prune_ratio is not None and solver != "bucketed" and not class_balanced
+    return "difficulty" if applies else "none"
+
+
+def resolve_candidates(args: SelectionArgs) -> str:
+    """The influence method's `auto` candidate order for `args`: under difficulty coverage below
+    70 % pruned, `easiest` where the strata cut no hardest share (β = `args.coverage_cut()` = 0: up
+    to 50 % pruned with the scoring run's recipe, there the removals all come from the easiest
+    strata, and keeping their harder members cross-validated best at 40 %:
+    benchmarks/results/cross-validation-0.4.md), `uniform` where they do (a near-uniform draw
+    inside each stratum, best at 60 % on a held-out validation split:
+    benchmarks/results/candidate-order.md); `smallest` from 70 % and without coverage."""
+    if args.coverage != "difficulty" or args.prune_ratio >= SMALLEST_FROM:
+        return "smallest"
+    return "easiest" if args.coverage_cut() == 0 else "uniform"
+
+
+def selection_args(method: str, prune_ratio: float | None, epsilon: float | None, solver: str, seed: int,
+                   class_balanced: bool, coverage: str, candidates: str, hard_cut: float | None = None,
+                   train_budget: float = 1.0, **extra) -> SelectionArgs:
+    """SelectionArgs with `auto` coverage and candidate order resolved (the order applies to the
+    influence method only) and the training budget kept where it shifts something (the hard-cut
+    schedule of the influence method under difficulty coverage, no --hard-cut given): one place
+    for the run, the evaluation and `select`."""
+    coverage = resolve_coverage(coverage, method, prune_ratio, solver, class_balanced)
+    shifts = method == "influence" and coverage == "difficulty" and hard_cut is None
+    args = SelectionArgs(method=method, prune_ratio=prune_ratio, epsilon=epsilon, solver=solver, seed=seed,
+                         class_balanced=class_balanced, coverage=coverage,
+                         candidates="smallest" if candidates == "auto" else candidates,
+                         hard_cut=hard_cut, train_budget=train_budget if shifts else 1.0, **extra)
+    # `auto` resolves for the influence method only (an order given for another method was refused above)
+    return dataclasses.replace(args, candidates=resolve_candidates(args)) if candidates == "auto" and method == "influence" \
+        else args
+
+
+def check_train_epochs(train_epochs: int | None, selection: SelectionArgs) -> None:
+    """--train-epochs refused, in one line, where it would change nothing."""
+    if train_epochs is None:
+        return
+    if train_epochs < 1:
+        raise BadInputError(f"--train-epochs {train_epochs} must be at least 1")
+    if selection.method != "influence" or selection.coverage != "difficulty":
+        raise BadInputError("--train-epochs shifts the hard cut of --method influence under difficulty coverage "
+                            "(--prune-ratio); it does not apply here")
+    if selection.hard_cut is not None:
+        raise BadInputError("--train-epochs shifts the hard-cut schedule; with --hard-cut given there is none to shift")
+
+
+def train_budget(train_epochs: int | None, scoring_epochs: int, model: str) -> float:
+    """The pruned set's training epochs ÷ the scoring run's (SelectionArgs.train_budget); 1 when
+    not given and for `linear`, which trains to the optimum."""
+    return 1.0 if train_epochs is None or model == "linear" else train_epochs / scoring_epochs
+
+
+def check_train_epochs_model(train_epochs: int | None, model: str) -> None:
+    """--train-epochs given for a `linear` scoring run, which has no epochs to shift by."""
+    if train_epochs is not None and model == "linear":
+        raise BadInputError("--train-epochs shifts the hard cut by a network's training budget; --model linear "
+                            "trains to its optimum, without epochs")
 
 
 @dataclass
