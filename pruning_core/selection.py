@@ -198,6 +198,7 @@ def hard_cut_formula(train_budget: float = 1.0) -> str:
 # --- the selection policy: what the options left on `auto` or empty resolve to -----------------
 # One place for the run, the evaluation and `select` (the flow parameters call these).
 
+
 def resolve_coverage(coverage: str, method: str, prune_ratio: float | None, solver: str, class_balanced: bool) -> str:
     """`auto` → `difficulty` where it applies (the product's default), else `none`."""
     if coverage != "auto":
@@ -232,9 +233,9 @@ def selection_args(method: str, prune_ratio: float | None, epsilon: float | None
                          class_balanced=class_balanced, coverage=coverage,
                          candidates="smallest" if candidates == "auto" else candidates,
                          hard_cut=hard_cut, train_budget=train_budget if shifts else 1.0, **extra)
-    # `auto` resolves for the influence method only (an order given for another method was refused above)
-    return dataclasses.replace(args, candidates=resolve_candidates(args)) if candidates == "auto" and method == "influence" \
-        else args
+    if candidates == "auto" and method == "influence":  # an order given for another method was refused above
+        return dataclasses.replace(args, candidates=resolve_candidates(args))
+    return args
 
 
 def check_train_epochs(train_epochs: int | None, selection: SelectionArgs) -> None:
