@@ -1,6 +1,6 @@
 """Selection: which samples to remove, given their influence vectors s_i (n, p).
 
-Size-constrained (DESIGN.md): given m, find R with |R| = m minimising ‖Σ_{i∈R} s_i‖₂.
+Size-constrained (Yang et al., ICLR 2023): given m, find R with |R| = m minimising ‖Σ_{i∈R} s_i‖₂.
 Generalization-guaranteed: given ε, the largest R with ‖Σ_{i∈R} s_i‖₂ ≤ ε.
 Both are NP-hard; the solvers here are heuristics that report the objective reached.
 
@@ -148,35 +148,22 @@ class SelectionArgs:
 
 def default_swap_rounds(args: SelectionArgs) -> int:
     """0 (the greedy path is the answer) under difficulty coverage and for the `easiest` order,
-    else 500. Under the strata the swaps trade removals for others of the same stratum that
-    cancel better: a lower ‖Σ_R s_i‖, not a better pruned set. Held out, on five cross-validation
-    folds, the path beat the swaps at 60 % (+0.08 [−0.04, +0.19] points, 4 of 5 folds;
-    benchmarks/results/cross-validation-0.6.md) and at 40 % (+0.12 with the easiest order)."""
+    else SWAP_ROUNDS. Under the strata the swaps trade removals for others of the same stratum
+    that cancel better: a lower ‖Σ_R s_i‖, not a better pruned set; held out, the path beat them
+    (benchmarks/results/cross-validation-0.6.md, cross-validation-0.4.md)."""
     return 0 if args.coverage == "difficulty" or args.candidates == "easiest" else SWAP_ROUNDS
 
 
 def hard_cut_for(prune_ratio: float, train_budget: float = 1.0) -> float:
     """β of the influence method's difficulty coverage, the share of the hardest (highest-EL2N)
-    samples removed before the strata share out the rest.
+    samples removed before the strata share out the rest: β = max(0, (r − 0.5 − s·log2 b) / 2).
 
-    With the scoring run's own recipe (train_budget 1): none up to 50 % pruned, then half of
-    every further removal, β = (r − 0.5) / 2. CCS's CIFAR-10 schedule (none below 70 %, 10 % at
-    70–80 %) kept Fashion-MNIST's hardest, often mislabelled, tail where the kept set is small; on
-    a held-out validation split this line beat it and every other β measured at 40, 60 and 80 %
-    pruned (benchmarks/results/hard-cut.md).
-
-    A longer downstream recipe learns from more of the hard tail, so the line shifts right by
-    0.1 in r per doubling of the training epochs: β = (r − 0.5 − 0.1·log2 b) / 2, b = train_budget
-    (the pruned set's epochs ÷ the scoring run's). On the validation split the best β was 0 at 60 %
-    and 0.1 at 80 % pruned with twice the epochs, 0.05 at 80 % with four times
-    (benchmarks/results/recipe-8.md).
-
-    A shorter recipe learns less of the hard tail still, so the cut grows, faster: the line moves
-    left by 0.2 per halving, β = (r − 0.5 − 0.2·log2 b) / 2 for b < 1. With half the epochs the
-    best β measured was 0.1 at 60 % and 0.35 at 80 % pruned (0.05 ahead of none at 40 %), with
-    three quarters 0.2 at 80 %; 0.2 per halving keeps the rule within 0.84 points of the best in
-    each, 0.1 would lose 1.65 at 80 % (benchmarks/results/recipe-2.md). Budgets below 1/2 were not
-    measured and are taken as 1/2."""
+    r is the prune ratio, b the train_budget (the pruned set's training epochs ÷ the scoring run's,
+    taken as ½ below ½), s = 0.1 for b ≥ 1 and 0.2 below. With the scoring run's own
+    recipe: none up to 50 % pruned, then half of every further removal. A longer recipe learns
+    from more of the hard, often mislabelled tail, so the cut comes later; a shorter one, sooner.
+    Chosen on a held-out validation split against CCS's schedule and every other β measured
+    (benchmarks/results/hard-cut.md; the budget's shift: recipe-8.md, recipe-2.md)."""
     b, slope = _budget_terms(train_budget)
     return round(max(0.0, (prune_ratio - 0.5 - slope * math.log2(b)) / 2), 6)
 
@@ -208,13 +195,10 @@ def resolve_coverage(coverage: str, method: str, prune_ratio: float | None, solv
 
 
 def resolve_candidates(args: SelectionArgs) -> str:
-    """The influence method's `auto` candidate order for `args`: under difficulty coverage below
-    70 % pruned, `easiest` where the strata cut no hardest share (β = `args.coverage_cut()` = 0: up
-    to 50 % pruned with the scoring run's recipe, there the removals all come from the easiest
-    strata, and keeping their harder members cross-validated best at 40 %:
-    benchmarks/results/cross-validation-0.4.md), `uniform` where they do (a near-uniform draw
-    inside each stratum, best at 60 % on a held-out validation split:
-    benchmarks/results/candidate-order.md); `smallest` from 70 % and without coverage."""
+    """The influence method's `auto` candidate order: under difficulty coverage below
+    SMALLEST_FROM pruned, `easiest` where the strata cut no hardest share (`args.coverage_cut()`
+    = 0) and `uniform` where they do; `smallest` otherwise. Each won held out where it applies
+    (benchmarks/results/cross-validation-0.4.md, candidate-order.md)."""
     if args.coverage != "difficulty" or args.prune_ratio >= SMALLEST_FROM:
         return "smallest"
     return "easiest" if args.coverage_cut() == 0 else "uniform"
