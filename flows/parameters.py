@@ -205,8 +205,6 @@ class RunParameters(BaseModel):
                          weight_decay=self.weight_decay, seed=self.seed, augment=self.augment)
 
     def influence_args(self) -> InfluenceArgs:
-        if isinstance(self.damping, float) and not self.damping >= 0:
-            raise BadInputError(f"--damping {self.damping} must be a non-negative number or 'auto'")
         return InfluenceArgs(scope=self.scope, hessian=self.hessian, damping=self.damping,
                              projection_dim=self.projection_dim, block_size=self.block_size,
                              storage_dtype="float64" if self.model == "linear" else "float32")

@@ -140,3 +140,11 @@ def test_the_parser_the_ui_form_and_the_reference_agree_on_every_default():
             "target_drop": EvalArgs.target_drop, "gap_samples": EvalArgs.gap_samples}
     assert {name: EvaluateParameters.model_fields[name].default for name in core} == core
     assert EvaluateParameters.model_fields["ratios"].default == list(EvalArgs.ratios)
+    # and so are the choices the form offers
+    from pruning_core.recipe import DEFAULT_EPOCHS, STRATEGIES
+    from pruning_core.selection import METHODS, SOLVERS
+
+    run_form = forms[RunParameters]
+    assert [run_form[name]["enum"] for name in ("model", "hessian", "method", "solver")] == [
+        list(DEFAULT_EPOCHS), list(STRATEGIES), list(METHODS), list(SOLVERS)]
+    assert forms[EvaluateParameters]["methods"]["items"]["enum"] == list(METHODS)
