@@ -30,7 +30,8 @@ _ARGV: list[str] = []  # the arguments of this invocation, recorded in reports
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + message; a command's name where it is one
-        raise BadInputError(message if self.prog == "dataset-prune" else f"{self.prog.removeprefix('dataset-prune ')}: {message}")
+        command = self.prog.removeprefix("dataset-prune").strip()
+        raise BadInputError(f"{command}: {message}" if command else message)
 
 
 def _float(text: str) -> float:
@@ -185,8 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "scoring the next; the baselines prune in one, as published")
     _option(evaluate, EvaluateParameters, "gpu")
 
-    versions = sub.add_parser("versions", help="a target's versions (Delta, dvc:REPO#PATH, lakefs://…) with their provenance")
-    versions.add_argument("uri", help="a Delta table path or URI (delta:URI too), dvc:REPO#PATH or lakefs://REPO/BRANCH/PATH")
+    versions = sub.add_parser("versions",
+                              help="a target's versions (Delta, dvc:REPO#PATH, lakefs://…) with their provenance")
+    versions.add_argument("uri", help="a Delta table path or URI (delta:URI too), dvc:REPO#PATH or "
+                                      "lakefs://REPO/BRANCH/PATH")
     versions.add_argument("--json", action="store_true", help="print JSON instead of a table")
     versions.add_argument("--lineage", action="store_true",
                           help="per version, the chain of sources it was pruned from, across runs and tables")
@@ -578,14 +581,16 @@ def _versions(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    print(f"{'version':>7}  {'time (UTC)':19}  {'rows':>7}  {'run_id':22}  {'source':28}  method / ratio / eps  objective")
+    print(f"{'version':>7}  {'time (UTC)':19}  {'rows':>7}  {'run_id':22}  {'source':28}  "
+          "method / ratio / eps  objective")
     for row in rows:
         p = row["provenance"]
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime((row["timestamp"] or 0) / 1000))
         source = (p.get("source") or {}).get("name", "-")
         how = f"{p.get('method', '-')} / {p.get('prune_ratio')} / {p.get('epsilon')}" if p else "-"
         obj = f"{p['objective']:.4g}" if "objective" in p else "-"
-        print(f"{row['version']:>7}  {when:19}  {row['rows'] or 0:>7}  {p.get('run_id', '-'):22}  {source[-28:]:28}  {how}  {obj}")
+        print(f"{row['version']:>7}  {when:19}  {row['rows'] or 0:>7}  {p.get('run_id', '-'):22}  "
+              f"{source[-28:]:28}  {how}  {obj}")
     return 0
 
 
@@ -599,7 +604,8 @@ def _lineage_text(chain: list[dict]) -> str:
         how += f", ε {child['epsilon']}" if child.get("epsilon") is not None else ""
         how += f", in {child['rounds']} rounds" if (child.get("rounds") or 1) > 1 else ""
         rows = f"{parent['rows']} rows" if parent.get("rows") is not None else "rows unknown"
-        lines.append(f"{'   ' * depth}└─ pruned by run {child.get('run_id') or '-'} ({how}) from {parent['ref']}  ({rows})")
+        lines.append(f"{'   ' * depth}└─ pruned by run {child.get('run_id') or '-'} ({how}) from {parent['ref']}  "
+                     f"({rows})")
     return "\n".join(lines)
 
 
@@ -638,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _ARGV[:] = sys.argv[1:] if argv is None else argv
         ns = build_parser().parse_args(argv)
-        return {"run": cmd_run, "select": cmd_select, "versions": cmd_versions, "evaluate": cmd_evaluate}[ns.command](ns)
+        commands = {"run": cmd_run, "select": cmd_select, "versions": cmd_versions, "evaluate": cmd_evaluate}
+        return commands[ns.command](ns)
     except BadInputError as exc:
         print(f"dataset-prune: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT

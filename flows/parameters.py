@@ -107,36 +107,49 @@ class RunParameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid", title="Pruning run", field_title_generator=_field_title)
 
-    dataset: str = Field("fashion-mnist", description="fashion-mnist, mnist, cifar10, cifar100, npz:PATH or delta:URI[@VERSION]",
-                         json_schema_extra={"pattern": DATASET_PATTERN})
-    data_root: str | None = Field(None, description="Folder holding a named dataset's files (torchvision datasets); Fashion-MNIST defaults to the system copy; not for npz: or delta: sources")
+    dataset: str = Field(
+        "fashion-mnist", json_schema_extra={"pattern": DATASET_PATTERN},
+        description="fashion-mnist, mnist, cifar10, cifar100, npz:PATH or delta:URI[@VERSION]")
+    data_root: str | None = Field(
+        None, description="Folder holding a named dataset's files (torchvision datasets); Fashion-MNIST defaults to "
+                          "the system copy; not for npz: or delta: sources")
     model: Model = Field(TrainArgs.model, description="Model trained on the dataset")
     checkpoint: str | None = Field(None, description="Use these weights (a state_dict) instead of training")
-    epochs: int | None = Field(TrainArgs.epochs, ge=1, le=1000, description="Training epochs (default: "
-                               f"{DEFAULT_EPOCHS['cnn']} for cnn, {DEFAULT_EPOCHS['resnet18']} for resnet18)")
+    epochs: int | None = Field(
+        TrainArgs.epochs, ge=1, le=1000,
+        description=f"Training epochs (default: {DEFAULT_EPOCHS['cnn']} for cnn, {DEFAULT_EPOCHS['resnet18']} for "
+                    "resnet18)")
     lr: float = Field(TrainArgs.lr, gt=0, description="Peak SGD learning rate")
     batch_size: int = Field(TrainArgs.batch_size, ge=1, description="Training mini-batch size")
     weight_decay: float = Field(TrainArgs.weight_decay, ge=0,
                                 description="λ: L2 penalty in training and in the influence Hessian")
     seed: int = Field(TrainArgs.seed, ge=0, description="Seed of training and of random selection")
-    augment: bool = Field(TrainArgs.augment, description="Train on random crops (4-pixel padding) and horizontal flips of every "
-                                              "batch, the usual CIFAR recipe (cnn and resnet18)")
-    scope: str = Field(InfluenceArgs.scope, description="Parameters the influence is taken over: last-layer, all, "
-                                                 "modules:NAME[,NAME...]")
+    augment: bool = Field(
+        TrainArgs.augment, description="Train on random crops (4-pixel padding) and horizontal flips of every batch, "
+                                       "the usual CIFAR recipe (cnn and resnet18)")
+    scope: str = Field(InfluenceArgs.scope,
+                       description="Parameters the influence is taken over: last-layer, all, modules:NAME[,NAME...]")
     hessian: Hessian = Field(InfluenceArgs.hessian, description="Inverse-Hessian strategy")
-    damping: float | Literal["auto"] = Field(InfluenceArgs.damping, description="Added to the Hessian's diagonal on top of λ; "
-                                                               "'auto': 1e-3 × mean eigenvalue")
-    projection_dim: int | None = Field(InfluenceArgs.projection_dim, ge=1, description="Random-projection dimension of the stored vectors, below the scope's parameter count (empty: the full vectors)")
-    gpu: bool = Field(False, description="Shard tasks (and an evaluation's retrainings) request the Dask resource GPU=1")
+    damping: float | Literal["auto"] = Field(
+        InfluenceArgs.damping,
+        description="Added to the Hessian's diagonal on top of λ; 'auto': 1e-3 × mean eigenvalue")
+    projection_dim: int | None = Field(
+        InfluenceArgs.projection_dim, ge=1,
+        description="Random-projection dimension of the stored vectors, below the scope's parameter count (empty: the "
+                    "full vectors)")
+    gpu: bool = Field(False,
+                      description="Shard tasks (and an evaluation's retrainings) request the Dask resource GPU=1")
     prune_ratio: float | None = Field(SelectionArgs.prune_ratio, gt=0, lt=1,
                                       description="Fraction of samples to remove (size-constrained)")
     epsilon: float | None = Field(SelectionArgs.epsilon, gt=0,
                                   description="Bound on ‖Σ s_i‖₂ of the removed set (guaranteed mode)")
     method: Method = Field(SelectionArgs.method, description="The paper's optimisation, or a baseline")
     solver: Solver = Field(
-        SelectionArgs.solver, description="Solver of the influence method (scip: exact reference for small n, time-limited; "
-                              "bucketed: buckets solved in parallel on Dask, then a global swap search)")
-    class_balanced: bool = Field(SelectionArgs.class_balanced, description="Prune every class in proportion to its size")
+        SelectionArgs.solver, description="Solver of the influence method (scip: exact reference for small n, "
+                                          "time-limited; bucketed: buckets solved in parallel on Dask, then a global "
+                                          "swap search)")
+    class_balanced: bool = Field(SelectionArgs.class_balanced,
+                                 description="Prune every class in proportion to its size")
     coverage: Coverage = Field(
         "auto", description="difficulty: the influence method keeps every EL2N difficulty stratum covered (CCS's "
                             "budget layout) and minimises ‖Σ s_i‖ within it; auto: difficulty wherever it applies "
@@ -145,13 +158,13 @@ class RunParameters(BaseModel):
         "auto", description="order the influence solver's candidate pool is fed in: smallest ‖s_i‖ first (the "
                             "paper's path), a seeded uniform order (a near-uniform draw within each stratum "
                             "whose summed influence is still minimised), or lowest EL2N first; auto: under difficulty "
-                            f"coverage below {100 * SMALLEST_FROM:g} % pruned, easiest where no hardest share is cut, else uniform; "
-                            "smallest otherwise")
+                            f"coverage below {100 * SMALLEST_FROM:g} % pruned, easiest where no hardest share is cut, "
+                            "else uniform; smallest otherwise")
     hard_cut: float | None = Field(
-        SelectionArgs.hard_cut, ge=0, lt=1, description="Under difficulty coverage: the share of the hardest (highest-EL2N) samples "
-                                      "removed first; empty: the product's schedule, none up to 50 % pruned, then "
-                                      "half of every further removal (β = (ratio − 0.5) / 2), shifted by "
-                                      "train_epochs")
+        SelectionArgs.hard_cut, ge=0, lt=1,
+        description="Under difficulty coverage: the share of the hardest (highest-EL2N) samples removed first; empty: "
+                    "the product's schedule, none up to 50 % pruned, then half of every further removal (β = (ratio − "
+                    "0.5) / 2), shifted by train_epochs")
     swap_rounds: int | None = Field(
         SelectionArgs.swap_rounds, ge=0, le=MAX_SWAP_ROUNDS,
         description="At most this many rounds of the influence solver's swap search after its greedy path, 0: the "
@@ -167,7 +180,9 @@ class RunParameters(BaseModel):
                                           "longer recipe learns from more of the hard tail), left by 0.2 per "
                                           "halving down to half; empty: the same as the scoring run's epochs")
     shards: int = Field(4, ge=1, le=10000, description="Influence shards (contiguous sample ranges)")
-    workers: int = Field(2, ge=1, le=256, description="Workers of the local Dask cluster (ignored when a Dask scheduler address is given)")
+    workers: int = Field(
+        2, ge=1, le=256,
+        description="Workers of the local Dask cluster (ignored when a Dask scheduler address is given)")
     dask_address: str | None = Field(None, description="tcp://host:port of an existing Dask scheduler",
                                      json_schema_extra={"pattern": r"^(tcp|tls|inproc|ucx)://\S+$"})
     out: str = Field("runs", description="Root of run folders")
@@ -299,7 +314,8 @@ class EvaluateParameters(RunParameters):
                                description="Convergence target: full-data accuracy minus this")
     evaluations_per_epoch: int = Field(EvalArgs.evaluations_per_epoch, ge=1, le=100,
                                        description="Test-accuracy measurements per epoch")
-    gap_samples: int = Field(EvalArgs.gap_samples, ge=0, description="Samples of the generalization-gap check (0 skips it)")
+    gap_samples: int = Field(EvalArgs.gap_samples, ge=0,
+                             description="Samples of the generalization-gap check (0 skips it)")
     gap_points: int = Field(EvalArgs.gap_points, ge=2, le=50, description="ε values of the generalization-gap check")
     gap_weight_decay: float = Field(EvalArgs.gap_weight_decay, gt=0, description="λ of the gap check's convex problems")
     from_run: str | None = Field(None, description="Reuse this run folder's scores and model instead of a scoring run")
@@ -343,8 +359,8 @@ class EvaluateParameters(RunParameters):
             raise BadInputError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to the influence method, "
                                 f"which --methods {listed} does not list")
         if self.hard_cut is not None and not {"influence", "ccs"} & set(self.methods):
-            raise BadInputError(f"--hard-cut applies to the influence method and ccs, which --methods {listed} does not "
-                                "list")
+            raise BadInputError(f"--hard-cut applies to the influence method and ccs, which --methods {listed} "
+                                "does not list")
 
     def _check_from_run(self) -> None:
         run = Path(self.from_run)
