@@ -135,12 +135,13 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every option of a flow parameter from its field (`_option`); the rest are the commands' own."""
+    from flows.parameters import EvaluateParameters, RunParameters
+    from pruning_core.selection import SelectionArgs
+
     parser = _Parser(prog="dataset-prune", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    from flows.parameters import EvaluateParameters, RunParameters
-    from pruning_core.selection import SelectionArgs
 
     run = sub.add_parser("run", help="train, score influence, select, publish a Delta version")
     for name in ("dataset", "data_root", "model", "checkpoint", "epochs", "lr", "batch_size", "weight_decay", "seed",

@@ -1,5 +1,8 @@
-"""The flow's parameters as a pydantic model: the deployment form in the Prefect UI and the
-command line share it, and the stage argument objects are built from it."""
+"""The flow's parameters as a pydantic model, the one schema of every option: name, type,
+default, help text and bounds. The Prefect UI's deployment form, the command line's options
+(flows/cli.py) and the reference table derive from it; a default the core's argument objects
+also use (TrainArgs, InfluenceArgs, SelectionArgs, EvalArgs) is read from them, not written
+again. The stage argument objects, which validate naming the option, are built from it."""
 
 from __future__ import annotations
 

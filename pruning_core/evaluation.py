@@ -87,9 +87,9 @@ def retrain_stage(dataset: str, data_root: str | None, selection: str | None, tr
             if saved.exists():
                 return {**json.loads(saved.read_text()), **labels, "seed": train_args.seed, "reused": True}
         result = train(ds.subset(rows), train_args, evaluations_per_epoch=evaluations_per_epoch)
+    seen = int(result.curve[-1]["samples_seen"]) if result.curve else int(len(rows)) * train_args.epochs
     record = {**labels, "seed": train_args.seed, "n_kept": int(len(rows)), "test_accuracy": result.test_accuracy,
-              "train_accuracy": result.train_accuracy, "train_seconds": result.seconds,
-              "samples_seen": int(result.curve[-1]["samples_seen"]) if result.curve else int(len(rows)) * train_args.epochs,
+              "train_accuracy": result.train_accuracy, "train_seconds": result.seconds, "samples_seen": seen,
               "curve": result.curve, "n_test": int(len(result.test_correct)),
               "test_correct": pack_correct(result.test_correct)}
     del result
@@ -335,9 +335,10 @@ def gap_check(kind: str, ds: Dataset, samples: int, points: int, weight_decay: f
                                  device="cpu")
         measured = _flat(refit) - theta
         loss_gap = _mean_loss(refit, X_test, ds.y_test) - base_loss
+        norms = np.linalg.norm(predicted), np.linalg.norm(measured)
         out.append({"kind": kind, "problem": what, "n": n, "epsilon": e, "n_pruned": int(pruned.sum()),
-                    "predicted_norm": float(np.linalg.norm(predicted)), "measured_norm": float(np.linalg.norm(measured)),
-                    "cosine": float(predicted @ measured / max(np.linalg.norm(predicted) * np.linalg.norm(measured), 1e-300)),
+                    "predicted_norm": float(norms[0]), "measured_norm": float(norms[1]),
+                    "cosine": float(predicted @ measured / max(norms[0] * norms[1], 1e-300)),
                     "test_loss_gap": loss_gap, "bound": lipschitz * float(np.linalg.norm(predicted)),
                     "bound_measured": lipschitz * float(np.linalg.norm(measured)), "lipschitz": lipschitz,
                     "weight_decay": weight_decay})
@@ -410,7 +411,8 @@ def removal_overlaps(selections: list[dict], reference: str = "influence") -> li
         _, theirs = artifacts.load_selection(path)
         both = int((mine & theirs).sum())
         rows.append({"prune_ratio": ratio, "method": method, "removed": int(theirs.sum()),
-                     "also_removed": both / max(int(mine.sum()), 1), "jaccard": both / max(int((mine | theirs).sum()), 1)})
+                     "also_removed": both / max(int(mine.sum()), 1),
+                     "jaccard": both / max(int((mine | theirs).sum()), 1)})
     return rows
 
 
@@ -419,8 +421,8 @@ def _panels_per_ratio(plt, items: list[dict], row_height: float):
     (figure, axes, [(axis, ratio, that ratio's items)])."""
     ratios = sorted({i["prune_ratio"] for i in items})
     rows = max(sum(i["prune_ratio"] == r for i in items) for r in ratios)
-    fig, axes = plt.subplots(1, len(ratios), figsize=(max(7.0, 3.6 * len(ratios) + 1), max(3.6, row_height * rows + 2.4)),
-                             squeeze=False)
+    size = (max(7.0, 3.6 * len(ratios) + 1), max(3.6, row_height * rows + 2.4))
+    fig, axes = plt.subplots(1, len(ratios), figsize=size, squeeze=False)
     return fig, axes[0], [(ax, r, [i for i in items if i["prune_ratio"] == r]) for ax, r in zip(axes[0], ratios)]
 
 
@@ -487,7 +489,8 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
                     label=method + (" (this product)" if method == "influence" else ""))
         if method != against:
             shared = [s for s in rows if s["prune_ratio"] in reference]
-            mine = [(100 * s["prune_ratio"], method, 100 * (s["accuracy"] - reference[s["prune_ratio"]])) for s in shared]
+            mine = [(100 * s["prune_ratio"], method, 100 * (s["accuracy"] - reference[s["prune_ratio"]]))
+                    for s in shared]
             gains += mine
             delta.errorbar([x for x, _, _ in mine], [g for _, _, g in mine],
                            yerr=[100 * s["accuracy_std"] for s in shared], marker="o", capsize=3,
@@ -538,8 +541,9 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
         fig, axes = plt.subplots(1, 2, figsize=(12, 5))
         for kind, marker in zip(kinds, "os^"):
             gs = [g for g in gaps if g["kind"] == kind]
-            axes[0].scatter([g["predicted_norm"] for g in gs], [g["measured_norm"] for g in gs], marker=marker,
-                            label=f"{gs[0]['problem']} (Pearson {pearson([g['predicted_norm'] for g in gs], [g['measured_norm'] for g in gs]):.4f})")
+            predicted, measured = [g["predicted_norm"] for g in gs], [g["measured_norm"] for g in gs]
+            axes[0].scatter(predicted, measured, marker=marker,
+                            label=f"{gs[0]['problem']} (Pearson {pearson(predicted, measured):.4f})")
             axes[1].plot([g["epsilon"] for g in gs], [g["test_loss_gap"] for g in gs], marker=marker,
                          label=rf"measured $\Delta L_{{test}}$, {kind}")
             axes[1].plot([g["epsilon"] for g in gs], [g["bound"] for g in gs], ls="--", marker=marker,
@@ -605,7 +609,8 @@ def _comparison_line(c: dict) -> str:
         noise += (f"; 95 % interval over {interval_over(c['paired_seeds'])} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
                   + ("" if c["resolved"] else ", not resolved by this test set"))
     verdict = "not a target" if c["met"] is None else "met" if c["met"] else "NOT met"
-    return f"- ratio {c['prune_ratio']:g}: influence − {c['versus']} = {100 * c['margin']:+.2f} points{noise}: {verdict}"
+    return (f"- ratio {c['prune_ratio']:g}: influence − {c['versus']} = {100 * c['margin']:+.2f} points{noise}: "
+            f"{verdict}")
 
 
 def report_markdown(summary: list[dict], records: list[dict], gaps: list[dict], goal: dict, plots: dict[str, str],
@@ -642,15 +647,17 @@ def report_markdown(summary: list[dict], records: list[dict], gaps: list[dict], 
                      f"(target ≤ 0.6): {'met' if goal.get('time_met') else 'NOT met'}")
     lines += [_comparison_line(c) for c in goal.get("comparisons", [])]
     if goal.get("other_comparisons"):
-        lines += ["", f"Below ratio {goal['ratio']:g} only random is a target; the other methods, measured the same way:",
-                  ""] + [_comparison_line(c) for c in goal["other_comparisons"]]
+        lines += ["", f"Below ratio {goal['ratio']:g} only random is a target; the other methods, measured the same "
+                  "way:", ""] + [_comparison_line(c) for c in goal["other_comparisons"]]
     if gaps:
         lines += ["", "## Generalization-gap check (the paper's theory experiment)", "",
-                  "| problem | ε | removed | predicted ‖Σ s_i‖ | measured ‖Δθ‖ | cosine | test-loss gap | bound Lip·‖Σ s_i‖ |",
+                  "| problem | ε | removed | predicted ‖Σ s_i‖ | measured ‖Δθ‖ | cosine | test-loss gap "
+                  "| bound Lip·‖Σ s_i‖ |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for g in gaps:
-            lines.append(f"| {g['problem']} | {g['epsilon']:.4g} | {g['n_pruned']} of {g['n']} | {g['predicted_norm']:.4g} | "
-                         f"{g['measured_norm']:.4g} | {g['cosine']:.4f} | {g['test_loss_gap']:+.3e} | {g['bound']:.3e} |")
+            lines.append(f"| {g['problem']} | {g['epsilon']:.4g} | {g['n_pruned']} of {g['n']} "
+                         f"| {g['predicted_norm']:.4g} | {g['measured_norm']:.4g} | {g['cosine']:.4f} "
+                         f"| {g['test_loss_gap']:+.3e} | {g['bound']:.3e} |")
         for kind in dict.fromkeys(g["kind"] for g in gaps):
             gs = [g for g in gaps if g["kind"] == kind]
             lines.append("")

@@ -73,7 +73,7 @@ class SelectionArgs:
     restarts: int | None = None  # extra random-start local searches (None: 8 when n ≤ 5,000, else 0)
     class_balanced: bool = False  # prune every class in proportion to its size
     coverage: str = "none"  # "difficulty": per-stratum removal quotas over EL2N (CCS's layout), see `select`
-    candidates: str = "smallest"  # order the greedy path's pool is fed in: ascending ‖s_i‖, seeded uniform, or ascending EL2N
+    candidates: str = "smallest"  # the greedy path's feed: ascending ‖s_i‖, seeded uniform, or ascending EL2N
     hard_cut: float | None = None  # under coverage: share of the hardest samples removed first (None: hard_cut_for)
     train_budget: float = 1.0  # epochs the pruned set will be trained for ÷ the scoring run's (shifts hard_cut_for)
     time_limit: float = 60.0  # seconds, for the `scip` reference solver
@@ -130,7 +130,8 @@ class SelectionArgs:
                 raise BadInputError(f"--swap-rounds {self.swap_rounds} must be ≥ 0 (0: the greedy path is the answer)")
             if self.swap_rounds > MAX_SWAP_ROUNDS:
                 raise BadInputError(f"--swap-rounds {self.swap_rounds} must be ≤ {MAX_SWAP_ROUNDS} (each round "
-                                    "scores every sample; the search stops earlier when a round finds no improving swap)")
+                                    "scores every sample; the search stops earlier when a round finds no improving "
+                                    "swap)")
             if self.method != "influence":
                 raise BadInputError("--swap-rounds applies to --method influence")
 
@@ -491,7 +492,8 @@ def _largest_prefix_within(vectors: np.ndarray, order: np.ndarray, path: np.ndar
     return _mask(len(vectors), order[:k])
 
 
-def candidate_stream(vectors: np.ndarray, args: SelectionArgs, difficulty: np.ndarray | None = None) -> np.ndarray | None:
+def candidate_stream(vectors: np.ndarray, args: SelectionArgs,
+                     difficulty: np.ndarray | None = None) -> np.ndarray | None:
     """The order the greedy path's pool is fed in (None: ascending ‖s_i‖, greedy_path's own):
     `uniform` a seeded hash order, `easiest` ascending `difficulty` (EL2N), ties by index."""
     if args.candidates == "uniform":
