@@ -148,3 +148,15 @@ def test_the_parser_the_ui_form_and_the_reference_agree_on_every_default():
     assert [run_form[name]["enum"] for name in ("model", "hessian", "method", "solver")] == [
         list(DEFAULT_EPOCHS), list(STRATEGIES), list(METHODS), list(SOLVERS)]
     assert forms[EvaluateParameters]["methods"]["items"]["enum"] == list(METHODS)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "--from-run", "/nonexistent/run", "--prune-ratio", "0.4"], "--prune-ratio with --from-run"),
+    (["select", "--scores", "s.parquet", "--prune-ratio", "0.4", "--out", "o.parquet", "--workers", "2"],
+     "--workers applies to --solver bucketed"),
+])
+def test_an_option_given_at_its_default_value_is_still_given(argv, message, capsys):
+    """The options whose parser default is None (`given` in flows/cli.py): refused where they do
+    not apply even when the value given equals the field's default."""
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
