@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import types
 import typing
 
 from pydantic import ValidationError
@@ -29,7 +30,8 @@ _ARGV: list[str] = []  # the arguments of this invocation, recorded in reports
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + message; a command's name where it is one
-        raise BadInputError(message if self.prog == "dataset-prune" else f"{self.prog.removeprefix('dataset-prune ')}: {message}")
+        command = self.prog.removeprefix("dataset-prune").strip()
+        raise BadInputError(f"{command}: {message}" if command else message)
 
 
 def _float(text: str) -> float:
@@ -60,38 +62,67 @@ def _damping(text: str):
     return "auto" if text == "auto" else _float(text)
 
 
-def _add_selection_options(parser: argparse.ArgumentParser) -> None:
-    """--prune-ratio | --epsilon (exactly one), --method, --solver: shared by run and select."""
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _kind(annotation) -> dict:
+    """How argparse reads a field of this annotation: `type=` (or a store_true action)."""
+    origin, args = typing.get_origin(annotation), [a for a in typing.get_args(annotation) if a is not type(None)]
+    if annotation is bool:
+        return {"action": "store_true"}
+    if origin is list:
+        inner = args[0]
+        inner = typing.get_args(inner)[0] if typing.get_origin(inner) is typing.Annotated else inner
+        return {"type": _list({int: int, float: _float}.get(inner, str))}
+    if origin in (typing.Union, types.UnionType):
+        return _kind(args[0]) if len(args) == 1 else {"type": _damping}  # a number or `auto`
+    return {"type": {int: int, float: _float}[annotation]} if annotation in (int, float) else {}
+
+
+def _literal_values(annotation) -> tuple:
+    """The allowed values of a Literal field (or of a list of them)."""
+    if typing.get_origin(annotation) is list:
+        annotation = typing.get_args(annotation)[0]
+    return typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else ()
+
+
+def shown_default(value) -> str:
+    """A field's default as help and the reference show it; empty for none (None, False)."""
+    if value is None or value is False:
+        return ""
+    return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+
+def _option(parser, model, name: str, help: str | None = None, choices: bool = False, given: bool = False) -> None:
+    """--NAME for the field `name` of `model` (flows/parameters.py): type, default and help from
+    the field, the help in argparse's lower case with the allowed values and the default. `help`
+    where the command gives the option another meaning; `choices` to refuse other values while
+    parsing; `given` where the command must know whether the user gave it: its parser default is
+    then None, and the field's default applies when it is left out."""
+    field = model.model_fields[name]
+    values = _literal_values(field.annotation)
+    kind = _kind(field.annotation)
+    text = help or field.description  # the UI form's sentence case; help reads lower case, as argparse's own
+    text = text if text[:2].isupper() else text[0].lower() + text[1:]
+    text += ", comma-separated" if typing.get_origin(field.annotation) is list else ""
+    text += f"; one of {', '.join(map(str, values))}" if values and not choices else ""
+    text += f" (default: {shown_default(field.default)})" if shown_default(field.default) else ""
+    default = None if given else list(field.default) if isinstance(field.default, list) else field.default
+    action = parser.add_argument(_flag(name), default=default, help=text.replace("%", "%%"), **kind,
+                                 **({"choices": values} if choices else {}))
+    action.field = field  # tests/test_schema.py compares the parser and the reference with it
+
+
+def _add_selection_options(parser: argparse.ArgumentParser, model) -> None:
+    """--prune-ratio | --epsilon (exactly one), --method, --solver and the influence method's
+    options: shared by run and select."""
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--prune-ratio", type=_float)
-    mode.add_argument("--epsilon", type=_float)
-    parser.add_argument("--method", default="influence")
-    parser.add_argument("--solver", default="greedy")
-    parser.add_argument("--coverage", choices=("auto", "none", "difficulty"), default="auto",
-                        help="influence method: keep every EL2N difficulty stratum covered (default auto: where it applies)")
-    parser.add_argument("--candidates", choices=("auto", "smallest", "uniform", "easiest"), default="auto",
-                        help="influence solver: feed its pool smallest ‖s_i‖ first, in a seeded uniform order, "
-                        "or lowest EL2N first")
-    parser.add_argument("--hard-cut", type=_float, help="under difficulty coverage: share of the hardest samples "
-                        "removed first (default: the schedule by prune ratio)")
-    parser.add_argument("--swap-rounds", type=int, help="influence solver: at most this many rounds of the swap search "
-                        "after the greedy path, 0: the path is the answer (default: 0 under difficulty coverage and for the easiest order, else 500)")
-    parser.add_argument("--train-epochs", type=int, help="epochs the pruned set will be trained for, when not the "
-                        "scoring run's: longer cuts less of the hardest share, shorter more (default: the same)")
-
-
-def _describe(parser: argparse.ArgumentParser, model) -> None:
-    """Help for every option without its own: the description of the flow parameter of the same
-    name (what the UI form shows), and its default."""
-    for action in parser._actions:
-        field = model.model_fields.get(action.dest)
-        if action.help is None and field is not None and field.description:
-            values = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else ()
-            one_of = f"; one of {', '.join(map(str, values))}" if values and action.choices is None else ""
-            default = "" if action.default is None or action.default is False else f" (default: {action.default})"
-            text = field.description  # the UI form's sentence case; help reads lower case, as argparse's own
-            text = text if text[:2].isupper() else text[0].lower() + text[1:]
-            action.help = (text + one_of + default).replace("%", "%%")
+    for name in ("prune_ratio", "epsilon"):
+        _option(mode, model, name)
+    for name in ("method", "solver", "coverage", "candidates", "hard_cut", "swap_rounds", "train_epochs"):  # an
+        # unknown method or solver is refused by the core, which lists the valid ones; the auto choices by argparse
+        _option(parser, model, name, choices=name in ("coverage", "candidates"))
 
 
 def _version() -> str:
@@ -104,87 +135,62 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every option of a flow parameter from its field (`_option`); the rest are the commands' own."""
+    from flows.parameters import EvaluateParameters, RunParameters
+    from pruning_core.selection import SelectionArgs
+
     parser = _Parser(prog="dataset-prune", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="train, score influence, select, publish a Delta version")
-    run.add_argument("--dataset", default="fashion-mnist")
-    run.add_argument("--data-root")
-    run.add_argument("--model", default="cnn")
-    run.add_argument("--checkpoint")
-    run.add_argument("--epochs", type=int)
-    run.add_argument("--lr", type=_float, default=0.05)
-    run.add_argument("--batch-size", type=int, default=128)
-    run.add_argument("--weight-decay", type=_float, default=5e-4)
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--augment", action="store_true")
-    run.add_argument("--scope", default="last-layer")
-    run.add_argument("--hessian", default="exact")
-    run.add_argument("--damping", type=_damping, default=0.0)
-    run.add_argument("--projection-dim", type=int)
-    _add_selection_options(run)
-    run.add_argument("--rounds", type=int, default=1)
-    run.add_argument("--class-balanced", action="store_true", default=None)
-    run.add_argument("--shards", type=int, default=4)
-    run.add_argument("--workers", type=int, default=2)
-    run.add_argument("--dask-address")
-    run.add_argument("--out", default="runs")
-    run.add_argument("--target")
-    run.add_argument("--block-size", type=int, default=1024)
-    run.add_argument("--gpu", action="store_true", help="shard tasks request the Dask resource GPU=1")
+    for name in ("dataset", "data_root", "model", "checkpoint", "epochs", "lr", "batch_size", "weight_decay", "seed",
+                 "augment", "scope", "hessian", "damping", "projection_dim"):
+        _option(run, RunParameters, name)
+    _add_selection_options(run, RunParameters)
+    for name in ("rounds", "class_balanced", "shards", "workers", "dask_address", "out", "target", "block_size", "gpu"):
+        _option(run, RunParameters, name)
     run.add_argument("--no-progress", action="store_true", help="no progress bar (shown when stderr is a terminal)")
     run.add_argument("--dry-run", action="store_true", help="print the influence stage's memory/time estimate and stop")
 
     select = sub.add_parser("select", help="selection alone, over an existing scores.parquet")
     select.add_argument("--scores", required=True, help="a run folder's scores.parquet")
-    _add_selection_options(select)
-    select.add_argument("--seed", type=int, default=0,
-                        help="seed of the seeded choices: random, CCS's draws, the uniform candidate order (default: 0)")
-    select.add_argument("--class-balanced", action="store_true")
-    select.add_argument("--time-limit", type=_float, help="seconds, for --solver scip (default: 60)")
-    select.add_argument("--dask-address", help="scheduler for --solver bucketed (default: a local cluster)")
-    select.add_argument("--workers", type=int,
-                        help="workers of --solver bucketed's local cluster, without --dask-address (default: 2)")
+    _add_selection_options(select, RunParameters)
+    _option(select, RunParameters, "seed",
+            help="seed of the seeded choices: random, CCS's draws, the uniform candidate order")
+    _option(select, RunParameters, "class_balanced")
+    select.add_argument("--time-limit", type=_float, help="seconds, for --solver scip "
+                        f"(default: {shown_default(SelectionArgs.time_limit)})")
+    _option(select, RunParameters, "dask_address", help="scheduler for --solver bucketed; without it, a local cluster")
+    _option(select, RunParameters, "workers", given=True,
+            help="workers of --solver bucketed's local cluster, without --dask-address")
     select.add_argument("--out", required=True, help="the selection's Parquet file (sample_id, pruned)")
     select.add_argument("--pictures", metavar="DIR",
                         help="also draw the selection's pictures into DIR (selection.png; examples.png for images), "
                              "with the dataset the run folder of --scores names")
 
     evaluate = sub.add_parser("evaluate", help="retrain on pruned sets per method x ratio x seed; report and plots")
-    for flag, kind, default in (("--dataset", str, "fashion-mnist"), ("--data-root", str, None), ("--model", str, "cnn"),
-                                ("--checkpoint", str, None), ("--epochs", int, None), ("--lr", _float, 0.05),
-                                ("--batch-size", int, 128), ("--weight-decay", _float, 5e-4), ("--seed", int, 0),
-                                ("--shards", int, 4), ("--workers", int, 2), ("--dask-address", str, None),
-                                ("--out", str, "runs"), ("--target", str, None), ("--from-run", str, None),
-                                ("--target-drop", _float, 0.013),
-                                ("--evaluations-per-epoch", int, 4), ("--gap-samples", int, 5000),
-                                ("--gap-points", int, 8), ("--gap-weight-decay", _float, 0.01)):
-        evaluate.add_argument(flag, type=kind, default=default)
-    evaluate.add_argument("--augment", action="store_true")
-    evaluate.add_argument("--prune-ratio", type=_float,
-                          help="prune ratio of the scoring run's own version (default: 0.4; not with --from-run)")
-    evaluate.add_argument("--methods", type=_list(str), default=None, help="comma-separated, e.g. influence,random,el2n")
-    evaluate.add_argument("--ratios", type=_list(_float), default=None, help="comma-separated prune ratios")
-    evaluate.add_argument("--seeds", type=_list(int), default=None, help="comma-separated training seeds")
-    evaluate.add_argument("--solver", choices=("greedy", "scip", "bucketed"),
-                          help="solver of the influence method's selections (bucketed: on the evaluation's Dask "
-                               "cluster; default: greedy)")
-    evaluate.add_argument("--coverage", choices=("auto", "none", "difficulty"), default="auto")
-    evaluate.add_argument("--candidates", choices=("auto", "smallest", "uniform", "easiest"), default="auto")
-    evaluate.add_argument("--hard-cut", type=_float)
-    evaluate.add_argument("--swap-rounds", type=int)
-    evaluate.add_argument("--rounds", type=int, help="the influence method prunes in this many rounds, a fresh model "
-                          "trained on what each round keeps scoring the next (the baselines in one, as published; "
-                          "default: 1)")
-    evaluate.add_argument("--gpu", action="store_true")
-    from flows.parameters import EvaluateParameters, RunParameters
+    for name in ("dataset", "data_root", "model", "checkpoint", "epochs", "lr", "batch_size", "weight_decay", "seed",
+                 "shards", "workers", "dask_address", "out", "target", "from_run", "target_drop",
+                 "evaluations_per_epoch", "gap_samples", "gap_points", "gap_weight_decay", "augment"):
+        _option(evaluate, EvaluateParameters, name)
+    _option(evaluate, EvaluateParameters, "prune_ratio", given=True,  # refused with --from-run where given
+            help=EvaluateParameters.model_fields["prune_ratio"].description + "; not with --from-run")
+    for name in ("methods", "ratios", "seeds"):
+        _option(evaluate, EvaluateParameters, name)
+    _option(evaluate, EvaluateParameters, "solver", choices=True,
+            help="solver of the influence method's selections; bucketed runs on the evaluation's Dask cluster")
+    for name in ("coverage", "candidates", "hard_cut", "swap_rounds"):
+        _option(evaluate, EvaluateParameters, name, choices=name in ("coverage", "candidates"))
+    _option(evaluate, EvaluateParameters, "rounds",
+            help="the influence method prunes in this many rounds, a fresh model trained on what each round keeps "
+                 "scoring the next; the baselines prune in one, as published")
+    _option(evaluate, EvaluateParameters, "gpu")
 
-    for command, model in ((run, RunParameters), (select, RunParameters), (evaluate, EvaluateParameters)):
-        _describe(command, model)
-
-    versions = sub.add_parser("versions", help="a target's versions (Delta, dvc:REPO#PATH, lakefs://…) with their provenance")
-    versions.add_argument("uri", help="a Delta table path or URI (delta:URI too), dvc:REPO#PATH or lakefs://REPO/BRANCH/PATH")
+    versions = sub.add_parser("versions",
+                              help="a target's versions (Delta, dvc:REPO#PATH, lakefs://…) with their provenance")
+    versions.add_argument("uri", help="a Delta table path or URI (delta:URI too), dvc:REPO#PATH or "
+                                      "lakefs://REPO/BRANCH/PATH")
     versions.add_argument("--json", action="store_true", help="print JSON instead of a table")
     versions.add_argument("--lineage", action="store_true",
                           help="per version, the chain of sources it was pruned from, across runs and tables")
@@ -196,7 +202,7 @@ OPTIONS_BEGIN, OPTIONS_END = "<!-- options: generated by `make options` -->", "<
 
 def options_reference() -> str:
     """Every option of every command as Markdown tables, from the parser itself (the same text as
-    `--help`): the README's reference, which a test keeps equal to this."""
+    `--help`): docs/reference.md (`make options`), which a test keeps equal to this."""
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     about = {a.dest: a.help for a in sub._choices_actions}
@@ -425,17 +431,15 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
 def cmd_select(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from flows.parameters import (
-        RunParameters,
+    from flows.parameters import RunParameters, dask_address_problem, scoring_recipe
+    from pruning_core.artifacts import check_can_create
+    from pruning_core.selection import (
         check_train_epochs,
         check_train_epochs_model,
-        dask_address_problem,
-        scoring_recipe,
         selection_args,
+        selection_stage,
         train_budget,
     )
-    from pruning_core.artifacts import check_can_create
-    from pruning_core.selection import selection_stage
 
     args = selection_args(ns.method, ns.prune_ratio, ns.epsilon, ns.solver, ns.seed, ns.class_balanced, ns.coverage,
                           ns.candidates, ns.hard_cut, swap_rounds=ns.swap_rounds,
@@ -578,14 +582,16 @@ def _versions(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    print(f"{'version':>7}  {'time (UTC)':19}  {'rows':>7}  {'run_id':22}  {'source':28}  method / ratio / eps  objective")
+    print(f"{'version':>7}  {'time (UTC)':19}  {'rows':>7}  {'run_id':22}  {'source':28}  "
+          "method / ratio / eps  objective")
     for row in rows:
         p = row["provenance"]
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime((row["timestamp"] or 0) / 1000))
         source = (p.get("source") or {}).get("name", "-")
         how = f"{p.get('method', '-')} / {p.get('prune_ratio')} / {p.get('epsilon')}" if p else "-"
         obj = f"{p['objective']:.4g}" if "objective" in p else "-"
-        print(f"{row['version']:>7}  {when:19}  {row['rows'] or 0:>7}  {p.get('run_id', '-'):22}  {source[-28:]:28}  {how}  {obj}")
+        print(f"{row['version']:>7}  {when:19}  {row['rows'] or 0:>7}  {p.get('run_id', '-'):22}  "
+              f"{source[-28:]:28}  {how}  {obj}")
     return 0
 
 
@@ -599,7 +605,8 @@ def _lineage_text(chain: list[dict]) -> str:
         how += f", ε {child['epsilon']}" if child.get("epsilon") is not None else ""
         how += f", in {child['rounds']} rounds" if (child.get("rounds") or 1) > 1 else ""
         rows = f"{parent['rows']} rows" if parent.get("rows") is not None else "rows unknown"
-        lines.append(f"{'   ' * depth}└─ pruned by run {child.get('run_id') or '-'} ({how}) from {parent['ref']}  ({rows})")
+        lines.append(f"{'   ' * depth}└─ pruned by run {child.get('run_id') or '-'} ({how}) from {parent['ref']}  "
+                     f"({rows})")
     return "\n".join(lines)
 
 
@@ -638,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _ARGV[:] = sys.argv[1:] if argv is None else argv
         ns = build_parser().parse_args(argv)
-        return {"run": cmd_run, "select": cmd_select, "versions": cmd_versions, "evaluate": cmd_evaluate}[ns.command](ns)
+        commands = {"run": cmd_run, "select": cmd_select, "versions": cmd_versions, "evaluate": cmd_evaluate}
+        return commands[ns.command](ns)
     except BadInputError as exc:
         print(f"dataset-prune: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT

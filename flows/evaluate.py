@@ -225,7 +225,8 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
         goal = evaluation.targets(summary, records, drop=args.target_drop)
         overlaps = evaluation.removal_overlaps(list(results["selections"].values()))
         plots = evaluation.draw_plots(summary, records, results["gaps"], staging / "plots",
-                                      goal["comparisons"] + goal["other_comparisons"], overlaps)
+                                      goal["comparisons"] + goal["other_comparisons"], overlaps,
+                                      target_drop=args.target_drop)
         plots = {k: str(final / Path(v).relative_to(staging)) for k, v in plots.items()}
         ds = load_dataset(params.dataset, params.data_root)
         context = {"dataset": ds.name, "model": params.model, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

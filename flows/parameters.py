@@ -1,12 +1,14 @@
-"""The flow's parameters as a pydantic model: the deployment form in the Prefect UI and the
-command line share it, and the stage argument objects are built from it."""
+"""The flow's parameters as a pydantic model, the one schema of every option: name, type,
+default, help text and bounds. The Prefect UI's deployment form, the command line's options
+(flows/cli.py) and the reference table derive from it; a default the core's argument objects
+also use (TrainArgs, InfluenceArgs, SelectionArgs, EvalArgs) is read from them, not written
+again. The stage argument objects, which validate naming the option, are built from it."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -15,61 +17,23 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pruning_core import artifacts
 from pruning_core.data import parse_dataset_spec, pinned
 from pruning_core.errors import BadInputError, first_line, no_file
-from pruning_core.recipe import InfluenceArgs, TrainArgs
-from pruning_core.selection import MAX_ROUNDS, MAX_SWAP_ROUNDS, SelectionArgs
+from pruning_core.recipe import DEFAULT_EPOCHS, STRATEGIES, EvalArgs, InfluenceArgs, TrainArgs
+from pruning_core.selection import (  # selection_args: also imported from here by tests and benchmarks
+    CANDIDATES,
+    COVERAGE,
+    MAX_ROUNDS,
+    MAX_SWAP_ROUNDS,
+    METHODS,
+    SMALLEST_FROM,
+    SOLVERS,
+    SWAP_ROUNDS,
+    SelectionArgs,
+    check_train_epochs,
+    check_train_epochs_model,
+    selection_args,
+    train_budget,
+)
 from pruning_core.targets import open_target
-
-
-def resolve_coverage(coverage: str, method: str, prune_ratio: float | None, solver: str, class_balanced: bool) -> str:
-    """`auto` → `difficulty` where it applies (the product's default), else `none`."""
-    if coverage != "auto":
-        return coverage
-    applies = method == "influence" and prune_ratio is not None and solver != "bucketed" and not class_balanced
-    return "difficulty" if applies else "none"
-
-
-def resolve_candidates(args: SelectionArgs) -> str:
-    """The influence method's `auto` candidate order for `args`: under difficulty coverage below
-    70 % pruned, `easiest` where the strata cut no hardest share (β = `args.coverage_cut()` = 0: up
-    to 50 % pruned with the scoring run's recipe, there the removals all come from the easiest
-    strata, and keeping their harder members cross-validated best at 40 %:
-    benchmarks/results/cross-validation-0.4.md), `uniform` where they do (a near-uniform draw
-    inside each stratum, best at 60 % on a held-out validation split:
-    benchmarks/results/candidate-order.md); `smallest` from 70 % and without coverage."""
-    if args.coverage != "difficulty" or args.prune_ratio >= 0.7:
-        return "smallest"
-    return "easiest" if args.coverage_cut() == 0 else "uniform"
-
-
-def selection_args(method: str, prune_ratio: float | None, epsilon: float | None, solver: str, seed: int,
-                   class_balanced: bool, coverage: str, candidates: str, hard_cut: float | None = None,
-                   train_budget: float = 1.0, **extra) -> SelectionArgs:
-    """SelectionArgs with `auto` coverage and candidate order resolved (the order applies to the
-    influence method only) and the training budget kept where it shifts something (the hard-cut
-    schedule of the influence method under difficulty coverage, no --hard-cut given): one place
-    for the run, the evaluation and `select`."""
-    coverage = resolve_coverage(coverage, method, prune_ratio, solver, class_balanced)
-    shifts = method == "influence" and coverage == "difficulty" and hard_cut is None
-    args = SelectionArgs(method=method, prune_ratio=prune_ratio, epsilon=epsilon, solver=solver, seed=seed,
-                         class_balanced=class_balanced, coverage=coverage,
-                         candidates="smallest" if candidates == "auto" else candidates,
-                         hard_cut=hard_cut, train_budget=train_budget if shifts else 1.0, **extra)
-    # `auto` resolves for the influence method only (an order given for another method was refused above)
-    return replace(args, candidates=resolve_candidates(args)) if candidates == "auto" and method == "influence" \
-        else args
-
-
-def check_train_epochs(train_epochs: int | None, selection: SelectionArgs) -> None:
-    """--train-epochs refused, in one line, where it would change nothing."""
-    if train_epochs is None:
-        return
-    if train_epochs < 1:
-        raise BadInputError(f"--train-epochs {train_epochs} must be at least 1")
-    if selection.method != "influence" or selection.coverage != "difficulty":
-        raise BadInputError("--train-epochs shifts the hard cut of --method influence under difficulty coverage "
-                            "(--prune-ratio); it does not apply here")
-    if selection.hard_cut is not None:
-        raise BadInputError("--train-epochs shifts the hard-cut schedule; with --hard-cut given there is none to shift")
 
 
 def dask_address_problem(address: str) -> str | None:
@@ -108,22 +72,9 @@ def scoring_recipe(run_dir: Path) -> TrainArgs:
     none were given)."""
     used = run_arguments(run_dir, "the scoring run's epochs are")
     try:
-        return TrainArgs(model=used.get("model", "cnn"), epochs=used.get("epochs"))
+        return TrainArgs(model=used.get("model", TrainArgs.model), epochs=used.get("epochs"))
     except BadInputError as exc:  # its message names the option, which the manifest, not the user, gave here
         raise BadInputError(f"{run_dir / 'manifest.json'}: its arguments are not a run's ({exc})") from None
-
-
-def train_budget(train_epochs: int | None, scoring_epochs: int, model: str) -> float:
-    """The pruned set's training epochs ÷ the scoring run's (SelectionArgs.train_budget); 1 when
-    not given and for `linear`, which trains to the optimum."""
-    return 1.0 if train_epochs is None or model == "linear" else train_epochs / scoring_epochs
-
-
-def check_train_epochs_model(train_epochs: int | None, model: str) -> None:
-    """--train-epochs given for a `linear` scoring run, which has no epochs to shift by."""
-    if train_epochs is not None and model == "linear":
-        raise BadInputError("--train-epochs shifts the hard cut by a network's training budget; --model linear "
-                            "trains to its optimum, without epochs")
 
 
 # Labels of the deployment form in the Prefect UI ("Custom run"); other fields get their name.
@@ -141,6 +92,13 @@ FIELD_TITLES = {
     "target": "Version target", "block_size": "Block size (rows)",
 }
 DATASET_PATTERN = r"^(fashion-mnist|mnist|cifar10|cifar100|npz:.+|delta:.+)$"  # checked again by parse_dataset_spec
+# The choices of the core's argument objects, as the form's enumerations (`auto`: resolved by the selection policy)
+Model = Literal[tuple(DEFAULT_EPOCHS)]
+Hessian = Literal[STRATEGIES]
+Method = Literal[METHODS]
+Solver = Literal[SOLVERS]
+Coverage = Literal[("auto", *COVERAGE)]
+Candidates = Literal[("auto", *CANDIDATES)]
 
 
 def _field_title(name: str, info) -> str:
@@ -152,52 +110,69 @@ class RunParameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid", title="Pruning run", field_title_generator=_field_title)
 
-    dataset: str = Field("fashion-mnist", description="fashion-mnist, mnist, cifar10, cifar100, npz:PATH or delta:URI[@VERSION]",
-                         json_schema_extra={"pattern": DATASET_PATTERN})
-    data_root: str | None = Field(None, description="Folder holding a named dataset's files (torchvision datasets); Fashion-MNIST defaults to the system copy; not for npz: or delta: sources")
-    model: Literal["linear", "cnn", "resnet18"] = Field("cnn", description="Model trained on the dataset")
+    dataset: str = Field(
+        "fashion-mnist", json_schema_extra={"pattern": DATASET_PATTERN},
+        description="fashion-mnist, mnist, cifar10, cifar100, npz:PATH or delta:URI[@VERSION]")
+    data_root: str | None = Field(
+        None, description="Folder holding a named dataset's files (torchvision datasets); Fashion-MNIST defaults to "
+                          "the system copy; not for npz: or delta: sources")
+    model: Model = Field(TrainArgs.model, description="Model trained on the dataset")
     checkpoint: str | None = Field(None, description="Use these weights (a state_dict) instead of training")
-    epochs: int | None = Field(None, ge=1, le=1000, description="Training epochs (default: 4 for cnn, 30 for resnet18)")
-    lr: float = Field(0.05, gt=0, description="Peak SGD learning rate")
-    batch_size: int = Field(128, ge=1, description="Training mini-batch size")
-    weight_decay: float = Field(5e-4, ge=0, description="λ: L2 penalty in training and in the influence Hessian")
-    seed: int = Field(0, ge=0, description="Seed of training and of random selection")
-    augment: bool = Field(False, description="Train on random crops (4-pixel padding) and horizontal flips of every "
-                                              "batch, the usual CIFAR recipe (cnn and resnet18)")
-    scope: str = Field("last-layer", description="Parameters the influence is taken over: last-layer, all, "
-                                                 "modules:NAME[,NAME...]")
-    hessian: Literal["exact", "kfac", "ekfac", "cg", "lissa"] = Field("exact", description="Inverse-Hessian strategy")
-    damping: float | Literal["auto"] = Field(0.0, description="Added to the Hessian's diagonal on top of λ; "
-                                                               "'auto': 1e-3 × mean eigenvalue")
-    projection_dim: int | None = Field(None, ge=1, description="Random-projection dimension of the stored vectors, below the scope's parameter count (empty: the full vectors)")
-    gpu: bool = Field(False, description="Shard tasks (and an evaluation's retrainings) request the Dask resource GPU=1")
-    prune_ratio: float | None = Field(None, gt=0, lt=1, description="Fraction of samples to remove (size-constrained)")
-    epsilon: float | None = Field(None, gt=0, description="Bound on ‖Σ s_i‖₂ of the removed set (guaranteed mode)")
-    method: Literal["influence", "random", "el2n", "grand", "forgetting", "influence-score", "herding", "kcenter",
-                    "moderate", "ccs"] = Field("influence", description="The paper's optimisation, or a baseline")
-    solver: Literal["greedy", "scip", "bucketed"] = Field(
-        "greedy", description="Solver of the influence method (scip: exact reference for small n, time-limited; "
-                              "bucketed: buckets solved in parallel on Dask, then a global swap search)")
-    class_balanced: bool = Field(False, description="Prune every class in proportion to its size")
-    coverage: Literal["auto", "none", "difficulty"] = Field(
+    epochs: int | None = Field(
+        TrainArgs.epochs, ge=1, le=1000,
+        description=f"Training epochs (default: {DEFAULT_EPOCHS['cnn']} for cnn, {DEFAULT_EPOCHS['resnet18']} for "
+                    "resnet18)")
+    lr: float = Field(TrainArgs.lr, gt=0, description="Peak SGD learning rate")
+    batch_size: int = Field(TrainArgs.batch_size, ge=1, description="Training mini-batch size")
+    weight_decay: float = Field(TrainArgs.weight_decay, ge=0,
+                                description="λ: L2 penalty in training and in the influence Hessian")
+    seed: int = Field(TrainArgs.seed, ge=0, description="Seed of training and of random selection")
+    augment: bool = Field(
+        TrainArgs.augment, description="Train on random crops (4-pixel padding) and horizontal flips of every batch, "
+                                       "the usual CIFAR recipe (cnn and resnet18)")
+    scope: str = Field(InfluenceArgs.scope,
+                       description="Parameters the influence is taken over: last-layer, all, modules:NAME[,NAME...]")
+    hessian: Hessian = Field(InfluenceArgs.hessian, description="Inverse-Hessian strategy")
+    damping: float | Literal["auto"] = Field(
+        InfluenceArgs.damping,
+        description="Added to the Hessian's diagonal on top of λ; 'auto': 1e-3 × mean eigenvalue")
+    projection_dim: int | None = Field(
+        InfluenceArgs.projection_dim, ge=1,
+        description="Random-projection dimension of the stored vectors, below the scope's parameter count (empty: the "
+                    "full vectors)")
+    gpu: bool = Field(False,
+                      description="Shard tasks (and an evaluation's retrainings) request the Dask resource GPU=1")
+    prune_ratio: float | None = Field(SelectionArgs.prune_ratio, gt=0, lt=1,
+                                      description="Fraction of samples to remove (size-constrained)")
+    epsilon: float | None = Field(SelectionArgs.epsilon, gt=0,
+                                  description="Bound on ‖Σ s_i‖₂ of the removed set (guaranteed mode)")
+    method: Method = Field(SelectionArgs.method, description="The paper's optimisation, or a baseline")
+    solver: Solver = Field(
+        SelectionArgs.solver, description="Solver of the influence method (scip: exact reference for small n, "
+                                          "time-limited; bucketed: buckets solved in parallel on Dask, then a global "
+                                          "swap search)")
+    class_balanced: bool = Field(SelectionArgs.class_balanced,
+                                 description="Prune every class in proportion to its size")
+    coverage: Coverage = Field(
         "auto", description="difficulty: the influence method keeps every EL2N difficulty stratum covered (CCS's "
                             "budget layout) and minimises ‖Σ s_i‖ within it; auto: difficulty wherever it applies "
                             "(influence, prune_ratio, greedy/scip, not class_balanced), else none")
-    candidates: Literal["auto", "smallest", "uniform", "easiest"] = Field(
+    candidates: Candidates = Field(
         "auto", description="order the influence solver's candidate pool is fed in: smallest ‖s_i‖ first (the "
                             "paper's path), a seeded uniform order (a near-uniform draw within each stratum "
                             "whose summed influence is still minimised), or lowest EL2N first; auto: under difficulty "
-                            "coverage below 70 % pruned, easiest where no hardest share is cut, else uniform; "
-                            "smallest otherwise")
+                            f"coverage below {100 * SMALLEST_FROM:g} % pruned, easiest where no hardest share is cut, "
+                            "else uniform; smallest otherwise")
     hard_cut: float | None = Field(
-        None, ge=0, lt=1, description="Under difficulty coverage: the share of the hardest (highest-EL2N) samples "
-                                      "removed first; empty: the product's schedule, none up to 50 % pruned, then "
-                                      "half of every further removal (β = (ratio − 0.5) / 2), shifted by "
-                                      "train_epochs")
+        SelectionArgs.hard_cut, ge=0, lt=1,
+        description="Under difficulty coverage: the share of the hardest (highest-EL2N) samples removed first; empty: "
+                    "the product's schedule, none up to 50 % pruned, then half of every further removal (β = (ratio − "
+                    "0.5) / 2), shifted by train_epochs")
     swap_rounds: int | None = Field(
-        None, ge=0, le=MAX_SWAP_ROUNDS, description="At most this many rounds of the influence solver's swap search after "
-                                           "its greedy path, 0: the path is the answer; empty: 0 under difficulty "
-                                           "coverage and for the easiest order, else 500")
+        SelectionArgs.swap_rounds, ge=0, le=MAX_SWAP_ROUNDS,
+        description="At most this many rounds of the influence solver's swap search after its greedy path, 0: the "
+                    "path is the answer; empty: 0 under difficulty coverage and for the easiest order, else "
+                    f"{SWAP_ROUNDS}")
     rounds: int = Field(
         1, ge=1, le=MAX_ROUNDS, description="Prune in this many rounds, each removing an equal share of the samples "
                                             "(of prune_ratio in all): every round after the first trains a fresh model "
@@ -208,14 +183,16 @@ class RunParameters(BaseModel):
                                           "longer recipe learns from more of the hard tail), left by 0.2 per "
                                           "halving down to half; empty: the same as the scoring run's epochs")
     shards: int = Field(4, ge=1, le=10000, description="Influence shards (contiguous sample ranges)")
-    workers: int = Field(2, ge=1, le=256, description="Workers of the local Dask cluster (ignored when a Dask scheduler address is given)")
+    workers: int = Field(
+        2, ge=1, le=256,
+        description="Workers of the local Dask cluster (ignored when a Dask scheduler address is given)")
     dask_address: str | None = Field(None, description="tcp://host:port of an existing Dask scheduler",
                                      json_schema_extra={"pattern": r"^(tcp|tls|inproc|ucx)://\S+$"})
     out: str = Field("runs", description="Root of run folders")
     target: str | None = Field(None, description="Receives the version: a Delta table path or URI (delta:URI too; "
                                                  "default datasets/NAME-pruned), dvc:REPO#PATH or "
                                                  "lakefs://REPO/BRANCH/PATH")
-    block_size: int = Field(1024, ge=1, description="Rows per fixed computation block")
+    block_size: int = Field(InfluenceArgs.block_size, ge=1, description="Rows per fixed computation block")
 
     @field_validator("target", mode="before")
     @classmethod
@@ -246,8 +223,6 @@ class RunParameters(BaseModel):
                          weight_decay=self.weight_decay, seed=self.seed, augment=self.augment)
 
     def influence_args(self) -> InfluenceArgs:
-        if isinstance(self.damping, float) and not self.damping >= 0:
-            raise BadInputError(f"--damping {self.damping} must be a non-negative number or 'auto'")
         return InfluenceArgs(scope=self.scope, hessian=self.hessian, damping=self.damping,
                              projection_dim=self.projection_dim, block_size=self.block_size,
                              storage_dtype="float64" if self.model == "linear" else "float32")
@@ -332,23 +307,23 @@ class EvaluateParameters(RunParameters):
     model_config = ConfigDict(extra="forbid", title="Pruning evaluation")
 
     prune_ratio: float | None = Field(0.4, gt=0, lt=1, description="Prune ratio of the scoring run's own version")
-    methods: list[Literal["influence", "random", "el2n", "grand", "forgetting", "influence-score", "herding",
-                          "kcenter", "moderate", "ccs"]] = Field(
-        ["influence", "random", "el2n", "influence-score", "forgetting", "ccs"], min_length=1,
-        description="Selection methods compared (influence is this product's)")
-    ratios: list[Annotated[float, Field(gt=0, lt=1)]] = Field([0.2, 0.4, 0.6, 0.8], min_length=1,
+    methods: list[Method] = Field(list(EvalArgs.methods), min_length=1,
+                                  description="Selection methods compared (influence is this product's)")
+    ratios: list[Annotated[float, Field(gt=0, lt=1)]] = Field(list(EvalArgs.ratios), min_length=1,
                                                               description="Prune ratios evaluated")
-    seeds: list[Annotated[int, Field(ge=0)]] = Field([0, 1, 2], min_length=1, description="Training seeds per cell")
-    target_drop: float = Field(0.013, ge=0, lt=1, description="Convergence target: full-data accuracy minus this")
-    evaluations_per_epoch: int = Field(4, ge=1, le=100, description="Test-accuracy measurements per epoch")
-    gap_samples: int = Field(5000, ge=0, description="Samples of the generalization-gap check (0 skips it)")
-    gap_points: int = Field(8, ge=2, le=50, description="ε values of the generalization-gap check")
-    gap_weight_decay: float = Field(0.01, gt=0, description="λ of the gap check's convex problems")
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(list(EvalArgs.seeds), min_length=1,
+                                                     description="Training seeds per cell")
+    target_drop: float = Field(EvalArgs.target_drop, ge=0, lt=1,
+                               description="Convergence target: full-data accuracy minus this")
+    evaluations_per_epoch: int = Field(EvalArgs.evaluations_per_epoch, ge=1, le=100,
+                                       description="Test-accuracy measurements per epoch")
+    gap_samples: int = Field(EvalArgs.gap_samples, ge=0,
+                             description="Samples of the generalization-gap check (0 skips it)")
+    gap_points: int = Field(EvalArgs.gap_points, ge=2, le=50, description="ε values of the generalization-gap check")
+    gap_weight_decay: float = Field(EvalArgs.gap_weight_decay, gt=0, description="λ of the gap check's convex problems")
     from_run: str | None = Field(None, description="Reuse this run folder's scores and model instead of a scoring run")
 
-    def eval_args(self):
-        from pruning_core.evaluation import EvalArgs
-
+    def eval_args(self) -> EvalArgs:
         return EvalArgs(methods=tuple(self.methods), ratios=tuple(self.ratios), seeds=tuple(self.seeds),
                         target_drop=self.target_drop, evaluations_per_epoch=self.evaluations_per_epoch,
                         gap_samples=self.gap_samples, gap_points=self.gap_points,
@@ -381,16 +356,14 @@ class EvaluateParameters(RunParameters):
         """With --from-run no scoring run selects with --method: the influence method's options act
         on the influence selections of --methods only, and were silently unused without them."""
         listed = ",".join(self.methods)
-        options = (("--solver", self.solver, "greedy"), ("--coverage", self.coverage, "auto"),
-                   ("--candidates", self.candidates, "auto"), ("--swap-rounds", self.swap_rounds, None),
-                   ("--rounds", self.rounds, 1))
-        given = [flag for flag, value, default in options if value != default]
+        given = [f"--{name.replace('_', '-')}" for name in ("solver", "coverage", "candidates", "swap_rounds", "rounds")
+                 if getattr(self, name) != type(self).model_fields[name].default]
         if given and "influence" not in self.methods:
             raise BadInputError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to the influence method, "
                                 f"which --methods {listed} does not list")
         if self.hard_cut is not None and not {"influence", "ccs"} & set(self.methods):
-            raise BadInputError(f"--hard-cut applies to the influence method and ccs, which --methods {listed} does not "
-                                "list")
+            raise BadInputError(f"--hard-cut applies to the influence method and ccs, which --methods {listed} "
+                                "does not list")
 
     def _check_from_run(self) -> None:
         run = Path(self.from_run)

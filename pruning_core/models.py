@@ -118,8 +118,3 @@ def inference_features(model: nn.Module, example: torch.Tensor) -> Callable[[tor
     except Exception:  # any failure to compile leaves the eager path, which is always right
         pass
     return model.features
-
-
-def scoped_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the last-layer scope in state_dict order: `fc.weight`, then `fc.bias`."""
-    return ["fc.weight", "fc.bias"]

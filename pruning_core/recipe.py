@@ -1,15 +1,18 @@
-"""The run's recipes as plain data: the training recipe (`TrainArgs`) and the influence settings
-(`InfluenceArgs`), checked as they are made. Free of torch, so that what only reads or checks
-arguments (the command line's parser and `--help`, `select`, `versions`, the flow parameters)
-starts without loading it; the modules that train and score import these from here."""
+"""The run's recipes as plain data: the training recipe (`TrainArgs`), the influence settings
+(`InfluenceArgs`) and an evaluation's grid (`EvalArgs`), checked as they are made. A field's
+default here is the one the flow parameters, the command line and the UI form show (they read
+it). Free of torch, so that what only reads or checks arguments (the command line's parser and
+`--help`, `select`, `versions`, the flow parameters) starts without loading it; the modules that
+train and score import these from here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import BadInputError
+from .selection import METHODS
 
 DEFAULT_EPOCHS = {"linear": 0, "cnn": 4, "resnet18": 30}
 STRATEGIES = ("exact", "kfac", "ekfac", "cg", "lissa")  # inverse-Hessian strategies (hessians.py)
@@ -97,3 +100,40 @@ class InfluenceArgs:
             raise BadInputError(f"block size {self.block_size} must be at least 1")
         if self.storage_dtype not in ("float32", "float64"):
             raise BadInputError(f"storage dtype {self.storage_dtype!r}; valid: float32, float64")
+
+
+@dataclass
+class EvalArgs:
+    """An evaluation's grid: every method × prune ratio × seed retrained, against the full data."""
+
+    methods: tuple[str, ...] = ("influence", "random", "el2n", "influence-score", "forgetting", "ccs")
+    ratios: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    target_drop: float = 0.013  # convergence target: full-data accuracy minus this (1.3 points)
+    evaluations_per_epoch: int = 4
+    gap_samples: int = 5000  # rows of the generalization-gap check (0: skip it)
+    gap_points: int = 8  # ε values
+    gap_weight_decay: float = 0.01  # λ of the convex gap problems
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.methods, self.ratios, self.seeds = tuple(self.methods), tuple(self.ratios), tuple(self.seeds)
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise BadInputError(f"--methods: {', '.join(unknown)} unknown; valid: {', '.join(METHODS)}")
+        if not self.methods or not self.ratios or not self.seeds:
+            raise BadInputError("--methods, --ratios and --seeds each need at least one value")
+        if any(not (0 < r < 1) for r in self.ratios):
+            raise BadInputError(f"--ratios {','.join(map(str, self.ratios))}: every ratio must lie strictly in (0, 1)")
+        if any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            raise BadInputError("--seeds must be distinct non-negative integers")
+        for flag, values in (("--methods", self.methods), ("--ratios", self.ratios)):
+            twice = sorted({v for v in values if values.count(v) > 1}, key=values.index)
+            if twice:  # each cell would be trained twice and counted twice in every mean
+                raise BadInputError(f"{flag} lists {', '.join(map(str, twice))} more than once")
+        if not (0 <= self.target_drop < 1):
+            raise BadInputError(f"--target-drop {self.target_drop} must lie in [0, 1)")
+        if self.evaluations_per_epoch < 1:
+            raise BadInputError("--evaluations-per-epoch must be at least 1")
+        if self.gap_samples < 0 or (0 < self.gap_samples < 200) or self.gap_points < 2:
+            raise BadInputError("--gap-samples must be 0 (skip) or ≥ 200, with at least 2 ε values")

@@ -1,6 +1,6 @@
 """Selection: which samples to remove, given their influence vectors s_i (n, p).
 
-Size-constrained (DESIGN.md): given m, find R with |R| = m minimising ‖Σ_{i∈R} s_i‖₂.
+Size-constrained (Yang et al., ICLR 2023): given m, find R with |R| = m minimising ‖Σ_{i∈R} s_i‖₂.
 Generalization-guaranteed: given ε, the largest R with ‖Σ_{i∈R} s_i‖₂ ≤ ε.
 Both are NP-hard; the solvers here are heuristics that report the objective reached.
 
@@ -37,6 +37,8 @@ COVERAGE = ("none", "difficulty")
 CANDIDATES = ("smallest", "uniform", "easiest")
 MAX_SWAP_ROUNDS = 100_000  # also the bound of the run/evaluate form (flows/parameters.py)
 MAX_ROUNDS = 10  # pruning rounds of one run (each trains and scores a model): the form's bound too
+SWAP_ROUNDS = 500  # rounds of the swap search where `default_swap_rounds` runs one
+SMALLEST_FROM = 0.7  # prune ratio from which `auto` feeds the smallest ‖s_i‖ first (`resolve_candidates`)
 
 
 def round_ratios(total: float, rounds: int, n: int | None = None) -> list[float]:
@@ -71,7 +73,7 @@ class SelectionArgs:
     restarts: int | None = None  # extra random-start local searches (None: 8 when n ≤ 5,000, else 0)
     class_balanced: bool = False  # prune every class in proportion to its size
     coverage: str = "none"  # "difficulty": per-stratum removal quotas over EL2N (CCS's layout), see `select`
-    candidates: str = "smallest"  # order the greedy path's pool is fed in: ascending ‖s_i‖, seeded uniform, or ascending EL2N
+    candidates: str = "smallest"  # the greedy path's feed: ascending ‖s_i‖, seeded uniform, or ascending EL2N
     hard_cut: float | None = None  # under coverage: share of the hardest samples removed first (None: hard_cut_for)
     train_budget: float = 1.0  # epochs the pruned set will be trained for ÷ the scoring run's (shifts hard_cut_for)
     time_limit: float = 60.0  # seconds, for the `scip` reference solver
@@ -128,7 +130,8 @@ class SelectionArgs:
                 raise BadInputError(f"--swap-rounds {self.swap_rounds} must be ≥ 0 (0: the greedy path is the answer)")
             if self.swap_rounds > MAX_SWAP_ROUNDS:
                 raise BadInputError(f"--swap-rounds {self.swap_rounds} must be ≤ {MAX_SWAP_ROUNDS} (each round "
-                                    "scores every sample; the search stops earlier when a round finds no improving swap)")
+                                    "scores every sample; the search stops earlier when a round finds no improving "
+                                    "swap)")
             if self.method != "influence":
                 raise BadInputError("--swap-rounds applies to --method influence")
 
@@ -146,35 +149,22 @@ class SelectionArgs:
 
 def default_swap_rounds(args: SelectionArgs) -> int:
     """0 (the greedy path is the answer) under difficulty coverage and for the `easiest` order,
-    else 500. Under the strata the swaps trade removals for others of the same stratum that
-    cancel better: a lower ‖Σ_R s_i‖, not a better pruned set. Held out, on five cross-validation
-    folds, the path beat the swaps at 60 % (+0.08 [−0.04, +0.19] points, 4 of 5 folds;
-    benchmarks/results/cross-validation-0.6.md) and at 40 % (+0.12 with the easiest order)."""
-    return 0 if args.coverage == "difficulty" or args.candidates == "easiest" else 500
+    else SWAP_ROUNDS. Under the strata the swaps trade removals for others of the same stratum
+    that cancel better: a lower ‖Σ_R s_i‖, not a better pruned set; held out, the path beat them
+    (benchmarks/results/cross-validation-0.6.md, cross-validation-0.4.md)."""
+    return 0 if args.coverage == "difficulty" or args.candidates == "easiest" else SWAP_ROUNDS
 
 
 def hard_cut_for(prune_ratio: float, train_budget: float = 1.0) -> float:
     """β of the influence method's difficulty coverage, the share of the hardest (highest-EL2N)
-    samples removed before the strata share out the rest.
+    samples removed before the strata share out the rest: β = max(0, (r − 0.5 − s·log2 b) / 2).
 
-    With the scoring run's own recipe (train_budget 1): none up to 50 % pruned, then half of
-    every further removal, β = (r − 0.5) / 2. CCS's CIFAR-10 schedule (none below 70 %, 10 % at
-    70–80 %) kept Fashion-MNIST's hardest, often mislabelled, tail where the kept set is small; on
-    a held-out validation split this line beat it and every other β measured at 40, 60 and 80 %
-    pruned (benchmarks/results/hard-cut.md).
-
-    A longer downstream recipe learns from more of the hard tail, so the line shifts right by
-    0.1 in r per doubling of the training epochs: β = (r − 0.5 − 0.1·log2 b) / 2, b = train_budget
-    (the pruned set's epochs ÷ the scoring run's). On the validation split the best β was 0 at 60 %
-    and 0.1 at 80 % pruned with twice the epochs, 0.05 at 80 % with four times
-    (benchmarks/results/recipe-8.md).
-
-    A shorter recipe learns less of the hard tail still, so the cut grows, faster: the line moves
-    left by 0.2 per halving, β = (r − 0.5 − 0.2·log2 b) / 2 for b < 1. With half the epochs the
-    best β measured was 0.1 at 60 % and 0.35 at 80 % pruned (0.05 ahead of none at 40 %), with
-    three quarters 0.2 at 80 %; 0.2 per halving keeps the rule within 0.84 points of the best in
-    each, 0.1 would lose 1.65 at 80 % (benchmarks/results/recipe-2.md). Budgets below 1/2 were not
-    measured and are taken as 1/2."""
+    r is the prune ratio, b the train_budget (the pruned set's training epochs ÷ the scoring run's,
+    taken as ½ below ½), s = 0.1 for b ≥ 1 and 0.2 below. With the scoring run's own
+    recipe: none up to 50 % pruned, then half of every further removal. A longer recipe learns
+    from more of the hard, often mislabelled tail, so the cut comes later; a shorter one, sooner.
+    Chosen on a held-out validation split against CCS's schedule and every other β measured
+    (benchmarks/results/hard-cut.md; the budget's shift: recipe-8.md, recipe-2.md)."""
     b, slope = _budget_terms(train_budget)
     return round(max(0.0, (prune_ratio - 0.5 - slope * math.log2(b)) / 2), 6)
 
@@ -191,6 +181,72 @@ def hard_cut_formula(train_budget: float = 1.0) -> str:
         return "(r − 0.5) / 2"
     b, slope = _budget_terms(train_budget)
     return f"(r − 0.5 − {slope:g}·log2 {b:g}) / 2"
+
+
+# --- the selection policy: what the options left on `auto` or empty resolve to -----------------
+# One place for the run, the evaluation and `select` (the flow parameters call these).
+
+
+def resolve_coverage(coverage: str, method: str, prune_ratio: float | None, solver: str, class_balanced: bool) -> str:
+    """`auto` → `difficulty` where it applies (the product's default), else `none`."""
+    if coverage != "auto":
+        return coverage
+    applies = method == "influence" and prune_ratio is not None and solver != "bucketed" and not class_balanced
+    return "difficulty" if applies else "none"
+
+
+def resolve_candidates(args: SelectionArgs) -> str:
+    """The influence method's `auto` candidate order: under difficulty coverage below
+    SMALLEST_FROM pruned, `easiest` where the strata cut no hardest share (`args.coverage_cut()`
+    = 0) and `uniform` where they do; `smallest` otherwise. Each won held out where it applies
+    (benchmarks/results/cross-validation-0.4.md, candidate-order.md)."""
+    if args.coverage != "difficulty" or args.prune_ratio >= SMALLEST_FROM:
+        return "smallest"
+    return "easiest" if args.coverage_cut() == 0 else "uniform"
+
+
+def selection_args(method: str, prune_ratio: float | None, epsilon: float | None, solver: str, seed: int,
+                   class_balanced: bool, coverage: str, candidates: str, hard_cut: float | None = None,
+                   train_budget: float = 1.0, **extra) -> SelectionArgs:
+    """SelectionArgs with `auto` coverage and candidate order resolved (the order applies to the
+    influence method only) and the training budget kept where it shifts something (the hard-cut
+    schedule of the influence method under difficulty coverage, no --hard-cut given): one place
+    for the run, the evaluation and `select`."""
+    coverage = resolve_coverage(coverage, method, prune_ratio, solver, class_balanced)
+    shifts = method == "influence" and coverage == "difficulty" and hard_cut is None
+    args = SelectionArgs(method=method, prune_ratio=prune_ratio, epsilon=epsilon, solver=solver, seed=seed,
+                         class_balanced=class_balanced, coverage=coverage,
+                         candidates="smallest" if candidates == "auto" else candidates,
+                         hard_cut=hard_cut, train_budget=train_budget if shifts else 1.0, **extra)
+    if candidates == "auto" and method == "influence":  # an order given for another method was refused above
+        return dataclasses.replace(args, candidates=resolve_candidates(args))
+    return args
+
+
+def check_train_epochs(train_epochs: int | None, selection: SelectionArgs) -> None:
+    """--train-epochs refused, in one line, where it would change nothing."""
+    if train_epochs is None:
+        return
+    if train_epochs < 1:
+        raise BadInputError(f"--train-epochs {train_epochs} must be at least 1")
+    if selection.method != "influence" or selection.coverage != "difficulty":
+        raise BadInputError("--train-epochs shifts the hard cut of --method influence under difficulty coverage "
+                            "(--prune-ratio); it does not apply here")
+    if selection.hard_cut is not None:
+        raise BadInputError("--train-epochs shifts the hard-cut schedule; with --hard-cut given there is none to shift")
+
+
+def train_budget(train_epochs: int | None, scoring_epochs: int, model: str) -> float:
+    """The pruned set's training epochs ÷ the scoring run's (SelectionArgs.train_budget); 1 when
+    not given and for `linear`, which trains to the optimum."""
+    return 1.0 if train_epochs is None or model == "linear" else train_epochs / scoring_epochs
+
+
+def check_train_epochs_model(train_epochs: int | None, model: str) -> None:
+    """--train-epochs given for a `linear` scoring run, which has no epochs to shift by."""
+    if train_epochs is not None and model == "linear":
+        raise BadInputError("--train-epochs shifts the hard cut by a network's training budget; --model linear "
+                            "trains to its optimum, without epochs")
 
 
 @dataclass
@@ -436,7 +492,8 @@ def _largest_prefix_within(vectors: np.ndarray, order: np.ndarray, path: np.ndar
     return _mask(len(vectors), order[:k])
 
 
-def candidate_stream(vectors: np.ndarray, args: SelectionArgs, difficulty: np.ndarray | None = None) -> np.ndarray | None:
+def candidate_stream(vectors: np.ndarray, args: SelectionArgs,
+                     difficulty: np.ndarray | None = None) -> np.ndarray | None:
     """The order the greedy path's pool is fed in (None: ascending ‖s_i‖, greedy_path's own):
     `uniform` a seeded hash order, `easiest` ascending `difficulty` (EL2N), ties by index."""
     if args.candidates == "uniform":
