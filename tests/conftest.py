@@ -1,5 +1,10 @@
 """Shared fixtures: a small real dataset (a Fashion-MNIST subset as `npz`), a real Prefect
-API (`prefect_test_harness`: a temporary server subprocess) exported to Dask workers."""
+API (`prefect_test_harness`: a temporary server subprocess) exported to Dask workers.
+
+Two tiers: `integration` (marked) and unit (unmarked, `make check`). A test that uses one of
+`INTEGRATION_FIXTURES` is marked here; a test that starts a server, cluster or pipeline command
+on its own carries `@pytest.mark.integration` (or its module's `pytestmark`), and an unmarked
+test that starts a Dask cluster or Prefect's own server in-process fails (`unit_tests_start_no_servers`)."""
 
 from __future__ import annotations
 
@@ -21,6 +26,34 @@ from pruning_core.data import FASHION_MNIST_ROOT, load_dataset
 # Imported first inside a test that captures with capsys, the handler keeps that test's stream,
 # closed after it: every later flow log in the process prints a "Logging error" traceback into the
 # next test's captured stderr. Imported here, at collection, it keeps pytest's own stream.
+
+
+# fixtures that start a Prefect server, a Dask cluster, a browser or an object store
+INTEGRATION_FIXTURES = {"prefect_api", "dask_cluster", "own_home", "served", "browser", "s3"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if INTEGRATION_FIXTURES.intersection(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def unit_tests_start_no_servers(request, monkeypatch):
+    """In an unmarked test, starting a Dask LocalCluster or Prefect's temporary server fails the
+    test, naming the mark it lacks: the unit tier stays free of them without anyone timing it."""
+    if request.node.get_closest_marker("integration"):
+        return
+    from distributed import LocalCluster
+    from prefect.server.api.server import SubprocessASGIServer
+
+    def refuse(what):
+        def start(*args, **kwargs):
+            pytest.fail(f"this unit test starts {what}: mark it @pytest.mark.integration", pytrace=False)
+        return start
+
+    monkeypatch.setattr(LocalCluster, "__init__", refuse("a Dask LocalCluster"))
+    monkeypatch.setattr(SubprocessASGIServer, "start", refuse("a Prefect server"))
 
 
 def pytest_configure(config):

@@ -411,6 +411,7 @@ def test_select_train_epochs_shifts_the_hard_cut_by_the_run_s_own_epochs(first_r
     assert not (tmp_path / "refused.parquet").exists()
 
 
+@pytest.mark.integration
 def test_local_dask_workers_keep_glibc_malloc_defaults():
     """Dask's default MALLOC_TRIM_THRESHOLD_=65536 halves training speed in a worker (every large
     tensor mapped afresh); the product's local clusters start their workers without it, also
@@ -428,6 +429,7 @@ def test_local_dask_workers_keep_glibc_malloc_defaults():
     assert list(seen.values()) == [None]
 
 
+@pytest.mark.integration
 def test_local_cluster_dashboard_link_answers_on_loopback():
     """prefect-dask logs the client's dashboard link at the start of a run: the link must open
     (with no dashboard, Dask still answers on 8787 with its health routes only: 404)."""
@@ -447,6 +449,7 @@ def test_local_cluster_dashboard_link_answers_on_loopback():
     assert status == 200 and b"Dask" in body
 
 
+@pytest.mark.integration
 def test_a_run_s_local_cluster_starts_once_when_asked_and_closes_with_the_run():
     """`run_cluster`: the local cluster every stage of a run shares starts when a stage first asks
     for it, answers at one address however often it is asked, and is gone when the run ends; a run

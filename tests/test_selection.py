@@ -186,6 +186,7 @@ def test_scip_reference_is_optimal_on_small_instances_and_never_worse_than_its_w
     assert eps.objective <= 0.5 + 1e-6
 
 
+@pytest.mark.integration  # builds SCIP's model of 2,000,000 terms
 def test_scip_refuses_an_instance_it_could_not_build_within_its_time_limit():
     """The reference writes n × dim terms into its model before SCIP's clock starts: a full
     Fashion-MNIST run (60,000 × 1,290) spent minutes there; one term above the limit is refused
@@ -198,6 +199,7 @@ def test_scip_refuses_an_instance_it_could_not_build_within_its_time_limit():
     assert small.pruned.sum() == 1000
 
 
+@pytest.mark.integration
 def test_bucketed_on_a_local_cluster_matches_the_unbucketed_solver():
     import warnings
 
