@@ -28,6 +28,10 @@ from pruning_core.data import FASHION_MNIST_ROOT, load_dataset
 # next test's captured stderr. Imported here, at collection, it keeps pytest's own stream.
 
 
+# seconds: the bound on a wait for a subprocess or a worker that only a hang reaches; what is
+# waited for ends the wait (the suite's own limit is pytest-timeout's 900 s per test)
+HANG = 600
+
 # fixtures that start a Prefect server, a Dask cluster, a browser or an object store
 INTEGRATION_FIXTURES = {"prefect_api", "dask_cluster", "own_home", "served", "browser", "s3"}
 
@@ -116,12 +120,12 @@ def gpu_worker(client):
                                "--nthreads", "1", "--resources", "GPU=1", "--name", "gpu-worker", "--host", "127.0.0.1",
                                "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        client.wait_for_workers(before + 1, timeout=120)
+        client.wait_for_workers(before + 1, timeout=HANG)
         yield
     finally:
         client.retire_workers(names=["gpu-worker"], close_workers=True)
         worker.terminate()
-        worker.wait(timeout=60)
+        worker.wait(timeout=HANG)
 
 
 def finished_run_files(run: Path, dataset: str, n: int = 2000) -> Path:
@@ -191,6 +195,30 @@ def dask_cluster(prefect_api) -> str:
 
     with LocalCluster(**local_cluster_kwargs(workers=2)) as cluster:
         yield cluster.scheduler_address
+
+
+def read_until(fd: int, until=lambda text: False, timeout: float = HANG) -> str:
+    """What the pipe or terminal `fd` gives until `until(text so far)` holds or it ends (EOF, or
+    EIO: a terminal's other side closed), each read waiting for data with `select`; fails the test,
+    showing the output's end, if neither happens within `timeout` s."""
+    import select
+    import time
+
+    deadline, chunks = time.monotonic() + timeout, []
+    while True:
+        text = b"".join(chunks).decode(errors="replace")
+        if until(text):
+            return text
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            pytest.fail(f"no end of the output within {timeout:.0f} s:\n{text[-3000:]}")
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # EIO: the terminal's other side closed
+            data = b""
+        if not data:
+            return text
+        chunks.append(data)
 
 
 def read_only_tree(root: Path) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import cifar_shaped, gpu_worker
+from conftest import HANG, cifar_shaped, gpu_worker
 from deltalake import DeltaTable
 
 from flows.parameters import RunParameters
@@ -489,7 +489,7 @@ def test_a_run_s_local_cluster_starts_once_when_asked_and_closes_with_the_run():
             assert list(client.run(os.getpid).values()) == [pid]
     with pytest.raises(OSError):
         Client(address, timeout=3)
-    _, alive = psutil.wait_procs(started(), timeout=30)
+    _, alive = psutil.wait_procs(started(), timeout=HANG)
     assert not alive, [" ".join(p.cmdline())[:100] for p in alive]
     with run_cluster("tcp://127.0.0.1:1", workers=1) as given:
         assert given() == "tcp://127.0.0.1:1"
