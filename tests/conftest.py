@@ -2,8 +2,8 @@
 API (`prefect_test_harness`: a temporary server subprocess) exported to Dask workers.
 
 Two tiers: `integration` (marked) and unit (unmarked, `make check`). A test that uses one of
-`INTEGRATION_FIXTURES` is marked here; a test that starts a server, cluster or pipeline command
-on its own carries `@pytest.mark.integration` (or its module's `pytestmark`), and an unmarked
+`INTEGRATION_FIXTURES` is marked here; a test that starts one of those on its own, or computes
+past tiny data, carries `@pytest.mark.integration` (or its module's `pytestmark`); an unmarked
 test that starts a Dask cluster or Prefect's own server in-process fails (`unit_tests_start_no_servers`)."""
 
 from __future__ import annotations
@@ -197,28 +197,26 @@ def dask_cluster(prefect_api) -> str:
         yield cluster.scheduler_address
 
 
-def read_until(fd: int, until=lambda text: False, timeout: float = HANG) -> str:
+def read_until(fd: int, until=None, timeout: float = HANG) -> str:
     """What the pipe or terminal `fd` gives until `until(text so far)` holds or it ends (EOF, or
     EIO: a terminal's other side closed), each read waiting for data with `select`; fails the test,
     showing the output's end, if neither happens within `timeout` s."""
     import select
     import time
 
-    deadline, chunks = time.monotonic() + timeout, []
-    while True:
-        text = b"".join(chunks).decode(errors="replace")
-        if until(text):
-            return text
+    deadline, chunks = time.monotonic() + timeout, bytearray()
+    while until is None or not until(chunks.decode(errors="replace")):
         ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
         if not ready:
-            pytest.fail(f"no end of the output within {timeout:.0f} s:\n{text[-3000:]}")
+            pytest.fail(f"no end of the output within {timeout:.0f} s:\n{chunks.decode(errors='replace')[-3000:]}")
         try:
             data = os.read(fd, 65536)
         except OSError:  # EIO: the terminal's other side closed
             data = b""
         if not data:
-            return text
-        chunks.append(data)
+            break
+        chunks += data
+    return chunks.decode(errors="replace")
 
 
 def read_only_tree(root: Path) -> list[str]:
