@@ -1,22 +1,23 @@
-# `make demo` and `make test` work on a fresh machine: they create the virtual environment,
-# install the package with its pinned dependencies, and install Debian's Fashion-MNIST, Chromium
-# (the browser test drives the Prefect UI with it) and git (the DVC versioning target).
+# `make demo`, `make check` and `make test` work on a fresh machine: they create the virtual environment,
+# install the package with its pinned dependencies and Debian's Fashion-MNIST; the tests add git (the DVC
+# versioning target's tests) and `make test` Chromium (the browser test drives the Prefect UI with it).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-SYSTEM_TOOLS := /usr/bin/chromium /usr/bin/git
+GIT := /usr/bin/git
+CHROMIUM := /usr/bin/chromium
 POOL ?= dataset-pruning
 TEST_WORKERS ?= auto
 DEMO_ARGS ?= --dataset fashion-mnist --model cnn --prune-ratio 0.4
 DEMO_EVAL_ARGS ?= --dataset fashion-mnist --model cnn --methods influence,random --ratios 0.4 --seeds 0 \
 	--gap-samples 2000 --gap-points 5 --out runs
 
-.PHONY: setup demo lint test bench clean serve deploy options
+.PHONY: setup demo lint check test bench clean serve deploy options
 
-setup: $(STAMP) $(FMNIST) $(SYSTEM_TOOLS)
+setup: $(STAMP) $(FMNIST)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,19 +25,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-$(FMNIST):
+# $(call apt_install,PACKAGE,WHAT): Debian's PACKAGE without its recommended packages, as root; otherwise
+# one line saying what is missing and how to install it
+define apt_install
 	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(1); \
 	else \
-	  echo "Fashion-MNIST is missing: install Debian's package (sudo apt-get install dataset-fashion-mnist)" >&2; exit 1; \
+	  echo "$(2) is missing: install Debian's package (sudo apt-get install --no-install-recommends $(1))" >&2; exit 1; \
 	fi
+endef
 
-$(SYSTEM_TOOLS):
-	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium git; \
-	else \
-	  echo "$@ is missing: install Debian's packages (sudo apt-get install chromium git)" >&2; exit 1; \
-	fi
+$(FMNIST):
+	$(call apt_install,dataset-fashion-mnist,Fashion-MNIST)
+
+$(GIT):
+	$(call apt_install,git,$@)
+
+$(CHROMIUM):
+	$(call apt_install,chromium,$@)
 
 demo: setup
 	$(BIN)/dataset-prune run $(DEMO_ARGS)
@@ -48,9 +54,15 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# in TEST_WORKERS processes (pytest-xdist; `auto`: one per core, at most 4; TEST_WORKERS=0: one process),
-# each with one warm Dask cluster for its in-process runs: times in benchmarks/results/test-suite.md
-test: setup lint
+# the unit tier: every test not marked `integration` (no Prefect server, Dask cluster, browser or object
+# store; tiny data), in TEST_WORKERS processes as below
+check: setup $(GIT) lint
+	$(BIN)/python -m pytest -m "not integration" -n $(TEST_WORKERS) --maxprocesses 4
+
+# the whole suite (what CI runs), in TEST_WORKERS processes (pytest-xdist; `auto`: one per core, at most 4;
+# TEST_WORKERS=0: one process), each with one warm Dask cluster for its in-process runs: times in
+# benchmarks/results/test-suite.md
+test: setup $(GIT) $(CHROMIUM) lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses 4
 
 # rewrites the option tables of docs/reference.md from the parser (a test fails while they differ)

@@ -1,5 +1,10 @@
 """Shared fixtures: a small real dataset (a Fashion-MNIST subset as `npz`), a real Prefect
-API (`prefect_test_harness`: a temporary server subprocess) exported to Dask workers."""
+API (`prefect_test_harness`: a temporary server subprocess) exported to Dask workers.
+
+Two tiers: `integration` (marked) and unit (unmarked, `make check`). A test that uses one of
+`INTEGRATION_FIXTURES` is marked here; a test that starts one of those on its own, or computes
+past tiny data, carries `@pytest.mark.integration` (or its module's `pytestmark`); an unmarked
+test that starts a Dask cluster or Prefect's own server in-process fails (`unit_tests_start_no_servers`)."""
 
 from __future__ import annotations
 
@@ -21,6 +26,38 @@ from pruning_core.data import FASHION_MNIST_ROOT, cifar_shaped, load_dataset  # 
 # Imported first inside a test that captures with capsys, the handler keeps that test's stream,
 # closed after it: every later flow log in the process prints a "Logging error" traceback into the
 # next test's captured stderr. Imported here, at collection, it keeps pytest's own stream.
+
+
+# seconds: the bound on a wait for a subprocess or a worker that only a hang reaches; what is
+# waited for ends the wait (the suite's own limit is pytest-timeout's 900 s per test)
+HANG = 600
+
+# fixtures that start a Prefect server, a Dask cluster, a browser or an object store
+INTEGRATION_FIXTURES = {"prefect_api", "dask_cluster", "own_home", "served", "browser", "s3"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if INTEGRATION_FIXTURES.intersection(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def unit_tests_start_no_servers(request, monkeypatch):
+    """In an unmarked test, starting a Dask LocalCluster or Prefect's temporary server fails the
+    test, naming the mark it lacks: the unit tier stays free of them without anyone timing it."""
+    if request.node.get_closest_marker("integration"):
+        return
+    from distributed import LocalCluster
+    from prefect.server.api.server import SubprocessASGIServer
+
+    def refuse(what):
+        def start(*args, **kwargs):
+            pytest.fail(f"this unit test starts {what}: mark it @pytest.mark.integration", pytrace=False)
+        return start
+
+    monkeypatch.setattr(LocalCluster, "__init__", refuse("a Dask LocalCluster"))
+    monkeypatch.setattr(SubprocessASGIServer, "start", refuse("a Prefect server"))
 
 
 def pytest_configure(config):
@@ -77,12 +114,12 @@ def gpu_worker(client):
                                "--nthreads", "1", "--resources", "GPU=1", "--name", "gpu-worker", "--host", "127.0.0.1",
                                "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        client.wait_for_workers(before + 1, timeout=120)
+        client.wait_for_workers(before + 1, timeout=HANG)
         yield
     finally:
         client.retire_workers(names=["gpu-worker"], close_workers=True)
         worker.terminate()
-        worker.wait(timeout=60)
+        worker.wait(timeout=HANG)
 
 
 def finished_run_files(run: Path, dataset: str, n: int = 2000) -> Path:
@@ -152,6 +189,28 @@ def dask_cluster(prefect_api) -> str:
 
     with LocalCluster(**local_cluster_kwargs(workers=2)) as cluster:
         yield cluster.scheduler_address
+
+
+def read_until(fd: int, until=None, timeout: float = HANG) -> str:
+    """What the pipe or terminal `fd` gives until `until(text so far)` holds or it ends (EOF, or
+    EIO: a terminal's other side closed), each read waiting for data with `select`; fails the test,
+    showing the output's end, if neither happens within `timeout` s."""
+    import select
+    import time
+
+    deadline, chunks = time.monotonic() + timeout, bytearray()
+    while until is None or not until(chunks.decode(errors="replace")):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            pytest.fail(f"no end of the output within {timeout:.0f} s:\n{chunks.decode(errors='replace')[-3000:]}")
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # EIO: the terminal's other side closed
+            data = b""
+        if not data:
+            break
+        chunks += data
+    return chunks.decode(errors="replace")
 
 
 def read_only_tree(root: Path) -> list[str]:

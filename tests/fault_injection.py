@@ -9,7 +9,8 @@ functions do the work; only the kill is added:
   yet written (a commit in flight);
 - `committed`: the Delta version is committed, the run folder is not yet published.
 
-`commit_rounds` is the body of one of several processes committing to one Delta table at once.
+`commit_rounds` is the body of one of several processes committing to one Delta table at once;
+`KillOnFirstStart` a Dask worker plugin that kills its worker as it starts a task of a given kind.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import os
 import signal
 import sys
 from pathlib import Path
+
+from distributed import WorkerPlugin
 
 POINTS = ("selection", "commit", "committed")
 
@@ -66,6 +69,31 @@ def install(point: str) -> None:
         raise SystemExit(f"unknown point {point!r}; valid: {', '.join(POINTS)}")
 
 
+class KillOnFirstStart(WorkerPlugin):
+    """Dask worker plugin: the first worker of the cluster to start executing a task whose key
+    begins with `prefix` records {pid, key, done} in `record` (`done`: the files matching
+    `done_glob` at that moment) and kills its own process with SIGKILL; the record, created
+    exclusively, makes it the only one (the nanny's restarted worker gets the plugin again)."""
+
+    def __init__(self, prefix: str, record: str, done_glob: tuple[str, str]):
+        self.prefix, self.record, self.done_glob = prefix, record, done_glob
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish != "executing" or not str(key).startswith(self.prefix):
+            return
+        import json
+
+        try:
+            fd = os.open(self.record, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            return
+        folder, pattern = self.done_glob
+        done = len(list(Path(folder).glob(pattern)))
+        os.write(fd, json.dumps({"pid": os.getpid(), "key": str(key), "done": done}).encode())
+        os.close(fd)
+        die()
+
+
 class _Count(logging.Handler):
     def __init__(self):
         super().__init__(logging.WARNING)
@@ -77,12 +105,35 @@ class _Count(logging.Handler):
 
 def commit_rounds(uri: str, dataset: str, writer: int, rounds: int, barrier, results) -> None:
     """Commit `rounds` versions to `uri`, each after every writer reached `barrier`; put
-    (writer, [(round, run_id, version, kept sample ids)], conflicts retried) on `results`."""
+    (writer, [(round, run_id, version, kept sample ids)], conflicts retried) on `results`.
+
+    From the second round on (the table exists: no writer holds the first-commit lock), each
+    writer's first attempt waits at `barrier` once the Delta writer has taken its first rows,
+    that is after it read the table's snapshot: all of a round's first attempts commit over the
+    same version, so all but one must conflict and retry."""
     import numpy as np
+    import pyarrow as pa
 
     from pruning_core import versions
     from pruning_core.data import load_dataset
 
+    write = versions.write_deltalake
+    rendezvous = {"pending": False}
+
+    def write_in_step(table_uri, data, **kwargs):
+        if not rendezvous["pending"]:
+            return write(table_uri, data, **kwargs)
+        rendezvous["pending"] = False
+
+        def rows():
+            for i, batch in enumerate(data.to_batches()):
+                yield batch
+                if i == 0:
+                    barrier.wait(timeout=300)
+
+        return write(table_uri, pa.RecordBatchReader.from_batches(data.schema, rows()), **kwargs)
+
+    versions.write_deltalake = write_in_step
     conflicts = _Count()
     logging.getLogger(versions.__name__).addHandler(conflicts)
     ds = load_dataset(dataset)
@@ -90,7 +141,8 @@ def commit_rounds(uri: str, dataset: str, writer: int, rounds: int, barrier, res
     for r in range(rounds):
         keep = np.random.default_rng(100 * writer + r).random(ds.n) < 0.5
         run_id = f"writer{writer}-round{r}"
-        barrier.wait(timeout=120)
+        barrier.wait(timeout=300)
+        rendezvous["pending"] = r > 0
         version = versions.commit_version(uri, ds, keep, {"run_id": run_id})
         done.append((r, run_id, version, ds.sample_id[keep].tolist()))
     results.put((writer, done, conflicts.count))

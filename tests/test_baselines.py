@@ -1,9 +1,12 @@
 """Score-based baselines: their orders on hand-made data, and every method through the flow."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from deltalake import DeltaTable
 
+from pruning_core.artifacts import column_array, load_scores
 from pruning_core.baselines import ccs_order, forgetting_events, herding_order, kcenter_order, removal_order
 from pruning_core.selection import METHODS, SelectionArgs, select
 
@@ -53,7 +56,9 @@ def test_moderate_keeps_the_middle_distances():
     order = removal_order("moderate", {"label": np.zeros(21, np.int64), "embedding": E}, None, 0, 6)
     removed = np.abs(E[order[:6], 0])
     kept = np.abs(E[order[6:], 0])
-    assert removed.min() >= 0 and (np.abs(removed - 5) >= np.abs(kept - 5).max() - 1e-9).all()
+    # distances 0, 1, 1, …, 10, 10 around their median 5: the six farthest from it are 0, 10, 10 and three of the 1s and 9s
+    assert sorted(np.abs(removed - 5).tolist()) == [4, 4, 4, 5, 5, 5]
+    assert (np.abs(removed - 5) >= np.abs(kept - 5).max() - 1e-9).all()
 
 
 def test_ccs_cuts_the_hardest_and_covers_every_stratum():
@@ -85,3 +90,10 @@ def test_every_method_runs_through_the_flow_and_writes_a_version(method, dask_cl
     rows = DeltaTable(manifest["version"]["uri"], version=manifest["version"]["version"]).to_pyarrow_table()
     assert rows.num_rows == 1400 == manifest["selection"]["n_kept"]
     assert manifest["selection"]["method"] == method
+    # the version holds exactly what `select` keeps over the run's own scores
+    table, vectors, _ = load_scores(Path(manifest["run_dir"]) / "scores.parquet")
+    columns = {name: column_array(table, name) for name in ("label", "el2n", "grand", "forgetting", "embedding")
+               if name in table.column_names}
+    pruned = select(vectors, SelectionArgs(method=method, prune_ratio=0.3), columns).pruned
+    kept = table.column("sample_id").to_numpy()[~pruned]
+    assert sorted(rows.column("sample_id").to_pylist()) == sorted(kept.tolist())

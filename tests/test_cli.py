@@ -377,6 +377,7 @@ def test_console_script_exit_status(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.integration
 def test_select_on_its_own_local_cluster_prints_its_one_line_and_no_dask_chatter(tmp_path):
     """`select --solver bucketed` printed 34 INFO lines of the Dask cluster's start and close on
     stderr before its result: importing distributed set its logger back to INFO."""

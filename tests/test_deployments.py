@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import clean_env, write_npz
+from conftest import HANG, clean_env, read_until, write_npz
 from deltalake import DeltaTable
 
 from pruning_core.data import load_dataset
@@ -151,41 +151,35 @@ def form_field(page, label: str):
         "xpath=ancestor::div[contains(concat(' ', normalize-space(@class), ' '), ' schema-form-property ')][1]")
 
 
-def new_run(served: Served, deployment_id: str, known: set[str], timeout: float = 240) -> str:
-    """The id of the one run of the deployment created since `known` was listed.
+def run_from_ui(page, prepare, served: Served, deployment_id: str, known: set[str], shot: Path) -> str:
+    """Do `prepare(page)` (the clicks up to the one that should create a run of the deployment),
+    click the button it returns, and return the run that click's own request created: the
+    browser's response to it is awaited (no polling, no second click), and it must be the one run
+    of the deployment added since `known` was listed. Generous: on a loaded 2-core machine the
+    UI's request can take a minute to reach the API. A failure names what the page showed, the
+    requests that failed and the browser's console errors, and keeps a screenshot."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-    Generous: on a loaded 2-core machine the UI's request can take a minute to reach the API."""
-    deadline = time.monotonic() + timeout
-    while not (new := {r["id"] for r in served.runs_of(deployment_id)} - known):
-        if time.monotonic() > deadline:
-            pytest.fail(f"no new run of deployment {deployment_id} within {timeout:.0f} s")
-        time.sleep(0.5)
-    assert len(new) == 1, f"one click made {len(new)} runs"
-    return new.pop()
-
-
-def run_from_ui(page, steps, served: Served, deployment_id: str, known: set[str], shot: Path, tries: int = 3,
-                wait: float = 90) -> str:
-    """Do `steps(page)` (the clicks that should create one run of the deployment) and return that
-    run. Where none comes within `wait` s, do them again from the start, as a user would after an
-    error, up to `tries` times (in a full `make test` a click twice made no run in 240 s, seen
-    only there). The failure names what the page showed, the requests that failed and the
-    browser's console errors each time, and keeps a screenshot."""
     problems = []
     page.on("response", lambda r: problems.append(f"HTTP {r.status} {r.request.method} {r.url}") if r.status >= 400 else None)
     page.on("requestfailed", lambda r: problems.append(f"failed {r.method} {r.url}: {r.failure}"))
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text[:200]}") if m.type == "error" else None)
-    seen = []
-    for attempt in range(1, tries + 1):
-        del problems[:]
-        steps(page)
-        try:
-            return new_run(served, deployment_id, known, timeout=wait)
-        except pytest.fail.Exception:
-            page.screenshot(path=str(shot), full_page=True)
-            shown = " | ".join(page.locator("body").inner_text().splitlines()[-8:])
-            seen.append(f"try {attempt} at {page.url}: {shown}; {problems or 'no failed request'}")
-    pytest.fail(f"no run of {deployment_id} from the UI in {tries} tries ({shot}):\n" + "\n".join(seen))
+    submit = prepare(page)
+    try:
+        with page.expect_response(lambda r: r.request.method == "POST" and
+                                  r.url.endswith(f"/deployments/{deployment_id}/create_flow_run"),
+                                  timeout=240_000) as created:
+            submit.click()
+    except PlaywrightTimeout:
+        page.screenshot(path=str(shot), full_page=True)
+        shown = " | ".join(page.locator("body").inner_text().splitlines()[-8:])
+        pytest.fail(f"the click asked for no run of {deployment_id} within 240 s ({shot}) at {page.url}: {shown}; "
+                    f"{problems or 'no failed request'}")
+    response = created.value
+    assert response.ok, (response.status, response.text()[:500], problems)
+    run_id = response.json()["id"]
+    assert {r["id"] for r in served.runs_of(deployment_id)} - known == {run_id}, "one click made one run"
+    return run_id
 
 
 def version_summaries(target: Path) -> list[tuple]:
@@ -208,7 +202,7 @@ def test_ui_quick_run_and_custom_run_complete_and_publish_versions(served, brows
     expect(page.get_by_text("At 02:00 AM every day")).to_be_visible()  # the cron schedule, in the UI
     assert served.runs_of(nightly["id"]) == []
 
-    def quick_run(page):
+    def quick_run(page):  # the clicks before the one that creates the run, which run_from_ui makes
         page.goto(deployment_page)
         page.wait_for_load_state("networkidle")  # the page's own requests done before the first click
         page.get_by_role("button", name="Run", exact=True).click()
@@ -216,7 +210,7 @@ def test_ui_quick_run_and_custom_run_complete_and_publish_versions(served, brows
         confirm = page.locator("#p-modal-teleport-target").get_by_role("button", name="Run", exact=True)
         expect(confirm).to_be_enabled()
         page.wait_for_load_state("networkidle")
-        confirm.click()
+        return confirm
 
     def custom_run(page):
         page.goto(deployment_page)
@@ -228,7 +222,7 @@ def test_ui_quick_run_and_custom_run_complete_and_publish_versions(served, brows
         expect(ratio).to_have_value("0.4")
         ratio.fill("0.25")
         page.wait_for_load_state("networkidle")
-        page.get_by_role("button", name="Submit").click()
+        return page.get_by_role("button", name="Submit")
 
     quick = run_from_ui(page, quick_run, served, nightly["id"], set(), tmp_path / "quick-run.png")
     custom = run_from_ui(page, custom_run, served, nightly["id"], {quick}, tmp_path / "custom-run.png")
@@ -354,21 +348,12 @@ def test_run_shows_a_progress_bar_and_publishes_to_dvc(prefect_api, tiny_npz, tm
     proc = subprocess.Popen(argv, stdin=child_fd, stdout=child_fd, stderr=child_fd, start_new_session=True,
                             env={**clean_env(tmp_path / "home", PREFECT_API_URL=prefect_api), "COLUMNS": "120"})
     os.close(child_fd)
-    chunks = []
     try:
-        while True:
-            try:
-                data = os.read(main_fd, 65536)
-            except OSError:  # EIO: the terminal's other side closed
-                break
-            if not data:
-                break
-            chunks.append(data)
-        code = proc.wait(timeout=600)
+        text = ANSI.sub("", read_until(main_fd))
+        code = proc.wait(timeout=HANG)
     finally:
         os.close(main_fd)
         stop(proc, grace=10)
-    text = ANSI.sub("", b"".join(chunks).decode(errors="replace"))
     assert code == 0, text[-4000:]
     for step in ("features 2/2", "inverse 1/1", "influence 2/2", "selection 3/3", "publish 1/1"):
         assert step in text, step

@@ -259,6 +259,7 @@ def test_removal_overlaps_against_the_influence_set(tmp_path):
         {"prune_ratio": 0.4, "method": "random", "removed": 4, "also_removed": 0.25, "jaccard": 1 / 7}]
 
 
+@pytest.mark.integration  # retrains linear on 1,500 samples at each of 5 points
 def test_generalization_gap_on_real_linear_data(fmnist):
     """The paper's theory check on Fashion-MNIST `linear`: the measured parameter change tracks
     the predicted one over ε and the test-loss change stays under Lip·‖Σ s_i‖ (the full-size

@@ -139,6 +139,47 @@ def test_kronecker_strategies_differ_from_exact_elsewhere():
     assert rel(kfac, exact) > 1e-3 and rel(ekfac, exact) > 1e-3
 
 
+def curved_last_layer(seed=4):
+    """A linear layer with random weights on spread-out inputs (not Kronecker-exact), its
+    closed-form curvature and features."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model, x = LinearModel(6, 4).double(), 3 * rng.normal(size=(50, 6))
+    y = rng.integers(0, 4, 50)
+    phi = inf.last_layer_inputs(model, x, 7)
+    probs = inf.softmax_probs(phi, *inf.last_layer_weights(model))
+    return inf.last_layer_curvature(phi, probs, 7), phi, probs, y
+
+
+def test_ekfac_eigenvalues_are_the_dense_hessian_s_diagonal_in_the_kronecker_eigenbasis():
+    """EK-FAC's refitted eigenvalues (George et al. 2018) are diag(QᵀHQ), Q = Q_S ⊗ Q_A the
+    eigenvectors of K-FAC's factors and H the dense H_data, here in Kronecker order c·d̃ + j."""
+    curv, *_ = curved_last_layer()
+    factors = curv.kron()
+    _, Q_s = torch.linalg.eigh(factors.S)
+    _, Q_a = torch.linalg.eigh(factors.A)
+    to_kron = torch.as_tensor(np.asarray(factors.to_contract))
+    H = torch.empty(curv.p, curv.p, dtype=torch.float64)
+    H[to_kron[:, None], to_kron[None, :]] = curv.dense()  # contract order → Kronecker order
+    Q = torch.kron(Q_s, Q_a)
+    reference = torch.diagonal(Q.T @ H @ Q).reshape(len(Q_s), len(Q_a))
+    assert rel(factors.eigen_diagonal(Q_s, Q_a).numpy(), reference.numpy()) <= 1e-12
+
+
+@pytest.mark.parametrize("strategy", ["exact", "kfac", "ekfac"])
+def test_projected_vectors_are_the_full_ones_times_the_projection(strategy):
+    """M = P H⁻¹ makes the stored vectors P s_i: the projected run's vectors equal the full
+    run's times Pᵀ, to rounding, for every strategy that solves exactly in its own model of H."""
+    curv, phi, probs, y = curved_last_layer()
+    P = hessians.projection_matrix(curv.p, 7, seed=3)
+    full, _ = hessians.inverse_apply(curv, torch.eye(curv.p, dtype=torch.float64), strategy, 0.01)
+    projected, _ = hessians.inverse_apply(curv, P, strategy, 0.01)
+    vectors = {name: inf.influence_vectors(phi, probs, y, M.numpy(), len(y), 7) for name, M in
+               (("full", full), ("projected", projected))}
+    assert vectors["projected"].shape == (50, 7)
+    assert rel(vectors["projected"], vectors["full"] @ P.numpy().T) <= 1e-12
+
+
 def test_kfac_refused_outside_last_layer():
     from pruning_core.errors import BadInputError
 
@@ -157,10 +198,23 @@ def test_projection_is_seeded_and_norm_preserving():
 
 
 def test_automatic_damping_is_a_fraction_of_the_mean_eigenvalue():
+    """Where the curvature gives its diagonal, 1e-3 · trace / p exactly; elsewhere Hutchinson's
+    estimate with its 16 seeded Rademacher probes v: 1e-3 · mean(vᵀHv) / p, within four standard
+    deviations of the trace (Var vᵀHv = 2 (‖H‖_F² − Σ H_ii²))."""
     model, x, y = tiny_problem(5)
     curv = autograd_curvature(ScopedLoss(model, scope_parameter_names(model, "all")), x, y, 7)
-    exact_mean = float(torch.trace(curv.dense())) / curv.p
-    assert hessians.automatic_damping(curv) == pytest.approx(1e-3 * exact_mean, rel=0.5)  # Hutchinson estimate
+    H = curv.dense()
+    trace = float(torch.trace(H))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    V = (torch.randint(0, 2, (16, curv.p), generator=g) * 2 - 1).to(torch.float64)
+    estimate = float(torch.einsum("ip,pq,iq->i", V, H, V).mean())
+    assert hessians.automatic_damping(curv) == pytest.approx(1e-3 * estimate / curv.p, rel=1e-10)
+    sd = (2 * (float((H * H).sum()) - float((torch.diagonal(H) ** 2).sum())) / 16) ** 0.5
+    assert abs(estimate - trace) <= 4 * sd
+    with_diagonal = hessians.Curvature(p=curv.p, n=curv.n, device=curv.device, hvp=None,
+                                       diag=lambda: torch.diagonal(H))
+    assert hessians.automatic_damping(with_diagonal) == pytest.approx(1e-3 * trace / curv.p, rel=1e-12)
+    assert hessians.automatic_damping(with_diagonal, factor=0.5) == pytest.approx(0.5 * trace / curv.p, rel=1e-12)
 
 
 def test_exact_refuses_what_does_not_fit_with_the_memory_it_needs():

@@ -10,6 +10,8 @@ from pruning_core.recipe import TrainArgs
 from pruning_core.selection import SelectionArgs, objective, select
 from pruning_core.training import train
 
+pytestmark = pytest.mark.integration  # trains the cnn on 10,000 samples
+
 
 @pytest.fixture(scope="module")
 def trained(fmnist):

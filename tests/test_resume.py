@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import clean_env
+from conftest import HANG, clean_env, read_until
 
 
 def command(small_npz, checkpoint, out, target, shards=16, dask_address=None):
@@ -46,7 +46,7 @@ def test_killed_run_recomputes_only_missing_shards(small_npz, cnn_checkpoint, tm
     out = tmp_path / "runs"
     proc = subprocess.Popen(command(small_npz, checkpoint, out, tmp_path / "table"), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + HANG
     while time.monotonic() < deadline and proc.poll() is None and not list(out.glob(".cache/*/scores-*.parquet")):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -107,7 +107,7 @@ def test_killed_in_selection_or_commit_leaves_nothing_visible_and_the_rerun_is_i
         with open(tmp_path / f"{point}.log", "w") as log:
             proc = subprocess.Popen([sys.executable, str(FAULTS), point, *argv], env=env, stdout=log, stderr=log,
                                     start_new_session=True)
-            code = proc.wait(timeout=600)
+            code = proc.wait(timeout=HANG)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # anything it started
         assert code == -signal.SIGKILL, (tmp_path / f"{point}.log").read_text()[-3000:]
@@ -177,7 +177,7 @@ def test_sigterm_marks_the_run_crashed_and_stops_the_server_the_command_started(
         # CI) ignores it, and its children would inherit that
         proc = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + HANG
         while time.monotonic() < deadline and proc.poll() is None and "epoch 1/30" not in log.read_text():
             time.sleep(0.05)
         tree = psutil.Process(proc.pid).children(recursive=True)
@@ -187,8 +187,8 @@ def test_sigterm_marks_the_run_crashed_and_stops_the_server_the_command_started(
         else:
             os.killpg(proc.pid, sig)
         try:
-            returncode = proc.wait(timeout=120)
-            _, alive = psutil.wait_procs(tree, timeout=30)  # what the command started ends with it
+            returncode = proc.wait(timeout=HANG)
+            _, alive = psutil.wait_procs(tree, timeout=HANG)  # what the command started ends with it
             survivors = [" ".join(c.cmdline())[:120] for c in alive]
         finally:
             with contextlib.suppress(ProcessLookupError):
@@ -221,20 +221,16 @@ def test_a_run_whose_log_reader_goes_away_unwinds_and_exits_as_sigpipe_would(sma
             "--epochs", "30", "--prune-ratio", "0.4", "--out", str(tmp_path / "runs"), "--target", str(tmp_path / "t")]
     proc = subprocess.Popen(argv, env=clean_env(own_home, PREFECT_API_URL=prefect_api), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        seen = []
-        for line in proc.stdout:  # the reader takes lines up to the first epoch's, then goes
-            seen.append(line)
-            if "epoch 1/30" in line:
-                break
+    try:  # the reader takes lines up to the first epoch's, then goes
+        seen = read_until(proc.stdout.fileno(), lambda text: "epoch 1/30" in text)
         tree = psutil.Process(proc.pid).children(recursive=True)
         proc.stdout.close()
-        returncode = proc.wait(timeout=120)
-        _, alive = psutil.wait_procs(tree, timeout=30)
+        returncode = proc.wait(timeout=HANG)
+        _, alive = psutil.wait_procs(tree, timeout=HANG)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-    assert any("epoch 1/30" in line for line in seen), "".join(seen)[-2000:]
+    assert "epoch 1/30" in seen, seen[-2000:]
     assert returncode == 128 + signal.SIGPIPE
     assert not alive, [" ".join(c.cmdline())[:120] for c in alive]
     assert not [p for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")]

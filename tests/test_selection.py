@@ -1,5 +1,7 @@
 """Selection solvers: quality against random sets and exhaustive search; the ε mode."""
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -8,6 +10,7 @@ from hypothesis import strategies as st
 from pruning_core.errors import BadInputError
 from pruning_core.selection import (
     SelectionArgs,
+    class_quotas,
     hard_cut_for,
     objective,
     removal_sum,
@@ -45,7 +48,60 @@ def test_solver_near_optimal_on_enumerable_instances():
         exact = select_size_constrained_bruteforce(V, int(fast.pruned.sum()))
         assert fast.objective >= exact.objective - 1e-12
         ratios.append(fast.objective / exact.objective)
-    assert np.mean(ratios) <= 1.02, np.mean(ratios)
+    assert max(ratios) <= 1.02, ratios  # every instance; all 50 reached the optimum when this was written
+
+
+def bruteforce_under_quotas(vectors, groups, quotas) -> float:
+    """Reference: the least ‖Σ_R s_i‖ over every R that takes quotas[c] samples of group c."""
+    members = [np.flatnonzero(groups == c) for c in range(len(quotas))]
+    return min(float(np.linalg.norm(vectors[[i for part in parts for i in part]].sum(axis=0)))
+               for parts in itertools.product(*(itertools.combinations(g, int(q)) for g, q in zip(members, quotas))))
+
+
+def test_class_balanced_solver_near_optimal_on_enumerable_instances():
+    rng = np.random.default_rng(11)
+    for trial in range(30):
+        V, labels, m = instance(rng, 14, 6), rng.integers(0, 3, 14), int(rng.integers(2, 10))
+        fast = select(V, SelectionArgs(prune_ratio=m / 14, class_balanced=True), {"label": labels})
+        quotas = class_quotas(labels, m)
+        assert np.array_equal(np.bincount(labels[fast.pruned], minlength=len(quotas)), quotas)
+        exact = bruteforce_under_quotas(V, labels, quotas)
+        assert exact - 1e-12 <= fast.objective <= 1.02 * exact, (trial, fast.objective, exact)
+
+
+def test_difficulty_coverage_solver_against_exhaustive_search_under_its_strata():
+    """Under --coverage difficulty the greedy path is the answer (no swaps by default): never
+    below the optimum under the same per-stratum quotas (it holds them), and, with the swap
+    search turned on, at it to within 2 % on every instance. Four EL2N levels: four strata."""
+    from pruning_core.baselines import coverage_strata
+
+    rng = np.random.default_rng(12)
+    for trial in range(30):
+        V, m = instance(rng, 15, 6), int(rng.integers(3, 10))
+        el2n = rng.choice([0.05, 0.5, 0.9, 1.3], 15)
+        args = SelectionArgs(prune_ratio=m / 15, coverage="difficulty")
+        strata, quotas = coverage_strata(el2n, m, hard_fraction=args.coverage_cut())
+        exact = bruteforce_under_quotas(V, strata, quotas)
+        path = select(V, args, {"el2n": el2n})
+        swapped = select(V, SelectionArgs(prune_ratio=m / 15, coverage="difficulty", swap_rounds=500), {"el2n": el2n})
+        for result in (path, swapped):
+            assert np.array_equal(np.bincount(strata[result.pruned], minlength=len(quotas)), quotas)
+            assert result.objective >= exact - 1e-12
+        assert swapped.objective <= 1.02 * exact, (trial, swapped.objective, exact)
+
+
+def test_bucketed_solver_against_exhaustive_search():
+    """Two buckets of 7, merged, repaired and swapped over all 14: never below the optimum, within
+    20 % of it on every instance (15 % at worst when this was written) and 2 % on average."""
+    rng = np.random.default_rng(13)
+    ratios = []
+    for trial in range(30):
+        V, m = instance(rng, 14, 6), int(rng.integers(2, 10))
+        fast = select(V, SelectionArgs(prune_ratio=m / 14, solver="bucketed", buckets=2))
+        exact = select_size_constrained_bruteforce(V, m)
+        assert fast.pruned.sum() == m and fast.objective >= exact.objective - 1e-12
+        ratios.append(fast.objective / exact.objective)
+    assert max(ratios) <= 1.2 and np.mean(ratios) <= 1.02, ratios
 
 
 @settings(max_examples=15, deadline=None)
@@ -186,6 +242,7 @@ def test_scip_reference_is_optimal_on_small_instances_and_never_worse_than_its_w
     assert eps.objective <= 0.5 + 1e-6
 
 
+@pytest.mark.integration  # builds SCIP's model of 2,000,000 terms
 def test_scip_refuses_an_instance_it_could_not_build_within_its_time_limit():
     """The reference writes n × dim terms into its model before SCIP's clock starts: a full
     Fashion-MNIST run (60,000 × 1,290) spent minutes there; one term above the limit is refused
@@ -198,6 +255,7 @@ def test_scip_refuses_an_instance_it_could_not_build_within_its_time_limit():
     assert small.pruned.sum() == 1000
 
 
+@pytest.mark.integration
 def test_bucketed_on_a_local_cluster_matches_the_unbucketed_solver():
     import warnings
 

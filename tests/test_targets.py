@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from conftest import HANG
 from fake_lakefs import FakeLakeFS
 
 from benchmarks.local_s3 import local_s3
@@ -142,7 +143,7 @@ def test_an_unreachable_object_store_is_one_line_on_the_terminal_too(tmp_path):
     AWS region, delta-rs's AWS SDK logged WARN lines of its own on the process's stderr first."""
     env = {k: v for k, v in os.environ.items() if k == "AWS_CA_BUNDLE" or not k.startswith(("AWS_", "RUST_LOG"))}
     done = subprocess.run([sys.executable, "-m", "flows.cli", "versions", "s3://dataset-prune-no-such-bucket/t"],
-                          cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=120)
+                          cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=HANG)
     assert done.returncode == 2 and done.stderr.startswith("dataset-prune: error: delta:s3://"), done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
