@@ -91,7 +91,8 @@ def prepare() -> dict:
     test_accuracy = accuracy(model, ds.x_test, ds.y_test, device="cpu")
     np.savez(DATA, x=ds.x, y=ds.y.astype(np.int64))
     return {"name": "fashion-mnist", "split": "train", "n": ds.n, "fingerprint": ds.fingerprint,
-            "model": "cnn", "checkpoint": str(CHECKPOINT.relative_to(ROOT)), "checkpoint_sha256": file_sha256(CHECKPOINT),
+            "model": "cnn", "checkpoint": str(CHECKPOINT.relative_to(ROOT)),
+            "checkpoint_sha256": file_sha256(CHECKPOINT),
             "trained_in_this_run": trained, "train_seconds": t_train, "test_accuracy": test_accuracy,
             "feature_dim": model.fc.in_features, "classes": model.fc.out_features,
             "parameters_in_scope": model.fc.weight.numel() + model.fc.bias.numel()}
@@ -117,7 +118,8 @@ def ensure_peer_env() -> dict:
         created = True
         if not peer_env_ready():
             raise RuntimeError(f"{PEER_ENV}: pyDVL or torch 2.14.1 not importable after installing")
-    versions = subprocess.run([str(PEER_PYTHON), "-c", "import pydvl, torch; print(pydvl.__version__, torch.__version__)"],
+    versions = subprocess.run([str(PEER_PYTHON), "-c",
+                               "import pydvl, torch; print(pydvl.__version__, torch.__version__)"],
                               capture_output=True, text=True, check=True, timeout=300).stdout.split()
     return {"venv": str(PEER_ENV.relative_to(ROOT)), "created_in_this_run": created,
             "requirements": PEER_REQUIREMENTS, "pydvl": versions[0], "torch": versions[1]}
@@ -258,7 +260,8 @@ def main() -> None:
                                                      "threads", "n", "hessian_rows", "factor_rows", "batch_size",
                                                      "seconds", "extrapolated", "extrapolation", "peak_rss_mib")},
                  "samples_per_s": sps_peer,
-                 "samples_per_s_basis": "extrapolated to n (see extrapolation)" if peer["extrapolated"] else "measured on all n"},
+                 "samples_per_s_basis": ("extrapolated to n (see extrapolation)" if peer["extrapolated"]
+                                         else "measured on all n")},
         "forward_pass": {"seconds": ours["seconds"]["forward_pass"], "samples_per_s": sps_forward,
                          "how": "model(x) in batches of 1024, no_grad, in the project's process"},
         "agreement": {"rows_compared": rows, "relative_error_first_rows": err_check, "first_rows": check,
@@ -304,7 +307,8 @@ def main() -> None:
           f"{estimate['peak_bytes'] / 2**20:.0f} MiB)")
     print(f"wrote {RESULT.relative_to(ROOT)}")
     if peak_mib > PEAK_RSS_LIMIT_MIB:
-        sys.exit(f"the influence stage's peak RSS {peak_mib:.0f} MiB exceeds the stated limit of {PEAK_RSS_LIMIT_MIB} MiB")
+        sys.exit(f"the influence stage's peak RSS {peak_mib:.0f} MiB exceeds the stated limit of "
+                 f"{PEAK_RSS_LIMIT_MIB} MiB")
 
 
 if __name__ == "__main__":

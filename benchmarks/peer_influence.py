@@ -1,8 +1,9 @@
 """Peer side of benchmarks/influence.py: pyDVL's exact-Hessian influence over the final layer.
 
 Runs in the benchmark's own virtual environment (benchmarks/.env-peer, pyDVL from PyPI), as a
-separate process started from the repository's root (`python -m benchmarks.peer_influence`) so that its peak memory (ru_maxrss) is its own. For the same trained `cnn`
-and the same Fashion-MNIST training arrays as the project's stage, it computes
+separate process started from the repository's root (`python -m benchmarks.peer_influence`) so
+that its peak memory (ru_maxrss) is its own. For the same trained `cnn` and the same
+Fashion-MNIST training arrays as the project's stage, it computes
 
     H⁻¹ ∇_θ ℓ(z_i)   with   H = (1/n) Σ_i ∇²ℓ_i + λ I,   θ = (fc.weight, fc.bias),
 

@@ -79,7 +79,8 @@ def main() -> int:
            for e in el2n[1:]], flush=True)
     run = out / "scoring-averaged"
     run.mkdir(exist_ok=True)
-    averaged = scores.set_column(scores.schema.get_field_index("el2n"), "el2n", pa.array(np.mean(el2n, 0), pa.float64()))
+    averaged = scores.set_column(scores.schema.get_field_index("el2n"), "el2n",
+                                 pa.array(np.mean(el2n, 0), pa.float64()))
     artifacts.save_parquet(averaged, artifacts.scores_path(run))
     return vs.main(["--out", str(out), "--from-run", str(run), "--ratios", "0.4", "--seeds", ns.seeds,
                     "--variants", ns.variants, "--title", f"EL2N averaged over {ns.models} scoring models",

@@ -279,8 +279,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     print(f"pruned:        {sel['n_pruned']} of {manifest['dataset']['n']} ({sel['method']}), "
           f"objective ‖Σ s_i‖ = {sel['objective']:.6g}")
     for r in sel.get("rounds", []):
-        print(f"  round {r['round']}:    {r['n_pruned']} pruned (ratio {r['prune_ratio']:.4g} of those left) by a model "
-              f"at test accuracy {r['model_test_accuracy']:.4f}; {r['folder']}")
+        print(f"  round {r['round']}:    {r['n_pruned']} pruned (ratio {r['prune_ratio']:.4g} of those left) "
+              f"by a model at test accuracy {r['model_test_accuracy']:.4f}; {r['folder']}")
     if manifest["figures"]:
         print(f"pictures:      {', '.join(manifest['figures'].values())}")
     print(f"wall time:     {time.perf_counter() - started:.1f} s")

@@ -112,7 +112,8 @@ def coverage_strata(score: np.ndarray, n_prune: int, strata: int = 50,
     return label, sizes - kept
 
 
-def ccs_order(el2n: np.ndarray, n_prune: int, seed: int, strata: int = 50, hard_fraction: float | None = None) -> np.ndarray:
+def ccs_order(el2n: np.ndarray, n_prune: int, seed: int, strata: int = 50,
+              hard_fraction: float | None = None) -> np.ndarray:
     """Coverage-centric selection as a removal order for a budget of n_prune removals: each
     stratum's removals drawn at random, the hardest cut first."""
     label, removals = coverage_strata(el2n, n_prune, strata, hard_fraction)
@@ -134,7 +135,8 @@ def removal_order(method: str, columns: dict[str, np.ndarray], vectors: np.ndarr
     need = NEEDS.get(method)
     if need and need not in columns:
         raise BadInputError(f"--method {method} needs the score column {need!r}, which these scores lack"
-                            + (" (forgetting is recorded only when this run trains the model)" if need == "forgetting" else ""))
+                            + (" (forgetting is recorded only when this run trains the model)"
+                               if need == "forgetting" else ""))
     n = len(columns["label"])
     stable = lambda values: np.argsort(values, kind="stable")  # noqa: E731
     if method == "random":

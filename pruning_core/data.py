@@ -167,7 +167,8 @@ def _load_idx_dataset(name: str, root: Path) -> Dataset:
         found = next((c for c in candidates if c.exists()), None)
         if found is None:
             hint = " (install Debian's dataset-fashion-mnist)" if name == "fashion-mnist" else ""
-            raise DatasetError(f"{name}: {candidates[0]} is missing{hint}; set --data-root to the folder holding the idx files")
+            raise DatasetError(f"{name}: {candidates[0]} is missing{hint}; "
+                               "set --data-root to the folder holding the idx files")
         arrays[key] = _read_idx(found)
     n = len(arrays["y"])
     return Dataset(name, arrays["x"][:, None], arrays["y"].astype(np.int64), np.arange(n, dtype=np.int64),
@@ -233,7 +234,8 @@ def validate(ds: Dataset) -> Dataset:
         if np.issubdtype(xs.dtype, np.floating) and not np.isfinite(xs).all():
             raise DatasetError(f"{label}: {split} samples contain NaN or Inf")
         if ys.min() < 0 or ys.max() >= ds.n_classes:
-            raise DatasetError(f"{label}: {split} labels must lie in [0, {ds.n_classes}), found [{ys.min()}, {ys.max()}]")
+            raise DatasetError(f"{label}: {split} labels must lie in [0, {ds.n_classes}), "
+                               f"found [{ys.min()}, {ys.max()}]")
     if ds.x.shape[1:] != ds.x_test.shape[1:]:
         raise DatasetError(f"{label}: train samples have shape {ds.x.shape[1:]}, test samples {ds.x_test.shape[1:]}")
     if len(np.unique(ds.sample_id)) != ds.n:

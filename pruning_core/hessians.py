@@ -145,7 +145,8 @@ def solve_lissa(curv: Curvature, B: torch.Tensor, shift: float, depth: int = 200
         rows = None if batch_size is None or batch_size >= curv.n else rng.choice(curv.n, batch_size, replace=False)
         X = B + X - (curv.hvp(X, rows) + shift * X) / scale
     residual = (curv.hvp(X / scale, None) + shift * X / scale - B).norm(dim=1) / B.norm(dim=1).clamp_min(1e-300)
-    return X / scale, SolveInfo("lissa", shift, depth, float(residual.max()), {"scale": scale, "batch_size": batch_size})
+    return X / scale, SolveInfo("lissa", shift, depth, float(residual.max()),
+                                {"scale": scale, "batch_size": batch_size})
 
 
 def solve_kronecker(curv: Curvature, B: torch.Tensor, shift: float, refit: bool) -> tuple[torch.Tensor, SolveInfo]:
@@ -165,7 +166,8 @@ def solve_kronecker(curv: Curvature, B: torch.Tensor, shift: float, refit: bool)
     return Xk[:, to_contract], SolveInfo("ekfac" if refit else "kfac", shift)
 
 
-def inverse_apply(curv: Curvature, B: torch.Tensor, strategy: str, shift: float, **options) -> tuple[torch.Tensor, SolveInfo]:
+def inverse_apply(curv: Curvature, B: torch.Tensor, strategy: str, shift: float,
+                  **options) -> tuple[torch.Tensor, SolveInfo]:
     """M = B H⁻¹, (k, p) float64, by the named strategy."""
     if strategy == "exact":
         return solve_exact(curv, B, shift)

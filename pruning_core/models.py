@@ -80,7 +80,8 @@ def build_model(name: str, sample_shape: tuple[int, ...], n_classes: int) -> nn.
             raise BadInputError(f"--model {name} needs image samples (C, H, W), got shape {tuple(sample_shape)}")
         if name == "cnn":
             if tuple(sample_shape[1:]) != (28, 28):
-                raise BadInputError(f"--model cnn needs 28x28 images, got {tuple(sample_shape[1:])}; use resnet18 or linear")
+                raise BadInputError(f"--model cnn needs 28x28 images, got {tuple(sample_shape[1:])}; "
+                                    "use resnet18 or linear")
             return SmallCNN(sample_shape[0], n_classes)
         return ResNet18(sample_shape[0], n_classes)
     raise BadInputError(f"--model {name!r} is not a known model; valid: {', '.join(MODELS)}")
@@ -113,7 +114,8 @@ def inference_features(model: nn.Module, example: torch.Tensor) -> Callable[[tor
             traced = torch.jit.trace(_Features(model).eval(), example, check_trace=False)
             graph = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
             fast, eager = graph(example), model.features(example)
-        if fast.shape == eager.shape and torch.allclose(fast, eager, rtol=1e-4, atol=1e-5 * float(eager.abs().max()) + 1e-7):
+        if fast.shape == eager.shape and torch.allclose(fast, eager, rtol=1e-4,
+                                                        atol=1e-5 * float(eager.abs().max()) + 1e-7):
             return graph
     except Exception:  # any failure to compile leaves the eager path, which is always right
         pass

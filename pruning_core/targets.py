@@ -196,7 +196,8 @@ class DvcTarget(VersionTarget):
         top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=self.repo, capture_output=True, text=True,
                              check=False)
         if top.returncode != 0 or Path(top.stdout.strip()).resolve() != self.repo:
-            raise BadInputError(f"--target {self.uri}: {self.repo} is not the top folder of a git repository (git init)")
+            raise BadInputError(f"--target {self.uri}: {self.repo} is not the top folder of a git repository "
+                                "(git init)")
 
     def default_remote(self, env: dict | None = None) -> str | None:
         """The DVC default remote's name, if the repository has one (then versions are pushed)."""
@@ -316,7 +317,8 @@ class LakeFSTarget(VersionTarget):
         self.name = self.path.name
         self.slug = str(self.path).replace("/", "-")
         env = os.environ
-        self.endpoint = (endpoint or env.get("LAKEFS_ENDPOINT") or env.get("LAKECTL_SERVER_ENDPOINT_URL") or "").rstrip("/")
+        self.endpoint = (endpoint or env.get("LAKEFS_ENDPOINT") or env.get("LAKECTL_SERVER_ENDPOINT_URL")
+                         or "").rstrip("/")
         if self.endpoint and not self.endpoint.endswith("/api/v1"):
             self.endpoint += "/api/v1"
         self.access_key = access_key or env.get("LAKEFS_ACCESS_KEY_ID") or env.get("LAKECTL_CREDENTIALS_ACCESS_KEY_ID")
@@ -413,7 +415,8 @@ class LakeFSTarget(VersionTarget):
             staged = False
         except BaseException:
             if staged:  # drop what this call staged; the branch was clean before it
-                self._json("PUT", self._repo(f"branches/{self.branch}"), {"type": "common_prefix", "path": f"{self.path}/"})
+                self._json("PUT", self._repo(f"branches/{self.branch}"),
+                           {"type": "common_prefix", "path": f"{self.path}/"})
             raise
         self._json("POST", self._repo("tags"), {"id": f"{self.slug}-v{version}", "ref": commit["id"]})
         return version

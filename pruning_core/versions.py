@@ -50,7 +50,8 @@ def version_table(ds: Dataset, keep: np.ndarray) -> pa.Table:
     k = len(x)
     row_bytes = int(np.prod(ds.sample_shape, dtype=np.int64)) * x.dtype.itemsize
     offsets = np.arange(k + 1, dtype=np.int64) * row_bytes
-    data = pa.LargeBinaryArray.from_buffers(pa.large_binary(), k, [None, pa.py_buffer(offsets), pa.py_buffer(x.tobytes())])
+    data = pa.LargeBinaryArray.from_buffers(pa.large_binary(), k,
+                                            [None, pa.py_buffer(offsets), pa.py_buffer(x.tobytes())])
     return pa.table({
         "sample_id": pa.array(ds.sample_id[keep], pa.int64()),
         "label": pa.array(ds.y[keep], pa.int64()),

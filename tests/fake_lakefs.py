@@ -24,7 +24,8 @@ class FakeLakeFS:
                  secret_key: str = "fake-secret"):
         self.repository, self.access_key, self.secret_key = repository, access_key, secret_key
         root = self._commit_id("root")
-        self.commits: dict[str, dict] = {root: {"id": root, "parents": [], "committer": "admin", "message": "Repository created",
+        self.commits: dict[str, dict] = {root: {"id": root, "parents": [], "committer": "admin",
+                                                "message": "Repository created",
                                                 "creation_date": int(time.time()), "meta_range_id": "", "metadata": {},
                                                 "tree": {}}}
         self.branches: dict[str, str] = {branch: root}
@@ -140,7 +141,8 @@ class FakeLakeFS:
         if not path.startswith(prefix):
             raise KeyError(path)
         rest = path[len(prefix):]
-        json_body = json.loads(body) if body and (headers.get("Content-Type") or "").startswith("application/json") else None
+        json_body = (json.loads(body) if body and (headers.get("Content-Type") or "").startswith("application/json")
+                     else None)
         if m := re.fullmatch(r"branches/([^/]+)", rest):
             branch = m.group(1)
             if branch not in self.branches:
@@ -167,7 +169,8 @@ class FakeLakeFS:
             return 200, self._page(diffs, lambda d: d["path"], query), "application/json"
         if rest == "tags":
             if method == "GET":
-                refs = [{"id": t, "commit_id": c} for t, c in self.tags.items() if t.startswith(query.get("prefix", ""))]
+                refs = [{"id": t, "commit_id": c} for t, c in self.tags.items()
+                        if t.startswith(query.get("prefix", ""))]
                 return 200, self._page(refs, lambda r: r["id"], query), "application/json"
             if method == "POST":  # TagCreation {id, ref}
                 tag, ref = json_body["id"], json_body["ref"]

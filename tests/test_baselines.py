@@ -56,7 +56,8 @@ def test_moderate_keeps_the_middle_distances():
     order = removal_order("moderate", {"label": np.zeros(21, np.int64), "embedding": E}, None, 0, 6)
     removed = np.abs(E[order[:6], 0])
     kept = np.abs(E[order[6:], 0])
-    # distances 0, 1, 1, …, 10, 10 around their median 5: the six farthest from it are 0, 10, 10 and three of the 1s and 9s
+    # distances 0, 1, 1, …, 10, 10 around their median 5: the six farthest from it are 0, 10, 10
+    # and three of the 1s and 9s
     assert sorted(np.abs(removed - 5).tolist()) == [4, 4, 4, 5, 5, 5]
     assert (np.abs(removed - 5) >= np.abs(kept - 5).max() - 1e-9).all()
 

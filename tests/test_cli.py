@@ -31,7 +31,8 @@ class Payload:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, small_npz):
     root = tmp_path_factory.mktemp("bad")
-    np.savez(root / "short.npz", x=np.zeros((5, 4)), y=np.zeros(4, int), x_test=np.zeros((2, 4)), y_test=np.zeros(2, int))
+    np.savez(root / "short.npz", x=np.zeros((5, 4)), y=np.zeros(4, int), x_test=np.zeros((2, 4)),
+             y_test=np.zeros(2, int))
     np.savez(root / "nan.npz", x=np.full((5, 4), np.nan), y=np.array([0, 1, 0, 1, 0]), x_test=np.zeros((2, 4)),
              y_test=np.array([0, 1]))
     (root / "corrupt.pt").write_bytes(b"not a checkpoint at all")
@@ -46,12 +47,16 @@ def files(tmp_path_factory, small_npz):
     (root / "empty").mkdir()
     labels = np.array([0, 1, 0, 1, 0])
     np.savez(root / "inf.npz", x=np.full((5, 4), np.inf), y=labels, x_test=np.zeros((2, 4)), y_test=np.array([0, 1]))
-    np.savez(root / "nan-test.npz", x=np.zeros((5, 4)), y=labels, x_test=np.full((2, 4), np.nan), y_test=np.array([0, 1]))
-    np.savez(root / "empty.npz", x=np.zeros((0, 4)), y=np.zeros(0, int), x_test=np.zeros((2, 4)), y_test=np.array([0, 1]))
+    np.savez(root / "nan-test.npz", x=np.zeros((5, 4)), y=labels, x_test=np.full((2, 4), np.nan),
+             y_test=np.array([0, 1]))
+    np.savez(root / "empty.npz", x=np.zeros((0, 4)), y=np.zeros(0, int), x_test=np.zeros((2, 4)),
+             y_test=np.array([0, 1]))
     np.savez(root / "negative-label.npz", x=np.zeros((5, 4)), y=np.array([0, 1, -1, 1, 0]), x_test=np.zeros((2, 4)),
              y_test=np.array([0, 1]))
-    np.savez(root / "float-labels.npz", x=np.zeros((5, 4)), y=labels + 0.5, x_test=np.zeros((2, 4)), y_test=np.array([0, 1]))
-    np.savez(root / "one-class.npz", x=np.zeros((5, 4)), y=np.zeros(5, int), x_test=np.zeros((2, 4)), y_test=np.zeros(2, int))
+    np.savez(root / "float-labels.npz", x=np.zeros((5, 4)), y=labels + 0.5, x_test=np.zeros((2, 4)),
+             y_test=np.array([0, 1]))
+    np.savez(root / "one-class.npz", x=np.zeros((5, 4)), y=np.zeros(5, int), x_test=np.zeros((2, 4)),
+             y_test=np.zeros(2, int))
     torch.save(build_model("cnn", (1, 28, 28), 12).state_dict(), root / "cnn-12-classes.pt")
     torch.save({**LinearModel(784, 10).state_dict(), "extra": Payload(root / "pwned")}, root / "payload.pt")
     # Delta versions as only another writer could make them: duplicate sample ids, a label past
@@ -92,7 +97,8 @@ CASES = {
     "ratio zero": (["--prune-ratio", "0"], "--prune-ratio 0.0"),
     "ratio above one": (["--prune-ratio", "1.5"], "--prune-ratio 1.5"),
     "ratio not a number": (["--prune-ratio", "abc"], "'abc' is not a number"),
-    "both ratio and epsilon": (["--prune-ratio", "0.4", "--epsilon", "1"], "run: argument --epsilon: not allowed with argument --prune-ratio"),
+    "both ratio and epsilon": (["--prune-ratio", "0.4", "--epsilon", "1"],
+                               "run: argument --epsilon: not allowed with argument --prune-ratio"),
     "neither": ([], "give exactly one of --prune-ratio and --epsilon"),
     "epsilon zero": (["--epsilon", "0"], "--epsilon 0.0"),
     "missing npz": (["--dataset", "npz:{root}/absent.npz"], "file not found"),
@@ -104,8 +110,10 @@ CASES = {
     "data root for an npz": (["--dataset", "npz:{small}", "--data-root", "{root}"],
                              "names its own data; --data-root is for a named dataset"),
     "npz NaN": (["--dataset", "npz:{root}/nan.npz", "--model", "linear"], "NaN or Inf"),
-    "corrupt checkpoint": (["--dataset", "npz:{small}", "--checkpoint", "{root}/corrupt.pt"], "not a loadable state_dict"),
-    "mismatched checkpoint": (["--dataset", "npz:{small}", "--checkpoint", "{root}/linear.pt"], "does not fit --model cnn"),
+    "corrupt checkpoint": (["--dataset", "npz:{small}", "--checkpoint", "{root}/corrupt.pt"],
+                           "not a loadable state_dict"),
+    "mismatched checkpoint": (["--dataset", "npz:{small}", "--checkpoint", "{root}/linear.pt"],
+                              "does not fit --model cnn"),
     "pickled objects": (["--dataset", "npz:{small}", "--checkpoint", "{root}/pickled.pt"], "not a loadable state_dict"),
     "missing checkpoint": (["--checkpoint", "{root}/absent.pt"], "file not found"),
     "unknown hessian": (["--hessian", "newton"], "--hessian 'newton'"),
@@ -168,10 +176,12 @@ CASES = {
     "empty dataset": (["--dataset", "npz:{root}/empty.npz", "--model", "linear"], "must both be non-empty"),
     "negative label": (["--dataset", "npz:{root}/negative-label.npz", "--model", "linear"],
                        "train labels must lie in [0, 2), found [-1, 1]"),
-    "float labels": (["--dataset", "npz:{root}/float-labels.npz", "--model", "linear"], "y must be a 1-d integer array"),
+    "float labels": (["--dataset", "npz:{root}/float-labels.npz", "--model", "linear"],
+                     "y must be a 1-d integer array"),
     "one class": (["--dataset", "npz:{root}/one-class.npz", "--model", "linear"], "at least two classes"),
     "duplicate sample ids": (["--dataset", "delta:{root}/duplicates"], "sample_id values must be unique"),
-    "labels outside the classes": (["--dataset", "delta:{root}/labels"], "train labels must lie in [0, 10), found [0, 12]"),
+    "labels outside the classes": (["--dataset", "delta:{root}/labels"],
+                                   "train labels must lie in [0, 10), found [0, 12]"),
     "missing delta table": (["--dataset", "delta:{root}/absent"], "no Delta table there"),
     "missing delta version": (["--dataset", "delta:{root}/duplicates@7"], "@7: no such version (the newest is 0)"),
     "delta table whose data file is gone": (["--dataset", "delta:{root}/no-data"], "@0: its data cannot be read"),
@@ -181,7 +191,8 @@ CASES = {
     "dask address without a port": (["--dask-address", "tcp://127.0.0.1"], "missing port number"),
     "checkpoint of another class count": (["--dataset", "npz:{small}", "--checkpoint", "{root}/cnn-12-classes.pt"],
                                           "does not fit --model cnn"),
-    "checkpoint that runs code": (["--dataset", "npz:{small}", "--model", "linear", "--checkpoint", "{root}/payload.pt"],
+    "checkpoint that runs code": (["--dataset", "npz:{small}", "--model", "linear",
+                                   "--checkpoint", "{root}/payload.pt"],
                                   "not a loadable state_dict"),
     "checkpoint is a folder": (["--checkpoint", "{root}"], ": is a folder, not a file"),
     "npz that is a folder": (["--dataset", "npz:{root}/empty"], "empty: is a folder, not a file"),
@@ -196,13 +207,15 @@ CASES = {
     "target where nothing can be written": (["--target", "/proc/dataset-prune-test/table"],
                                             "nothing can be written in /proc"),
     "dask address refused": (["--dask-address", "tcp://127.0.0.1:{closed}"], "no Dask scheduler answered within 3 s"),
-    "dask address silent": (["--dask-address", "tcp://127.0.0.1:{silent}"], "accepted the connection but never replied"),
+    "dask address silent": (["--dask-address", "tcp://127.0.0.1:{silent}"],
+                            "accepted the connection but never replied"),
     "beyond memory": (["--dataset", "npz:{small}", "--scope", "all", "--hessian", "cg", "--projection-dim", "200000"],
                       "the influence stage needs ≈"),
     "projection not below p": (["--dataset", "npz:{small}", "--projection-dim", "1290"], "is not below p = 1290"),
     "exact Hessian beyond memory": (["--dataset", "npz:{small}", "--scope", "all"], "the influence stage needs ≈"),
     "scip beyond its size": (["--dataset", "npz:{small}", "--solver", "scip"],
-                             "--solver scip is the exact reference for small instances: 2000 samples × 1290 dimensions"),
+                             "--solver scip is the exact reference for small instances: "
+                             "2000 samples × 1290 dimensions"),
 }
 
 
@@ -262,7 +275,8 @@ def test_select_refuses_bad_scores_in_one_line(case, tmp_path, capsys):
     make, expected = SCORES[case]
     pq.write_table(make(), tmp_path / "scores.parquet")
     out = tmp_path / "selection.parquet"
-    assert main(["select", "--scores", str(tmp_path / "scores.parquet"), "--prune-ratio", "0.5", "--out", str(out)]) == 2
+    assert main(["select", "--scores", str(tmp_path / "scores.parquet"), "--prune-ratio", "0.5",
+                 "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and expected in err, err
     assert err.startswith(f"dataset-prune: error: --scores {tmp_path / 'scores.parquet'}: "), err  # the file, named
@@ -272,7 +286,8 @@ def test_select_refuses_bad_scores_in_one_line(case, tmp_path, capsys):
 @pytest.mark.parametrize("argv, expected", [
     (["--method", "random", "--seed", "-1"], "--seed -1 must be ≥ 0"),
     (["--method", "random", "--solver", "scip"], "--solver scip applies to --method influence (random ranks or draws"),
-    (["--solver", "bucketed", "--workers", "0"], "--workers 0 must be at least 1"),  # a cluster of none: waited for ever
+    # a cluster of none: waited for ever
+    (["--solver", "bucketed", "--workers", "0"], "--workers 0 must be at least 1"),
     (["--workers", "4"], "--workers applies to --solver bucketed"),  # was ignored
     (["--time-limit", "5"], "--time-limit applies to --solver scip"),  # was ignored
     (["--solver", "scip", "--time-limit", "-5"], "--time-limit -5 must be a positive number of seconds"),
@@ -440,8 +455,8 @@ def test_gpu_on_a_cluster_without_gpu_workers_is_refused_before_anything_runs(da
     assert capsys.readouterr().err.strip().splitlines() == refusal
     assert not out.exists() and not (tmp_path / "table").exists()
     run_dir = finished_run_files(tmp_path / "scored", f"npz:{small_npz}")  # no scoring run, whose preflight refuses it
-    assert main(["evaluate", "--dataset", f"npz:{small_npz}", "--from-run", str(run_dir), "--methods", "random", "--gpu",
-                 "--dask-address", dask_cluster, "--out", str(out)]) == 2
+    assert main(["evaluate", "--dataset", f"npz:{small_npz}", "--from-run", str(run_dir), "--methods", "random",
+                 "--gpu", "--dask-address", dask_cluster, "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == refusal
     assert not out.exists()
     cpu, gpu = {"resources": {}}, {"resources": {"GPU": 1.0}}
@@ -537,7 +552,8 @@ def test_the_server_a_command_starts_for_itself_sends_no_telemetry_unless_asked(
     if setting is not None:
         env["PREFECT_SERVER_ANALYTICS_ENABLED"] = setting
     probe = ("import os, psutil\nfrom flows.cli import prefect_api\nwith prefect_api():\n"
-             "    servers = [p for p in psutil.Process().children(recursive=True) if 'prefect.server' in ' '.join(p.cmdline())]\n"
+             "    servers = [p for p in psutil.Process().children(recursive=True) "
+             "if 'prefect.server' in ' '.join(p.cmdline())]\n"
              "    print('server', [p.environ().get('PREFECT_SERVER_ANALYTICS_ENABLED') for p in servers])\n"
              "print('after', os.environ.get('PREFECT_SERVER_ANALYTICS_ENABLED'))\n")
     done = subprocess.run([sys.executable, "-c", probe], env=env, cwd=Path(__file__).parents[1], capture_output=True,

@@ -113,8 +113,8 @@ def served(tiny_npz, tmp_path_factory):
             "--set", f"dataset=npz:{tiny_npz}", "--set", "epochs=1", "--set", "shards=2", "--set", "workers=1",
             "--set", "block_size=256", "--set", f"out={tmp / 'runs'}", "--set", f"target={target}"]
     with open(log, "w") as sink:
-        proc = subprocess.Popen(argv, env=clean_env(tmp / "home", PREFECT_RUNNER_POLL_FREQUENCY="2"), stdout=sink, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=tmp)
+        proc = subprocess.Popen(argv, env=clean_env(tmp / "home", PREFECT_RUNNER_POLL_FREQUENCY="2"), stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp)
     try:
         deadline = time.monotonic() + 240
         while "being served" not in log.read_text():
@@ -161,7 +161,8 @@ def run_from_ui(page, prepare, served: Served, deployment_id: str, known: set[st
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     problems = []
-    page.on("response", lambda r: problems.append(f"HTTP {r.status} {r.request.method} {r.url}") if r.status >= 400 else None)
+    page.on("response",
+            lambda r: problems.append(f"HTTP {r.status} {r.request.method} {r.url}") if r.status >= 400 else None)
     page.on("requestfailed", lambda r: problems.append(f"failed {r.method} {r.url}: {r.failure}"))
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text[:200]}") if m.type == "error" else None)
     submit = prepare(page)
@@ -248,8 +249,8 @@ def test_ui_quick_run_and_custom_run_complete_and_publish_versions(served, brows
     assert shot.stat().st_size > 10_000
 
     with served.client() as c:  # the run's summary shows its pictures in the UI
-        (summary,) = c.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [custom]},
-                                                                     "key": {"any_": ["dataset-pruning-summary"]}}}).json()
+        (summary,) = c.post("/artifacts/filter", json={"artifacts": {
+            "flow_run_id": {"any_": [custom]}, "key": {"any_": ["dataset-pruning-summary"]}}}).json()
     page.goto(f"{served.ui}/artifacts/artifact/{summary['id']}")
     pictures = page.locator("img[src^='data:image/png']")
     expect(pictures.first).to_be_visible()

@@ -113,9 +113,11 @@ def test_comparisons_carry_an_interval_over_seeds_and_test_samples():
     assert hi - lo > 0.015  # the test draw alone: about ±1.96·√114 / 2000, a point either way
     assert far["resolved"] and 0 < far["interval"][0] < 0.03 < far["interval"][1]
     text = evaluation.report_markdown(summary, records, [], goal, {}, {"dataset": "d", "model": "m"})
-    assert (f"ratio 0.6: influence − ccs = +0.30 points (± 0.00 standard error, paired over 3 seeds); 95 % interval "
-            f"over seeds and test samples [{100 * lo:+.2f}, {100 * hi:+.2f}], not resolved by this test set: met") in text
-    assert "ratio 0.8: influence − ccs = +3.00 points (± 0.00 standard error, paired over 3 seeds); 95 % interval" in text
+    assert ("ratio 0.6: influence − ccs = +0.30 points (± 0.00 standard error, paired over 3 seeds); "
+            f"95 % interval over seeds and test samples [{100 * lo:+.2f}, {100 * hi:+.2f}], "
+            "not resolved by this test set: met") in text
+    assert ("ratio 0.8: influence − ccs = +3.00 points (± 0.00 standard error, paired over 3 seeds); "
+            "95 % interval") in text
     bare = [{k: v for k, v in r.items() if k != "test_correct"} for r in records]
     assert evaluation.paired_interval(bare, "influence", "ccs", 0.6) is None
     one = [r for r in records if r["seed"] == 0]  # as `make demo` evaluates
@@ -356,7 +358,8 @@ def test_evaluate_flow_end_to_end(prefect_api, pooled_npz, tmp_path, capsys, das
         zero_copy_only=False) for name in ("influence-r0.5", "random-r0.5-s0"))
     assert overlap == {"prune_ratio": 0.5, "method": "random", "removed": 1000,
                        "also_removed": pytest.approx((influence_set & first_draw).sum() / 1000),
-                       "jaccard": pytest.approx((influence_set & first_draw).sum() / (influence_set | first_draw).sum())}
+                       "jaccard": pytest.approx((influence_set & first_draw).sum()
+                                                / (influence_set | first_draw).sum())}
     assert f"| 0.5 | random | 1000 | {100 * overlap['also_removed']:.1f} % |" in report
     for name in ("accuracy_vs_ratio", "accuracy_vs_time", "generalization_gap", "comparisons", "removal_overlap"):
         assert f"(plots/{name}.png)" in report
@@ -371,7 +374,8 @@ def test_evaluate_flow_end_to_end(prefect_api, pooled_npz, tmp_path, capsys, das
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:  # the report in the UI carries its plots (it cannot read files)
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pruning-evaluation"])))
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pruning-evaluation"])))
     (artifact,) = [a for a in found if a.description == f"evaluation {folder.name}"]
     inline = re.findall(r"!\[[^\]]*\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", artifact.data)
     assert sorted(base64.b64decode(data) for data in inline) == sorted(
@@ -579,7 +583,8 @@ def test_retraining_longer_than_the_scoring_run_shifts_the_hard_cut(tmp_path):
     assert EvaluateParameters(epochs=8).selection_args_for("influence", 0.8, 0).coverage_cut() == 0.15
     shorter = EvaluateParameters(from_run=str(run), epochs=2, ratios=[0.6, 0.8])  # half the epochs: more is cut
     assert [shorter.selection_args_for("influence", r, 0).coverage_cut() for r in (0.6, 0.8)] == [0.15, 0.25]
-    assert "25 % at ratio 0.8: the schedule (r − 0.5 − 0.2·log2 0.5) / 2, retraining 0.5×" in influence_selection(shorter)
+    assert ("25 % at ratio 0.8: the schedule (r − 0.5 − 0.2·log2 0.5) / 2, retraining 0.5×"
+            in influence_selection(shorter))
     # the report says whether the solver's path is the answer, and names --swap-rounds when given
     assert influence_selection(shorter).endswith("the greedy path kept as the answer (no swap search)")
     assert influence_selection(EvaluateParameters(swap_rounds=0)).endswith("(no swap search: `--swap-rounds 0`)")

@@ -40,7 +40,8 @@ def test_selection_picture_shows_counts_difficulty_and_influence(tmp_path, monke
     assert "EL2N" in difficulty.get_xlabel() and "samples" in difficulty.get_ylabel()
     assert "‖s_i‖₂" in influence.get_xlabel() and influence.get_xscale() == "log"
     assert f"Σ_pruned ‖s_i‖₂ = {norms[pruned].sum():.3g}" in influence.get_title() and "0.0123" in influence.get_title()
-    assert {p.get_label() for p in difficulty.patches} == {p.get_label() for p in influence.patches} == {"kept", "pruned"}
+    assert ({p.get_label() for p in difficulty.patches} == {p.get_label() for p in influence.patches}
+            == {"kept", "pruned"})
     image = mpimg.imread(path)
     assert image.shape[1] > 1500 and image.std() > 0.05
 
@@ -61,7 +62,8 @@ def test_examples_grid_for_images_and_none_for_vectors(tmp_path):
     x = rng.integers(0, 256, (60, 1, 12, 12), dtype=np.uint8)
     path = figures.draw_examples(tmp_path / "examples.png", x, labels, pruned, ["a", "b", "c"], per_side=4)
     assert mpimg.imread(path).std() > 0.05
-    assert figures.draw_examples(tmp_path / "none.png", rng.normal(size=(60, 20)), labels, pruned, ["a", "b", "c"]) is None
+    assert figures.draw_examples(tmp_path / "none.png", rng.normal(size=(60, 20)), labels, pruned,
+                                 ["a", "b", "c"]) is None
     assert not (tmp_path / "none.png").exists()
 
 
@@ -73,7 +75,8 @@ def test_examples_of_many_classes_are_the_most_and_the_least_pruned(tmp_path):
     share = [np.mean(~pruned[labels == c]) for c in range(30)]
     chosen = figures.example_classes(labels, pruned, 30)
     assert len(chosen) == 10 and [share[c] for c in chosen] == sorted(share[c] for c in chosen)
-    assert max(share[c] for c in chosen[:5]) <= sorted(share)[4] and min(share[c] for c in chosen[5:]) >= sorted(share)[-5]
+    assert (max(share[c] for c in chosen[:5]) <= sorted(share)[4]
+            and min(share[c] for c in chosen[5:]) >= sorted(share)[-5])
     assert figures.example_classes(labels[:40], pruned[:40], 4) == [0, 1, 2, 3]
     x = np.random.default_rng(2).integers(0, 256, (300, 1, 8, 8), dtype=np.uint8)
     path = figures.draw_examples(tmp_path / "examples.png", x, labels, pruned, [str(c) for c in range(30)])

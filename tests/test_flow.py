@@ -75,12 +75,14 @@ def test_flow_draws_what_it_pruned_and_carries_the_pictures_to_the_ui(first_run,
 
     tmp, manifest = first_run
     run_dir = tmp / "first" / "runs" / manifest["run_id"]
-    assert manifest["figures"] == {"selection": str(run_dir / "selection.png"), "examples": str(run_dir / "examples.png")}
+    assert manifest["figures"] == {"selection": str(run_dir / "selection.png"),
+                                   "examples": str(run_dir / "examples.png")}
     for path in manifest["figures"].values():
         image = mpimg.imread(path)
         assert image.shape[0] > 400 and image.shape[1] > 800 and image.std() > 0.05
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dataset-pruning-summary"])))
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dataset-pruning-summary"])))
     (summary,) = [a for a in found if a.description == f"Run {manifest['run_id']}"]
     pictures = re.findall(r"!\[(\w+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", summary.data)
     assert [(name, base64.b64decode(data)) for name, data in pictures] == [
@@ -255,7 +257,8 @@ def test_a_shard_stage_that_loads_other_data_than_the_run_trained_on_writes_noth
     spec, ckpt, sha = f"npz:{small_npz}", manifest["model"]["checkpoint"], manifest["checkpoint_sha256"]
     args = RunParameters(dataset=spec, prune_ratio=0.4, block_size=128).influence_args()
     cache = claim_folder(tmp_path / "cache", {"dataset": "0" * 64})
-    with pytest.raises(DatasetError, match=r"is not the data this run trained on \(fingerprint \w{12}, not 000000000000\)"):
+    with pytest.raises(DatasetError,
+                       match=r"is not the data this run trained on \(fingerprint \w{12}, not 000000000000\)"):
         pipeline.features_shard_stage(cache, ckpt, sha, "cnn", spec, None, 0, 100, 128)
     inverse = tmp / "first" / "runs" / ".cache"
     inverse = next(inverse.glob("influence-*/inverse*.npy"))
@@ -367,7 +370,8 @@ def test_select_draws_the_pictures_of_its_own_selection(first_run, small_npz, tm
     figures.draw_run(direct, load_dataset(f"npz:{small_npz}"), run_dir / "scores.parquet", out, summary["objective"])
     for name in ("selection.png", "examples.png"):
         assert (pictures / name).read_bytes() == (direct / name).read_bytes()
-        assert (pictures / name).read_bytes() != (run_dir / name).read_bytes()  # the run's own pruned 40 %, by influence
+        # the run's own pruned 40 %, by influence
+        assert (pictures / name).read_bytes() != (run_dir / name).read_bytes()
 
     alone, moved, nameless = tmp_path / "alone", tmp_path / "moved", tmp_path / "nameless"
     for folder in (alone, moved, nameless):
@@ -542,8 +546,9 @@ def test_a_selection_that_keeps_nothing_publishes_nothing(first_run, small_npz, 
     for logger in loggers:
         logger.addHandler(keep)
     try:
-        code = main(["run", "--dataset", f"npz:{small_npz}", "--model", "cnn", "--checkpoint", str(run_dir / "model.pt"),
-                     "--epsilon", "1e9", "--shards", "1", "--dask-address", dask_cluster, "--block-size", "128", "--no-progress",
+        code = main(["run", "--dataset", f"npz:{small_npz}", "--model", "cnn",
+                     "--checkpoint", str(run_dir / "model.pt"), "--epsilon", "1e9", "--shards", "1",
+                     "--dask-address", dask_cluster, "--block-size", "128", "--no-progress",
                      "--out", str(tmp_path / "eps" / "runs"), "--target", str(tmp_path / "eps" / "table")])
     finally:
         for logger in loggers:

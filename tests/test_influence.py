@@ -77,7 +77,8 @@ def test_predicted_change_matches_retraining_on_real_data(fmnist):
         weights = np.ones(n)
         weights[removed] = 0.0
         retrained, _ = fit_linear(x, y, 10, lam, weights=weights, init=model)
-        measured = np.concatenate([p.detach().numpy().ravel() for p in (retrained.fc.weight, retrained.fc.bias)]) - theta
+        measured = np.concatenate([p.detach().numpy().ravel()
+                                   for p in (retrained.fc.weight, retrained.fc.bias)]) - theta
         predicted = s[removed].sum(axis=0)
         cosine = predicted @ measured / (np.linalg.norm(predicted) * np.linalg.norm(measured))
         norm_error = abs(np.linalg.norm(predicted) - np.linalg.norm(measured)) / np.linalg.norm(measured)

@@ -200,7 +200,8 @@ def test_random_method_is_seeded():
     ({"epsilon": 0.1, "candidates": "uniform"}, "applies to --method influence with --prune-ratio"),
     ({"prune_ratio": 0.3, "method": "random", "candidates": "uniform"}, "applies to --method influence"),
     ({"prune_ratio": 0.3, "solver": "bucketed", "candidates": "uniform"}, "greedy or scip"),
-    ({"epsilon": 0.1, "candidates": "easiest"}, "--candidates easiest applies to --method influence with --prune-ratio"),
+    ({"epsilon": 0.1, "candidates": "easiest"},
+     "--candidates easiest applies to --method influence with --prune-ratio"),
     ({"prune_ratio": 0.3, "coverage": "difficulty", "hard_cut": 1.0}, r"must lie in \[0, 1\)"),
     ({"prune_ratio": 0.3, "coverage": "difficulty", "hard_cut": -0.1}, r"must lie in \[0, 1\)"),
     ({"prune_ratio": 0.3, "hard_cut": 0.1}, "applies to --coverage difficulty and --method ccs"),
@@ -318,7 +319,8 @@ def test_uniform_candidates_draw_near_uniformly_inside_each_stratum_and_still_mi
     ccs[ccs_order(el2n, m, seed=0, hard_fraction=cut)[:m]] = True
     # the path and its swaps alone, with a pool as small a share of n as 256 is of 60,000
     picked = {c: select(vectors, SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates=c, hard_cut=cut,
-                                               restarts=0, pool_size=16), {"el2n": el2n}) for c in ("smallest", "uniform")}
+                                               restarts=0, pool_size=16), {"el2n": el2n})
+              for c in ("smallest", "uniform")}
 
     def removed_norm_vs_stratum(pruned):  # mean over strata of mean ‖s_i‖ removed / mean ‖s_i‖ in the stratum
         rows = [b for b in range(len(removals) - 1) if 20 <= removals[b] < (label == b).sum()]
@@ -329,8 +331,8 @@ def test_uniform_candidates_draw_near_uniformly_inside_each_stratum_and_still_mi
     for c, result in picked.items():
         assert np.array_equal(np.bincount(label[result.pruned], minlength=len(removals)), removals), c
         assert result.objective < 0.5 * objective(vectors, ccs), c
-    other = select(vectors, SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates="uniform", hard_cut=cut, seed=1,
-                                          restarts=0, pool_size=16), {"el2n": el2n})
+    other = select(vectors, SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates="uniform", hard_cut=cut,
+                                          seed=1, restarts=0, pool_size=16), {"el2n": el2n})
     assert not np.array_equal(other.pruned, picked["uniform"].pruned)
 
 
@@ -351,7 +353,8 @@ def test_easiest_candidates_remove_the_lowest_el2n_inside_each_stratum_and_still
     ccs = np.zeros(n, bool)
     ccs[ccs_order(el2n, m, seed=0, hard_fraction=cut)[:m]] = True
     picked = {c: select(vectors, SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates=c, hard_cut=cut,
-                                               restarts=0, pool_size=16), {"el2n": el2n}) for c in ("easiest", "uniform")}
+                                               restarts=0, pool_size=16), {"el2n": el2n})
+              for c in ("easiest", "uniform")}
 
     def removed_rank(pruned):  # mean over cut strata of the removed samples' mean EL2N rank in their stratum, in [0, 1]
         rows = [b for b in range(len(removals) - 1) if 20 <= removals[b] < (label == b).sum()]
@@ -442,7 +445,8 @@ def test_hard_cut_schedule_and_override():
     assert not published.pruned[hardest[:500]].all()
 
 
-@pytest.mark.parametrize("n, total, rounds", [(50000, 0.4, 3), (60000, 0.4, 2), (2000, 0.5, 2), (7, 0.5, 3), (10, 0.9, 9)])
+@pytest.mark.parametrize("n, total, rounds",
+                         [(50000, 0.4, 3), (60000, 0.4, 2), (2000, 0.5, 2), (7, 0.5, 3), (10, 0.9, 9)])
 def test_rounds_prune_exactly_what_one_round_would(n, total, rounds):
     """Each round's ratio of the samples still kept gives a whole count; the counts differ by at most
     one and add up to one round's round(total·n), as `SelectionArgs.n_prune` counts them."""

@@ -114,7 +114,8 @@ def test_class_balanced_quotas_hold_for_every_method(instance, ratio, data):
 
 
 @SETTINGS
-@given(instance=instances(), ratio=st.floats(0.01, 0.99), candidates=st.sampled_from(["smallest", "uniform", "easiest"]),
+@given(instance=instances(), ratio=st.floats(0.01, 0.99),
+       candidates=st.sampled_from(["smallest", "uniform", "easiest"]),
        cut_share=st.one_of(st.none(), st.floats(0.0, 1.0)), data=st.data())
 def test_coverage_keeps_each_difficulty_stratum_quota(instance, ratio, candidates, cut_share, data):
     vectors, _ = instance
@@ -217,7 +218,8 @@ def test_order_free_past_the_greedy_paths_refresh():
     exact ranking, is in play; the result still does not depend on the order of the rows."""
     rng = np.random.default_rng(3)
     for dtype in (np.float64, np.float32):
-        vectors = (rng.normal(size=(6000, 8)) * rng.exponential(size=(6000, 1)) + 0.3 * rng.normal(size=8)).astype(dtype)
+        vectors = (rng.normal(size=(6000, 8)) * rng.exponential(size=(6000, 1))
+                   + 0.3 * rng.normal(size=8)).astype(dtype)
         perm = rng.permutation(6000)
         result = select(vectors, SelectionArgs(prune_ratio=0.45))
         assert result.pruned.sum() == 2700

@@ -33,7 +33,8 @@ def test_augmentation_trains_the_networks_and_is_refused_for_linear(fmnist):
     ds = Dataset("small", fmnist.x[:512], fmnist.y[:512], np.arange(512), fmnist.x_test[:256], fmnist.y_test[:256], 10,
                  {"source": "npz:small"})
     plain, augmented = (train(ds, TrainArgs(model="cnn", epochs=1, augment=a), device="cpu") for a in (False, True))
-    for result in (plain, augmented):  # 4 steps learn next to nothing: what is checked is that the figure is the model's
+    # 4 steps learn next to nothing: what is checked is that the figure is the model's
+    for result in (plain, augmented):
         assert result.test_accuracy == accuracy(result.model, ds.x_test, ds.y_test, "cpu") == result.test_correct.mean()
         assert result.test_correct.shape == (256,)
     assert augmented.info["args"]["augment"] is True and plain.info["args"]["augment"] is False
