@@ -3,7 +3,7 @@
 Every strategy returns M = B H⁻¹ for a basis B (k, p): the identity (k = p, full vectors) or a
 random projection P (k < p), so that s_i = (1/n) M ∇ℓ_i, and with a projection P s_i without
 ever holding the full vector. H = H_data + shift·I with H_data = (1/n) Σ_i ∇²ℓ_i and
-shift = λ + damping (DESIGN.md).
+shift = λ + damping (docs/method.md#the-hessian).
 
   exact  dense H_data, Cholesky solve                      (memory p²·8 bytes)
   cg     block conjugate gradient on Hessian-vector products (H must be positive definite)

@@ -1,6 +1,6 @@
 """Influence vectors over the final linear layer (the paper's setting), closed form.
 
-Conventions (DESIGN.md, contract):
+Conventions (docs/method.md#the-math):
   J(θ) = (1/n) Σ_i ℓ(z_i, θ) + (λ/2)‖θ_s‖², θ_s = (fc.weight, fc.bias)
   H    = (1/n) Σ_i ∇²ℓ_i + (λ + damping)·I
   s_i  = (1/n) H⁻¹ ∇ℓ_i                      (predicted θ̂_{−R} − θ̂ ≈ Σ_{i∈R} s_i)

@@ -57,7 +57,8 @@ def fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, weight_decay: float
                grad_tol: float = 1e-6, device=None, max_rounds: int = 200) -> tuple[LinearModel, dict]:
     """Minimise (1/n) Σ_i w_i ℓ_i + (λ/2)(‖W‖² + ‖b‖²) by L-BFGS in float64.
 
-    n is always len(x): zero weights drop terms without renormalising (DESIGN.md's θ̂_{−R}).
+    n is always len(x): zero weights drop terms without renormalising (θ̂_{−R} of
+    docs/method.md#influence-vectors-sign-and-scale).
     Returns the model and {"grad_inf_norm", "iterations"}; raises if ‖∇J‖∞ > grad_tol.
     """
     device = device or default_device()

@@ -204,10 +204,10 @@ def test_pruned_version_trains_and_scores_again(first_run, dask_cluster):
 
 
 def test_the_paper_s_resnet18_runs_on_cifar_shaped_images(prefect_api, fmnist, tmp_path, dask_cluster):
-    """The GPU recipe's model (README: "The paper's setting") end to end, on the CPU and small:
-    `resnet18` trained 1 epoch on 128 real images shaped as CIFAR-10's (3 x 32 x 32), its
-    influence over the last layer (512 features and a bias per class), the selection, the Delta
-    version and the pictures, in colour."""
+    """The GPU recipe's model (docs/guide.md#the-papers-setting-resnet-18-on-cifar-10-on-gpus) end
+    to end, on the CPU and small: `resnet18` trained 1 epoch on 128 real images shaped as
+    CIFAR-10's (3 x 32 x 32), its influence over the last layer (512 features and a bias per
+    class), the selection, the Delta version and the pictures, in colour."""
     import matplotlib.image as mpimg
 
     path = tmp_path / "cifar-shaped.npz"

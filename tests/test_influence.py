@@ -63,7 +63,8 @@ def test_shard_ranges_cover_whole_blocks():
 
 def test_predicted_change_matches_retraining_on_real_data(fmnist):
     """`linear` on 2,000 Fashion-MNIST samples (7x7 average-pooled): Σ_{i∈R} s_i against the
-    change measured by retraining without R (removed terms dropped, n kept: DESIGN.md)."""
+    change measured by retraining without R (removed terms dropped, n kept:
+    docs/method.md#influence-vectors-sign-and-scale)."""
     n, lam = 2000, 0.02
     x = fmnist.x[:n, 0].astype(np.float64).reshape(n, 7, 4, 7, 4).mean((2, 4)).reshape(n, 49) / 255
     y = fmnist.y[:n]
