@@ -338,11 +338,10 @@ def _die_with_parent():
 
 
 def _own_session(server_class):
-    """Prefect's temporary server, started in a session of its own. A signal to the command's
-    whole process group (`timeout`, a scheduler killing the group, Ctrl-C in a terminal) used to
-    reach the server too: it died first, and the command then retried its runs' Crashed state
-    against nothing for minutes. Now the command marks its runs and stops the server itself; on
-    Linux the server also ends when the command's process does, however it ends."""
+    """Prefect's temporary server, started in a session of its own, so that a signal to the
+    command's whole process group (`timeout`, a scheduler killing the group, Ctrl-C in a terminal)
+    does not kill it before the command has marked its runs Crashed: the command stops the server
+    itself, and on Linux the server also ends when the command's process does, however it ends."""
     import subprocess
 
     class OwnSession(server_class):
@@ -377,8 +376,8 @@ def prefect_api():
     if quiet:
         os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     server = _own_session(SubprocessASGIServer)()
-    # a fresh PREFECT_HOME migrates its database first: about 18 s on two idle cores, more on a busy
-    # machine, against Prefect's 20 s default; a timeout the user set is kept
+    # a fresh PREFECT_HOME migrates its database first, which can outlast Prefect's 20 s default
+    # on a busy machine; a timeout the user set is kept
     server.start(timeout=None if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ else STARTUP_TIMEOUT)
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
@@ -629,7 +628,7 @@ def _reader_gone(stream) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     # delta-rs logs through Rust's env_logger at level warn unless RUST_LOG says otherwise: without an
-    # AWS region its SDK printed a WARN line per probe of the instance metadata on stderr, before the
+    # AWS region its SDK prints a WARN line per probe of the instance metadata on stderr, before the
     # command's own one-line error. Errors still show; a RUST_LOG the user sets is kept.
     os.environ.setdefault("RUST_LOG", "error")
     handles_sigterm = threading.current_thread() is threading.main_thread()

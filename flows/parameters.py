@@ -198,7 +198,7 @@ class RunParameters(BaseModel):
     @classmethod
     def _delta_prefix(cls, value):
         """A Delta table as lineage, provenance and `--dataset` name it (`delta:URI`) is the table
-        URI: taken as a path, it made a folder named `delta:` in the working directory."""
+        URI: taken as a path, it would make a folder named `delta:` in the working directory."""
         if isinstance(value, str) and value.startswith("delta:"):
             if not value[len("delta:"):].strip():
                 raise ValueError("delta: names no table; give delta:URI or the table's path")
@@ -286,7 +286,7 @@ class RunParameters(BaseModel):
         open_target(self.target_uri()).check()
 
     def _check_checkpoint_recipe(self) -> None:
-        """With --checkpoint nothing trains: training options given were silently unused (--epochs
+        """With --checkpoint nothing trains: training options given would be silently unused (--epochs
         and --weight-decay still count: the training budget and the influence Hessian's λ)."""
         if self.checkpoint is None:
             return
@@ -354,7 +354,7 @@ class EvaluateParameters(RunParameters):
 
     def _check_selection_options_apply(self) -> None:
         """With --from-run no scoring run selects with --method: the influence method's options act
-        on the influence selections of --methods only, and were silently unused without them."""
+        on the influence selections of --methods only, and would be silently unused without them."""
         listed = ",".join(self.methods)
         given = [f"--{name.replace('_', '-')}" for name in ("solver", "coverage", "candidates", "swap_rounds", "rounds")
                  if getattr(self, name) != type(self).model_fields[name].default]

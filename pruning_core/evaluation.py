@@ -165,7 +165,7 @@ def _paired_runs(records: list[dict], method: str, other: str, ratio: float,
     (and by `record[by]` where runs of several test sets are mixed: cross-validation folds)."""
     runs = {(r.get(by) if by else None, r["method"], r["seed"]): r for r in records
             if abs(r["prune_ratio"] - ratio) < 1e-9}
-    order = sorted(runs, key=lambda k: (repr(k[0]), k[1], k[2]))  # one test set: by method and seed, as before
+    order = sorted(runs, key=lambda k: (repr(k[0]), k[1], k[2]))  # one test set: by method and seed
     return [(runs[(g, method, seed)], runs[(g, other, seed)]) for g, m, seed in order
             if m == method and (g, other, seed) in runs]
 
@@ -264,8 +264,8 @@ GAP_PARAMETERS = 8192  # most parameters of the linear gap problem: its dense He
 def _pixels(x: np.ndarray, n_classes: int) -> tuple[np.ndarray, int]:
     """Images (n, C, H, W) as float64 rows, 2x2-average-pooled until the linear problem has at
     most GAP_PARAMETERS parameters ((C·H·W + 1) per class): Fashion-MNIST's 7,850 as they are,
-    CIFAR-10's 30,730 (whose Hessian and its factor took more than 23 GiB) pooled once to 7,690.
-    Returns the rows and how many times they were pooled."""
+    CIFAR-10's 30,730 pooled once to 7,690 (unpooled, its Hessian and factor need tens of GiB:
+    benchmarks/results/gap-memory.md). Returns the rows and how many times they were pooled."""
     x, times = as_float(x, np.float64), 0
     while x.ndim == 4 and (x[0].size + 1) * n_classes > GAP_PARAMETERS and min(x.shape[2:]) >= 2:
         n, c, h, w = x.shape
@@ -363,10 +363,10 @@ GAIN_FLOOR = -3.0  # points below the reference: the gain panel stops here, so t
 
 def zoom_gains(ax, gains: list[tuple[float, str, float]], floor: float = GAIN_FLOOR) -> list[str]:
     """Where a method falls more than |floor| points below the panel's reference (random, or the
-    full data; a score ranking that keeps only hard samples at 80 % pruned loses 20–37), the
-    gain panel's scale would flatten every other difference to a line at 0: stop the axis at
-    `floor` and name what falls below, per prune ratio, at the bottom. Returns those labels
-    (none: the axis is left as drawn)."""
+    full data; a score ranking that keeps only hard samples loses tens of points at a high prune
+    ratio: docs/results.md#every-baseline), the gain panel's scale would flatten every other
+    difference to a line at 0: stop the axis at `floor` and name what falls below, per prune
+    ratio, at the bottom. Returns those labels (none: the axis is left as drawn)."""
     below: dict[float, list[str]] = {}
     for x, method, gain in gains:
         if gain < floor:

@@ -244,8 +244,8 @@ def stage_estimate(n: int, p: int, feature_dim: int, args: InfluenceArgs, flops_
     """Rough memory and time of the influence stage, printed before it starts.
 
     Peak memory counts the arrays held at once in the process computing M = B H⁻¹ (features,
-    dense H, M, one block of gradients); time assumes `flops_per_second` (a 2-core CPU does
-    about 2e10 in float64 matmul) and excludes the forward passes.
+    dense H, M, one block of gradients); time assumes `flops_per_second` (the default: a small
+    CPU's float64 matmul rate) and excludes the forward passes.
     """
     k = args.projection_dim or p
     item = np.dtype(args.storage_dtype).itemsize

@@ -89,9 +89,9 @@ def build_model(name: str, sample_shape: tuple[int, ...], n_classes: int) -> nn.
 
 def inference_features(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """`model.features` for inference. On the CPU in float32, a traced, frozen TorchScript graph
-    that oneDNN runs with prepacked, fused convolutions (the cnn's feature pass ≈ 4x faster on
-    this project's 2-core machine); it must match eager on `example` to float32 rounding, or
-    eager mode is used. Elsewhere (CUDA, float64, `linear`) it is `model.features` itself."""
+    that oneDNN runs with prepacked, fused convolutions, several times faster than eager; it must
+    match eager on `example` to float32 rounding, or eager mode is used. Elsewhere (CUDA, float64,
+    `linear`) it is `model.features` itself."""
     model.eval()
     if (isinstance(model, LinearModel) or example.device.type != "cpu" or example.dtype != torch.float32
             or len(example) == 0):
@@ -109,8 +109,8 @@ def inference_features(model: nn.Module, example: torch.Tensor) -> Callable[[tor
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.compile, which is slower here
             # check_trace off: its own check (the trace run again and compared through torch.testing,
-            # which imports torch.distributed) cost 1.1 s of each worker's first feature pass and
-            # 0.25 s of every later one; the comparison with eager below is the check that counts
+            # which imports torch.distributed) slows every worker's feature pass
+            # (benchmarks/results/test-suite.md); the comparison with eager below is the check that counts
             traced = torch.jit.trace(_Features(model).eval(), example, check_trace=False)
             graph = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
             fast, eager = graph(example), model.features(example)

@@ -512,12 +512,11 @@ def solve_size(vectors: np.ndarray, m: int, args: SelectionArgs, labels=None, qu
     swap rounds (`args.rounds()` = 0, the default under difficulty coverage and for the `easiest`
     order) the path is the answer. With `easiest` candidates each step then picks, among the K
     easiest samples not yet taken, the one that keeps ‖S‖ smallest, and no swap search or restart
-    trades those picks for harder samples that cancel better (at 40 % pruned on Fashion-MNIST
-    the swaps would lower ‖Σ_R s_i‖ from 0.083 to 0.058 and cost 0.12 points of held-out
-    accuracy: benchmarks/results/cross-validation-0.4.md). `longer_path`: (order, ‖S_k‖) of a longer
-    greedy path of the same vectors and arguments, without quotas, whose first m steps are this
-    one's (`greedy_path`). `stream`: the candidate order (n,) fed to the path in place of
-    `candidate_stream`'s."""
+    trades those picks for harder samples that cancel better (held out, the swaps lowered
+    ‖Σ_R s_i‖ and cost accuracy: benchmarks/results/cross-validation-0.4.md). `longer_path`:
+    (order, ‖S_k‖) of a longer greedy path of the same vectors and arguments, without quotas,
+    whose first m steps are this one's (`greedy_path`). `stream`: the candidate order (n,) fed to
+    the path in place of `candidate_stream`'s."""
     n = len(vectors)
     info: dict = {}
     if longer_path is not None:
@@ -568,7 +567,8 @@ def largest_size_within(vectors: np.ndarray, args: SelectionArgs) -> tuple[np.nd
     best = np.zeros(n, bool)
     probes = []
     # one greedy path for every probe: without quotas a shorter path is a prefix of a longer one, so
-    # each probe's solve is the same as from a path of its own (16 paths over 60,000 samples: 114 s)
+    # each probe's solve is the same as from a path of its own, at the cost of one path
+    # (benchmarks/results/epsilon-mode.md)
     path = greedy_path(vectors, n, args.pool_size, stream=candidate_stream(vectors, args))
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -674,7 +674,7 @@ def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarr
     return result
 
 
-SCIP_MAX_TERMS = 2_000_000  # n × dim of the reference model: built term by term (~2 µs each), then solved
+SCIP_MAX_TERMS = 2_000_000  # n × dim of the reference model: built term by term before it is solved
 
 
 def check_scip_size(n: int, dim: int) -> None:
