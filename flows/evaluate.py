@@ -100,18 +100,36 @@ def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, fo
                     made: dict[str, SelectionResult] | None = None) -> dict:
     """Selections, retrainings and gap checks, fanned out on the Dask task runner. Each finished
     retraining is recorded in `cache` as it completes, so a rerun does not train it again. `made`:
-    selections already written to folder/selections (name → summary), not selected again."""
-    logger = get_run_logger()
-    args = params.eval_args()
-    base = params.train_args()
-    made = made or {}
+    selections already written to folder/selections (name → result), not selected again."""
+    selections = submit_selections(params, scores, folder, made or {})
+    retrainings = submit_retrainings(params, selections, cache)
+    gap_futures = submit_gap_checks(params, checkpoint)
+    records = retrained_records(retrainings)
+    gaps = [g for f in gap_futures for g in f.result()]
+    return {"records": records, "gaps": gaps,
+            "selections": {name: {"path": path, **future.result().summary, "method": job["method"],
+                                  "prune_ratio": job["ratio"], "draw_seed": job["seed"]}
+                           for name, (job, future, path) in selections.items()}}
 
+
+def submit_selections(params: EvaluateParameters, scores: str, folder: str,
+                      made: dict[str, SelectionResult]) -> dict[str, tuple]:
+    """Every method × ratio (× seed, for a random draw) selected over `scores` into
+    folder/selections: {name: (job, future or `Done`, path)}; those in `made` are not selected again."""
     selections = {}
-    for job in evaluation.selection_jobs(args, draws=functools.partial(uniform_draws, params)):
+    for job in evaluation.selection_jobs(params.eval_args(), draws=functools.partial(uniform_draws, params)):
         sel_args = params.selection_args_for(job["method"], job["ratio"], job["seed"] or 0)
         path = str(Path(folder) / "selections" / f"{job['name']}.parquet")
         selections[job["name"]] = (job, Done(made[job["name"]]) if job["name"] in made
                                    else select_samples.submit(scores, sel_args, path), path)
+    return selections
+
+
+def submit_retrainings(params: EvaluateParameters, selections: dict[str, tuple], cache: str) -> list[tuple]:
+    """A retraining per seed on the full data and on every selection (a random draw: with its own
+    seed only), the longest first, each after its selection: [(labels, (future, path) or None, future)]."""
+    args = params.eval_args()
+    base = params.train_args()
     runs = []
     for seed in args.seeds:  # the longest runs first
         runs.append((None, {"method": evaluation.FULL, "prune_ratio": 0.0, "selection": "full", "selection_seed": None,
@@ -129,15 +147,27 @@ def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, fo
             futures.append((labels, sel, retrain.submit(params.dataset, params.data_root, sel[1] if sel else None,
                                                         replace(base, seed=seed), args.evaluations_per_epoch, labels,
                                                         cache, wait_for=wait)))
-    gap_futures = []
-    if args.gap_samples:
-        for kind in ("linear", "head") if params.model != "linear" else ("linear",):
-            gap_futures.append(generalization_gap.submit(kind, params.dataset, params.data_root, args.gap_samples,
-                                                         args.gap_points, args.gap_weight_decay,
-                                                         checkpoint if kind == "head" else None, params.model))
+    return futures
+
+
+def submit_gap_checks(params: EvaluateParameters, checkpoint: str) -> list:
+    """The generalization-gap checks (`--gap-samples`): the linear problem, and the scoring
+    model's head on a network."""
+    args = params.eval_args()
+    if not args.gap_samples:
+        return []
+    return [generalization_gap.submit(kind, params.dataset, params.data_root, args.gap_samples, args.gap_points,
+                                      args.gap_weight_decay, checkpoint if kind == "head" else None, params.model)
+            for kind in (("linear", "head") if params.model != "linear" else ("linear",))]
+
+
+def retrained_records(futures: list[tuple]) -> list[dict]:
+    """The retrainings' records in submission order, each with its selection's objective, logged
+    as they finish."""
+    logger = get_run_logger()
     records = [None] * len(futures)
     position = {future: i for i, (_, _, future) in enumerate(futures)}
-    for done, future in enumerate(as_completed(list(position)), 1):  # logged as they finish
+    for done, future in enumerate(as_completed(list(position)), 1):
         i = position[future]
         labels, sel, _ = futures[i]
         record = future.result()
@@ -147,11 +177,7 @@ def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, fo
         logger.info("retrained %d/%d: %s seed %d → test accuracy %.4f in %.1f s%s", done, len(futures),
                     labels["selection"], record["seed"], record["test_accuracy"], record["train_seconds"],
                     " (recorded by an earlier run, reused)" if record.pop("reused", False) else "")
-    gaps = [g for f in gap_futures for g in f.result()]
-    return {"records": records, "gaps": gaps,
-            "selections": {name: {"path": path, **future.result().summary, "method": job["method"],
-                                  "prune_ratio": job["ratio"], "draw_seed": job["seed"]}
-                           for name, (job, future, path) in selections.items()}}
+    return records
 
 
 def influence_selection(params: EvaluateParameters) -> str:

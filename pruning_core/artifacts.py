@@ -1,5 +1,6 @@
-"""Stored artifacts: each has `*_path`, `save_*` and `load_*` side by side. Every write goes to a temporary file in the same folder and
-is renamed into place, so a reader never sees half a file.
+"""Stored artifacts: each has `*_path`, `save_*` and `load_*` side by side. Every write goes
+to a temporary file in the same folder and is renamed into place, so a reader never sees half
+a file.
 """
 
 from __future__ import annotations
