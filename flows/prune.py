@@ -23,7 +23,7 @@ from pruning_core.data import Dataset, load_dataset
 from pruning_core.errors import BadInputError
 from pruning_core.influence import format_estimate, shard_ranges
 from pruning_core.manifest import influence_entry, rounds_summary, run_manifest, version_provenance
-from pruning_core.refs import ModelRef, Round, RoundResult, ScoresRef, SelectionResult, VersionRef
+from pruning_core.refs import DatasetRef, ModelRef, Round, RoundResult, ScoresRef, SelectionResult, VersionRef
 from pruning_core.selection import round_ratios
 from tasks.influence import features_shard, influence_shard, inverse_hessian, merge_scores
 from tasks.progress import RunProgress
@@ -57,7 +57,7 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
                                 pictures, timings=dict(timed), arguments=params.as_json(), software=software_versions())
         artifacts.save_manifest(manifest, staging)
     emit_version_event(version, run_id)
-    publish_artifacts(manifest, class_balance(params.dataset, params.data_root, str(artifacts.selection_path(final))))
+    publish_artifacts(manifest, class_balance(dataset_of(params), str(artifacts.selection_path(final))))
     get_run_logger().info("run folder %s; version %s@%d", final, version.uri, version.version)
     return manifest
 
@@ -103,7 +103,7 @@ def influence_scores(params: RunParameters, model: ModelRef, cache: str, scores_
     args = params.influence_args()
     ranges = shard_ranges(ds.n, params.shards, args.block_size)
     get_run_logger().info(format_estimate(influence_estimate(params, ds)))
-    common = dict(cache=cache, model=model, dataset=params.dataset, data_root=params.data_root)
+    common = dict(cache=cache, model=model, data=dataset_of(params))
     with gpu_resources(params):
         feature_futures = [features_shard.submit(**common, start=a, end=b, args=args) for a, b in ranges]
     shard_of = {id(f): r for f, r in zip(feature_futures, ranges)}
@@ -122,6 +122,11 @@ def influence_scores(params: RunParameters, model: ModelRef, cache: str, scores_
     merged = merge_scores([f.result() for f in score_futures], scores_out, {**metadata, "inverse": solve},
                           model.forgetting)
     return ScoresRef(merged["path"], merged["n"], merged["p"], inverse, cache)
+
+
+def dataset_of(params: RunParameters) -> DatasetRef:
+    """The dataset the run's stages load, as each process names it."""
+    return DatasetRef(params.dataset, params.data_root)
 
 
 def workers_ready(params: RunParameters, ds, folder: Path, reads: tuple[str, ...] = ()) -> None:
@@ -193,9 +198,9 @@ def prune_round(params: RunParameters, folder: Path, out: Path, progress: RunPro
     ds = load_dataset(params.dataset, params.data_root)
     ckpt = str(artifacts.checkpoint_path(folder))
     if params.checkpoint:
-        model = load_checkpoint(params.dataset, params.data_root, params.model, params.checkpoint, ckpt)
+        model = load_checkpoint(dataset_of(params), params.model, params.checkpoint, ckpt)
     else:
-        model = train_model(params.dataset, params.data_root, params.train_args(), ckpt)
+        model = train_model(dataset_of(params), params.train_args(), ckpt)
     timed(label + "train", t)
     progress.update("train", 1, 1, f"test accuracy {model.test_accuracy:.4f}")
 
@@ -253,9 +258,9 @@ def later_rounds(params: RunParameters, first_selection: Path, folder: Path, out
         here = folder / f"round-{j}"
         here.mkdir(parents=True)
         before = done[-1]
-        commit_dataset_version(str(here / "source"), before.dataset, params.data_root, before.selection_path,
-                               {"round": j - 1, "rounds": params.rounds, "prune_ratio": before.prune_ratio,
-                                "run_dir": str(folder)})
+        commit_dataset_version(str(here / "source"), DatasetRef(before.dataset, params.data_root),
+                               before.selection_path, {"round": j - 1, "rounds": params.rounds,
+                                                       "prune_ratio": before.prune_ratio, "run_dir": str(folder)})
         round_params = params.model_copy(update={"dataset": f"delta:{here / 'source'}@0", "prune_ratio": ratios[j - 1],
                                                  "checkpoint": None, "rounds": 1,
                                                  "data_root": None})  # a table holds its rows
@@ -284,7 +289,7 @@ def run_figures(params: RunParameters, staging: Path, selection: SelectionResult
     is never a reason to lose a run."""
     t = time.perf_counter()
     try:
-        pictures = draw_figures(params.dataset, params.data_root, str(artifacts.scores_path(staging)),
+        pictures = draw_figures(dataset_of(params), str(artifacts.scores_path(staging)),
                                 str(artifacts.selection_path(staging)), str(staging), selection.objective)
     except Exception as exc:
         get_run_logger().warning("could not draw the run's pictures: %s", exc)
@@ -298,7 +303,7 @@ def publish_version(params: RunParameters, target: str, run_id: str, final: Path
     """Commit the samples the run kept to `target` as a new version recording the run's provenance."""
     t = time.perf_counter()
     provenance = version_provenance(run_id, final, ds, result.model, result.selection.summary, params.as_json())
-    version = commit_dataset_version(target, params.dataset, params.data_root, result.selection.path, provenance)
+    version = commit_dataset_version(target, dataset_of(params), result.selection.path, provenance)
     timed("materialise", t)
     progress.update("publish", 1, 1, f"{version.uri}@{version.version}")
     return version

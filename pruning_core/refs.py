@@ -8,6 +8,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import artifacts
+from .data import Dataset, load_dataset
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A dataset as every process names it: `spec` (`fashion-mnist`, `npz:PATH`, `delta:URI@V`, …)
+    read under `root` (None: the default data folder). Each process loads it for itself."""
+
+    spec: str
+    root: str | None = None
+
+    def load(self) -> Dataset:
+        return load_dataset(self.spec, self.root)
 
 
 @dataclass(frozen=True)
