@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,10 +16,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
+from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
 from pruning_core import artifacts, evaluation, figures
 from pruning_core.data import load_dataset
+from pruning_core.refs import SelectionResult
 from pruning_core.selection import hard_cut_formula, round_ratios
 from tasks.evaluate import generalization_gap, retrain
 from tasks.progress import RunProgress
@@ -36,11 +37,11 @@ class Done:
     """A selection made before the retraining sub-flow (`influence_before`), standing in
     for the future of one made inside it."""
 
-    def __init__(self, summary: dict):
-        self.summary = summary
+    def __init__(self, selection: SelectionResult):
+        self.selection = selection
 
-    def result(self) -> dict:
-        return self.summary
+    def result(self) -> SelectionResult:
+        return self.selection
 
 
 def uniform_draws(params: EvaluateParameters, method: str, ratio: float) -> bool:
@@ -63,7 +64,8 @@ def rounds_parameters(params: EvaluateParameters, ratio: float) -> RunParameters
     return params.run_parameters().model_copy(update=update)
 
 
-def influence_before(params: EvaluateParameters, scores: str, folder: Path, out: Path, cluster) -> dict[str, dict]:
+def influence_before(params: EvaluateParameters, scores: str, folder: Path, out: Path,
+                     cluster) -> dict[str, SelectionResult]:
     """The influence method's selections that are made before the retraining sub-flow, on the
     evaluation's Dask scheduler (`cluster()`, `flows.cluster.run_cluster`), and not as tasks in it:
     `--rounds K` (`flows.prune.later_rounds`: round 1 selects R/K over the scoring run's scores, each
@@ -87,28 +89,47 @@ def influence_before(params: EvaluateParameters, scores: str, folder: Path, out:
         rounds = later_rounds(rounds_parameters(params, ratio), first, here, out, RunProgress(None),
                               lambda stage, started: logger.info("%s: %s finished in %.1f s", job["name"], stage,
                                                                  time.perf_counter() - started), cluster)
-        made[job["name"]] = compose_selections(scores, [r["selection_path"] for r in rounds], str(path), ratio)
-        logger.info("%s in %d rounds: pruned %s", job["name"], params.rounds, made[job["name"]]["pruned_per_round"])
+        made[job["name"]] = compose_selections(scores, [r.selection_path for r in rounds], str(path), ratio)
+        logger.info("%s in %d rounds: pruned %s", job["name"], params.rounds,
+                    made[job["name"]].summary["pruned_per_round"])
     return made
 
 
 @flow(name="evaluation-runs")
 def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, folder: str, cache: str,
-                    made: dict[str, dict] | None = None) -> dict:
+                    made: dict[str, SelectionResult] | None = None) -> dict:
     """Selections, retrainings and gap checks, fanned out on the Dask task runner. Each finished
     retraining is recorded in `cache` as it completes, so a rerun does not train it again. `made`:
-    selections already written to folder/selections (name → summary), not selected again."""
-    logger = get_run_logger()
-    args = params.eval_args()
-    base = params.train_args()
-    made = made or {}
+    selections already written to folder/selections (name → result), not selected again."""
+    selections = submit_selections(params, scores, folder, made or {})
+    retrainings = submit_retrainings(params, selections, cache)
+    gap_futures = submit_gap_checks(params, checkpoint)
+    records = retrained_records(retrainings)
+    gaps = [g for f in gap_futures for g in f.result()]
+    return {"records": records, "gaps": gaps,
+            "selections": {name: {"path": path, **future.result().summary, "method": job["method"],
+                                  "prune_ratio": job["ratio"], "draw_seed": job["seed"]}
+                           for name, (job, future, path) in selections.items()}}
 
+
+def submit_selections(params: EvaluateParameters, scores: str, folder: str,
+                      made: dict[str, SelectionResult]) -> dict[str, tuple]:
+    """Every method × ratio (× seed, for a random draw) selected over `scores` into
+    folder/selections: {name: (job, future or `Done`, path)}; those in `made` are not selected again."""
     selections = {}
-    for job in evaluation.selection_jobs(args, draws=functools.partial(uniform_draws, params)):
+    for job in evaluation.selection_jobs(params.eval_args(), draws=functools.partial(uniform_draws, params)):
         sel_args = params.selection_args_for(job["method"], job["ratio"], job["seed"] or 0)
         path = str(Path(folder) / "selections" / f"{job['name']}.parquet")
         selections[job["name"]] = (job, Done(made[job["name"]]) if job["name"] in made
                                    else select_samples.submit(scores, sel_args, path), path)
+    return selections
+
+
+def submit_retrainings(params: EvaluateParameters, selections: dict[str, tuple], cache: str) -> list[tuple]:
+    """A retraining per seed on the full data and on every selection (a random draw: with its own
+    seed only), the longest first, each after its selection: [(labels, (future, path) or None, future)]."""
+    args = params.eval_args()
+    base = params.train_args()
     runs = []
     for seed in args.seeds:  # the longest runs first
         runs.append((None, {"method": evaluation.FULL, "prune_ratio": 0.0, "selection": "full", "selection_seed": None,
@@ -117,8 +138,8 @@ def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, fo
         for seed in args.seeds:
             if job["seed"] is not None and job["seed"] != seed:
                 continue  # a random draw per seed, trained with that seed
-            runs.append(((future, path), {"method": job["method"], "prune_ratio": job["ratio"], "selection": job["name"],
-                                          "selection_seed": job["seed"]}, seed))
+            runs.append(((future, path), {"method": job["method"], "prune_ratio": job["ratio"],
+                                          "selection": job["name"], "selection_seed": job["seed"]}, seed))
     futures = []
     for sel, labels, seed in runs:
         wait = [sel[0]] if sel and not isinstance(sel[0], Done) else []
@@ -126,28 +147,37 @@ def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, fo
             futures.append((labels, sel, retrain.submit(params.dataset, params.data_root, sel[1] if sel else None,
                                                         replace(base, seed=seed), args.evaluations_per_epoch, labels,
                                                         cache, wait_for=wait)))
-    gap_futures = []
-    if args.gap_samples:
-        for kind in ("linear", "head") if params.model != "linear" else ("linear",):
-            gap_futures.append(generalization_gap.submit(kind, params.dataset, params.data_root, args.gap_samples,
-                                                         args.gap_points, args.gap_weight_decay,
-                                                         checkpoint if kind == "head" else None, params.model))
+    return futures
+
+
+def submit_gap_checks(params: EvaluateParameters, checkpoint: str) -> list:
+    """The generalization-gap checks (`--gap-samples`): the linear problem, and the scoring
+    model's head on a network."""
+    args = params.eval_args()
+    if not args.gap_samples:
+        return []
+    return [generalization_gap.submit(kind, params.dataset, params.data_root, args.gap_samples, args.gap_points,
+                                      args.gap_weight_decay, checkpoint if kind == "head" else None, params.model)
+            for kind in (("linear", "head") if params.model != "linear" else ("linear",))]
+
+
+def retrained_records(futures: list[tuple]) -> list[dict]:
+    """The retrainings' records in submission order, each with its selection's objective, logged
+    as they finish."""
+    logger = get_run_logger()
     records = [None] * len(futures)
     position = {future: i for i, (_, _, future) in enumerate(futures)}
-    for done, future in enumerate(as_completed(list(position)), 1):  # logged as they finish
+    for done, future in enumerate(as_completed(list(position)), 1):
         i = position[future]
         labels, sel, _ = futures[i]
         record = future.result()
         if sel:
-            record["objective"] = sel[0].result()["objective"]
+            record["objective"] = sel[0].result().objective
         records[i] = record
         logger.info("retrained %d/%d: %s seed %d → test accuracy %.4f in %.1f s%s", done, len(futures),
                     labels["selection"], record["seed"], record["test_accuracy"], record["train_seconds"],
                     " (recorded by an earlier run, reused)" if record.pop("reused", False) else "")
-    gaps = [g for f in gap_futures for g in f.result()]
-    return {"records": records, "gaps": gaps,
-            "selections": {name: {"path": path, **future.result(), "method": job["method"], "prune_ratio": job["ratio"],
-                                  "draw_seed": job["seed"]} for name, (job, future, path) in selections.items()}}
+    return records
 
 
 def influence_selection(params: EvaluateParameters) -> str:
@@ -192,25 +222,16 @@ def influence_selection(params: EvaluateParameters) -> str:
 def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, command: str | None = None) -> dict:
     """Retrain on pruned versions and write the evidence. Returns the summary (report path,
     plots, targets). On any failure the staged evaluation folder is removed."""
-    logger = get_run_logger()
     params.validate_all()
     params = params.pinned()  # a Delta source's version: the one this run loads, on every worker
-    args = params.eval_args()
     run_id = run_id or "eval-" + new_run_id()
     out = Path(params.out).expanduser().resolve()
-    staging, final = out / ".staging" / run_id, out / run_id
-    if final.exists():
-        raise FileExistsError(f"evaluation folder {final} already exists")
+    if (out / run_id).exists():
+        raise FileExistsError(f"evaluation folder {out / run_id} already exists")
     started = time.perf_counter()
-    if params.from_run:  # the folder given, wherever the run was made: a run folder may be copied or moved
-        gpu_preflight(params)  # else the scoring run's preflight checks the GPU workers
-        scored = Path(params.from_run).resolve()
-        logger.info("reusing scores and model of %s", scored)
-    else:
-        scored = Path(prune_dataset(params.run_parameters())["run_dir"])
+    scored = scoring_run(params)
     scores, checkpoint = str(artifacts.scores_path(scored)), str(artifacts.checkpoint_path(scored))
-    staging.mkdir(parents=True)
-    try:
+    with artifacts.staged_folder(out, run_id, {"flow_run_id": flow_run.get_id(), "pid": os.getpid()}) as staging:
         if params.dask_address and params.from_run:  # else the scoring run just asked the workers
             workers_ready(params, load_dataset(params.dataset, params.data_root), staging, (scores, checkpoint))
         cache = out / ".cache" / "retrain"
@@ -220,40 +241,63 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
                     if (params.rounds > 1 or params.solver == "bucketed") and "influence" in params.methods else None)
             results = evaluation_runs.with_options(task_runner=DaskTaskRunner(address=cluster()))(
                 params, scores, checkpoint, str(staging), str(cache), made)
-        records = evaluation.add_convergence(results["records"], args.target_drop)
-        summary = evaluation.summarise(records)
-        goal = evaluation.targets(summary, records, drop=args.target_drop)
-        overlaps = evaluation.removal_overlaps(list(results["selections"].values()))
-        plots = evaluation.draw_plots(summary, records, results["gaps"], staging / "plots",
-                                      goal["comparisons"] + goal["other_comparisons"], overlaps,
-                                      target_drop=args.target_drop)
-        plots = {k: str(final / Path(v).relative_to(staging)) for k, v in plots.items()}
-        ds = load_dataset(params.dataset, params.data_root)
-        context = {"dataset": ds.name, "model": params.model, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                   "machine": evaluation.machine(),
-                   "run_dir": str(final), "scores_from": str(scored),
-                   "recipe": json.dumps({k: v for k, v in vars(params.train_args()).items() if k != "seed"}),
-                   "command": command, "influence_selection": influence_selection(params)}
-        report = evaluation.report_markdown(summary, records, results["gaps"], goal, plots, context, relative_to=final,
-                                            overlaps=overlaps)
-        artifacts.save_parquet(evaluation.evaluation_table(records), staging / "evaluation.parquet")
-        if results["gaps"]:
-            import pyarrow as pa
+        summary = write_evaluation(params, results, run_id, staging, out / run_id, scored, command, started)
+    publish_evaluation(summary)
+    return summary
 
-            artifacts.save_parquet(pa.Table.from_pylist(results["gaps"]), staging / "generalization_gap.parquet")
-        (staging / "report.md").write_text(report)
-        out_summary = {"run_id": run_id, "run_dir": str(final), "report": str(final / "report.md"), "plots": plots,
-                       "scores_from": str(scored), "targets": goal, "summary": summary,
-                       "gap": results["gaps"], "overlaps": overlaps, "seconds": time.perf_counter() - started,
-                       "arguments": params.as_json()}
-        artifacts.write_json(staging / "evaluation.json", out_summary)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    create_markdown_artifact(figures.inline_images(report, final), key="pruning-evaluation",
-                             description=f"evaluation {run_id}")
-    create_table_artifact([{k: v for k, v in s.items()} for s in summary], key="pruning-evaluation-table",
-                          description="mean ± std over seeds per method and prune ratio")
-    logger.info("evaluation folder %s; report %s", final, final / "report.md")
+
+def scoring_run(params: EvaluateParameters) -> Path:
+    """The run folder whose scores and model the evaluation retrains from: `--from-run`, wherever
+    it was made (a run folder may be copied or moved), or a new scoring run's."""
+    if not params.from_run:
+        return Path(prune_dataset(params.run_parameters())["run_dir"])
+    gpu_preflight(params)  # else the scoring run's preflight checks the GPU workers
+    scored = Path(params.from_run).resolve()
+    get_run_logger().info("reusing scores and model of %s", scored)
+    return scored
+
+
+def write_evaluation(params: EvaluateParameters, results: dict, run_id: str, staging: Path, final: Path,
+                     scored: Path, command: str | None, started: float) -> dict:
+    """The evaluation's files in `staging` (evaluation.parquet, generalization_gap.parquet, plots,
+    report.md, evaluation.json), their paths named as they lie in `final`; returns the summary
+    written to evaluation.json. `started`: the evaluation's start (`time.perf_counter()`)."""
+    args = params.eval_args()
+    records = evaluation.add_convergence(results["records"], args.target_drop)
+    summary = evaluation.summarise(records)
+    goal = evaluation.targets(summary, records, drop=args.target_drop)
+    overlaps = evaluation.removal_overlaps(list(results["selections"].values()))
+    plots = evaluation.draw_plots(summary, records, results["gaps"], staging / "plots",
+                                  goal["comparisons"] + goal["other_comparisons"], overlaps,
+                                  target_drop=args.target_drop)
+    plots = {k: str(final / Path(v).relative_to(staging)) for k, v in plots.items()}
+    ds = load_dataset(params.dataset, params.data_root)
+    context = {"dataset": ds.name, "model": params.model, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "machine": evaluation.machine(),
+               "run_dir": str(final), "scores_from": str(scored),
+               "recipe": json.dumps({k: v for k, v in vars(params.train_args()).items() if k != "seed"}),
+               "command": command, "influence_selection": influence_selection(params)}
+    report = evaluation.report_markdown(summary, records, results["gaps"], goal, plots, context, relative_to=final,
+                                        overlaps=overlaps)
+    artifacts.save_parquet(evaluation.evaluation_table(records), staging / "evaluation.parquet")
+    if results["gaps"]:
+        import pyarrow as pa
+
+        artifacts.save_parquet(pa.Table.from_pylist(results["gaps"]), staging / "generalization_gap.parquet")
+    (staging / "report.md").write_text(report)
+    out_summary = {"run_id": run_id, "run_dir": str(final), "report": str(final / "report.md"), "plots": plots,
+                   "scores_from": str(scored), "targets": goal, "summary": summary,
+                   "gap": results["gaps"], "overlaps": overlaps, "seconds": time.perf_counter() - started,
+                   "arguments": params.as_json()}
+    artifacts.write_json(staging / "evaluation.json", out_summary)
     return out_summary
+
+
+def publish_evaluation(summary: dict) -> None:
+    """The finished evaluation's report (its plots inline) and its table as Prefect artifacts."""
+    final = Path(summary["run_dir"])
+    create_markdown_artifact(figures.inline_images(Path(summary["report"]).read_text(), final),
+                             key="pruning-evaluation", description=f"evaluation {summary['run_id']}")
+    create_table_artifact([{k: v for k, v in s.items()} for s in summary["summary"]], key="pruning-evaluation-table",
+                          description="mean ± std over seeds per method and prune ratio")
+    get_run_logger().info("evaluation folder %s; report %s", final, Path(summary["report"]))

@@ -7,9 +7,8 @@ import contextlib
 import os
 import platform
 import secrets
-import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import dask
@@ -20,9 +19,11 @@ from prefect_dask import DaskTaskRunner
 
 import pruning_core
 from pruning_core import artifacts
-from pruning_core.data import dataset_summary, load_dataset
+from pruning_core.data import Dataset, load_dataset
 from pruning_core.errors import BadInputError
 from pruning_core.influence import format_estimate, shard_ranges
+from pruning_core.manifest import influence_entry, rounds_summary, run_manifest, version_provenance
+from pruning_core.refs import DatasetRef, ModelRef, Round, RoundResult, ScoresRef, SelectionResult, VersionRef
 from pruning_core.selection import round_ratios
 from tasks.influence import features_shard, influence_shard, inverse_hessian, merge_scores
 from tasks.progress import RunProgress
@@ -35,9 +36,66 @@ from .parameters import RunParameters
 from .preflight import check_workers, influence_estimate, run_preflight
 
 
+@flow(name="prune-dataset")
+def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
+    """Train, score every sample's influence, select, and publish the kept samples as a new
+    Delta version. Returns the manifest. On any failure the staged run folder is removed; the
+    staging folder of a run that was killed is removed by the next run on the same `out`."""
+    params, run_id, out = start_run(params, run_id)
+    final, target = out / run_id, params.target_uri()
+    with artifacts.staged_folder(out, run_id, {"flow_run_id": flow_run.get_id(), "pid": os.getpid()}) as staging:
+        remove_dead_runs(out)
+        timed, progress = Timings(), RunProgress.create(run_id)
+        ds = load_dataset(params.dataset, params.data_root)
+        if params.dask_address:
+            workers_ready(params, ds, staging)
+        result = run_rounds(params, staging, final, progress, timed)
+        pictures = run_figures(params, staging, result.selection, timed)
+        version = publish_version(params, target, run_id, final, ds, result, progress, timed)
+        influence = influence_entry(params.influence_args(), result.scores)
+        manifest = run_manifest(run_id, final, ds, result.model, influence, result.selection.summary, version,
+                                pictures, timings=dict(timed), arguments=params.as_json(), software=software_versions())
+        artifacts.save_manifest(manifest, staging)
+    emit_version_event(version, run_id)
+    publish_artifacts(manifest, class_balance(dataset_of(params), str(artifacts.selection_path(final))))
+    get_run_logger().info("run folder %s; version %s@%d", final, version.uri, version.version)
+    return manifest
+
+
+def start_run(params: RunParameters, run_id: str | None) -> tuple[RunParameters, str, Path]:
+    """The run's parameters, checked and pinned (a Delta source's version: the one this run loads,
+    on every worker), its id and its `--out`, resolved; refused before anything is written where
+    the run folder exists or the preflight fails (the scheduler answers, the estimate fits)."""
+    params.validate_all()
+    params = params.pinned()
+    run_id = artifacts.check_run_id(run_id) if run_id is not None else new_run_id()
+    out = Path(params.out).expanduser().resolve()
+    if (out / run_id).exists():
+        raise BadInputError(f"run folder {out / run_id} already exists; choose another run id")
+    run_preflight(params, load_checkpoint=False)
+    return params, run_id, out
+
+
+def remove_dead_runs(out: Path) -> None:
+    """Remove the staging folders of the runs on `out` that died, and end their flow runs Crashed."""
+    logger = get_run_logger()
+    for stale, owner in artifacts.remove_stale_staging(out).items():
+        logger.warning("removed the staging folder of run %s, which died before it finished", stale)
+        mark_crashed(owner.get("flow_run_id"), stale, logger)
+
+
+class Timings(dict):
+    """Seconds per stage: `timings(stage, started)` records and logs the time since `started`
+    (a `time.perf_counter()` reading)."""
+
+    def __call__(self, stage: str, started: float) -> None:
+        self[stage] = round(time.perf_counter() - started, 3)
+        get_run_logger().info("stage %s finished in %.1f s", stage, self[stage])
+
+
 @flow(name="influence-scores")
-def influence_scores(params: RunParameters, model: dict, cache: str, scores_out: str, metadata: dict,
-                     progress: str | None = None) -> dict:
+def influence_scores(params: RunParameters, model: ModelRef, cache: str, scores_out: str, metadata: dict,
+                     progress: str | None = None) -> ScoresRef:
     """Features per shard → H⁻¹ → influence per shard → merged scores.parquet. `progress`: the
     run's progress artifact, advanced as each shard finishes."""
     track = RunProgress.attach(progress)
@@ -45,7 +103,7 @@ def influence_scores(params: RunParameters, model: dict, cache: str, scores_out:
     args = params.influence_args()
     ranges = shard_ranges(ds.n, params.shards, args.block_size)
     get_run_logger().info(format_estimate(influence_estimate(params, ds)))
-    common = dict(cache=cache, model=model, dataset=params.dataset, data_root=params.data_root)
+    common = dict(cache=cache, model=model, data=dataset_of(params))
     with gpu_resources(params):
         feature_futures = [features_shard.submit(**common, start=a, end=b, args=args) for a, b in ranges]
     shard_of = {id(f): r for f, r in zip(feature_futures, ranges)}
@@ -62,8 +120,13 @@ def influence_scores(params: RunParameters, model: dict, cache: str, scores_out:
         track.update("influence", done, len(ranges), "samples {}–{}".format(*shard_of[id(future)]))
     solve = {k: v for k, v in inverse.items() if k not in ("path", "seconds")}  # equal inputs, equal bytes
     merged = merge_scores([f.result() for f in score_futures], scores_out, {**metadata, "inverse": solve},
-                          model.get("forgetting"))
-    return {**merged, "inverse": inverse}
+                          model.forgetting)
+    return ScoresRef(merged["path"], merged["n"], merged["p"], inverse, cache)
+
+
+def dataset_of(params: RunParameters) -> DatasetRef:
+    """The dataset the run's stages load, as each process names it."""
+    return DatasetRef(params.dataset, params.data_root)
 
 
 def workers_ready(params: RunParameters, ds, folder: Path, reads: tuple[str, ...] = ()) -> None:
@@ -126,185 +189,121 @@ def mark_crashed(flow_run_id: str | None, run_id: str, logger) -> None:
 
 
 def prune_round(params: RunParameters, folder: Path, out: Path, progress: RunProgress, timed, cluster,
-                label: str = "") -> dict:
+                label: str = "") -> RoundResult:
     """One round of a run on `params.dataset`: train (or load --checkpoint), score every sample's
     influence on Dask, select; model.pt, scores.parquet and selection.parquet go to `folder`.
     `timed(stage, started)` records each stage's seconds under `label` + its name; `cluster()`
     returns the address of the run's Dask scheduler (`run_cluster`)."""
-    logger = get_run_logger()
     t = time.perf_counter()
     ds = load_dataset(params.dataset, params.data_root)
     ckpt = str(artifacts.checkpoint_path(folder))
     if params.checkpoint:
-        model = load_checkpoint(params.dataset, params.data_root, params.model, params.checkpoint, ckpt)
+        model = load_checkpoint(dataset_of(params), params.model, params.checkpoint, ckpt)
     else:
-        model = train_model(params.dataset, params.data_root, params.train_args(), ckpt)
-    model["name"] = params.model
+        model = train_model(dataset_of(params), params.train_args(), ckpt)
     timed(label + "train", t)
-    progress.update("train", 1, 1, f"test accuracy {model['test_accuracy']:.4f}")
+    progress.update("train", 1, 1, f"test accuracy {model.test_accuracy:.4f}")
 
     t = time.perf_counter()
     influence_args = params.influence_args()
-    key_args = {"dataset": ds.fingerprint, "model": params.model, "checkpoint_sha256": model["checkpoint_sha256"],
+    key_args = {"dataset": ds.fingerprint, "model": params.model, "checkpoint_sha256": model.checkpoint_sha256,
                 "weight_decay": params.weight_decay, "influence": asdict(influence_args)}
     cache = artifacts.claim_folder(out / ".cache" / f"influence-{artifacts.arguments_key(key_args)}", key_args)
     scores_meta = {"influence": asdict(influence_args), "weight_decay": params.weight_decay,
-                   "dataset_fingerprint": ds.fingerprint, "checkpoint_sha256": model["checkpoint_sha256"]}
+                   "dataset_fingerprint": ds.fingerprint, "checkpoint_sha256": model.checkpoint_sha256}
     scores = influence_scores.with_options(task_runner=DaskTaskRunner(address=cluster()))(
         params, model, str(cache), str(artifacts.scores_path(folder)), scores_meta, progress.artifact_id)
     timed(label + "influence", t)
 
     t = time.perf_counter()
-    selection = select_samples(scores["path"], params.selection_args(), str(artifacts.selection_path(folder)),
+    selection = select_samples(scores.path, params.selection_args(), str(artifacts.selection_path(folder)),
                                cluster(), progress=progress.artifact_id)
     timed(label + "selection", t)
-    logger.info("%spruned %d of %d samples, objective ‖Σ s_i‖ = %.6g", label, selection["n_pruned"], ds.n,
-                selection["objective"])
-    return {"model": model, "scores": scores, "selection": selection, "cache": cache}
+    get_run_logger().info("%spruned %d of %d samples, objective ‖Σ s_i‖ = %.6g", label, selection.n_pruned, ds.n,
+                          selection.objective)
+    return RoundResult(model, scores, selection)
+
+
+def run_rounds(params: RunParameters, staging: Path, final: Path, progress: RunProgress, timed) -> RoundResult:
+    """The run's rounds on one Dask cluster (no stage after selection uses it), into `staging`:
+    one round, or `--rounds K` (`later_rounds`) with the selection composed over every round
+    (`compose_rounds`) and round 1's model and scores. The caches go to `--out` (`final.parent`)."""
+    out = final.parent
+    n = load_dataset(params.dataset, params.data_root).n
+    first_share = round_ratios(params.prune_ratio, params.rounds, n)[0] if params.rounds > 1 else params.prune_ratio
+    with run_cluster(params.dask_address, params.workers, params.gpu) as cluster:
+        first = prune_round(params.model_copy(update={"prune_ratio": first_share}), staging, out,
+                            progress.in_round(1, params.rounds), timed, cluster)
+        if params.rounds == 1:
+            return first
+        rounds = later_rounds(params, artifacts.selection_path(staging), staging / "rounds", out,
+                              progress, timed, cluster, first_round=first)
+    selection = compose_rounds(params, staging, rounds, final)
+    get_run_logger().info("%d rounds pruned %d of %d samples, objective ‖Σ s_i‖ = %.6g with round 1's vectors",
+                          params.rounds, selection.n_pruned, n, selection.objective)
+    return replace(first, selection=selection)
 
 
 def later_rounds(params: RunParameters, first_selection: Path, folder: Path, out: Path, progress: RunProgress,
-                 timed, cluster, first_round: dict | None = None) -> list[dict]:
+                 timed, cluster, first_round: RoundResult | None = None) -> list[Round]:
     """Rounds 2…K of `--rounds K` (`params.prune_ratio` is the total share pruned; round 1 pruned
     its share `round_ratios(...)[0]` of `params.dataset` into `first_selection`). Round j keeps the
     rows the round before kept as a Delta table (folder/round-j/source, the sample_ids unchanged),
     trains a fresh model on them with the run's recipe, scores and selects its share there.
-    Returns every round's {dataset, prune_ratio, folder, model, selection} (round 1's from
-    `first_round` when given). `cluster`: as for `prune_round`."""
+    Returns every round (round 1's result from `first_round` when given). `cluster`: as for
+    `prune_round`."""
     ratios = round_ratios(params.prune_ratio, params.rounds, load_dataset(params.dataset, params.data_root).n)
-    done = [{"round": 1, "dataset": params.dataset, "prune_ratio": ratios[0], "selection_path": str(first_selection),
-             **({"model": first_round["model"], "selection": first_round["selection"]} if first_round else {})}]
+    done = [Round(1, params.dataset, ratios[0], str(first_selection), result=first_round)]
     for j in range(2, params.rounds + 1):
         here = folder / f"round-{j}"
         here.mkdir(parents=True)
         before = done[-1]
-        commit_dataset_version(str(here / "source"), before["dataset"], params.data_root, before["selection_path"],
-                               {"round": j - 1, "rounds": params.rounds, "prune_ratio": before["prune_ratio"],
-                                "run_dir": str(folder)})
+        commit_dataset_version(str(here / "source"), DatasetRef(before.dataset, params.data_root),
+                               before.selection_path, {"round": j - 1, "rounds": params.rounds,
+                                                       "prune_ratio": before.prune_ratio, "run_dir": str(folder)})
         round_params = params.model_copy(update={"dataset": f"delta:{here / 'source'}@0", "prune_ratio": ratios[j - 1],
                                                  "checkpoint": None, "rounds": 1,
                                                  "data_root": None})  # a table holds its rows
         run = prune_round(round_params, here, out, progress.in_round(j, params.rounds), timed, cluster,
                           label=f"round {j} ")
-        done.append({"round": j, "dataset": round_params.dataset, "prune_ratio": ratios[j - 1], "folder": str(here),
-                     "selection_path": str(artifacts.selection_path(here)), "model": run["model"],
-                     "selection": run["selection"]})
+        done.append(Round(j, round_params.dataset, ratios[j - 1], str(artifacts.selection_path(here)), str(here), run))
     return done
 
 
-def compose_rounds(params: RunParameters, folder: Path, rounds: list[dict], final: Path) -> dict:
+def compose_rounds(params: RunParameters, folder: Path, rounds: list[Round], final: Path) -> SelectionResult:
     """The run's selection.parquet (every sample, with the round that pruned it) from its rounds, round
-    1's own moved to rounds/round-1/; the run's `selection` summary with each round's, its paths
-    named as they will be once `folder` is renamed to `final`."""
+    1's own moved to rounds/round-1/; its summary with each round's (`manifest.rounds_summary`), its
+    paths named as they will be once `folder` is renamed to `final`."""
     first = artifacts.selection_path(folder)
     round_one = artifacts.selection_path(folder / "rounds" / "round-1")
     round_one.parent.mkdir(parents=True)
     os.replace(first, round_one)
-    summary = compose_selections(str(artifacts.scores_path(folder)),
-                                 [str(round_one)] + [r["selection_path"] for r in rounds[1:]], str(first),
-                                 params.prune_ratio)
-    return {"method": rounds[0]["selection"]["method"], "solver": rounds[0]["selection"]["solver"], **summary, "rounds": [
-        {"round": r["round"], "dataset": r["dataset"].replace(str(folder), str(final), 1), "prune_ratio": r["prune_ratio"],
-         "n_pruned": r["selection"]["n_pruned"], "objective": r["selection"]["objective"],
-         "model_test_accuracy": r["model"]["test_accuracy"],
-         "folder": str(final / Path(r.get("folder", folder)).relative_to(folder))}
-        for r in rounds]}
+    composed = compose_selections(str(artifacts.scores_path(folder)),
+                                  [str(round_one)] + [r.selection_path for r in rounds[1:]], str(first),
+                                  params.prune_ratio)
+    return SelectionResult(str(first), rounds_summary(rounds, composed.summary, folder, final))
 
 
-@flow(name="prune-dataset")
-def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
-    """Train, score every sample's influence, select, and publish the kept samples as a new
-    Delta version. Returns the manifest. On any failure the staged run folder is removed; the
-    staging folder of a run that was killed is removed by the next run on the same `out`."""
-    logger = get_run_logger()
-    params.validate_all()
-    params = params.pinned()  # a Delta source's version: the one this run loads, on every worker
-    run_id = artifacts.check_run_id(run_id) if run_id is not None else new_run_id()
-    out = Path(params.out).expanduser().resolve()
-    staging, final = artifacts.staging_path(out, run_id), out / run_id
-    if final.exists():
-        raise BadInputError(f"run folder {final} already exists; choose another run id")
-    run_preflight(params, load_checkpoint=False)  # the scheduler answers, the estimate fits in memory
-    lock = artifacts.lock_staging(out, run_id, {"flow_run_id": flow_run.get_id(), "pid": os.getpid()})
-    for stale, owner in artifacts.remove_stale_staging(out).items():
-        logger.warning("removed the staging folder of run %s, which died before it finished", stale)
-        mark_crashed(owner.get("flow_run_id"), stale, logger)
-    shutil.rmtree(staging, ignore_errors=True)  # ours by the lock: left by an earlier attempt of this run id
-    staging.mkdir(parents=True)
-    timings: dict[str, float] = {}
-    progress = RunProgress.create(run_id)
-
-    def timed(stage, started):
-        timings[stage] = round(time.perf_counter() - started, 3)
-        logger.info("stage %s finished in %.1f s", stage, timings[stage])
-
+def run_figures(params: RunParameters, staging: Path, selection: SelectionResult, timed) -> dict[str, str]:
+    """The run's pictures in `staging` ({name: file}); none where they cannot be drawn: a picture
+    is never a reason to lose a run."""
+    t = time.perf_counter()
     try:
-        ds = load_dataset(params.dataset, params.data_root)
-        if params.dask_address:
-            workers_ready(params, ds, staging)
-        target = params.target_uri()
-        first_share = round_ratios(params.prune_ratio, params.rounds, ds.n)[0] if params.rounds > 1 else params.prune_ratio
-        with run_cluster(params.dask_address, params.workers, params.gpu) as cluster:  # no stage after selection uses it
-            first = prune_round(params.model_copy(update={"prune_ratio": first_share}), staging, out,
-                                progress.in_round(1, params.rounds), timed, cluster)
-            if params.rounds > 1:
-                rounds = later_rounds(params, artifacts.selection_path(staging), staging / "rounds", out, progress,
-                                      timed, cluster, first_round=first)
-        model, scores, selection, cache = first["model"], first["scores"], first["selection"], first["cache"]
-        if params.rounds > 1:
-            selection = compose_rounds(params, staging, rounds, final)
-            logger.info("%d rounds pruned %d of %d samples, objective ‖Σ s_i‖ = %.6g with round 1's vectors",
-                        params.rounds, selection["n_pruned"], ds.n, selection["objective"])
-        influence_args = params.influence_args()
+        pictures = draw_figures(dataset_of(params), str(artifacts.scores_path(staging)),
+                                str(artifacts.selection_path(staging)), str(staging), selection.objective)
+    except Exception as exc:
+        get_run_logger().warning("could not draw the run's pictures: %s", exc)
+        pictures = {}
+    timed("figures", t)
+    return pictures
 
-        t = time.perf_counter()
-        try:
-            pictures = draw_figures(params.dataset, params.data_root, str(artifacts.scores_path(staging)),
-                                    str(artifacts.selection_path(staging)), str(staging), selection["objective"])
-        except Exception as exc:  # a picture is never a reason to lose a run
-            logger.warning("could not draw the run's pictures: %s", exc)
-            pictures = {}
-        timed("figures", t)
 
-        t = time.perf_counter()
-        provenance = {"run_id": run_id, "run_dir": str(final), "source": {"name": ds.name, "fingerprint": ds.fingerprint,
-                      "n": ds.n}, "model": params.model, "checkpoint_sha256": model["checkpoint_sha256"],
-                      "method": selection["method"], "solver": selection["solver"],
-                      "prune_ratio": selection["prune_ratio"], "epsilon": selection["epsilon"],
-                      "n_pruned": selection["n_pruned"], "n_kept": selection["n_kept"],
-                      "objective": selection["objective"], "arguments": params.as_json()}
-        version = commit_dataset_version(target, params.dataset, params.data_root,
-                                         str(artifacts.selection_path(staging)), provenance)
-        timed("materialise", t)
-        progress.update("publish", 1, 1, f"{version['uri']}@{version['version']}")
-
-        manifest = {
-            "run_id": run_id, "run_dir": str(final), "dataset": dataset_summary(ds),
-            "model": {"name": params.model, **{k: v for k, v in model.items() if k not in ("name", "args")}},
-            "checkpoint_sha256": model["checkpoint_sha256"], "arguments": params.as_json(),
-            "influence": {"scope": influence_args.scope, "hessian": influence_args.hessian,
-                          "damping": scores["inverse"]["damping"], "damping_requested": influence_args.damping,
-                          "projection": ({"dim": influence_args.projection_dim, "kind": influence_args.projection_kind,
-                                          "seed": influence_args.projection_seed}
-                                         if influence_args.projection_dim else None),
-                          "solve": scores["inverse"],
-                          "storage_dtype": influence_args.storage_dtype, "block_size": influence_args.block_size,
-                          "vector_dim": scores["p"], "cache": str(cache)},
-            "selection": selection, "version": {"uri": version["uri"], "version": version["version"]},
-            "figures": {name: str(final / file) for name, file in pictures.items()},
-            "timings": timings, "software": software_versions(),
-        }
-        manifest["model"]["checkpoint"] = str(artifacts.checkpoint_path(final))
-        if model.get("forgetting"):
-            manifest["model"]["forgetting"] = str(artifacts.forgetting_path(final))
-        artifacts.save_manifest(manifest, staging)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        artifacts.release_staging(out, run_id, lock)
-    emit_version_event(version["uri"], version["version"], run_id, version["n_kept"])
-    publish_artifacts(manifest, class_balance(params.dataset, params.data_root, str(artifacts.selection_path(final))))
-    logger.info("run folder %s; version %s@%d", final, version["uri"], version["version"])
-    return manifest
+def publish_version(params: RunParameters, target: str, run_id: str, final: Path, ds: Dataset, result: RoundResult,
+                    progress: RunProgress, timed) -> VersionRef:
+    """Commit the samples the run kept to `target` as a new version recording the run's provenance."""
+    t = time.perf_counter()
+    provenance = version_provenance(run_id, final, ds, result.model, result.selection.summary, params.as_json())
+    version = commit_dataset_version(target, dataset_of(params), result.selection.path, provenance)
+    timed("materialise", t)
+    progress.update("publish", 1, 1, f"{version.uri}@{version.version}")
+    return version

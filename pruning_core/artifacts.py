@@ -1,6 +1,6 @@
-"""Stored artifacts: each has `*_path`, `save_*`, `load_*` (and `*_exists` where a stage skips
-work already done) side by side. Every write goes to a temporary file in the same folder and
-is renamed into place, so a reader never sees half a file.
+"""Stored artifacts: each has `*_path`, `save_*` and `load_*` side by side. Every write goes
+to a temporary file in the same folder and is renamed into place, so a reader never sees half
+a file.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import re
 import secrets
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +187,25 @@ def remove_stale_staging(out: Path) -> dict[str, dict]:
     return removed
 
 
+@contextlib.contextmanager
+def staged_folder(out: Path, run_id: str, owner: dict | None = None) -> Iterator[Path]:
+    """Yield `<out>/.staging/<run_id>`, empty and locked (`lock_staging`, recording `owner`);
+    renamed to `<out>/<run_id>` when the block succeeds, removed when it fails, the lock released
+    either way: a reader never sees half a run, and a killed run's folder is found stale."""
+    lock = lock_staging(out, run_id, owner)
+    staging = staging_path(out, run_id)
+    try:
+        shutil.rmtree(staging, ignore_errors=True)  # ours by the lock: left by an earlier attempt of this run id
+        staging.mkdir(parents=True)
+        yield staging
+        os.replace(staging, Path(out) / run_id)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        release_staging(out, run_id, lock)
+
+
 # --- model checkpoint ---------------------------------------------------------------------
 
 def checkpoint_path(run_dir: Path) -> Path:
@@ -221,10 +241,6 @@ def load_features_shard(path: Path) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
-def features_shard_exists(cache: Path, start: int, end: int) -> bool:
-    return features_shard_path(cache, start, end).exists()
-
-
 # --- M = B H⁻¹ (in the influence cache) ----------------------------------------------------
 
 def inverse_path(cache: Path) -> Path:
@@ -251,10 +267,6 @@ def load_inverse_info(cache: Path) -> dict:
 
 def scores_shard_path(cache: Path, start: int, end: int) -> Path:
     return Path(cache) / f"scores-{start:010d}-{end:010d}.parquet"
-
-
-def scores_shard_exists(cache: Path, start: int, end: int) -> bool:
-    return scores_shard_path(cache, start, end).exists()
 
 
 def scores_path(run_dir: Path) -> Path:

@@ -20,6 +20,7 @@ from . import artifacts, code_digest, hessians, influence
 from .data import load_dataset
 from .errors import DatasetError, first_line
 from .recipe import InfluenceArgs, TrainArgs
+from .refs import ModelRef
 from .scopes import ScopedLoss, autograd_curvature, scope_parameter_names
 from .selection import generalization_bound
 from .training import default_device, load_model, predict_logits, train
@@ -51,7 +52,7 @@ def release_memory() -> None:
 
 
 def train_stage(dataset: str, data_root: str | None, args: TrainArgs, checkpoint_out: Path,
-                progress=None) -> dict:
+                progress=None) -> ModelRef:
     from .baselines import forgetting_events
 
     ds = load_dataset(dataset, data_root)
@@ -61,21 +62,21 @@ def train_stage(dataset: str, data_root: str | None, args: TrainArgs, checkpoint
     if result.correctness is not None:
         forgetting = str(artifacts.save_array(forgetting_events(result.correctness),
                                               artifacts.forgetting_path(Path(checkpoint_out).parent)))
-    return {"checkpoint": str(checkpoint_out), "checkpoint_sha256": sha, "forgetting": forgetting,
-            "test_accuracy": result.test_accuracy,
-            "train_accuracy": result.train_accuracy, "seconds": result.seconds, **result.info}
+    return ModelRef(args.model, str(checkpoint_out), sha, result.test_accuracy, result.train_accuracy,
+                    result.seconds, forgetting=forgetting,
+                    info={k: v for k, v in result.info.items() if k != "args"})
 
 
-def checkpoint_stage(dataset: str, data_root: str | None, model_name: str, checkpoint: str, checkpoint_out: Path) -> dict:
+def checkpoint_stage(dataset: str, data_root: str | None, model_name: str, checkpoint: str,
+                     checkpoint_out: Path) -> ModelRef:
     """Use given weights: load them safely, store a copy in the run folder, measure accuracy."""
     from .training import accuracy
 
     ds = load_dataset(dataset, data_root)
     model = load_model(checkpoint, model_name, ds)
     sha = artifacts.save_checkpoint(model, checkpoint_out)
-    return {"checkpoint": str(checkpoint_out), "checkpoint_sha256": sha, "source_checkpoint": str(checkpoint),
-            "test_accuracy": accuracy(model, ds.x_test, ds.y_test), "train_accuracy": accuracy(model, ds.x, ds.y),
-            "seconds": 0.0}
+    return ModelRef(model_name, str(checkpoint_out), sha, accuracy(model, ds.x_test, ds.y_test),
+                    accuracy(model, ds.x, ds.y), 0.0, source_checkpoint=str(checkpoint))
 
 
 def _claimed_dataset(cache: Path, dataset: str, data_root: str | None):

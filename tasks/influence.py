@@ -9,28 +9,28 @@ from prefect.cache_policies import NO_CACHE
 
 from pruning_core import pipeline
 from pruning_core.recipe import InfluenceArgs
+from pruning_core.refs import DatasetRef, ModelRef
 
 
 @task(name="features-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
-def features_shard(cache: str, model: dict, dataset: str, data_root: str | None, start: int, end: int,
+def features_shard(cache: str, model: ModelRef, data: DatasetRef, start: int, end: int,
                    args: InfluenceArgs) -> str | None:
-    return pipeline.features_shard_stage(Path(cache), model["checkpoint"], model["checkpoint_sha256"],
-                                         model["name"], dataset, data_root, start, end, args.block_size,
-                                         args_scope=args.scope)
+    return pipeline.features_shard_stage(Path(cache), model.checkpoint, model.checkpoint_sha256, model.name,
+                                         data.spec, data.root, start, end, args.block_size, args_scope=args.scope)
 
 
 @task(name="inverse-hessian", cache_policy=NO_CACHE, retries=1)
-def inverse_hessian(cache: str, model: dict, dataset: str, data_root: str | None, feature_paths: list[str],
+def inverse_hessian(cache: str, model: ModelRef, data: DatasetRef, feature_paths: list[str],
                     weight_decay: float, args: InfluenceArgs) -> dict:
-    return pipeline.inverse_stage(Path(cache), model["checkpoint"], model["checkpoint_sha256"], model["name"],
-                                  dataset, data_root, feature_paths, weight_decay, args)
+    return pipeline.inverse_stage(Path(cache), model.checkpoint, model.checkpoint_sha256, model.name,
+                                  data.spec, data.root, feature_paths, weight_decay, args)
 
 
 @task(name="influence-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
-def influence_shard(cache: str, model: dict, dataset: str, data_root: str | None, start: int, end: int,
+def influence_shard(cache: str, model: ModelRef, data: DatasetRef, start: int, end: int,
                     inverse: str, args: InfluenceArgs) -> str:
-    return pipeline.influence_shard_stage(Path(cache), model["checkpoint"], model["checkpoint_sha256"],
-                                          model["name"], dataset, data_root, start, end, inverse, args)
+    return pipeline.influence_shard_stage(Path(cache), model.checkpoint, model.checkpoint_sha256, model.name,
+                                          data.spec, data.root, start, end, inverse, args)
 
 
 @task(name="merge-scores", cache_policy=NO_CACHE)

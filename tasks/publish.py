@@ -10,44 +10,45 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from pruning_core import artifacts, figures
-from pruning_core.data import load_dataset
+from pruning_core.refs import DatasetRef, VersionRef
 from pruning_core.targets import open_target
 
 EVENT = "dataset.version.created"
 
 
 @task(name="commit-version", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def commit_dataset_version(target: str, dataset: str, data_root: str | None, selection: str, provenance: dict) -> dict:
-    ds = load_dataset(dataset, data_root)
+def commit_dataset_version(target: str, data: DatasetRef, selection: str, provenance: dict) -> VersionRef:
+    ds = data.load()
     sample_id, pruned = artifacts.load_selection(selection)
     if not np.array_equal(sample_id, ds.sample_id):
-        raise RuntimeError(f"{selection} does not list the samples of {dataset} in order")
+        raise RuntimeError(f"{selection} does not list the samples of {data.spec} in order")
     version = open_target(target).commit(ds, ~pruned, provenance)
-    return {"uri": target, "version": version, "n_kept": int((~pruned).sum())}
+    return VersionRef(target, version, int((~pruned).sum()))
 
 
 @task(name="draw-figures", cache_policy=NO_CACHE)
-def draw_figures(dataset: str, data_root: str | None, scores: str, selection: str, folder: str,
-                 objective: float | None) -> dict[str, str]:
+def draw_figures(data: DatasetRef, scores: str, selection: str, folder: str, objective: float | None) -> dict[str, str]:
     """The run's pictures (selection.png, and examples.png for images) in `folder`; {name: file}."""
-    return figures.draw_run(Path(folder), load_dataset(dataset, data_root), Path(scores), Path(selection), objective)
+    return figures.draw_run(Path(folder), data.load(), Path(scores), Path(selection), objective)
 
 
 @task(name="emit-version-event", cache_policy=NO_CACHE)
-def emit_version_event(uri: str, version: int, run_id: str, n_kept: int) -> str | None:
-    event = emit_event(event=EVENT, resource={"prefect.resource.id": f"dataset.{open_target(uri).name}"},
-                       payload={"uri": uri, "version": version, "run_id": run_id, "n_kept": n_kept})
+def emit_version_event(version: VersionRef, run_id: str) -> str | None:
+    event = emit_event(event=EVENT, resource={"prefect.resource.id": f"dataset.{open_target(version.uri).name}"},
+                       payload={"uri": version.uri, "version": version.version, "run_id": run_id,
+                                "n_kept": version.n_kept})
     return str(event.id) if event else None
 
 
-def class_balance(dataset: str, data_root: str | None, selection: str) -> list[dict]:
-    ds = load_dataset(dataset, data_root)
+def class_balance(data: DatasetRef, selection: str) -> list[dict]:
+    ds = data.load()
     _, pruned = artifacts.load_selection(selection)
     rows = []
     for c in range(ds.n_classes):
         total = int((ds.y == c).sum())
         kept = int(((ds.y == c) & ~pruned).sum())
-        rows.append({"class": c, "samples": total, "kept": kept, "kept %": round(100 * kept / total, 1) if total else 0.0})
+        rows.append({"class": c, "samples": total, "kept": kept,
+                     "kept %": round(100 * kept / total, 1) if total else 0.0})
     return rows
 
 
