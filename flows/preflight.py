@@ -205,7 +205,9 @@ def run_preflight(params, load_checkpoint: bool = True) -> dict:
     from pruning_core.training import load_model
 
     ds = load_dataset(params.dataset, params.data_root)
-    model = load_model(params.checkpoint, params.model, ds, device="cpu") if params.checkpoint and load_checkpoint else None
+    model = None
+    if params.checkpoint and load_checkpoint:
+        model = load_model(params.checkpoint, params.model, ds, device="cpu")
     estimate = influence_estimate(params, ds, model)
     if params.method == "influence" and params.solver == "scip":
         check_scip_size(estimate["n"], estimate["k"])
