@@ -560,8 +560,8 @@ def cmd_versions(ns: argparse.Namespace) -> int:
     try:
         return _versions(ns)
     except BadInputError as exc:  # the targets name their URI as run's --target: here it is versions' argument
-        if str(exc).startswith("--target "):
-            raise BadInputError("versions " + str(exc).removeprefix("--target ")) from None
+        if exc.as_flags().startswith("--target "):
+            raise BadInputError("versions " + exc.as_flags().removeprefix("--target ")) from None
         raise
 
 
@@ -647,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"run": cmd_run, "select": cmd_select, "versions": cmd_versions, "evaluate": cmd_evaluate}
         return commands[ns.command](ns)
     except BadInputError as exc:
-        print(f"dataset-prune: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"dataset-prune: error: {exc.as_flags().splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (BrokenPipeError, SystemExit) as exc:
         # The reader of the output went away: the final print met the closed pipe (`dataset-prune

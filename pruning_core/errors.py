@@ -8,13 +8,25 @@ is a bug or an environment failure and keeps its traceback.
 import re
 from pathlib import Path
 
+_FIELD = re.compile(r"`([a-z][a-z0-9_]*)`")  # an option's field, named in a BadInputError's message
+
 
 class PruningError(Exception):
     """Base class of every error this project raises on purpose."""
 
 
 class BadInputError(PruningError, ValueError):
-    """Input the user can correct. The message names the bad value and what would be valid."""
+    """Input the user can correct. The message names the bad value and what would be valid, and
+    an option by its field in backticks (`` `epochs` 0 must be at least 1 ``): `str()` shows the
+    field's name, as the Python API and the Prefect UI's form know it (epochs 0 must be at least
+    1); `as_flags()` shows the command line's flag (--epochs 0 must be at least 1)."""
+
+    def __str__(self) -> str:
+        return _FIELD.sub(r"\1", super().__str__())
+
+    def as_flags(self) -> str:
+        """The message with every field named as its command-line flag (prune_ratio: --prune-ratio)."""
+        return _FIELD.sub(lambda m: "--" + m[1].replace("_", "-"), super().__str__())
 
 
 class DatasetError(BadInputError):
