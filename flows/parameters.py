@@ -74,7 +74,7 @@ def scoring_recipe(run_dir: Path) -> TrainArgs:
     try:
         return TrainArgs(model=used.get("model", TrainArgs.model), epochs=used.get("epochs"))
     except BadInputError as exc:  # its message names the option, which the manifest, not the user, gave here
-        raise BadInputError(f"{run_dir / 'manifest.json'}: its arguments are not a run's ({exc})") from None
+        raise BadInputError(f"{run_dir / 'manifest.json'}: its arguments are not a run's ({exc.args[0]})") from None
 
 
 # Labels of the deployment form in the Prefect UI ("Custom run"); other fields get their name.
@@ -264,24 +264,24 @@ class RunParameters(BaseModel):
         """Build every stage's arguments so that bad values fail before anything runs."""
         spec = parse_dataset_spec(self.dataset)
         if self.data_root is not None and spec.kind in ("npz", "delta"):
-            raise BadInputError(f"--data-root {self.data_root}: --dataset {self.dataset} names its own data; "
-                                "--data-root is for a named dataset (fashion-mnist, cifar10, …), so leave it out")
+            raise BadInputError(f"`data_root` {self.data_root}: `dataset` {self.dataset} names its own data; "
+                                "`data_root` is for a named dataset (fashion-mnist, cifar10, …), so leave it out")
         self.train_args(), self.influence_args()
         check_train_epochs(self.train_epochs, self.selection_args())
         check_train_epochs_model(self.train_epochs, self.model)
         if self.rounds > 1 and self.prune_ratio is None:
-            raise BadInputError(f"--rounds {self.rounds} splits --prune-ratio over the rounds; with --epsilon give one "
+            raise BadInputError(f"`rounds` {self.rounds} splits `prune_ratio` over the rounds; with `epsilon` give one "
                                 "round")
         if self.checkpoint is not None and not Path(self.checkpoint).is_file():
-            raise BadInputError(f"--checkpoint {self.checkpoint}: {no_file(self.checkpoint)}")
+            raise BadInputError(f"`checkpoint` {self.checkpoint}: {no_file(self.checkpoint)}")
         self._check_checkpoint_recipe()
-        artifacts.check_can_create(Path(self.out).expanduser().resolve(), "--out")
+        artifacts.check_can_create(Path(self.out).expanduser().resolve(), "`out`")
         delta_target = self.target is not None and not self.target.startswith(("dvc:", "lakefs://"))  # checked there
         if delta_target and ".." in re.split(r"[/\\]", self.target):
-            raise BadInputError(f"--target {self.target}: '..' is not allowed in a table path (it would leave the "
+            raise BadInputError(f"`target` {self.target}: '..' is not allowed in a table path (it would leave the "
                                 f"folder it names); give the path without it, an absolute path is fine")
         if delta_target and re.search(r"@\d+$", self.target):
-            raise BadInputError(f"--target {self.target}: names a version; a run commits the table's next version, so "
+            raise BadInputError(f"`target` {self.target}: names a version; a run commits the table's next version, so "
                                 "give the table alone")
         open_target(self.target_uri()).check()
 
@@ -290,10 +290,10 @@ class RunParameters(BaseModel):
         and --weight-decay still count: the training budget and the influence Hessian's λ)."""
         if self.checkpoint is None:
             return
-        unused = [f"--{name.replace('_', '-')}" for name in ("lr", "batch_size", "augment")
+        unused = [f"`{name}`" for name in ("lr", "batch_size", "augment")
                   if getattr(self, name) != type(self).model_fields[name].default]
         if unused:
-            raise BadInputError(f"{', '.join(unused)} with --checkpoint: nothing is trained (the weights are given); "
+            raise BadInputError(f"{', '.join(unused)} with `checkpoint`: nothing is trained (the weights are given); "
                                 "leave " + ("them" if len(unused) > 1 else "it") + " out")
 
     def as_json(self) -> dict:
@@ -341,8 +341,8 @@ class EvaluateParameters(RunParameters):
 
     def validate_all(self) -> None:
         if self.train_epochs is not None:
-            raise BadInputError("train_epochs: an evaluation retrains with its own epochs (--epochs); to evaluate a "
-                                "longer recipe, retrain a run's scores longer (--from-run RUN --epochs N)")
+            raise BadInputError("train_epochs: an evaluation retrains with its own epochs (`epochs`); to evaluate a "
+                                "longer recipe, retrain a run's scores longer (`from_run` RUN `epochs` N)")
         if self.from_run is not None:  # first: the selection's training budget reads its manifest
             self._check_from_run()
             self._check_selection_options_apply()
@@ -356,32 +356,32 @@ class EvaluateParameters(RunParameters):
         """With --from-run no scoring run selects with --method: the influence method's options act
         on the influence selections of --methods only, and would be silently unused without them."""
         listed = ",".join(self.methods)
-        given = [f"--{name.replace('_', '-')}" for name in ("solver", "coverage", "candidates", "swap_rounds", "rounds")
+        given = [f"`{name}`" for name in ("solver", "coverage", "candidates", "swap_rounds", "rounds")
                  if getattr(self, name) != type(self).model_fields[name].default]
         if given and "influence" not in self.methods:
             raise BadInputError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to the influence method, "
-                                f"which --methods {listed} does not list")
+                                f"which `methods` {listed} does not list")
         if self.hard_cut is not None and not {"influence", "ccs"} & set(self.methods):
-            raise BadInputError(f"--hard-cut applies to the influence method and ccs, which --methods {listed} "
+            raise BadInputError(f"`hard_cut` applies to the influence method and ccs, which `methods` {listed} "
                                 "does not list")
 
     def _check_from_run(self) -> None:
         run = Path(self.from_run)
         if self.checkpoint is not None:
-            raise BadInputError(f"--checkpoint with --from-run: the run {self.from_run} brings its own scores and "
+            raise BadInputError(f"`checkpoint` with `from_run`: the run {self.from_run} brings its own scores and "
                                 "model; give one of them")
         if not all((run / name).is_file() for name in ("manifest.json", "scores.parquet", "model.pt")):
-            raise BadInputError(f"--from-run {self.from_run}: not a finished run folder (no manifest.json, "
+            raise BadInputError(f"`from_run` {self.from_run}: not a finished run folder (no manifest.json, "
                                 "scores.parquet or model.pt)")
         used = run_arguments(run, "what it was made with is")
         for name in ("dataset", "model", "data_root"):
             if used.get(name) != getattr(self, name):
-                raise BadInputError(f"--from-run {self.from_run} was made with {name} {used.get(name)!r}, "
+                raise BadInputError(f"`from_run` {self.from_run} was made with {name} {used.get(name)!r}, "
                                     f"not {getattr(self, name)!r}")
         # read whole, so that a damaged file is refused now and not after the first retrainings
-        columns = artifacts.check_scores(run / "scores.parquet", f"--from-run {self.from_run}: its scores.parquet"
+        columns = artifacts.check_scores(run / "scores.parquet", f"`from_run` {self.from_run}: its scores.parquet"
                                          ).column_names
         missing = [m for m, c in (("forgetting", "forgetting"), ("herding", "embedding"), ("kcenter", "embedding"),
                                   ("moderate", "embedding")) if m in self.methods and c not in columns]
         if missing:
-            raise BadInputError(f"--from-run {self.from_run}: its scores lack what {', '.join(missing)} need")
+            raise BadInputError(f"`from_run` {self.from_run}: its scores lack what {', '.join(missing)} need")

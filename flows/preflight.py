@@ -65,8 +65,8 @@ def scheduler_info(address: str, timeout: float | None = None) -> dict:
         reason = "it accepted the connection but never replied"
     else:
         reason = first_line(exc, 160)
-    raise BadInputError(f"--dask-address {address}: no Dask scheduler answered within {timeout:g} s ({reason}); "
-                        f"start one (dask scheduler) or leave --dask-address out for a local cluster")
+    raise BadInputError(f"`dask_address` {address}: no Dask scheduler answered within {timeout:g} s ({reason}); "
+                        f"start one (dask scheduler) or leave `dask_address` out for a local cluster")
 
 
 def check_workers(address: str, dataset: str, data_root: str | None, fingerprint: str, folder: Path,
@@ -89,13 +89,13 @@ def check_workers(address: str, dataset: str, data_root: str | None, fingerprint
         with Client(address, timeout=connect_timeout(), set_as_default=False) as client:
             views = client.run(worker_view, dataset, data_root, str(probe), tuple(reads), on_error="return")
     except (OSError, TimeoutError) as exc:
-        raise BadInputError(f"--dask-address {address}: the scheduler stopped answering ({exc})") from exc
+        raise BadInputError(f"`dask_address` {address}: the scheduler stopped answering ({exc})") from exc
     finally:
         probe.unlink(missing_ok=True)
     for worker, view in sorted(views.items()):
         problem = worker_problem(view, dataset, fingerprint, token, folder)
         if problem:
-            raise BadInputError(f"--dask-address {address}: worker {worker} {problem}")
+            raise BadInputError(f"`dask_address` {address}: worker {worker} {problem}")
     return len(views)
 
 
@@ -111,14 +111,14 @@ def worker_problem(view, dataset: str, fingerprint: str, token: str, folder: Pat
                 f"to {code_digest()[:12]}); install the same dataset-prune on every worker")
     if "dataset_error" in view:
         return (f"cannot open {dataset} ({view['dataset_error']}); every worker needs this process's access to the "
-                f"data (the object store's credentials in its environment, the same --data-root)")
+                f"data (the object store's credentials in its environment, the same `data_root`)")
     if view["fingerprint"] != fingerprint:
         return (f"loads other data as {dataset} (fingerprint {view['fingerprint'][:12]}, not {fingerprint[:12]} as "
                 f"here); every worker must see the same data under the same name")
     if "folder_error" in view or view.get("probe") != token:
         reason = view.get("folder_error", "it holds another run's probe")
         return (f"cannot use the run's folder {folder} ({reason}); the workers read the model there and write "
-                f"their shards beside it, so they must share --out's filesystem with this process")
+                f"their shards beside it, so they must share `out`'s filesystem with this process")
     if view.get("unreadable"):
         more = f" and {len(view['unreadable']) - 1} more" if len(view["unreadable"]) > 1 else ""
         return (f"cannot read {view['unreadable'][0]}{more}; the workers read it themselves, so they must share its "
@@ -133,9 +133,9 @@ def check_gpu_workers(address: str, info: dict) -> None:
     no worker yet may still get GPU workers, and passes."""
     workers = info.get("workers") or {}
     if workers and not any((w.get("resources") or {}).get("GPU", 0) >= 1 for w in workers.values()):
-        raise BadInputError(f"--gpu: none of the {len(workers)} workers at --dask-address {address} offers the Dask "
+        raise BadInputError(f"`gpu`: none of the {len(workers)} workers at `dask_address` {address} offers the Dask "
                             "resource GPU, so the tasks asking for it would wait for one for ever; start one worker "
-                            f"per GPU with `dask worker {address} --resources GPU=1`, or leave --gpu out")
+                            f"per GPU with `dask worker {address} --resources GPU=1`, or leave `gpu` out")
 
 
 def check_local_gpu(params) -> None:
@@ -146,8 +146,8 @@ def check_local_gpu(params) -> None:
     import torch  # only where it is asked: `evaluate --from-run` reaches here without it
 
     if not torch.cuda.is_available():
-        raise BadInputError("--gpu without --dask-address: this machine has no CUDA device for the local cluster's "
-                            "workers; leave --gpu out, or give the address of a cluster with GPU workers")
+        raise BadInputError("`gpu` without `dask_address`: this machine has no CUDA device for the local cluster's "
+                            "workers; leave `gpu` out, or give the address of a cluster with GPU workers")
 
 
 def gpu_preflight(params) -> None:
@@ -192,7 +192,7 @@ def influence_estimate(params, ds, model=None) -> dict:
     sizes = dict(model.named_parameters())
     p = sum(sizes[k].numel() for k in scope_parameter_names(model, args.scope))
     if args.projection_dim is not None and args.projection_dim >= p:
-        raise BadInputError(f"--projection-dim {args.projection_dim} is not below p = {p}, the parameters of --scope "
+        raise BadInputError(f"`projection_dim` {args.projection_dim} is not below p = {p}, the parameters of `scope` "
                             f"{args.scope}: the projected vectors would be no smaller than the full ones; give less "
                             f"than {p} or leave it out")
     return stage_estimate(ds.n, p, model.fc.in_features, args)

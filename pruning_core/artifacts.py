@@ -56,22 +56,22 @@ def atomic_path(path: str | Path):
             os.unlink(tmp)
 
 
-def check_can_create(path: str | Path, flag: str, folder: bool = True) -> None:
+def check_can_create(path: str | Path, option: str, folder: bool = True) -> None:
     """Refuse, in one line, a path where the folder (or, `folder=False`, the file) cannot be made:
     a file where the folder should be, a file in the way above it, a read-only or special file
     system. Probed by making and removing a temporary folder in the nearest existing ancestor, so
     that the check leaves nothing behind."""
     path = Path(path)
     if folder and path.exists() and not path.is_dir():
-        raise BadInputError(f"{flag} {path}: exists and is not a folder")
+        raise BadInputError(f"{option} {path}: exists and is not a folder")
     start = path if folder else path.parent
     ancestor = next(p for p in (start, *start.parents) if p.exists())
     if not ancestor.is_dir():
-        raise BadInputError(f"{flag} {path}: {ancestor} is not a folder")
+        raise BadInputError(f"{option} {path}: {ancestor} is not a folder")
     try:
         tempfile.TemporaryDirectory(prefix=".dataset-prune-probe.", dir=ancestor).cleanup()
     except OSError as exc:
-        raise BadInputError(f"{flag} {path}: nothing can be written in {ancestor} ({exc.strerror or exc})") from exc
+        raise BadInputError(f"{option} {path}: nothing can be written in {ancestor} ({exc.strerror or exc})") from exc
 
 
 def write_json(path: str | Path, obj) -> Path:
@@ -324,7 +324,7 @@ def load_scores(path: str | Path, with_vectors: bool = True, name: str | None = 
                 ) -> tuple[pa.Table, np.ndarray | None, dict]:
     """(table without `influence`, vectors (n, p) or None, metadata). Checks the contract; its
     messages name the file as `name` (default: `--scores PATH`)."""
-    name = name or f"--scores {path}"
+    name = name or f"`scores` {path}"
     try:
         schema = pq.read_schema(path)
         table = pq.read_table(path, columns=None if with_vectors else [n for n in schema.names if n != "influence"])

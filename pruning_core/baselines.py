@@ -134,7 +134,7 @@ def removal_order(method: str, columns: dict[str, np.ndarray], vectors: np.ndarr
     `hard_fraction` is CCS's β (None: its CIFAR-10 schedule)."""
     need = NEEDS.get(method)
     if need and need not in columns:
-        raise BadInputError(f"--method {method} needs the score column {need!r}, which these scores lack"
+        raise BadInputError(f"`method` {method} needs the score column {need!r}, which these scores lack"
                             + (" (forgetting is recorded only when this run trains the model)"
                                if need == "forgetting" else ""))
     n = len(columns["label"])
@@ -163,6 +163,6 @@ def removal_order(method: str, columns: dict[str, np.ndarray], vectors: np.ndarr
         return _per_class(labels, within)
     if method == "ccs":
         if n_prune is None:
-            raise BadInputError("--method ccs needs --prune-ratio (its strata are laid out for a budget)")
+            raise BadInputError("`method` ccs needs `prune_ratio` (its strata are laid out for a budget)")
         return ccs_order(columns["el2n"], n_prune, seed, hard_fraction=hard_fraction)
-    raise BadInputError(f"--method {method!r} is not known; valid: influence, {', '.join(ORDER_METHODS)}")
+    raise BadInputError(f"`method` {method!r} is not known; valid: influence, {', '.join(ORDER_METHODS)}")

@@ -71,11 +71,11 @@ def parse_dataset_spec(text: str) -> DatasetSpec:
     if text.startswith("delta:") and len(text) > 6:
         uri, version = split_version(text[6:])
         if version is None and "@" in uri and not Path(uri).exists():
-            raise DatasetError(f"--dataset {text!r}: the version after '@' must be a non-negative integer")
+            raise DatasetError(f"`dataset` {text!r}: the version after '@' must be a non-negative integer")
         if "://" not in uri:
             uri = str(Path(uri).expanduser().resolve())
         return DatasetSpec(kind="delta", path=uri, version=version)
-    raise DatasetError(f"--dataset {text!r} is not a known dataset; valid: {VALID_SPECS}")
+    raise DatasetError(f"`dataset` {text!r} is not a known dataset; valid: {VALID_SPECS}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,7 +168,7 @@ def _load_idx_dataset(name: str, root: Path) -> Dataset:
         if found is None:
             hint = " (install Debian's dataset-fashion-mnist)" if name == "fashion-mnist" else ""
             raise DatasetError(f"{name}: {candidates[0]} is missing{hint}; "
-                               "set --data-root to the folder holding the idx files")
+                               "set `data_root` to the folder holding the idx files")
         arrays[key] = _read_idx(found)
     n = len(arrays["y"])
     return Dataset(name, arrays["x"][:, None], arrays["y"].astype(np.int64), np.arange(n, dtype=np.int64),
@@ -183,7 +183,7 @@ def _load_torchvision(name: str, root: Path) -> Dataset:
     try:
         train, test = cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
     except RuntimeError as exc:
-        raise DatasetError(f"{name}: not found under --data-root {root} ({exc}); download it there first: python -c "
+        raise DatasetError(f"{name}: not found under `data_root` {root} ({exc}); download it there first: python -c "
                            f"'import torchvision; torchvision.datasets.{cls.__name__}(\"{root}\", download=True)'"
                            ) from exc
 
@@ -254,7 +254,7 @@ def _load_cached(spec: DatasetSpec, data_root: str | None, stamp: tuple | None) 
         ds = _load_idx_dataset("fashion-mnist", Path(data_root) if data_root else FASHION_MNIST_ROOT)
     elif spec.kind in TORCHVISION_DATASETS:
         if not data_root:
-            raise DatasetError(f"{spec.kind}: --data-root is required (the folder torchvision downloaded it to)")
+            raise DatasetError(f"{spec.kind}: `data_root` is required (the folder torchvision downloaded it to)")
         ds = _load_torchvision(spec.kind, Path(data_root))
     elif spec.kind == "npz":
         ds = _load_npz(spec.path)

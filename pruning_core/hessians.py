@@ -72,9 +72,9 @@ def exact_bytes(p: int) -> int:
 
 def _check_exact_memory(p: int) -> None:
     if exact_bytes(p) > EXACT_MAX_BYTES:
-        raise BadInputError(f"--hessian exact over {p} parameters needs {exact_bytes(p) / 2**30:.1f} GiB for H "
-                            f"(limit {EXACT_MAX_BYTES / 2**30:.0f} GiB); use --hessian ekfac, cg or lissa, "
-                            f"or a --projection-dim")
+        raise BadInputError(f"`hessian` exact over {p} parameters needs {exact_bytes(p) / 2**30:.1f} GiB for H "
+                            f"(limit {EXACT_MAX_BYTES / 2**30:.0f} GiB); use `hessian` ekfac, cg or lissa, "
+                            f"or a `projection_dim`")
 
 
 def _is_identity(B: torch.Tensor, p: int) -> bool:
@@ -89,7 +89,7 @@ def solve_exact(curv: Curvature, B: torch.Tensor, shift: float) -> tuple[torch.T
     L, info = torch.linalg.cholesky_ex(H)
     del H
     if int(info) != 0:
-        raise BadInputError("the Hessian is not positive definite; raise --damping (or --weight-decay)")
+        raise BadInputError("the Hessian is not positive definite; raise `damping` (or `weight_decay`)")
     if _is_identity(B, curv.p):
         return torch.cholesky_inverse(L), SolveInfo("exact", shift)
     return torch.cholesky_solve(B.T.to(torch.float64), L).T, SolveInfo("exact", shift)
@@ -109,7 +109,7 @@ def solve_cg(curv: Curvature, B: torch.Tensor, shift: float, tol: float = 1e-10,
         HP = curv.hvp(P, None) + shift * P
         curvature = (P * HP).sum(1)
         if (curvature <= 0).any():
-            raise BadInputError("cg met a direction of non-positive curvature; raise --damping")
+            raise BadInputError("cg met a direction of non-positive curvature; raise `damping`")
         alpha = rs / curvature
         X += alpha[:, None] * P
         R -= alpha[:, None] * HP
@@ -151,7 +151,7 @@ def solve_lissa(curv: Curvature, B: torch.Tensor, shift: float, depth: int = 200
 
 def solve_kronecker(curv: Curvature, B: torch.Tensor, shift: float, refit: bool) -> tuple[torch.Tensor, SolveInfo]:
     if curv.kron is None:
-        raise BadInputError("--hessian kfac/ekfac are available for --scope last-layer; use exact, cg or lissa here")
+        raise BadInputError("`hessian` kfac/ekfac are available for `scope` last-layer; use exact, cg or lissa here")
     k = curv.kron()
     lam_s, Q_s = torch.linalg.eigh(k.S)
     lam_a, Q_a = torch.linalg.eigh(k.A)
@@ -178,7 +178,7 @@ def inverse_apply(curv: Curvature, B: torch.Tensor, strategy: str, shift: float,
                                               if k in ("depth", "batch_size", "scale", "seed")})
     if strategy in ("kfac", "ekfac"):
         return solve_kronecker(curv, B, shift, refit=strategy == "ekfac")
-    raise BadInputError(f"--hessian {strategy!r} is not known; valid: {', '.join(STRATEGIES)}")
+    raise BadInputError(f"`hessian` {strategy!r} is not known; valid: {', '.join(STRATEGIES)}")
 
 
 def automatic_damping(curv: Curvature, factor: float = 1e-3) -> float:

@@ -333,6 +333,6 @@ def check_memory(estimate: dict, limit_bytes: int | None, where: str) -> None:
     exceeds `limit_bytes` (None: unknown, not checked); the message carries the estimate."""
     if limit_bytes is not None and estimate["peak_bytes"] > limit_bytes:
         raise BadInputError(f"the influence stage needs ≈ {_gib(estimate['peak_bytes'])} but only "
-                            f"{_gib(limit_bytes)} is available ({where}); lower --projection-dim, "
-                            "use --hessian ekfac, cg or lissa, or run "
+                            f"{_gib(limit_bytes)} is available ({where}); lower `projection_dim`, "
+                            "use `hessian` ekfac, cg or lissa, or run "
                             f"where there is more memory ({format_estimate(estimate)})")

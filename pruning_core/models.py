@@ -77,14 +77,14 @@ def build_model(name: str, sample_shape: tuple[int, ...], n_classes: int) -> nn.
         return LinearModel(in_features, n_classes)
     if name in ("cnn", "resnet18"):
         if len(sample_shape) != 3:
-            raise BadInputError(f"--model {name} needs image samples (C, H, W), got shape {tuple(sample_shape)}")
+            raise BadInputError(f"`model` {name} needs image samples (C, H, W), got shape {tuple(sample_shape)}")
         if name == "cnn":
             if tuple(sample_shape[1:]) != (28, 28):
-                raise BadInputError(f"--model cnn needs 28x28 images, got {tuple(sample_shape[1:])}; "
+                raise BadInputError(f"`model` cnn needs 28x28 images, got {tuple(sample_shape[1:])}; "
                                     "use resnet18 or linear")
             return SmallCNN(sample_shape[0], n_classes)
         return ResNet18(sample_shape[0], n_classes)
-    raise BadInputError(f"--model {name!r} is not a known model; valid: {', '.join(MODELS)}")
+    raise BadInputError(f"`model` {name!r} is not a known model; valid: {', '.join(MODELS)}")
 
 
 def inference_features(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

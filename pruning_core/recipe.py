@@ -34,22 +34,22 @@ class TrainArgs:
 
     def __post_init__(self):
         if self.model not in DEFAULT_EPOCHS:
-            raise BadInputError(f"--model {self.model!r} is not a known model; valid: {', '.join(DEFAULT_EPOCHS)}")
+            raise BadInputError(f"`model` {self.model!r} is not a known model; valid: {', '.join(DEFAULT_EPOCHS)}")
         if self.epochs is None:
             self.epochs = DEFAULT_EPOCHS[self.model]
         if self.epochs < 0 or (self.model != "linear" and self.epochs < 1):
-            raise BadInputError(f"--epochs {self.epochs} must be at least 1")
+            raise BadInputError(f"`epochs` {self.epochs} must be at least 1")
         if not (self.lr > 0 and np.isfinite(self.lr)):
-            raise BadInputError(f"--lr {self.lr} must be a positive number")
+            raise BadInputError(f"`lr` {self.lr} must be a positive number")
         if self.batch_size < 1:
-            raise BadInputError(f"--batch-size {self.batch_size} must be at least 1")
+            raise BadInputError(f"`batch_size` {self.batch_size} must be at least 1")
         if not (self.weight_decay >= 0 and np.isfinite(self.weight_decay)):
-            raise BadInputError(f"--weight-decay {self.weight_decay} must be a non-negative number")
+            raise BadInputError(f"`weight_decay` {self.weight_decay} must be a non-negative number")
         if self.augment and self.model == "linear":
-            raise BadInputError("--augment applies to cnn and resnet18; linear trains to its optimum on the samples "
+            raise BadInputError("`augment` applies to cnn and resnet18; linear trains to its optimum on the samples "
                                 "as they are")
         if self.model == "linear" and self.weight_decay <= 0:
-            raise BadInputError("--weight-decay must be > 0 for --model linear (the optimum must exist)")
+            raise BadInputError("`weight_decay` must be > 0 for `model` linear (the optimum must exist)")
 
 
 def validate_scope(scope: str) -> str:
@@ -57,7 +57,7 @@ def validate_scope(scope: str) -> str:
         return scope
     if scope.startswith("modules:") and all(scope[8:].split(",")):
         return scope
-    raise BadInputError(f"--scope {scope!r} is not valid; valid: {SCOPE_FORMS}")
+    raise BadInputError(f"`scope` {scope!r} is not valid; valid: {SCOPE_FORMS}")
 
 
 @dataclass
@@ -80,20 +80,20 @@ class InfluenceArgs:
     def __post_init__(self):
         self.scope = validate_scope(self.scope)
         if self.hessian not in STRATEGIES:
-            raise BadInputError(f"--hessian {self.hessian!r} is not known; valid: {', '.join(STRATEGIES)}")
+            raise BadInputError(f"`hessian` {self.hessian!r} is not known; valid: {', '.join(STRATEGIES)}")
         if self.hessian in ("kfac", "ekfac") and self.scope != "last-layer":
-            raise BadInputError(f"--hessian {self.hessian} is available for --scope last-layer; "
-                                f"use exact, cg or lissa with --scope {self.scope}")
+            raise BadInputError(f"`hessian` {self.hessian} is available for `scope` last-layer; "
+                                f"use exact, cg or lissa with `scope` {self.scope}")
         if isinstance(self.damping, str):
             if self.damping != "auto":
                 try:
                     self.damping = float(self.damping)
                 except ValueError:
-                    raise BadInputError(f"--damping {self.damping!r} must be a non-negative number or 'auto'") from None
+                    raise BadInputError(f"`damping` {self.damping!r} must be a non-negative number or 'auto'") from None
         if self.damping != "auto" and not (self.damping >= 0 and np.isfinite(self.damping)):
-            raise BadInputError(f"--damping {self.damping} must be a non-negative number or 'auto'")
+            raise BadInputError(f"`damping` {self.damping} must be a non-negative number or 'auto'")
         if self.projection_dim is not None and self.projection_dim < 1:
-            raise BadInputError(f"--projection-dim {self.projection_dim} must be at least 1")
+            raise BadInputError(f"`projection_dim` {self.projection_dim} must be at least 1")
         if self.projection_kind not in ("gaussian", "rademacher"):
             raise BadInputError(f"projection kind {self.projection_kind!r}; valid: gaussian, rademacher")
         if self.block_size < 1:
@@ -120,20 +120,20 @@ class EvalArgs:
         self.methods, self.ratios, self.seeds = tuple(self.methods), tuple(self.ratios), tuple(self.seeds)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
-            raise BadInputError(f"--methods: {', '.join(unknown)} unknown; valid: {', '.join(METHODS)}")
+            raise BadInputError(f"`methods`: {', '.join(unknown)} unknown; valid: {', '.join(METHODS)}")
         if not self.methods or not self.ratios or not self.seeds:
-            raise BadInputError("--methods, --ratios and --seeds each need at least one value")
+            raise BadInputError("`methods`, `ratios` and `seeds` each need at least one value")
         if any(not (0 < r < 1) for r in self.ratios):
-            raise BadInputError(f"--ratios {','.join(map(str, self.ratios))}: every ratio must lie strictly in (0, 1)")
+            raise BadInputError(f"`ratios` {','.join(map(str, self.ratios))}: every ratio must lie strictly in (0, 1)")
         if any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
-            raise BadInputError("--seeds must be distinct non-negative integers")
-        for flag, values in (("--methods", self.methods), ("--ratios", self.ratios)):
+            raise BadInputError("`seeds` must be distinct non-negative integers")
+        for option, values in (("`methods`", self.methods), ("`ratios`", self.ratios)):
             twice = sorted({v for v in values if values.count(v) > 1}, key=values.index)
             if twice:  # each cell would be trained twice and counted twice in every mean
-                raise BadInputError(f"{flag} lists {', '.join(map(str, twice))} more than once")
+                raise BadInputError(f"{option} lists {', '.join(map(str, twice))} more than once")
         if not (0 <= self.target_drop < 1):
-            raise BadInputError(f"--target-drop {self.target_drop} must lie in [0, 1)")
+            raise BadInputError(f"`target_drop` {self.target_drop} must lie in [0, 1)")
         if self.evaluations_per_epoch < 1:
-            raise BadInputError("--evaluations-per-epoch must be at least 1")
+            raise BadInputError("`evaluations_per_epoch` must be at least 1")
         if self.gap_samples < 0 or (0 < self.gap_samples < 200) or self.gap_points < 2:
-            raise BadInputError("--gap-samples must be 0 (skip) or ≥ 200, with at least 2 ε values")
+            raise BadInputError("`gap_samples` must be 0 (skip) or ≥ 200, with at least 2 ε values")

@@ -27,13 +27,13 @@ def scope_parameter_names(model: nn.Module, scope: str) -> list[str]:
     known = dict(model.named_modules())
     missing = [m for m in modules if m not in known]
     if missing:
-        raise BadInputError(f"--scope: no module named {missing[0]!r}; modules with parameters: "
+        raise BadInputError(f"`scope`: no module named {missing[0]!r}; modules with parameters: "
                             + ", ".join(m for m, mod in known.items()
                                         if m and any(True for _ in mod.parameters(recurse=False))))
     chosen = [k for k in names if any(k == f"{m}.{leaf}" or k.startswith(f"{m}.") for m in modules
                                        for leaf in ("weight", "bias"))]
     if not chosen:
-        raise BadInputError(f"--scope {scope}: those modules hold no parameters")
+        raise BadInputError(f"`scope` {scope}: those modules hold no parameters")
     return chosen
 
 

@@ -52,7 +52,7 @@ def round_ratios(total: float, rounds: int, n: int | None = None) -> list[float]
         return [step / (1 - j * step) for j in range(rounds)]
     m = int(round(total * n))
     if m < rounds:
-        raise BadInputError(f"--rounds {rounds}: --prune-ratio {total:g} of {n} samples removes {m}, fewer than one "
+        raise BadInputError(f"`rounds` {rounds}: `prune_ratio` {total:g} of {n} samples removes {m}, fewer than one "
                             "per round; give fewer rounds")
     counts = [round(m * (j + 1) / rounds) - round(m * j / rounds) for j in range(rounds)]
     return [c / (n - sum(counts[:j])) for j, c in enumerate(counts)]
@@ -81,59 +81,59 @@ class SelectionArgs:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise BadInputError(f"--method {self.method!r} is not known; valid: {', '.join(METHODS)}")
+            raise BadInputError(f"`method` {self.method!r} is not known; valid: {', '.join(METHODS)}")
         if self.solver not in SOLVERS:
-            raise BadInputError(f"--solver {self.solver!r} is not known; valid: {', '.join(SOLVERS)}")
+            raise BadInputError(f"`solver` {self.solver!r} is not known; valid: {', '.join(SOLVERS)}")
         if not (self.time_limit > 0 and math.isfinite(self.time_limit)):
-            raise BadInputError(f"--time-limit {self.time_limit:g} must be a positive number of seconds")
+            raise BadInputError(f"`time_limit` {self.time_limit:g} must be a positive number of seconds")
         if self.solver != "greedy" and self.method != "influence":
-            raise BadInputError(f"--solver {self.solver} applies to --method influence ({self.method} ranks or draws "
+            raise BadInputError(f"`solver` {self.solver} applies to `method` influence ({self.method} ranks or draws "
                                 "its removals; it has no solver)")
         if (self.prune_ratio is None) == (self.epsilon is None):
-            raise BadInputError("give exactly one of --prune-ratio and --epsilon")
+            raise BadInputError("give exactly one of `prune_ratio` and `epsilon`")
         if self.prune_ratio is not None and not (0 < self.prune_ratio < 1):
-            raise BadInputError(f"--prune-ratio {self.prune_ratio} must lie strictly between 0 and 1")
+            raise BadInputError(f"`prune_ratio` {self.prune_ratio} must lie strictly between 0 and 1")
         if self.epsilon is not None and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
-            raise BadInputError(f"--epsilon {self.epsilon} must be a positive finite number")
+            raise BadInputError(f"`epsilon` {self.epsilon} must be a positive finite number")
         if self.coverage not in COVERAGE:
-            raise BadInputError(f"--coverage {self.coverage!r} is not known; valid: {', '.join(COVERAGE)}")
+            raise BadInputError(f"`coverage` {self.coverage!r} is not known; valid: {', '.join(COVERAGE)}")
         if self.candidates not in CANDIDATES:
-            raise BadInputError(f"--candidates {self.candidates!r} is not known; valid: {', '.join(CANDIDATES)}")
+            raise BadInputError(f"`candidates` {self.candidates!r} is not known; valid: {', '.join(CANDIDATES)}")
         if self.solver == "bucketed" and (self.epsilon is not None or self.class_balanced or self.coverage != "none"):
             # before the candidate order, which `auto` may have chosen for the coverage
-            raise BadInputError("--solver bucketed solves --prune-ratio without --class-balanced or --coverage")
+            raise BadInputError("`solver` bucketed solves `prune_ratio` without `class_balanced` or `coverage`")
         if self.candidates != "smallest" and (self.method != "influence" or self.solver == "bucketed"
                                               or self.epsilon is not None):
-            raise BadInputError(f"--candidates {self.candidates} applies to --method influence with --prune-ratio "
+            raise BadInputError(f"`candidates` {self.candidates} applies to `method` influence with `prune_ratio` "
                                 "(greedy or scip solver)")
         if self.coverage != "none" and (self.epsilon is not None or self.class_balanced or self.method != "influence"):
-            raise BadInputError("--coverage difficulty applies to --method influence with --prune-ratio, "
-                                "without --class-balanced")
+            raise BadInputError("`coverage` difficulty applies to `method` influence with `prune_ratio`, "
+                                "without `class_balanced`")
         if self.hard_cut is not None and not (0 <= self.hard_cut < 1):
-            raise BadInputError(f"--hard-cut {self.hard_cut} must lie in [0, 1)")
+            raise BadInputError(f"`hard_cut` {self.hard_cut} must lie in [0, 1)")
         if self.hard_cut is not None and self.coverage == "none" and self.method != "ccs":
-            raise BadInputError("--hard-cut applies to --coverage difficulty and --method ccs")
+            raise BadInputError("`hard_cut` applies to `coverage` difficulty and `method` ccs")
         if self.hard_cut is not None and self.prune_ratio is not None and self.hard_cut > self.prune_ratio:
-            raise BadInputError(f"--hard-cut {self.hard_cut:g} cuts more than --prune-ratio {self.prune_ratio:g} "
+            raise BadInputError(f"`hard_cut` {self.hard_cut:g} cuts more than `prune_ratio` {self.prune_ratio:g} "
                                 f"removes; give at most {self.prune_ratio:g} (all of the removals the hardest)")
         if not (self.train_budget > 0 and math.isfinite(self.train_budget)):
-            raise BadInputError(f"the training budget {self.train_budget} (--train-epochs ÷ the scoring run's epochs) "
+            raise BadInputError(f"the training budget {self.train_budget} (`train_epochs` ÷ the scoring run's epochs) "
                                 "must be a positive finite number")
         if self.class_balanced and self.epsilon is not None:
-            raise BadInputError("--class-balanced applies to --prune-ratio, not --epsilon")
+            raise BadInputError("`class_balanced` applies to `prune_ratio`, not `epsilon`")
         if self.seed < 0:
-            raise BadInputError(f"--seed {self.seed} must be ≥ 0")
+            raise BadInputError(f"`seed` {self.seed} must be ≥ 0")
         if self.pool_size < 1 or self.swap_candidates < 1:
             raise BadInputError("pool size and swap candidates must be ≥ 1")
         if self.swap_rounds is not None:
             if self.swap_rounds < 0:
-                raise BadInputError(f"--swap-rounds {self.swap_rounds} must be ≥ 0 (0: the greedy path is the answer)")
+                raise BadInputError(f"`swap_rounds` {self.swap_rounds} must be ≥ 0 (0: the greedy path is the answer)")
             if self.swap_rounds > MAX_SWAP_ROUNDS:
-                raise BadInputError(f"--swap-rounds {self.swap_rounds} must be ≤ {MAX_SWAP_ROUNDS} (each round "
+                raise BadInputError(f"`swap_rounds` {self.swap_rounds} must be ≤ {MAX_SWAP_ROUNDS} (each round "
                                     "scores every sample; the search stops earlier when a round finds no improving "
                                     "swap)")
             if self.method != "influence":
-                raise BadInputError("--swap-rounds applies to --method influence")
+                raise BadInputError("`swap_rounds` applies to `method` influence")
 
     def n_prune(self, n: int) -> int:
         return int(round(self.prune_ratio * n))
@@ -228,12 +228,12 @@ def check_train_epochs(train_epochs: int | None, selection: SelectionArgs) -> No
     if train_epochs is None:
         return
     if train_epochs < 1:
-        raise BadInputError(f"--train-epochs {train_epochs} must be at least 1")
+        raise BadInputError(f"`train_epochs` {train_epochs} must be at least 1")
     if selection.method != "influence" or selection.coverage != "difficulty":
-        raise BadInputError("--train-epochs shifts the hard cut of --method influence under difficulty coverage "
-                            "(--prune-ratio); it does not apply here")
+        raise BadInputError("`train_epochs` shifts the hard cut of `method` influence under difficulty coverage "
+                            "(`prune_ratio`); it does not apply here")
     if selection.hard_cut is not None:
-        raise BadInputError("--train-epochs shifts the hard-cut schedule; with --hard-cut given there is none to shift")
+        raise BadInputError("`train_epochs` shifts the hard-cut schedule; with `hard_cut` given there is none to shift")
 
 
 def train_budget(train_epochs: int | None, scoring_epochs: int, model: str) -> float:
@@ -245,7 +245,7 @@ def train_budget(train_epochs: int | None, scoring_epochs: int, model: str) -> f
 def check_train_epochs_model(train_epochs: int | None, model: str) -> None:
     """--train-epochs given for a `linear` scoring run, which has no epochs to shift by."""
     if train_epochs is not None and model == "linear":
-        raise BadInputError("--train-epochs shifts the hard cut by a network's training budget; --model linear "
+        raise BadInputError("`train_epochs` shifts the hard cut by a network's training budget; `model` linear "
                             "trains to its optimum, without epochs")
 
 
@@ -500,7 +500,7 @@ def candidate_stream(vectors: np.ndarray, args: SelectionArgs,
         return np.argsort(row_keys(vectors, f"{args.seed}:candidates"), kind="stable")
     if args.candidates == "easiest":
         if difficulty is None:
-            raise BadInputError("--candidates easiest needs the score column 'el2n', which these scores lack")
+            raise BadInputError("`candidates` easiest needs the score column 'el2n', which these scores lack")
         return np.argsort(np.asarray(difficulty, np.float64), kind="stable")
     return None
 
@@ -631,7 +631,7 @@ def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarr
     quotas = class_quotas(labels, args.n_prune(n)) if args.class_balanced else None
     if args.coverage == "difficulty":  # minimise ‖Σ s_i‖ with every difficulty stratum's removals fixed
         if "el2n" not in columns:
-            raise BadInputError("--coverage difficulty needs the score column 'el2n', which these scores lack")
+            raise BadInputError("`coverage` difficulty needs the score column 'el2n', which these scores lack")
         cut = args.coverage_cut()
         labels, quotas = layout(np.asarray(columns["el2n"], np.float64), args.n_prune(n), hard_fraction=cut)
         info["coverage"] = {"strata": int(len(quotas) - 1), "hard_cut": int(quotas[-1]), "hard_fraction": cut,
@@ -659,7 +659,7 @@ def select(vectors: np.ndarray, args: SelectionArgs, columns: dict[str, np.ndarr
         info.update(scip_info)
     elif args.solver == "bucketed":
         if args.epsilon is not None or quotas is not None:
-            raise BadInputError("--solver bucketed solves --prune-ratio without --class-balanced or --coverage")
+            raise BadInputError("`solver` bucketed solves `prune_ratio` without `class_balanced` or `coverage`")
         pruned, bucket_info = select_bucketed(vectors, args.n_prune(n), args, map_fn or map)
         info.update(bucket_info)
     elif args.prune_ratio is not None:
@@ -682,9 +682,9 @@ def check_scip_size(n: int, dim: int) -> None:
     the building alone outlasts any --time-limit (60,000 × 1,290 is 77 million terms: minutes
     before SCIP starts its clock, gigabytes of model). Refuse such an instance up front."""
     if n * dim > SCIP_MAX_TERMS:
-        raise BadInputError(f"--solver scip is the exact reference for small instances: {n} samples × {dim} "
-                            f"dimensions is {n * dim:,} model terms, above its {SCIP_MAX_TERMS:,}; use --solver "
-                            "greedy (or bucketed), or score fewer samples or a smaller --projection-dim")
+        raise BadInputError(f"`solver` scip is the exact reference for small instances: {n} samples × {dim} "
+                            f"dimensions is {n * dim:,} model terms, above its {SCIP_MAX_TERMS:,}; use `solver` "
+                            "greedy (or bucketed), or score fewer samples or a smaller `projection_dim`")
 
 
 def solve_scip(vectors: np.ndarray, args: SelectionArgs, warm: np.ndarray | None, labels=None, quotas=None):
@@ -781,7 +781,7 @@ def selection_stage(scores: Path, args: SelectionArgs, out: Path, map_fn=None, p
     progress(2, 3, f"solved ({args.method}{'/' + args.solver if args.method == 'influence' else ''})")
     n = len(vectors)
     if result.pruned.all():  # a version without samples is never what was meant: refuse before writing
-        given = f"--epsilon {args.epsilon:g}" if args.epsilon is not None else f"--prune-ratio {args.prune_ratio:g}"
+        given = f"`epsilon` {args.epsilon:g}" if args.epsilon is not None else f"`prune_ratio` {args.prune_ratio:g}"
         raise BadInputError(f"{given} removes all {n} samples (‖Σ s_i‖ of the whole set = {result.objective:.4g}), "
                             "so nothing would be kept; give a smaller value")
     summary = {"method": args.method, "solver": result.info.get("solver"), "prune_ratio": args.prune_ratio,

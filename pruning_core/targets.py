@@ -101,7 +101,7 @@ def _provenance_json(provenance: dict, ds: Dataset) -> str:
 def _check_path(uri: str, path: str) -> PurePosixPath:
     p = PurePosixPath(path.strip("/"))
     if not path.strip("/") or p.is_absolute() or any(part in ("", ".", "..") for part in p.parts):
-        raise BadInputError(f"--target {uri!r}: the path {path!r} must be a relative path without '..'")
+        raise BadInputError(f"`target` {uri!r}: the path {path!r} must be a relative path without '..'")
     return p
 
 
@@ -119,13 +119,13 @@ class DeltaTarget(VersionTarget):
 
     def check(self) -> None:
         if "://" not in self.uri:
-            check_can_create(self.uri, "--target")
+            check_can_create(self.uri, "`target`")
             return
         try:  # an object store: reachable with these credentials, whether or not the table exists yet
             delta.open_table(self.uri)
         except delta.DatasetError as exc:
             if not isinstance(exc.__cause__, TableNotFoundError):
-                raise BadInputError(f"--target {self.uri}: {str(exc).partition(': ')[2]}") from None
+                raise BadInputError(f"`target` {self.uri}: {str(exc).partition(': ')[2]}") from None
 
     def commit(self, ds: Dataset, keep: np.ndarray, provenance: dict) -> int:
         return delta.commit_version(self.uri, ds, keep, provenance)
@@ -141,7 +141,7 @@ def dvc_executable() -> str:
     beside = Path(sys.executable).parent / "dvc"
     found = str(beside) if beside.exists() else shutil.which("dvc")
     if not found:
-        raise BadInputError("--target dvc:…: the dvc command is not installed (pip install dvc)")
+        raise BadInputError("`target` dvc:…: the dvc command is not installed (pip install dvc)")
     return found
 
 
@@ -151,7 +151,7 @@ class DvcTarget(VersionTarget):
     def __init__(self, uri: str):
         repo, sep, path = uri[len("dvc:"):].partition("#")
         if not repo or not sep:
-            raise BadInputError(f"--target {uri!r}: expected dvc:REPO#PATH (a git repository and a folder in it)")
+            raise BadInputError(f"`target` {uri!r}: expected dvc:REPO#PATH (a git repository and a folder in it)")
         self.repo = Path(repo).expanduser().resolve()
         self.path = _check_path(uri, path)
         self.uri = f"dvc:{self.repo}#{self.path}"
@@ -186,17 +186,17 @@ class DvcTarget(VersionTarget):
         dvc_executable()
         dirty = self._git("status", "--porcelain", "--", f"{self.path}.dvc")
         if dirty.strip():
-            raise BadInputError(f"--target {self.uri}: {self.path}.dvc has uncommitted changes; commit or restore them")
+            raise BadInputError(f"`target` {self.uri}: {self.path}.dvc has uncommitted changes; commit or restore them")
 
     def _check_repository(self) -> None:
         if not self.repo.is_dir():
-            raise BadInputError(f"--target {self.uri}: {self.repo} is not a folder")
+            raise BadInputError(f"`target` {self.uri}: {self.repo} is not a folder")
         if shutil.which("git") is None:
-            raise BadInputError("--target dvc:…: git is not installed")
+            raise BadInputError("`target` dvc:…: git is not installed")
         top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=self.repo, capture_output=True, text=True,
                              check=False)
         if top.returncode != 0 or Path(top.stdout.strip()).resolve() != self.repo:
-            raise BadInputError(f"--target {self.uri}: {self.repo} is not the top folder of a git repository "
+            raise BadInputError(f"`target` {self.uri}: {self.repo} is not the top folder of a git repository "
                                 "(git init)")
 
     def default_remote(self, env: dict | None = None) -> str | None:
@@ -310,7 +310,7 @@ class LakeFSTarget(VersionTarget):
                  secret_key: str | None = None, timeout: float = 60.0):
         parts = uri[len("lakefs://"):].split("/", 2)
         if len(parts) < 3 or not parts[0] or not parts[1]:
-            raise BadInputError(f"--target {uri!r}: expected lakefs://REPOSITORY/BRANCH/PATH")
+            raise BadInputError(f"`target` {uri!r}: expected lakefs://REPOSITORY/BRANCH/PATH")
         self.repository, self.branch = parts[0], parts[1]
         self.path = _check_path(uri, parts[2])
         self.uri = f"lakefs://{self.repository}/{self.branch}/{self.path}"
@@ -334,7 +334,7 @@ class LakeFSTarget(VersionTarget):
     def _request(self, method: str, route: str, body: bytes | None = None, content_type: str | None = None,
                  query: dict | None = None):
         if not self.endpoint:
-            raise BadInputError(f"--target {self.uri}: set LAKEFS_ENDPOINT to the lakeFS server (http://host:8000)")
+            raise BadInputError(f"`target` {self.uri}: set LAKEFS_ENDPOINT to the lakeFS server (http://host:8000)")
         request = urllib.request.Request(self._url(route, query or {}), data=body, method=method)
         if content_type:
             request.add_header("Content-Type", content_type)
@@ -352,12 +352,12 @@ class LakeFSTarget(VersionTarget):
                 message = ""
             where = f"lakeFS {method} {route}: {exc.code} {message}".strip()
             if exc.code in (401, 403):
-                raise BadInputError(f"--target {self.uri}: {where} (check LAKEFS_ACCESS_KEY_ID/SECRET)") from None
+                raise BadInputError(f"`target` {self.uri}: {where} (check LAKEFS_ACCESS_KEY_ID/SECRET)") from None
             if exc.code == 404:
-                raise BadInputError(f"--target {self.uri}: {where} (does the repository and branch exist?)") from None
+                raise BadInputError(f"`target` {self.uri}: {where} (does the repository and branch exist?)") from None
             raise VersioningError(where) from None
         except urllib.error.URLError as exc:
-            raise BadInputError(f"--target {self.uri}: cannot reach lakeFS at {self.endpoint} ({exc.reason})") from None
+            raise BadInputError(f"`target` {self.uri}: cannot reach lakeFS at {self.endpoint} ({exc.reason})") from None
         return json.loads(raw) if raw else None
 
     def _json(self, method: str, route: str, obj):
@@ -379,7 +379,7 @@ class LakeFSTarget(VersionTarget):
     def check(self) -> None:
         self._request("GET", self._repo(f"branches/{self.branch}"))
         if next(iter(self._pages(self._repo(f"branches/{self.branch}/diff"))), None) is not None:
-            raise BadInputError(f"--target {self.uri}: branch {self.branch!r} has uncommitted changes; "
+            raise BadInputError(f"`target` {self.uri}: branch {self.branch!r} has uncommitted changes; "
                                 "commit or reset them first")
 
     def _tags(self) -> dict[int, dict]:

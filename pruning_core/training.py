@@ -201,12 +201,12 @@ def load_model(path: str, model_name: str, ds: Dataset, device=None) -> nn.Modul
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (FileNotFoundError, IsADirectoryError) as exc:
-        raise CheckpointError(f"--checkpoint {path}: {no_file(path)}") from exc
+        raise CheckpointError(f"`checkpoint` {path}: {no_file(path)}") from exc
     except Exception as exc:  # the unpickler fails in many ways on bytes that are no checkpoint (KeyError, IndexError…)
-        raise CheckpointError(f"--checkpoint {path}: not a loadable state_dict ({type(exc).__name__}: "
+        raise CheckpointError(f"`checkpoint` {path}: not a loadable state_dict ({type(exc).__name__}: "
                               f"{first_line(exc, 160)})") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"--checkpoint {path}: expected a state_dict of tensors")
+        raise CheckpointError(f"`checkpoint` {path}: expected a state_dict of tensors")
     model = build_model(model_name, ds.sample_shape, ds.n_classes)
     if model_name == "linear":
         model = model.double()
@@ -214,6 +214,6 @@ def load_model(path: str, model_name: str, ds: Dataset, device=None) -> nn.Modul
         model.load_state_dict({k: v.to(next(iter(model.state_dict().values())).dtype) if v.is_floating_point() else v
                                for k, v in state.items()})
     except RuntimeError as exc:
-        raise CheckpointError(f"--checkpoint {path}: does not fit --model {model_name} for this dataset "
+        raise CheckpointError(f"`checkpoint` {path}: does not fit `model` {model_name} for this dataset "
                               f"({first_line(exc, 160)})") from exc
     return model.to(device).eval()

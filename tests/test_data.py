@@ -193,7 +193,7 @@ def test_torchvision_source_reads_a_data_root(tmp_path, fmnist):
     ds = load_dataset("mnist", str(tmp_path))
     assert ds.x.shape == (60000, 1, 28, 28) and ds.n_classes == 10
     assert np.array_equal(ds.x, fmnist.x) and np.array_equal(ds.y_test, fmnist.y_test)
-    with pytest.raises(DatasetError, match="not found under --data-root"):
+    with pytest.raises(DatasetError, match="not found under data_root"):
         load_dataset("cifar10", str(tmp_path))
 
 
@@ -221,7 +221,7 @@ def test_cifar10_from_torchvision_s_folder(tmp_path, fmnist, monkeypatch):
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                                      "truck"]}, f)
-    with pytest.raises(DatasetError, match=r"^cifar10: not found under --data-root .*download=True\)"):
+    with pytest.raises(DatasetError, match=r"^cifar10: not found under data_root .*download=True\)"):
         load_dataset("cifar10", str(tmp_path))  # the MD5s differ from the published files'
     monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: Path(path).is_file())
     ds = load_dataset("cifar10", str(tmp_path))

@@ -592,7 +592,7 @@ def test_retraining_longer_than_the_scoring_run_shifts_the_hard_cut(tmp_path):
         "at most 500 swap rounds after the greedy path (`--swap-rounds 500`)")
     with pytest.raises(BadInputError, match="retrains with its own epochs"):
         EvaluateParameters(from_run=str(run), train_epochs=8).validate_all()
-    with pytest.raises(BadInputError, match="--checkpoint with --from-run: the run .* brings its own scores and model"):
+    with pytest.raises(BadInputError, match="checkpoint with from_run: the run .* brings its own scores and model"):
         EvaluateParameters(from_run=str(run), checkpoint=str(run / "manifest.json")).validate_all()
 
 

@@ -291,10 +291,10 @@ def test_a_worker_s_view_of_a_run_names_what_it_lacks(small_npz, tmp_path):
     lost = worker_view(absent, None, str(elsewhere / ".workers-probe"))
     assert worker_problem(lost, absent, here, "t0k3n", elsewhere) == (
         f"cannot open {absent} ({absent}: file not found); every worker needs this process's access to the data (the "
-        "object store's credentials in its environment, the same --data-root)")
+        "object store's credentials in its environment, the same `data_root`)")
     folderless = worker_view(spec, None, str(elsewhere / ".workers-probe"))
     assert re.fullmatch(rf"cannot use the run's folder {elsewhere} \(\[Errno 2\] No such file or directory: .+\); the "
-                        r"workers read the model there and write their shards beside it, so they must share --out's "
+                        r"workers read the model there and write their shards beside it, so they must share `out`'s "
                         r"filesystem with this process", worker_problem(folderless, spec, here, "t0k3n", elsewhere))
     gone = [str(tmp_path / "scores.parquet"), str(tmp_path / "model.pt")]
     assert worker_problem(worker_view(spec, None, str(probe), (str(probe), *gone)), spec, here, "t0k3n", tmp_path) == (

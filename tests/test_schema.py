@@ -160,3 +160,56 @@ def test_an_option_given_at_its_default_value_is_still_given(argv, message, caps
     not apply even when the value given equals the field's default."""
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_core_error_names_the_field_and_the_command_line_its_flag(capsys):
+    """The Python API and the Prefect UI show a core error with the field's name (as they were
+    given it); the command line, and only it, shows the flag. A Dask worker's error pickled back
+    keeps its fields."""
+    import pickle
+
+    from pruning_core.errors import BadInputError
+    from pruning_core.recipe import TrainArgs
+
+    with pytest.raises(BadInputError) as info:
+        TrainArgs(epochs=0)
+    assert str(info.value) == "epochs 0 must be at least 1"
+    assert info.value.as_flags() == "--epochs 0 must be at least 1"
+    assert pickle.loads(pickle.dumps(info.value)).as_flags() == "--epochs 0 must be at least 1"
+    with pytest.raises(BadInputError) as info:
+        TrainArgs(model="linear", weight_decay=0.0)
+    assert str(info.value) == "weight_decay must be > 0 for model linear (the optimum must exist)"
+    assert main(["run", "--model", "linear", "--weight-decay", "0", "--prune-ratio", "0.4", "--dry-run"]) == 2
+    assert capsys.readouterr().err == (
+        "dataset-prune: error: --weight-decay must be > 0 for --model linear (the optimum must exist)\n")
+
+
+def _marked_fields(path) -> set[str]:
+    """The fields named (`name`) in the string literals of a module, its docstrings left out."""
+    import ast
+    import re
+
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return {match[1] for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and id(node) not in docstrings for match in re.finditer(r"`([a-z][a-z0-9_]*)`", node.value)}
+
+
+def test_every_field_an_error_names_is_an_option():
+    """A field named in a message (`prune_ratio`) is a parameter of the flows or an option of
+    `select` or `versions`, so that the UI shows a real field and the command line a real flag."""
+    from pathlib import Path
+
+    from flows.parameters import EvaluateParameters, RunParameters
+
+    root = Path(__file__).resolve().parents[1]
+    options = {action.dest for command in ("select", "versions") for action in _commands()[command]._actions}
+    known = {*RunParameters.model_fields, *EvaluateParameters.model_fields, *options}
+    not_errors = {"evaluation.py": {"influence"}}  # the report's Markdown, where backticks mark code
+    modules = [*sorted((root / "pruning_core").glob("*.py")), root / "flows" / "parameters.py",
+               root / "flows" / "preflight.py"]
+    named = {path.name: _marked_fields(path) - not_errors.get(path.name, set()) for path in modules}
+    assert {name: fields - known for name, fields in named.items() if fields - known} == {}
+    assert {"epochs", "prune_ratio", "target", "dask_address"} <= set().union(*named.values())

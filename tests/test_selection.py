@@ -197,18 +197,18 @@ def test_random_method_is_seeded():
     ({"prune_ratio": 0.3, "method": "nope"}, "not known"),
     ({"prune_ratio": 0.3, "solver": "nope"}, "not known"),
     ({"prune_ratio": 0.3, "candidates": "nope"}, "not known"),
-    ({"epsilon": 0.1, "candidates": "uniform"}, "applies to --method influence with --prune-ratio"),
-    ({"prune_ratio": 0.3, "method": "random", "candidates": "uniform"}, "applies to --method influence"),
+    ({"epsilon": 0.1, "candidates": "uniform"}, "applies to method influence with prune_ratio"),
+    ({"prune_ratio": 0.3, "method": "random", "candidates": "uniform"}, "applies to method influence"),
     ({"prune_ratio": 0.3, "solver": "bucketed", "candidates": "uniform"}, "greedy or scip"),
     ({"epsilon": 0.1, "candidates": "easiest"},
-     "--candidates easiest applies to --method influence with --prune-ratio"),
+     "candidates easiest applies to method influence with prune_ratio"),
     ({"prune_ratio": 0.3, "coverage": "difficulty", "hard_cut": 1.0}, r"must lie in \[0, 1\)"),
     ({"prune_ratio": 0.3, "coverage": "difficulty", "hard_cut": -0.1}, r"must lie in \[0, 1\)"),
-    ({"prune_ratio": 0.3, "hard_cut": 0.1}, "applies to --coverage difficulty and --method ccs"),
-    ({"prune_ratio": 0.3, "method": "el2n", "hard_cut": 0.1}, "applies to --coverage difficulty and --method ccs"),
-    ({"prune_ratio": 0.3, "swap_rounds": -1}, "--swap-rounds -1 must be ≥ 0"),
-    ({"prune_ratio": 0.3, "swap_rounds": 100_001}, "--swap-rounds 100001 must be ≤ 100000"),
-    ({"prune_ratio": 0.3, "method": "el2n", "swap_rounds": 0}, "--swap-rounds applies to --method influence"),
+    ({"prune_ratio": 0.3, "hard_cut": 0.1}, "applies to coverage difficulty and method ccs"),
+    ({"prune_ratio": 0.3, "method": "el2n", "hard_cut": 0.1}, "applies to coverage difficulty and method ccs"),
+    ({"prune_ratio": 0.3, "swap_rounds": -1}, "swap_rounds -1 must be ≥ 0"),
+    ({"prune_ratio": 0.3, "swap_rounds": 100_001}, "swap_rounds 100001 must be ≤ 100000"),
+    ({"prune_ratio": 0.3, "method": "el2n", "swap_rounds": 0}, "swap_rounds applies to method influence"),
 ])
 def test_bad_selection_arguments(kwargs, message):
     with pytest.raises(BadInputError, match=message):
@@ -248,7 +248,7 @@ def test_scip_refuses_an_instance_it_could_not_build_within_its_time_limit():
     """The reference writes n × dim terms into its model before SCIP's clock starts: a full
     Fashion-MNIST run (60,000 × 1,290) spent minutes there; one term above the limit is refused
     at once, the limit itself is solved."""
-    with pytest.raises(BadInputError, match="--solver scip is the exact reference for small instances: 2001 samples "
+    with pytest.raises(BadInputError, match="solver scip is the exact reference for small instances: 2001 samples "
                                             "× 1000 dimensions is 2,001,000 model terms, above its 2,000,000"):
         select(np.zeros((2001, 1000)), SelectionArgs(prune_ratio=0.5, solver="scip"))
     small = select(np.random.default_rng(7).normal(size=(2000, 1000)) * 1e-4,
@@ -372,7 +372,7 @@ def test_easiest_candidates_remove_the_lowest_el2n_inside_each_stratum_and_still
         assert np.array_equal(np.bincount(label[result.pruned], minlength=len(removals)), removals), c
         assert result.objective < 0.5 * objective(vectors, ccs), c
     without = SelectionArgs(prune_ratio=ratio, candidates="easiest")
-    with pytest.raises(BadInputError, match="--candidates easiest needs the score column 'el2n'"):
+    with pytest.raises(BadInputError, match="candidates easiest needs the score column 'el2n'"):
         select(vectors, without)
     # without strata the path takes the easiest first too: a pool of 1 with no swaps is EL2N's order
     alone = select(vectors, SelectionArgs(prune_ratio=ratio, candidates="easiest", restarts=0, pool_size=1,
@@ -458,6 +458,6 @@ def test_rounds_prune_exactly_what_one_round_would(n, total, rounds):
         left -= counts[-1]
     assert sum(counts) == SelectionArgs(prune_ratio=total).n_prune(n) and max(counts) - min(counts) <= 1
     assert round_ratios(0.4, 2) == pytest.approx([0.2, 0.25]) and round_ratios(0.4, 1, 10) == pytest.approx([0.4])
-    with pytest.raises(BadInputError, match="--rounds 10: --prune-ratio 0.9 of 10 samples removes 9, fewer than one "
+    with pytest.raises(BadInputError, match="rounds 10: prune_ratio 0.9 of 10 samples removes 9, fewer than one "
                                             "per round"):
         round_ratios(0.9, 10, 10)

@@ -40,7 +40,7 @@ def test_augmentation_trains_the_networks_and_is_refused_for_linear(fmnist):
     assert augmented.info["args"]["augment"] is True and plain.info["args"]["augment"] is False
     weights = lambda r: torch.cat([p.flatten() for p in r.model.state_dict().values()])  # noqa: E731
     assert not torch.equal(weights(plain), weights(augmented))
-    with pytest.raises(BadInputError, match="^--augment applies to cnn and resnet18"):
+    with pytest.raises(BadInputError, match="^augment applies to cnn and resnet18"):
         TrainArgs(model="linear", augment=True)
 
 
