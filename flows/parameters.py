@@ -2,7 +2,8 @@
 default, help text and bounds. The Prefect UI's deployment form, the command line's options
 (flows/cli.py) and the reference table derive from it; a default the core's argument objects
 also use (TrainArgs, InfluenceArgs, SelectionArgs, EvalArgs) is read from them, not written
-again. The stage argument objects, which validate naming the option, are built from it."""
+again. The stage argument objects, which validate naming the field (`BadInputError`: the command
+line shows it as its flag), are built from it."""
 
 from __future__ import annotations
 
