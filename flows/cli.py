@@ -422,8 +422,9 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     for path in result["plots"].values():
         print(f"plot:              {path}")
     if "accuracy_drop" in goal:
-        print(f"at prune ratio {goal['ratio']:g}: accuracy drop {100 * goal['accuracy_drop']:.2f} points, "
-              f"influence vs others: {'all met' if goal['all_comparisons_met'] else 'not all met'} (see the report)")
+        from pruning_core.evaluation import targets_line
+
+        print(targets_line(goal))
     return 0
 
 

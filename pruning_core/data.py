@@ -216,9 +216,10 @@ def _load_npz(path: str) -> Dataset:
     for key, labels in (("y", y), ("y_test", y_test)):
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise DatasetError(f"npz:{path}: {key} must be a 1-d integer array, got {labels.dtype} {labels.shape}")
+    y, y_test = y.astype(np.int64), y_test.astype(np.int64)  # uint8 labels (as MNIST ships them) included
     n_classes = int(max(y.max(initial=-1), y_test.max(initial=-1))) + 1
-    return Dataset(f"npz:{path}", x, y.astype(np.int64), np.arange(len(y), dtype=np.int64), x_test,
-                   y_test.astype(np.int64), n_classes, {"source": f"npz:{path}", "data_root": None})
+    return Dataset(f"npz:{path}", x, y, np.arange(len(y), dtype=np.int64), x_test, y_test, n_classes,
+                   {"source": f"npz:{path}", "data_root": None})
 
 
 def validate(ds: Dataset) -> Dataset:

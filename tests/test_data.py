@@ -31,6 +31,18 @@ def test_npz_source_scaling_and_fingerprint(tmp_path, fmnist):
     assert load_dataset(f"npz:{floats}").fingerprint != ds.fingerprint
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32])
+def test_npz_labels_of_any_integer_dtype_load_as_int64(tmp_path, fmnist, dtype):
+    """Labels as MNIST-style files ship them (uint8) load like int64 ones: the class count read
+    from an unsigned array crashed with a traceback before."""
+    path = tmp_path / "d.npz"
+    np.savez(path, x=fmnist.x[:50], y=fmnist.y[:50].astype(dtype), x_test=fmnist.x_test[:10],
+             y_test=fmnist.y_test[:10].astype(dtype))
+    ds = load_dataset(f"npz:{path}")
+    assert ds.y.dtype == ds.y_test.dtype == np.int64 and np.array_equal(ds.y, fmnist.y[:50])
+    assert ds.n_classes == int(max(fmnist.y[:50].max(), fmnist.y_test[:10].max())) + 1
+
+
 def test_an_npz_file_rewritten_at_its_path_is_read_again(tmp_path, fmnist):
     """A long-lived process (a Dask worker serving run after run) keeps no older data under a
     file's name, and reads an unchanged file once."""

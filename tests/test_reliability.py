@@ -176,19 +176,21 @@ def test_the_flow_itself_refuses_what_would_not_fit(host_memory, small_npz, tmp_
     assert not out.exists() and not (tmp_path / "table").exists()
 
 
-def test_memory_limit_where_the_stage_will_run():
+def test_memory_limit_where_the_stage_will_run(host_memory):
     """On a given cluster the smallest worker's Dask limit (less the nanny's 5 % margin) counts,
-    and no limit means no check; locally, at most this machine's available memory."""
+    and no limit means no check; locally, the smaller of this machine's available memory and each
+    local worker's share of the total."""
     from flows.preflight import memory_limit
-    from pruning_core.influence import check_memory, memory_available
+    from pruning_core.influence import check_memory
 
     gib = 2**30
     info = {"workers": {"a": {"memory_limit": 4 * gib}, "b": {"memory_limit": 2 * gib}}}
     limit, where = memory_limit(2, info)
     assert limit == int(2 * gib * 0.95) and "smallest worker" in where
     assert memory_limit(2, {"workers": {"a": {"memory_limit": 0}}}) == (None, "")
-    local, _ = memory_limit(1, None)
-    assert 0 < local <= memory_available()["available"]
+    host_memory(8 * gib)  # 8 GiB available of 32 (read twice, the host's own figure moved between the reads)
+    assert memory_limit(1, None) == (8 * gib, "this machine's available memory")
+    assert memory_limit(8, None) == (int(32 * gib / 8 * 0.95), "the memory limit of each of the 8 local Dask workers")
     estimate = {"n": 10, "p": 10, "k": 10, "memory_bytes": {"hessian": 3 * gib}, "peak_bytes": 3 * gib,
                 "seconds": 1.0}
     with pytest.raises(BadInputError, match=r"needs ≈ 3.00 GiB but only 1.90 GiB is available \(the memory limit"):
