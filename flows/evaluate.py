@@ -30,7 +30,7 @@ from tasks.select import compose_selections, select_samples
 from .cluster import run_cluster
 from .parameters import EvaluateParameters, RunParameters, scoring_recipe
 from .preflight import gpu_preflight
-from .prune import gpu_resources, later_rounds, new_run_id, prune_dataset, workers_ready
+from .prune import dataset_of, gpu_resources, later_rounds, new_run_id, prune_dataset, workers_ready
 
 
 class Done:
@@ -144,7 +144,7 @@ def submit_retrainings(params: EvaluateParameters, selections: dict[str, tuple],
     for sel, labels, seed in runs:
         wait = [sel[0]] if sel and not isinstance(sel[0], Done) else []
         with gpu_resources(params):  # the retrainings on the GPU workers, the selections wherever
-            futures.append((labels, sel, retrain.submit(params.dataset, params.data_root, sel[1] if sel else None,
+            futures.append((labels, sel, retrain.submit(dataset_of(params), sel[1] if sel else None,
                                                         replace(base, seed=seed), args.evaluations_per_epoch, labels,
                                                         cache, wait_for=wait)))
     return futures
@@ -156,7 +156,7 @@ def submit_gap_checks(params: EvaluateParameters, checkpoint: str) -> list:
     args = params.eval_args()
     if not args.gap_samples:
         return []
-    return [generalization_gap.submit(kind, params.dataset, params.data_root, args.gap_samples, args.gap_points,
+    return [generalization_gap.submit(kind, dataset_of(params), args.gap_samples, args.gap_points,
                                       args.gap_weight_decay, checkpoint if kind == "head" else None, params.model)
             for kind in (("linear", "head") if params.model != "linear" else ("linear",))]
 

@@ -111,17 +111,14 @@ def influence_scores(params: RunParameters, model: ModelRef, cache: str, scores_
         track.update("features", done, len(ranges), "samples {}–{}".format(*shard_of[id(future)]))
     feature_paths = [f.result() for f in feature_futures]
     inverse = inverse_hessian(**common, feature_paths=feature_paths, weight_decay=params.weight_decay, args=args)
-    track.update("inverse", 1, 1, inverse["strategy"])
+    track.update("inverse", 1, 1, inverse.strategy)
     with gpu_resources(params):
-        score_futures = [influence_shard.submit(**common, start=a, end=b, inverse=inverse["path"], args=args)
+        score_futures = [influence_shard.submit(**common, start=a, end=b, inverse=inverse.path, args=args)
                          for a, b in ranges]
     shard_of = {id(f): r for f, r in zip(score_futures, ranges)}
     for done, future in enumerate(as_completed(score_futures), 1):
         track.update("influence", done, len(ranges), "samples {}–{}".format(*shard_of[id(future)]))
-    solve = {k: v for k, v in inverse.items() if k not in ("path", "seconds")}  # equal inputs, equal bytes
-    merged = merge_scores([f.result() for f in score_futures], scores_out, {**metadata, "inverse": solve},
-                          model.forgetting)
-    return ScoresRef(merged["path"], merged["n"], merged["p"], inverse, cache)
+    return merge_scores([f.result() for f in score_futures], scores_out, metadata, inverse, cache, model.forgetting)
 
 
 def dataset_of(params: RunParameters) -> DatasetRef:

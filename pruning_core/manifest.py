@@ -16,8 +16,8 @@ def influence_entry(args: InfluenceArgs, scores: ScoresRef) -> dict:
     solve used (`damping`; `damping_requested`, what was asked: "auto" or a number)."""
     projection = ({"dim": args.projection_dim, "kind": args.projection_kind, "seed": args.projection_seed}
                   if args.projection_dim else None)
-    return {"scope": args.scope, "hessian": args.hessian, "damping": scores.inverse["damping"],
-            "damping_requested": args.damping, "projection": projection, "solve": scores.inverse,
+    return {"scope": args.scope, "hessian": args.hessian, "damping": scores.inverse.damping,
+            "damping_requested": args.damping, "projection": projection, "solve": scores.inverse.record,
             "storage_dtype": args.storage_dtype, "block_size": args.block_size, "vector_dim": scores.p,
             "cache": scores.cache}
 

@@ -20,7 +20,7 @@ from . import artifacts, code_digest, hessians, influence
 from .data import load_dataset
 from .errors import DatasetError, first_line
 from .recipe import InfluenceArgs, TrainArgs
-from .refs import ModelRef
+from .refs import DatasetRef, InverseRef, ModelRef, ScoresRef
 from .scopes import ScopedLoss, autograd_curvature, scope_parameter_names
 from .selection import generalization_bound
 from .training import default_device, load_model, predict_logits, train
@@ -126,53 +126,55 @@ def worker_view(dataset: str, data_root: str | None, probe: str, reads: tuple[st
 
 
 @functools.lru_cache(maxsize=2)
-def _model_once(checkpoint: str, sha256: str, model_name: str, dataset: str, data_root: str | None):
-    """The model of a checkpoint, loaded once per process (a Dask worker loads it once)."""
-    return load_model(checkpoint, model_name, load_dataset(dataset, data_root))
+def _model_once(checkpoint: str, sha256: str, model_name: str, data: DatasetRef):
+    """The model of a checkpoint, loaded once per process (a Dask worker loads it once); keyed by
+    the checkpoint's fields, as a `ModelRef` (its `info` a dict) is not hashable."""
+    return load_model(checkpoint, model_name, data.load())
 
 
-def features_shard_stage(cache: Path, checkpoint: str, sha256: str, model_name: str, dataset: str,
-                         data_root: str | None, start: int, end: int, block_size: int, threads: int | None = 1,
-                         args_scope: str = "last-layer") -> str | None:
+def features_shard_stage(cache: Path, model: ModelRef, data: DatasetRef, start: int, end: int, args: InfluenceArgs,
+                         *, threads: int | None = 1) -> str | None:
+    """Last-layer inputs φ of samples [start, end) (`features_shard_path`; None for other scopes,
+    which take gradients from the inputs directly). A shard already written is reused."""
     path = artifacts.features_shard_path(cache, start, end)
     if path.exists():
         return str(path)
-    if args_scope != "last-layer":  # other scopes take gradients from the inputs directly
+    if args.scope != "last-layer":
         return None
-    ds = _claimed_dataset(cache, dataset, data_root)
+    ds = _claimed_dataset(cache, data.spec, data.root)
     with torch_threads(threads if default_device().type == "cpu" else None):
-        phi = influence.last_layer_inputs(_model_once(checkpoint, sha256, model_name, dataset, data_root),
-                                          ds.x[start:end], block_size)
+        net = _model_once(model.checkpoint, model.checkpoint_sha256, model.name, data)
+        phi = influence.last_layer_inputs(net, ds.x[start:end], args.block_size)
     return str(artifacts.save_features_shard(phi, path))
 
 
-def _curvature(cache: Path, model, args: InfluenceArgs, dataset: str, data_root: str | None,
-               feature_paths: list[str], device):
+def _curvature(cache: Path, model, args: InfluenceArgs, data: DatasetRef, feature_paths: list[str], device):
     if args.scope == "last-layer":
         phi = np.concatenate([artifacts.load_features_shard(Path(p)) for p in feature_paths])
         W, b = influence.last_layer_weights(model)
         probs = influence.softmax_probs(phi, W, b, device)
         return influence.last_layer_curvature(phi, probs, args.block_size, device)
-    ds = _claimed_dataset(cache, dataset, data_root)
+    ds = _claimed_dataset(cache, data.spec, data.root)
     loss = ScopedLoss(model, scope_parameter_names(model, args.scope))
     return autograd_curvature(loss, ds.x, ds.y, args.block_size)
 
 
-def inverse_stage(cache: Path, checkpoint: str, sha256: str, model_name: str, dataset: str, data_root: str | None,
-                  feature_paths: list[str], weight_decay: float, args: InfluenceArgs, threads: int | None = 1) -> dict:
+def inverse_stage(cache: Path, model: ModelRef, data: DatasetRef, args: InfluenceArgs, *, feature_paths: list[str],
+                  weight_decay: float, threads: int | None = 1) -> InverseRef:
     """M = B H⁻¹ by the chosen strategy (B: identity or the seeded projection), saved beside
-    a JSON record of the strategy, the damping actually used and convergence figures. On the
+    a JSON record of the strategy, the damping actually used and convergence figures; an inverse
+    already saved (with its record) is reused. `feature_paths`: the features shards. On the
     CPU it runs on `threads` intra-op threads like the shards: the bits of M (a Cholesky, block
     sums) depend on the thread count, which otherwise depends on the process (a LocalCluster
     leaves OMP_NUM_THREADS=1 behind in the process that started it)."""
     path = artifacts.inverse_path(cache)
     if path.exists() and artifacts.inverse_info_path(cache).exists():
-        return artifacts.load_inverse_info(cache)
-    model = _model_once(checkpoint, sha256, model_name, dataset, data_root)
+        return InverseRef.from_record(artifacts.load_inverse_info(cache))
+    net = _model_once(model.checkpoint, model.checkpoint_sha256, model.name, data)
     device = default_device()
     started = time.perf_counter()
     with torch_threads(threads if device.type == "cpu" else None):
-        curv = _curvature(cache, model, args, dataset, data_root, feature_paths, device)
+        curv = _curvature(cache, net, args, data, feature_paths, device)
         damping = hessians.automatic_damping(curv) if args.damping == "auto" else float(args.damping)
         if args.projection_dim:
             B = hessians.projection_matrix(curv.p, args.projection_dim, args.projection_seed, args.projection_kind,
@@ -186,30 +188,32 @@ def inverse_stage(cache: Path, checkpoint: str, sha256: str, model_name: str, da
             "iterations": solve.iterations, "residual": solve.residual, "p": curv.p, "k": int(B.shape[0]),
             "seconds": time.perf_counter() - started, **solve.extra}
     artifacts.save_inverse(M.cpu().numpy(), info, cache)
-    return info
+    return InverseRef.from_record(info)
 
 
-def influence_shard_stage(cache: Path, checkpoint: str, sha256: str, model_name: str, dataset: str,
-                          data_root: str | None, start: int, end: int, inverse: str,
-                          args: InfluenceArgs, threads: int | None = 1) -> str:
+def influence_shard_stage(cache: Path, model: ModelRef, data: DatasetRef, start: int, end: int, args: InfluenceArgs,
+                          *, inverse: str, threads: int | None = 1) -> str:
+    """The scores table of samples [start, end) (`scores_shard_path`): influence vectors with M
+    = B H⁻¹ read from `inverse` (an `.npy` path), loss, EL2N, GraNd and the last-layer inputs as
+    embedding. A shard already written is reused."""
     path = artifacts.scores_shard_path(cache, start, end)
     if path.exists():
         return str(path)
-    ds = _claimed_dataset(cache, dataset, data_root)
-    model = _model_once(checkpoint, sha256, model_name, dataset, data_root)
+    ds = _claimed_dataset(cache, data.spec, data.root)
+    net = _model_once(model.checkpoint, model.checkpoint_sha256, model.name, data)
     y = ds.y[start:end]
     M = np.load(inverse)
     dtype = np.dtype(args.storage_dtype).type
     with torch_threads(threads if default_device().type == "cpu" else None):
         if args.scope == "last-layer":
             phi = artifacts.load_features_shard(artifacts.features_shard_path(cache, start, end))
-            W, b = influence.last_layer_weights(model)
+            W, b = influence.last_layer_weights(net)
             probs = influence.softmax_probs(phi, W, b)
             vectors = influence.influence_vectors(phi, probs, y, M, ds.n, args.block_size, dtype=dtype)
             grand = influence.last_layer_gradient_norms(phi, probs, y)
             embedding = phi.astype(np.float32)
         else:
-            loss = ScopedLoss(model, scope_parameter_names(model, args.scope))
+            loss = ScopedLoss(net, scope_parameter_names(net, args.scope))
             Mt = torch.as_tensor(M, device=loss.device).to(loss.dtype)
             parts, grand = [], []
             for a, b in influence.block_ranges(0, end - start, args.block_size):
@@ -217,8 +221,8 @@ def influence_shard_stage(cache: Path, checkpoint: str, sha256: str, model_name:
                 parts.append((G @ Mt.T / ds.n).double().cpu().numpy())
                 grand.append(G.norm(dim=1).double().cpu().numpy())
             vectors, grand = np.concatenate(parts).astype(dtype), np.concatenate(grand)
-            embedding = influence.last_layer_inputs(model, ds.x[start:end], args.block_size).astype(np.float32)
-            logits = predict_logits(model, ds.x[start:end], args.block_size)
+            embedding = influence.last_layer_inputs(net, ds.x[start:end], args.block_size).astype(np.float32)
+            logits = predict_logits(net, ds.x[start:end], args.block_size)
             probs = torch.softmax(torch.as_tensor(logits), 1).numpy()
     loss_values, el2n = influence.loss_and_el2n(probs, y)
     table = artifacts.scores_table({"sample_id": ds.sample_id[start:end], "label": y, "loss": loss_values,
@@ -226,9 +230,11 @@ def influence_shard_stage(cache: Path, checkpoint: str, sha256: str, model_name:
     return str(artifacts.save_parquet(table, path))
 
 
-def merge_scores_stage(shard_paths: list[str], out: Path, metadata: dict, forgetting: str | None = None) -> dict:
-    """Concatenate shard tables in sample order; add `forgetting` (events per sample, from the
-    training run's per-epoch correctness) when training recorded it."""
+def merge_scores_stage(shard_paths: list[str], out: Path, metadata: dict, *, inverse: InverseRef, cache: str,
+                       forgetting: str | None = None) -> ScoresRef:
+    """Concatenate shard tables in sample order into `out`, `metadata` and the solve of `inverse`
+    (`InverseRef.solve`) in its schema; add `forgetting` (events per sample, from the training
+    run's per-epoch correctness) when training recorded it. `cache`: the influence cache folder."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -236,9 +242,10 @@ def merge_scores_stage(shard_paths: list[str], out: Path, metadata: dict, forget
     if forgetting:
         events = np.load(forgetting)
         table = table.add_column(table.schema.get_field_index("grand") + 1, "forgetting", pa.array(events, pa.int64()))
+    metadata = {**metadata, "inverse": inverse.solve()}
     table = table.replace_schema_metadata({"dataset_pruning": json.dumps(metadata, sort_keys=True)})
     artifacts.save_parquet(table, out)
-    return {"path": str(out), "n": table.num_rows, "p": table.schema.field("influence").type.list_size}
+    return ScoresRef(str(out), table.num_rows, table.schema.field("influence").type.list_size, inverse, cache)
 
 
 def compose_rounds_stage(scores: Path, selections: list[str], out: Path, prune_ratio: float) -> dict:

@@ -52,14 +52,41 @@ class ModelRef:
 
 
 @dataclass(frozen=True)
+class InverseRef:
+    """M = B H⁻¹ (k × p, `.npy`) stored at `path`, and `record`, its solve as written beside it
+    (`inverse-hessian.json`: path, strategy, damping used, shift, iterations, residual, p, k,
+    seconds and the strategy's own figures); the manifest's `influence.solve`."""
+
+    path: str
+    record: dict
+
+    @classmethod
+    def from_record(cls, record: dict) -> InverseRef:
+        return cls(record["path"], record)
+
+    @property
+    def strategy(self) -> str:
+        return self.record["strategy"]
+
+    @property
+    def damping(self) -> float:
+        return self.record["damping"]
+
+    def solve(self) -> dict:
+        """The record less its path and seconds: equal inputs give equal figures, so scores taken
+        with equal solves carry equal bytes (`scores.parquet`'s metadata records this)."""
+        return {k: v for k, v in self.record.items() if k not in ("path", "seconds")}
+
+
+@dataclass(frozen=True)
 class ScoresRef:
-    """`scores.parquet` (n rows, influence vectors of dimension p), the inverse-Hessian record
-    it was scored with (`pipeline.inverse_stage`) and the influence cache folder."""
+    """`scores.parquet` (n rows, influence vectors of dimension p), the inverse Hessian it was
+    scored with (`pipeline.inverse_stage`) and the influence cache folder."""
 
     path: str
     n: int
     p: int
-    inverse: dict
+    inverse: InverseRef
     cache: str
 
 

@@ -4,23 +4,23 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pruning_core import evaluation
-from pruning_core.data import load_dataset
 from pruning_core.recipe import TrainArgs
+from pruning_core.refs import DatasetRef
 
 
 @task(name="retrain", cache_policy=NO_CACHE, task_run_name="retrain-{labels[selection]}-seed{train_args.seed}")
-def retrain(dataset: str, data_root: str | None, selection: str | None, train_args: TrainArgs,
-            evaluations_per_epoch: int, labels: dict, cache: str | None = None) -> dict:
-    return evaluation.retrain_stage(dataset, data_root, selection, train_args, evaluations_per_epoch, labels,
+def retrain(data: DatasetRef, selection: str | None, train_args: TrainArgs, evaluations_per_epoch: int, labels: dict,
+            cache: str | None = None) -> dict:
+    return evaluation.retrain_stage(data.spec, data.root, selection, train_args, evaluations_per_epoch, labels,
                                     cache=cache)
 
 
 @task(name="generalization-gap", cache_policy=NO_CACHE, task_run_name="gap-{kind}")
-def generalization_gap(kind: str, dataset: str, data_root: str | None, samples: int, points: int,
-                       weight_decay: float, checkpoint: str | None, model_name: str | None) -> list[dict]:
+def generalization_gap(kind: str, data: DatasetRef, samples: int, points: int, weight_decay: float,
+                       checkpoint: str | None = None, model_name: str | None = None) -> list[dict]:
     from pruning_core.pipeline import torch_threads
 
-    ds = load_dataset(dataset, data_root)
+    ds = data.load()
     if samples > ds.n:
         get_run_logger().warning("--gap-samples %d is more than the %d training samples: the check uses all of them",
                                  samples, ds.n)

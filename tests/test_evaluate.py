@@ -314,11 +314,12 @@ def pooled_npz(small_npz, tmp_path_factory) -> str:
 def test_gap_samples_beyond_the_training_set_use_all_of_them_and_say_so(prefect_api, pooled_npz, caplog):
     from prefect import flow
 
+    from pruning_core.refs import DatasetRef
     from tasks.evaluate import generalization_gap
 
     @flow
     def gap_only():
-        return generalization_gap("linear", f"npz:{pooled_npz}", None, 5000, 2, 0.01, None, None)
+        return generalization_gap("linear", DatasetRef(f"npz:{pooled_npz}"), 5000, 2, 0.01)
 
     with caplog.at_level("WARNING"):
         gaps = gap_only()

@@ -17,6 +17,7 @@ from flows.prune import prune_dataset
 from pruning_core.artifacts import claim_folder, load_scores
 from pruning_core.data import load_dataset
 from pruning_core.errors import DatasetError
+from pruning_core.refs import DatasetRef, ModelRef
 from pruning_core.selection import objective
 from pruning_core.training import accuracy, load_model
 from pruning_core.versions import commit_version, read_version
@@ -238,11 +239,11 @@ def test_sharded_dask_scores_equal_one_plain_process(first_run, small_npz, tmp_p
     from pruning_core import pipeline
 
     tmp, manifest = first_run
-    spec, ckpt, sha = f"npz:{small_npz}", manifest["model"]["checkpoint"], manifest["checkpoint_sha256"]
-    args = RunParameters(dataset=spec, prune_ratio=0.4, block_size=128).influence_args()
-    features = pipeline.features_shard_stage(tmp_path, ckpt, sha, "cnn", spec, None, 0, 2000, 128)
-    inverse = pipeline.inverse_stage(tmp_path, ckpt, sha, "cnn", spec, None, [features], 5e-4, args)
-    shard = pipeline.influence_shard_stage(tmp_path, ckpt, sha, "cnn", spec, None, 0, 2000, inverse["path"], args)
+    model, data = trained_model(manifest), DatasetRef(f"npz:{small_npz}")
+    args = RunParameters(dataset=data.spec, prune_ratio=0.4, block_size=128).influence_args()
+    features = pipeline.features_shard_stage(tmp_path, model, data, 0, 2000, args)
+    inverse = pipeline.inverse_stage(tmp_path, model, data, args, feature_paths=[features], weight_decay=5e-4)
+    shard = pipeline.influence_shard_stage(tmp_path, model, data, 0, 2000, args, inverse=inverse.path)
     flow_scores = pq.read_table(tmp / "first" / "runs" / manifest["run_id"] / "scores.parquet")
     assert pq.read_table(shard).equals(flow_scores.drop_columns(["forgetting"]).replace_schema_metadata(None))
 
@@ -254,17 +255,24 @@ def test_a_shard_stage_that_loads_other_data_than_the_run_trained_on_writes_noth
     from pruning_core import pipeline
 
     tmp, manifest = first_run
-    spec, ckpt, sha = f"npz:{small_npz}", manifest["model"]["checkpoint"], manifest["checkpoint_sha256"]
-    args = RunParameters(dataset=spec, prune_ratio=0.4, block_size=128).influence_args()
+    model, data = trained_model(manifest), DatasetRef(f"npz:{small_npz}")
+    args = RunParameters(dataset=data.spec, prune_ratio=0.4, block_size=128).influence_args()
     cache = claim_folder(tmp_path / "cache", {"dataset": "0" * 64})
     with pytest.raises(DatasetError,
                        match=r"is not the data this run trained on \(fingerprint \w{12}, not 000000000000\)"):
-        pipeline.features_shard_stage(cache, ckpt, sha, "cnn", spec, None, 0, 100, 128)
+        pipeline.features_shard_stage(cache, model, data, 0, 100, args)
     inverse = tmp / "first" / "runs" / ".cache"
     inverse = next(inverse.glob("influence-*/inverse*.npy"))
     with pytest.raises(DatasetError, match="is not the data this run trained on"):
-        pipeline.influence_shard_stage(cache, ckpt, sha, "cnn", spec, None, 0, 100, str(inverse), args)
+        pipeline.influence_shard_stage(cache, model, data, 0, 100, args, inverse=str(inverse))
     assert [p.name for p in cache.iterdir()] == ["arguments.json"]
+
+
+def trained_model(manifest: dict) -> ModelRef:
+    """The model a run's manifest records, as the stages take it."""
+    m = manifest["model"]
+    return ModelRef(m["name"], m["checkpoint"], m["checkpoint_sha256"], m["test_accuracy"], m["train_accuracy"],
+                    m["seconds"])
 
 
 def test_a_worker_s_view_of_a_run_names_what_it_lacks(small_npz, tmp_path):
