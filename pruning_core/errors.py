@@ -48,13 +48,16 @@ class CommitConflictError(PruningError):
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def first_line(exc: BaseException, limit: int = 200) -> str:
+def first_line(exc: BaseException, limit: int = 200, raw: bool = False) -> str:
     """The first line of an exception's message (its type's name if it has none), at most
     `limit` characters (a longer one cut at a space, '…' marking the cut): the reason inside a
     one-line error. A chain of causes written one a line, each marked '↳' (delta-rs's object-store
     errors: "Generic LocalFileSystem error / ↳ Requested range was invalid / ↳ Wanted range …"),
-    gives its last, the most specific."""
-    lines = [_ANSI.sub("", line).strip() for line in str(exc).strip().splitlines()] or [type(exc).__name__]
+    gives its last, the most specific. `raw`: a BadInputError's fields stay marked, for a message
+    that quotes it and is rendered as a whole (`as_flags()` then names them as flags too)."""
+    text = exc.args[0] if raw and isinstance(exc, BadInputError) and exc.args and isinstance(exc.args[0], str) \
+        else str(exc)
+    lines = [_ANSI.sub("", line).strip() for line in text.strip().splitlines()] or [type(exc).__name__]
     causes = [line.removeprefix("↳").strip() for line in lines[1:] if line.startswith("↳")]
     line = causes[-1] if causes and causes[-1] else lines[0]
     if len(line) <= limit:

@@ -112,8 +112,8 @@ def worker_view(dataset: str, data_root: str | None, probe: str, reads: tuple[st
         view["unreadable"] = unreadable
     try:
         view["fingerprint"] = load_dataset(dataset, data_root).fingerprint
-    except Exception as exc:
-        view["dataset_error"] = first_line(exc)
+    except Exception as exc:  # a BadInputError keeps its fields marked: the message that quotes it renders them
+        view["dataset_error"] = first_line(exc, raw=True)
     probe = Path(probe)
     try:
         view["probe"] = probe.read_text()

@@ -213,3 +213,16 @@ def test_every_field_an_error_names_is_an_option():
     named = {path.name: _marked_fields(path) - not_errors.get(path.name, set()) for path in modules}
     assert {name: fields - known for name, fields in named.items() if fields - known} == {}
     assert {"epochs", "prune_ratio", "target", "dask_address"} <= set().union(*named.values())
+
+
+def test_a_worker_s_dataset_error_names_the_flag_on_the_command_line(tmp_path):
+    """A worker's reason for not opening the data keeps its field marked, so the run's refusal
+    (which quotes it) names `--data-root` on the command line and `data_root` elsewhere."""
+    from flows.preflight import worker_problem
+    from pruning_core.errors import BadInputError
+    from pruning_core.pipeline import worker_view
+
+    view = worker_view("fashion-mnist", "/nx", str(tmp_path / ".workers-probe"))  # a short path: not cut
+    refusal = BadInputError(worker_problem(view, "fashion-mnist", "0" * 64, "t0k3n", tmp_path))
+    assert "; set --data-root to the folder holding the idx files)" in refusal.as_flags()
+    assert "; set data_root to the folder holding the idx files)" in str(refusal)
