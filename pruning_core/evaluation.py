@@ -21,7 +21,6 @@ import json
 import math
 import os
 import platform
-import re
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -383,18 +382,6 @@ def zoom_gains(ax, gains: list[tuple[float, str, float]], floor: float = GAIN_FL
         ax.plot([x], [floor], marker="v", ms=9, color="0.3", clip_on=False, zorder=5)
         labels.append(text)
     return labels
-
-
-def finished_selections(folder: Path) -> list[dict]:
-    """{path, method, prune_ratio, draw_seed} of every selection a finished evaluation folder keeps
-    under selections/, read back from the names `selection_jobs` gives them."""
-    found = []
-    for path in sorted(Path(folder, "selections").glob("*.parquet")):
-        match = re.fullmatch(r"(.+?)-r([0-9.]+)(?:-s(\d+))?", path.stem)
-        if match:
-            found.append({"path": str(path), "method": match[1], "prune_ratio": float(match[2]),
-                          "draw_seed": int(match[3]) if match[3] else None})
-    return found
 
 
 def removal_overlaps(selections: list[dict], reference: str = "influence") -> list[dict]:

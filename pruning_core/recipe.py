@@ -7,7 +7,7 @@ train and score import these from here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -114,7 +114,6 @@ class EvalArgs:
     gap_samples: int = 5000  # rows of the generalization-gap check (0: skip it)
     gap_points: int = 8  # ε values
     gap_weight_decay: float = 0.01  # λ of the convex gap problems
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.methods, self.ratios, self.seeds = tuple(self.methods), tuple(self.ratios), tuple(self.seeds)
