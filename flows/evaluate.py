@@ -226,8 +226,7 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
     params = params.pinned()  # a Delta source's version: the one this run loads, on every worker
     run_id = run_id or "eval-" + new_run_id()
     out = Path(params.out).expanduser().resolve()
-    if (out / run_id).exists():
-        raise FileExistsError(f"evaluation folder {out / run_id} already exists")
+    artifacts.new_run_folder(out, run_id)
     started = time.perf_counter()
     scored = scoring_run(params)
     scores, checkpoint = str(artifacts.scores_path(scored)), str(artifacts.checkpoint_path(scored))

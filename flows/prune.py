@@ -20,7 +20,6 @@ from prefect_dask import DaskTaskRunner
 import pruning_core
 from pruning_core import artifacts
 from pruning_core.data import Dataset, load_dataset
-from pruning_core.errors import BadInputError
 from pruning_core.influence import format_estimate, shard_ranges
 from pruning_core.manifest import influence_entry, rounds_summary, run_manifest, version_provenance
 from pruning_core.refs import DatasetRef, ModelRef, Round, RoundResult, ScoresRef, SelectionResult, VersionRef
@@ -68,10 +67,9 @@ def start_run(params: RunParameters, run_id: str | None) -> tuple[RunParameters,
     the run folder exists or the preflight fails (the scheduler answers, the estimate fits)."""
     params.validate_all()
     params = params.pinned()
-    run_id = artifacts.check_run_id(run_id) if run_id is not None else new_run_id()
+    run_id = run_id if run_id is not None else new_run_id()
     out = Path(params.out).expanduser().resolve()
-    if (out / run_id).exists():
-        raise BadInputError(f"run folder {out / run_id} already exists; choose another run id")
+    artifacts.new_run_folder(out, run_id)
     run_preflight(params, load_checkpoint=False)
     return params, run_id, out
 
@@ -104,21 +102,22 @@ def influence_scores(params: RunParameters, model: ModelRef, cache: str, scores_
     ranges = shard_ranges(ds.n, params.shards, args.block_size)
     get_run_logger().info(format_estimate(influence_estimate(params, ds)))
     common = dict(cache=cache, model=model, data=dataset_of(params))
-    with gpu_resources(params):
-        feature_futures = [features_shard.submit(**common, start=a, end=b, args=args) for a, b in ranges]
-    shard_of = {id(f): r for f, r in zip(feature_futures, ranges)}
-    for done, future in enumerate(as_completed(feature_futures), 1):
-        track.update("features", done, len(ranges), "samples {}–{}".format(*shard_of[id(future)]))
-    feature_paths = [f.result() for f in feature_futures]
+    feature_paths = run_shards(params, features_shard, "features", ranges, track, **common, args=args)
     inverse = inverse_hessian(**common, feature_paths=feature_paths, weight_decay=params.weight_decay, args=args)
     track.update("inverse", 1, 1, inverse.strategy)
+    shards = run_shards(params, influence_shard, "influence", ranges, track, **common, inverse=inverse.path, args=args)
+    return merge_scores(shards, scores_out, metadata, inverse, cache, model.forgetting)
+
+
+def run_shards(params: RunParameters, task, stage: str, ranges, track: RunProgress, **kwargs) -> list:
+    """`task` submitted once per sample range (on GPU workers with --gpu), the run's progress
+    advanced as each finishes; the results in the order of `ranges`."""
     with gpu_resources(params):
-        score_futures = [influence_shard.submit(**common, start=a, end=b, inverse=inverse.path, args=args)
-                         for a, b in ranges]
-    shard_of = {id(f): r for f, r in zip(score_futures, ranges)}
-    for done, future in enumerate(as_completed(score_futures), 1):
-        track.update("influence", done, len(ranges), "samples {}–{}".format(*shard_of[id(future)]))
-    return merge_scores([f.result() for f in score_futures], scores_out, metadata, inverse, cache, model.forgetting)
+        futures = [task.submit(**kwargs, start=a, end=b) for a, b in ranges]
+    shard_of = {id(f): r for f, r in zip(futures, ranges)}
+    for done, future in enumerate(as_completed(futures), 1):
+        track.update(stage, done, len(ranges), "samples {}–{}".format(*shard_of[id(future)]))
+    return [f.result() for f in futures]
 
 
 def dataset_of(params: RunParameters) -> DatasetRef:

@@ -124,6 +124,15 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
+def new_run_folder(out: Path, run_id: str) -> Path:
+    """`out`/`run_id`, refused in one line where the id is not one folder name or the folder exists
+    (a run or an evaluation never writes into one that is there)."""
+    final = Path(out) / check_run_id(run_id)
+    if final.exists():
+        raise BadInputError(f"run folder {final} already exists; choose another run id")
+    return final
+
+
 def staging_path(out: Path, run_id: str) -> Path:
     return Path(out) / ".staging" / run_id
 

@@ -5,6 +5,7 @@ import stat
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from pruning_core import artifacts
 
@@ -26,3 +27,17 @@ def test_outputs_take_the_umask_s_mode_not_tempfile_s(tmp_path):
     assert mode(folder) == 0o750 and not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
     names = {artifacts.fresh_path(tmp_path, "same-", ".tmp").name for _ in range(50)}
     assert len(names) == 50  # each a new file
+
+
+def test_a_new_run_folder_is_one_absent_folder_name(tmp_path):
+    """Both flows refuse, in one line, a run id that is not one folder name or names a folder
+    that is there (an evaluation's refusal was a FileExistsError traceback)."""
+    from pruning_core.artifacts import new_run_folder
+    from pruning_core.errors import BadInputError
+
+    assert new_run_folder(tmp_path, "eval-1") == tmp_path / "eval-1"
+    (tmp_path / "eval-1").mkdir()
+    with pytest.raises(BadInputError, match=r"run folder .*eval-1 already exists; choose another run id"):
+        new_run_folder(tmp_path, "eval-1")
+    with pytest.raises(BadInputError, match="must be one folder name"):
+        new_run_folder(tmp_path, "../elsewhere")
