@@ -81,9 +81,12 @@ def _kind(annotation) -> dict:
 
 
 def _literal_values(annotation) -> tuple:
-    """The allowed values of a Literal field (or of a list of them)."""
+    """The allowed values of a Literal field (or of a list of them, or of an optional one)."""
     if typing.get_origin(annotation) is list:
         annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = args[0] if len(args) == 1 else annotation
     return typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else ()
 
 
@@ -172,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="retrain on pruned sets per method x ratio x seed; report and plots")
     for name in ("dataset", "data_root", "model", "checkpoint", "epochs", "lr", "batch_size", "weight_decay", "seed",
                  "shards", "workers", "dask_address", "out", "target", "from_run", "target_drop",
-                 "evaluations_per_epoch", "gap_samples", "gap_points", "gap_weight_decay", "augment"):
+                 "evaluations_per_epoch", "gap_samples", "gap_points", "gap_weight_decay", "augment", "train_model",
+                 "train_epochs"):
         _option(evaluate, EvaluateParameters, name)
     _option(evaluate, EvaluateParameters, "prune_ratio", given=True,  # refused with --from-run where given
             help=EvaluateParameters.model_fields["prune_ratio"].description + "; not with --from-run")
@@ -406,11 +410,12 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise BadInputError(_pydantic_message(exc, EvaluateParameters)) from None
     params.validate_all()
+    from flows.preflight import check_train_model, gpu_preflight
+
+    check_train_model(params)
     if not params.from_run:
         print(_preflight_text(params.run_parameters()), file=sys.stderr)
     else:
-        from flows.preflight import gpu_preflight
-
         gpu_preflight(params)
     from flows.evaluate import evaluate_pruning
 

@@ -29,7 +29,7 @@ from tasks.select import compose_selections, select_samples
 
 from .cluster import run_cluster
 from .parameters import EvaluateParameters, RunParameters, scoring_recipe
-from .preflight import gpu_preflight
+from .preflight import check_train_model, gpu_preflight
 from .prune import dataset_of, gpu_resources, later_rounds, new_run_id, prune_dataset, workers_ready
 
 
@@ -58,9 +58,11 @@ def rounds_parameters(params: EvaluateParameters, ratio: float) -> RunParameters
     round 1 does."""
     update = {"prune_ratio": ratio, "checkpoint": None}
     if params.from_run is not None:
-        scoring, retraining = scoring_recipe(Path(params.from_run)).epochs, params.train_args().epochs
-        if scoring != retraining:
-            update.update(epochs=scoring, train_epochs=retraining)
+        scoring = scoring_recipe(Path(params.from_run)).epochs
+        if scoring != params.train_args().epochs:
+            update["epochs"] = scoring
+    if params.train_budget() != 1:
+        update["train_epochs"] = params.retrain_args().epochs
     return params.run_parameters().model_copy(update=update)
 
 
@@ -127,19 +129,21 @@ def submit_selections(params: EvaluateParameters, scores: str, folder: str,
 
 def submit_retrainings(params: EvaluateParameters, selections: dict[str, tuple], cache: str) -> list[tuple]:
     """A retraining per seed on the full data and on every selection (a random draw: with its own
-    seed only), the longest first, each after its selection: [(labels, (future, path) or None, future)]."""
+    seed only), the longest first, each after its selection, with the retrainings' recipe (`train_model`
+    where given): [(labels, (future, path) or None, future)]."""
     args = params.eval_args()
-    base = params.train_args()
+    base = params.retrain_args()
     runs = []
     for seed in args.seeds:  # the longest runs first
         runs.append((None, {"method": evaluation.FULL, "prune_ratio": 0.0, "selection": "full", "selection_seed": None,
-                            "objective": None}, seed))
+                            "objective": None, "train_model": base.model}, seed))
     for job, future, path in sorted(selections.values(), key=lambda v: v[0]["ratio"]):
         for seed in args.seeds:
             if job["seed"] is not None and job["seed"] != seed:
                 continue  # a random draw per seed, trained with that seed
             runs.append(((future, path), {"method": job["method"], "prune_ratio": job["ratio"],
-                                          "selection": job["name"], "selection_seed": job["seed"]}, seed))
+                                          "selection": job["name"], "selection_seed": job["seed"],
+                                          "train_model": base.model}, seed))
     futures = []
     for sel, labels, seed in runs:
         wait = [sel[0]] if sel and not isinstance(sel[0], Done) else []
@@ -223,6 +227,7 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
     """Retrain on pruned versions and write the evidence. Returns the summary (report path,
     plots, targets). On any failure the staged evaluation folder is removed."""
     params.validate_all()
+    check_train_model(params)
     params = params.pinned()  # a Delta source's version: the one this run loads, on every worker
     run_id = run_id or "eval-" + new_run_id()
     out = Path(params.out).expanduser().resolve()
@@ -261,20 +266,21 @@ def write_evaluation(params: EvaluateParameters, results: dict, run_id: str, sta
     """The evaluation's files in `staging` (evaluation.parquet, generalization_gap.parquet, plots,
     report.md, evaluation.json), their paths named as they lie in `final`; returns the summary
     written to evaluation.json. `started`: the evaluation's start (`time.perf_counter()`)."""
-    args = params.eval_args()
+    args, recipe = params.eval_args(), params.retrain_args()
     records = evaluation.add_convergence(results["records"], args.target_drop)
     summary = evaluation.summarise(records)
     goal = evaluation.targets(summary, records, drop=args.target_drop)
     overlaps = evaluation.removal_overlaps(list(results["selections"].values()))
+    models = None if params.train_model is None else f"scored with {params.model}, retrained {recipe.model}"
     plots = evaluation.draw_plots(summary, records, results["gaps"], staging / "plots",
                                   goal["comparisons"] + goal["other_comparisons"], overlaps,
-                                  target_drop=args.target_drop)
+                                  target_drop=args.target_drop, models=models)
     plots = {k: str(final / Path(v).relative_to(staging)) for k, v in plots.items()}
     ds = load_dataset(params.dataset, params.data_root)
-    context = {"dataset": ds.name, "model": params.model, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "machine": evaluation.machine(),
-               "run_dir": str(final), "scores_from": str(scored),
-               "recipe": json.dumps({k: v for k, v in vars(params.train_args()).items() if k != "seed"}),
+    context = {"dataset": ds.name, "model": params.model if models is None else f"{params.model} → {recipe.model}",
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": evaluation.machine(),
+               "run_dir": str(final), "scores_from": str(scored), "models": models,
+               "recipe": json.dumps({k: v for k, v in vars(recipe).items() if k != "seed"}),
                "command": command, "influence_selection": influence_selection(params)}
     report = evaluation.report_markdown(summary, records, results["gaps"], goal, plots, context, relative_to=final,
                                         overlaps=overlaps)
@@ -287,6 +293,7 @@ def write_evaluation(params: EvaluateParameters, results: dict, run_id: str, sta
     out_summary = {"run_id": run_id, "run_dir": str(final), "report": str(final / "report.md"), "plots": plots,
                    "scores_from": str(scored), "targets": goal, "summary": summary,
                    "gap": results["gaps"], "overlaps": overlaps, "seconds": time.perf_counter() - started,
+                   "models": {"scored": params.model, "retrained": recipe.model},
                    "arguments": params.as_json()}
     artifacts.write_json(staging / "evaluation.json", out_summary)
     return out_summary

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pruning_core import artifacts
 from pruning_core.data import parse_dataset_spec, pinned
-from pruning_core.errors import BadInputError, first_line, no_file
+from pruning_core.errors import BadInputError, first_line, no_file, renamed_fields
 from pruning_core.recipe import DEFAULT_EPOCHS, STRATEGIES, EvalArgs, InfluenceArgs, TrainArgs
 from pruning_core.selection import (  # selection_args: also imported from here by tests and benchmarks
     CANDIDATES,
@@ -91,6 +91,7 @@ FIELD_TITLES = {
     "train_epochs": "Epochs the pruned set will be trained for", "shards": "Influence shards",
     "workers": "Local Dask workers", "dask_address": "Dask scheduler address", "out": "Run folder root",
     "target": "Version target", "block_size": "Block size (rows)",
+    "train_model": "Retraining model (another architecture)",
 }
 DATASET_PATTERN = r"^(fashion-mnist|mnist|cifar10|cifar100|npz:.+|delta:.+)$"  # checked again by parse_dataset_spec
 # The choices of the core's argument objects, as the form's enumerations (`auto`: resolved by the selection policy)
@@ -267,9 +268,8 @@ class RunParameters(BaseModel):
         if self.data_root is not None and spec.kind in ("npz", "delta"):
             raise BadInputError(f"`data_root` {self.data_root}: `dataset` {self.dataset} names its own data; "
                                 "`data_root` is for a named dataset (fashion-mnist, cifar10, …), so leave it out")
-        self.train_args(), self.influence_args()
-        check_train_epochs(self.train_epochs, self.selection_args())
-        check_train_epochs_model(self.train_epochs, self.model)
+        self._check_training()
+        self.influence_args()
         if self.rounds > 1 and self.prune_ratio is None:
             raise BadInputError(f"`rounds` {self.rounds} splits `prune_ratio` over the rounds; with `epsilon` give one "
                                 "round")
@@ -285,6 +285,12 @@ class RunParameters(BaseModel):
             raise BadInputError(f"`target` {self.target}: names a version; a run commits the table's next version, so "
                                 "give the table alone")
         open_target(self.target_uri()).check()
+
+    def _check_training(self) -> None:
+        """The training recipe, and --train-epochs refused where it would change nothing."""
+        self.train_args()
+        check_train_epochs(self.train_epochs, self.selection_args())
+        check_train_epochs_model(self.train_epochs, self.model)
 
     def _check_checkpoint_recipe(self) -> None:
         """With --checkpoint nothing trains: training options given would be silently unused (--epochs
@@ -323,6 +329,11 @@ class EvaluateParameters(RunParameters):
     gap_points: int = Field(EvalArgs.gap_points, ge=2, le=50, description="ε values of the generalization-gap check")
     gap_weight_decay: float = Field(EvalArgs.gap_weight_decay, gt=0, description="λ of the gap check's convex problems")
     from_run: str | None = Field(None, description="Reuse this run folder's scores and model instead of a scoring run")
+    train_model: Model | None = Field(
+        None, description="Architecture every retraining trains (the full data and each pruned set) instead of model, "
+                          "which scores: select with a cheap proxy, retrain a bigger model; empty: model")
+    train_epochs: int | None = Field(None, ge=1, le=10000,
+                                     description="Epochs of the retrainings of train_model; empty: its default epochs")
 
     def eval_args(self) -> EvalArgs:
         return EvalArgs(methods=tuple(self.methods), ratios=tuple(self.ratios), seeds=tuple(self.seeds),
@@ -331,24 +342,55 @@ class EvaluateParameters(RunParameters):
                         gap_weight_decay=self.gap_weight_decay)
 
     def run_parameters(self) -> RunParameters:
-        return RunParameters(**{k: v for k, v in self.model_dump().items() if k in RunParameters.model_fields})
+        """The scoring run's parameters (its `train_epochs` is not the evaluation's: that one is the
+        retrainings' epochs)."""
+        return RunParameters(**{k: v for k, v in self.model_dump().items()
+                                if k in RunParameters.model_fields and k != "train_epochs"})
+
+    def retrain_args(self) -> TrainArgs:
+        """The retrainings' recipe: `train_model` for `train_epochs` where it is given (errors name
+        those fields), else the scoring model's recipe (`train_args`). The other training options
+        are the same for both."""
+        if self.train_model is None:
+            return self.train_args()
+        try:
+            return TrainArgs(model=self.train_model, epochs=self.train_epochs, lr=self.lr, batch_size=self.batch_size,
+                             weight_decay=self.weight_decay, seed=self.seed, augment=self.augment)
+        except BadInputError as exc:  # TrainArgs names its own fields
+            raise renamed_fields(exc, {"model": "train_model", "epochs": "train_epochs"}) from None
 
     def train_budget(self) -> float:
-        """The evaluation retrains with --epochs: its epochs ÷ --from-run's (1 without: the scoring
-        run then trains with --epochs too)."""
-        if self.from_run is None:
+        """The retrainings' epochs ÷ the scoring run's (--from-run's, else --epochs), which shift the
+        influence method's hard cut; 1 where the retrainings train another architecture than the one
+        that scored: epochs compare within one architecture."""
+        retraining = self.retrain_args()
+        if retraining.model != self.model:
             return 1.0
-        return train_budget(self.train_args().epochs, scoring_recipe(Path(self.from_run)).epochs, self.model)
+        scoring = scoring_recipe(Path(self.from_run)).epochs if self.from_run is not None else self.train_args().epochs
+        return train_budget(retraining.epochs, scoring, self.model)
 
     def validate_all(self) -> None:
-        if self.train_epochs is not None:
-            raise BadInputError("train_epochs: an evaluation retrains with its own epochs (`epochs`); to evaluate a "
-                                "longer recipe, retrain a run's scores longer (`from_run` RUN `epochs` N)")
+        if self.train_epochs is not None and self.train_model is None:
+            raise BadInputError("`train_epochs` sets the epochs of `train_model`, which is not given: an evaluation "
+                                "retrains with its own epochs (`epochs`); to evaluate a longer recipe, retrain a "
+                                "run's scores longer (`from_run` RUN `epochs` N)")
         if self.from_run is not None:  # first: the selection's training budget reads its manifest
             self._check_from_run()
             self._check_selection_options_apply()
         super().validate_all()
         self.eval_args()
+
+    def _check_training(self) -> None:
+        """The recipes that train here: the scoring run's where it is made (not with --from-run), and
+        the retrainings'."""
+        if self.from_run is None:
+            self.train_args()
+        elif self.train_model is not None and self.epochs is not None:
+            raise BadInputError(f"`epochs` with `from_run` and `train_model`: the scoring run trained its own epochs "
+                                f"and the retrainings of {self.train_model} train `train_epochs`; leave `epochs` out")
+        if self.train_model == "linear" and self.train_epochs is not None:
+            raise BadInputError("`train_epochs` with `train_model` linear: it trains to its optimum, without epochs")
+        self.retrain_args()
 
     def _check_checkpoint_recipe(self) -> None:
         """The retrainings use the training options, whatever trained --checkpoint."""

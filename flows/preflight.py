@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from pruning_core import code_digest
-from pruning_core.errors import BadInputError, first_line
+from pruning_core.errors import BadInputError, first_line, renamed_fields
 from pruning_core.influence import check_memory, memory_available, stage_estimate
 from pruning_core.selection import check_scip_size, round_ratios
 
@@ -157,6 +157,21 @@ def gpu_preflight(params) -> None:
     check_local_gpu(params)
     if params.gpu and params.dask_address:
         check_gpu_workers(params.dask_address, scheduler_info(params.dask_address))
+
+
+def check_train_model(params) -> None:
+    """An evaluation's `train_model` built for the data's samples (shapes only), so that one that
+    cannot train on them is refused before the scoring run, not at the first retraining."""
+    if params.train_model is None:
+        return
+    from pruning_core.data import load_dataset
+    from pruning_core.models import build_model
+
+    ds = load_dataset(params.dataset, params.data_root)
+    try:
+        build_model(params.train_model, ds.sample_shape, ds.n_classes)
+    except BadInputError as exc:  # the model's check names `model`
+        raise renamed_fields(exc, {"model": "train_model"}) from None
 
 
 def memory_limit(workers: int, info: dict | None) -> tuple[int | None, str]:

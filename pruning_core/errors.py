@@ -29,6 +29,12 @@ class BadInputError(PruningError, ValueError):
         return _FIELD.sub(lambda m: "--" + m[1].replace("_", "-"), super().__str__())
 
 
+def renamed_fields(exc: BadInputError, names: dict[str, str]) -> BadInputError:
+    """`exc` again, of its type, with the fields its message names renamed by `names` (`model` →
+    `train_model`): a check of one option reused for another names the option the user gave."""
+    return type(exc)(_FIELD.sub(lambda m: f"`{names.get(m[1], m[1])}`", exc.args[0]))
+
+
 class DatasetError(BadInputError):
     """A dataset that cannot be found, read, or is malformed (NaN, mismatched lengths, ...)."""
 

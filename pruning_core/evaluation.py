@@ -444,12 +444,14 @@ def draw_overlaps(overlaps: list[dict], path: Path) -> str:
 
 def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: Path,
                comparisons: list[dict] | None = None, overlaps: list[dict] | None = None,
-               target_drop: float = EvalArgs.target_drop) -> dict[str, str]:
+               target_drop: float = EvalArgs.target_drop, models: str | None = None) -> dict[str, str]:
     """accuracy_vs_ratio.png, accuracy_vs_time.png, generalization_gap.png, for the comparisons
     that carry an interval (`targets`' and the others) comparisons.png, and for `removal_overlaps`
     removal_overlap.png under `out`. The target line sits `target_drop` below the full data's
-    accuracy, as `add_convergence` sets each run's target."""
+    accuracy, as `add_convergence` sets each run's target. `models` ("scored with X, retrained Y")
+    goes under the titles of the plots of retrained runs, where another architecture retrained."""
     plt = pyplot()
+    below = "" if models is None else f"\n({models})"
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -500,7 +502,7 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
         delta.set_visible(False)
     ax.set_xlabel("prune ratio (% of training samples removed)")
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
-    ax.set_title("Test accuracy after retraining on the pruned set")
+    ax.set_title("Test accuracy after retraining on the pruned set" + below)
     paths["accuracy_vs_ratio"] = save_figure(fig, (ax, delta), out / "accuracy_vs_ratio.png")
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
@@ -522,7 +524,7 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
                        label=f"{TARGET_TIME:g} × full training time")
     ax.set_xlabel("training time (s, evaluations excluded)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Convergence, seed {seed0}")
+    ax.set_title(f"Convergence, seed {seed0}" + below)
     lo = min([100 * c["test_accuracy"] for r in records for c in r["curve"][len(r["curve"]) // 2:]] or [0])
     ax.set_ylim(max(lo - 2, 0), None)
     paths["accuracy_vs_time"] = save_figure(fig, (ax,), out / "accuracy_vs_time.png")
@@ -574,7 +576,8 @@ def draw_plots(summary: list[dict], records: list[dict], gaps: list[dict], out: 
                                 Line2D([], [], marker="o", ls="", color="#333333", mfc="white",
                                        label="not resolved (includes 0)")], fontsize=8, loc="lower center")
         fig.suptitle("This product's method against each baseline: test-accuracy difference, mean over seeds,\n"
-                     f"95 % interval over {interval_over(min(c['paired_seeds'] for c in shown))}", fontsize=10)
+                     f"95 % interval over {interval_over(min(c['paired_seeds'] for c in shown))}" + below,
+                     fontsize=10)
         paths["comparisons"] = save_figure(fig, [], out / "comparisons.png")  # grids and the one legend set above
 
     if overlaps:
@@ -625,7 +628,8 @@ def report_markdown(summary: list[dict], records: list[dict], gaps: list[dict], 
              f"‖Σ_{{i∈R}} s_i‖ (Yang et al. 2023), {context.get('influence_selection', 'as configured')}. "
              "Every run retrains from scratch with the same recipe; the target is the same seed's full-data "
              f"accuracy minus {_points(goal['target_drop'])} points.", ""]
-    for key in ("date", "machine", "command", "run_dir", "scores_from", "recipe"):  # influence_selection: said above
+    # influence_selection: said above; models: where another architecture than the scoring one retrained
+    for key in ("date", "machine", "command", "run_dir", "scores_from", "models", "recipe"):
         if context.get(key):
             lines.append(f"- **{key.replace('_', ' ')}**: {context[key]}")
     lines += ["", "## Test accuracy (%) and training time (s), mean ± std over seeds", "",
@@ -681,12 +685,13 @@ def report_markdown(summary: list[dict], records: list[dict], gaps: list[dict], 
 
 
 def evaluation_table(records: list[dict]):
-    """`evaluation.parquet`: one row per training run, the curve as a list of structs and
-    `test_correct` the packed bits (numpy.packbits, first test sample in the highest bit) of
-    which test samples the run classified right (null for runs recorded without them)."""
+    """`evaluation.parquet`: one row per training run (`train_model`: the architecture it trained),
+    the curve as a list of structs and `test_correct` the packed bits (numpy.packbits, first test
+    sample in the highest bit) of which test samples the run classified right (null for runs
+    recorded without them)."""
     import pyarrow as pa
 
-    columns = ["method", "prune_ratio", "selection", "selection_seed", "seed", "n_kept", "test_accuracy",
+    columns = ["method", "prune_ratio", "selection", "selection_seed", "train_model", "seed", "n_kept", "test_accuracy",
                "train_accuracy", "train_seconds", "samples_seen", "target_accuracy", "time_to_target",
                "epoch_to_target", "time_ratio", "samples_ratio", "accuracy_drop", "objective", "n_test"]
     data = {c: [r.get(c) for r in records] for c in columns}
