@@ -424,6 +424,10 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     goal = result["targets"]
     print(f"evaluation folder: {result['run_dir']}")
     print(f"report:            {result['report']}")
+    done = result["retrainings"]
+    if done["reused"]:
+        print(f"reused:            {done['reused']} of {done['total']} retrainings, recorded earlier in "
+              f"{done['cache']}")
     for path in result["plots"].values():
         print(f"plot:              {path}")
     if "accuracy_drop" in goal:

@@ -30,7 +30,7 @@ from tasks.select import compose_selections, select_samples
 from .cluster import run_cluster
 from .parameters import EvaluateParameters, RunParameters, scoring_recipe
 from .preflight import check_train_model, gpu_preflight
-from .prune import dataset_of, gpu_resources, later_rounds, new_run_id, prune_dataset, workers_ready
+from .prune import dataset_of, gpu_resources, later_rounds, new_run_id, prune_dataset, remove_dead_runs, workers_ready
 
 
 class Done:
@@ -106,9 +106,9 @@ def evaluation_runs(params: EvaluateParameters, scores: str, checkpoint: str, fo
     selections = submit_selections(params, scores, folder, made or {})
     retrainings = submit_retrainings(params, selections, cache)
     gap_futures = submit_gap_checks(params, checkpoint)
-    records = retrained_records(retrainings)
+    records, reused = retrained_records(retrainings)
     gaps = [g for f in gap_futures for g in f.result()]
-    return {"records": records, "gaps": gaps,
+    return {"records": records, "reused": reused, "cache": cache, "gaps": gaps,
             "selections": {name: {"path": path, **future.result().summary, "method": job["method"],
                                   "prune_ratio": job["ratio"], "draw_seed": job["seed"]}
                            for name, (job, future, path) in selections.items()}}
@@ -165,11 +165,11 @@ def submit_gap_checks(params: EvaluateParameters, checkpoint: str) -> list:
             for kind in (("linear", "head") if params.model != "linear" else ("linear",))]
 
 
-def retrained_records(futures: list[tuple]) -> list[dict]:
+def retrained_records(futures: list[tuple]) -> tuple[list[dict], int]:
     """The retrainings' records in submission order, each with its selection's objective, logged
-    as they finish."""
+    as each finishes (x of N), and how many of them an earlier evaluation had recorded."""
     logger = get_run_logger()
-    records = [None] * len(futures)
+    records, reused = [None] * len(futures), 0
     position = {future: i for i, (_, _, future) in enumerate(futures)}
     for done, future in enumerate(as_completed(list(position)), 1):
         i = position[future]
@@ -178,10 +178,14 @@ def retrained_records(futures: list[tuple]) -> list[dict]:
         if sel:
             record["objective"] = sel[0].result().objective
         records[i] = record
-        logger.info("retrained %d/%d: %s seed %d → test accuracy %.4f in %.1f s%s", done, len(futures),
+        earlier = record.pop("reused", False)
+        reused += earlier
+        logger.info("retrained %d of %d: %s seed %d → test accuracy %.4f in %.1f s%s", done, len(futures),
                     labels["selection"], record["seed"], record["test_accuracy"], record["train_seconds"],
-                    " (recorded by an earlier run, reused)" if record.pop("reused", False) else "")
-    return records
+                    " (recorded by an earlier run, reused)" if earlier else "")
+    if reused:
+        logger.info("%d of %d retrainings reused, recorded by earlier evaluations", reused, len(futures))
+    return records, reused
 
 
 def influence_selection(params: EvaluateParameters) -> str:
@@ -233,10 +237,11 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
     out = Path(params.out).expanduser().resolve()
     artifacts.new_run_folder(out, run_id)
     started = time.perf_counter()
-    scored = scoring_run(params)
+    scored, scored_here = scoring_run(params, out)
     scores, checkpoint = str(artifacts.scores_path(scored)), str(artifacts.checkpoint_path(scored))
     with artifacts.staged_folder(out, run_id, {"flow_run_id": flow_run.get_id(), "pid": os.getpid()}) as staging:
-        if params.dask_address and params.from_run:  # else the scoring run just asked the workers
+        remove_dead_runs(out)  # a killed evaluation's staging folder
+        if params.dask_address and not scored_here:  # else the scoring run just asked the workers
             workers_ready(params, load_dataset(params.dataset, params.data_root), staging, (scores, checkpoint))
         cache = out / ".cache" / "retrain"
         cache.mkdir(parents=True, exist_ok=True)
@@ -250,15 +255,41 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
     return summary
 
 
-def scoring_run(params: EvaluateParameters) -> Path:
-    """The run folder whose scores and model the evaluation retrains from: `--from-run`, wherever
-    it was made (a run folder may be copied or moved), or a new scoring run's."""
-    if not params.from_run:
-        return Path(prune_dataset(params.run_parameters())["run_dir"])
-    gpu_preflight(params)  # else the scoring run's preflight checks the GPU workers
-    scored = Path(params.from_run).resolve()
-    get_run_logger().info("reusing scores and model of %s", scored)
-    return scored
+def scoring_run(params: EvaluateParameters, out: Path) -> tuple[Path, bool]:
+    """The run folder whose scores and model the evaluation retrains from, and whether it was made
+    now: `--from-run`, wherever it was made (a run folder may be copied or moved); else the scoring
+    run an earlier evaluation on `out` made with the same parameters and data (`scoring_record`),
+    so that an interrupted evaluation, or one run in parts, does not score again and retrains the
+    same selections; else a new scoring run, recorded for the next."""
+    if params.from_run:
+        gpu_preflight(params)  # else the scoring run's preflight checks the GPU workers
+        scored = Path(params.from_run).resolve()
+        get_run_logger().info("reusing scores and model of %s", scored)
+        return scored, False
+    record = scoring_record(params, out)
+    earlier = Path(json.loads(record.read_text())["run_dir"]) if record.is_file() else None
+    if earlier is not None and artifacts.run_finished(earlier):
+        gpu_preflight(params)
+        get_run_logger().info("reusing scores and model of %s, made by an earlier evaluation with the same "
+                              "arguments", earlier)
+        return earlier, False
+    scored = Path(prune_dataset(params.run_parameters())["run_dir"])
+    artifacts.write_json(record, {"run_dir": str(scored)})
+    return scored, True
+
+
+PLACEMENT = ("shards", "workers", "dask_address", "out")  # where a run computes, not what: results do not depend on it
+
+
+def scoring_record(params: EvaluateParameters, out: Path) -> Path:
+    """Where an evaluation without --from-run records its scoring run: `<out>/.cache/evaluate/`,
+    keyed by what determines that run (its parameters but those of `PLACEMENT`, the data's
+    fingerprint, the checkpoint's digest)."""
+    arguments = {k: v for k, v in params.run_parameters().as_json().items() if k not in PLACEMENT}
+    key = artifacts.arguments_key({"arguments": arguments,
+                                   "data": load_dataset(params.dataset, params.data_root).fingerprint,
+                                   "checkpoint": params.checkpoint and artifacts.file_sha256(params.checkpoint)})
+    return out / ".cache" / "evaluate" / f"scoring-{key}.json"
 
 
 def write_evaluation(params: EvaluateParameters, results: dict, run_id: str, staging: Path, final: Path,
@@ -294,6 +325,8 @@ def write_evaluation(params: EvaluateParameters, results: dict, run_id: str, sta
                    "scores_from": str(scored), "targets": goal, "summary": summary,
                    "gap": results["gaps"], "overlaps": overlaps, "seconds": time.perf_counter() - started,
                    "models": {"scored": params.model, "retrained": recipe.model},
+                   "retrainings": {"total": len(records), "reused": results["reused"],
+                                   "cache": results["cache"]},
                    "arguments": params.as_json()}
     artifacts.write_json(staging / "evaluation.json", out_summary)
     return out_summary

@@ -413,7 +413,7 @@ class EvaluateParameters(RunParameters):
         if self.checkpoint is not None:
             raise BadInputError(f"`checkpoint` with `from_run`: the run {self.from_run} brings its own scores and "
                                 "model; give one of them")
-        if not all((run / name).is_file() for name in ("manifest.json", "scores.parquet", "model.pt")):
+        if not artifacts.run_finished(run):
             raise BadInputError(f"`from_run` {self.from_run}: not a finished run folder (no manifest.json, "
                                 "scores.parquet or model.pt)")
         used = run_arguments(run, "what it was made with is")

@@ -417,5 +417,10 @@ def save_manifest(manifest: dict, run_dir: Path) -> Path:
     return write_json(manifest_path(run_dir), manifest)
 
 
+def run_finished(run_dir: Path) -> bool:
+    """Whether `run_dir` holds what an evaluation reads of a finished run: manifest, scores, model."""
+    return all(p.is_file() for p in (manifest_path(run_dir), scores_path(run_dir), checkpoint_path(run_dir)))
+
+
 def load_manifest(run_dir: Path) -> dict:
     return json.loads(manifest_path(run_dir).read_text())

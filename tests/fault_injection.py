@@ -1,13 +1,15 @@
 """Faults for the reliability tests, run in processes of their own.
 
-`python tests/fault_injection.py POINT run ARGS…` runs `dataset-prune run ARGS…` and kills its
-own process with SIGKILL (no cleanup handlers, no `finally`) at one point of a stage. The real
-functions do the work; only the kill is added:
+`python tests/fault_injection.py POINT COMMAND ARGS…` runs `dataset-prune COMMAND ARGS…` and
+kills its own process with SIGKILL (no cleanup handlers, no `finally`) at one point of a stage.
+The real functions do the work; only the kill is added:
 
 - `selection`: the solver has returned, `selection.parquet` is not yet written;
 - `commit`: the Delta writer has taken the first quarter of the kept rows, its log entry is not
   yet written (a commit in flight);
-- `committed`: the Delta version is committed, the run folder is not yet published.
+- `committed`: the Delta version is committed, the run folder is not yet published;
+- `retrained` (`evaluate`): the evaluation has taken its first finished retraining (whose record
+  its worker wrote to the retrain cache), and not the others.
 
 `commit_rounds` is the body of one of several processes committing to one Delta table at once;
 `KillOnFirstStart` a Dask worker plugin that kills its worker as it starts a task of a given kind.
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from distributed import WorkerPlugin
 
-POINTS = ("selection", "commit", "committed")
+POINTS = ("selection", "commit", "committed", "retrained")
 
 
 def die() -> None:
@@ -65,6 +67,17 @@ def install(point: str) -> None:
             die()
 
         versions.write_deltalake = write_then_die
+    elif point == "retrained":
+        import flows.evaluate as evaluate
+
+        finished = evaluate.as_completed  # what the evaluation takes its finished retrainings from
+
+        def first_then_die(futures, *args, **kwargs):
+            for future in finished(futures, *args, **kwargs):
+                yield future
+                die()  # the evaluation asks for the next one: the first is taken
+
+        evaluate.as_completed = first_then_die
     else:
         raise SystemExit(f"unknown point {point!r}; valid: {', '.join(POINTS)}")
 
