@@ -388,7 +388,7 @@ def test_console_script_exit_status(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "dataset-prune: error: --dataset 'nope' is not a known dataset; valid: fashion-mnist, mnist, cifar10, "
-        "cifar100, npz:PATH, delta:URI[@VERSION]"]
+        "cifar100, npz:PATH, delta:URI[@VERSION], folder:PATH, parquet:PATH"]
     assert not (tmp_path / "r").exists()
 
 
