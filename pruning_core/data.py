@@ -335,8 +335,9 @@ def file_stamp(spec: DatasetSpec) -> tuple | None:
     """What tells this copy of the data from another under the same name: an npz file's inode,
     modification time and size (None if it is not there: loading it says so); a Delta table's id,
     which a table deleted and written again at the same path does not keep, though its versions
-    start again at 0; a folder's tree fingerprint (`folders.tree_fingerprint`: a folder that is
-    no source is refused here); each Parquet file's stamp. None for the named datasets."""
+    start again at 0; a folder's tree fingerprint (`folders.tree_fingerprint`), each Parquet
+    file's stamp (a folder or a table that is no source is refused here). None for the named
+    datasets."""
     if spec.kind == "delta":
         from .versions import open_table  # deltalake is needed only for this source
 

@@ -5,7 +5,8 @@ integer label, in the columns `image` and `label` unless the spec names others
 (`parquet:PATH?image=COL&label=COL`, the same for delta). The split is a `split` column with the
 values `train` and `test`, or, for Parquet, a folder holding `train*.parquet` and `test*.parquet`
 (Hugging Face's export layout, also under `data/`). `sample_id` is a `sample_id` column where the
-table has one, else the row's position in the train split (the table's row order).
+table has one (the train rows then in sample_id order), else the row's position in the train
+split (the table's row order).
 
 A Delta table with the columns `data`, `dtype` and `shape` and no columns named in the spec is a
 version this product wrote (`versions.py`), read as before; any other is an image table.
@@ -70,20 +71,16 @@ def parquet_files(spec: DatasetSpec) -> dict[str, list[Path]] | Path:
                        "the folder of a split dataset or one file with a split column")
 
 
-def parquet_stamp(spec: DatasetSpec) -> tuple | None:
-    """Path, inode, size and mtime_ns of every file of a Parquet source (None where it cannot be
-    listed: loading says why)."""
-    try:
-        found = parquet_files(spec)
-    except DatasetError:
-        return None
-    files = [found] if isinstance(found, Path) else [f for split in found.values() for f in split]
+def parquet_stamp(spec: DatasetSpec) -> tuple:
+    """Path, inode, size and mtime_ns of every file of a Parquet source: what tells this copy of
+    the table from another, and the key of its decoded arrays."""
+    found = parquet_files(spec)
     stamps = []
-    for f in files:
+    for f in [found] if isinstance(found, Path) else [f for split in found.values() for f in split]:
         try:
             st = os.stat(f)
-        except OSError:
-            return None
+        except OSError as exc:
+            raise DatasetError(f"{_what(spec)}: {f.name} cannot be read ({exc.strerror or exc})") from None
         stamps.append((str(f), st.st_ino, st.st_size, st.st_mtime_ns))
     return tuple(stamps)
 
@@ -171,7 +168,7 @@ def _dataset(spec: DatasetSpec, arrays: dict) -> Dataset:
                    {"source": str(spec), "data_root": None})
 
 
-def load_parquet(spec: DatasetSpec, stamp: tuple | None) -> Dataset:
+def load_parquet(spec: DatasetSpec, stamp: tuple) -> Dataset:
     """A Parquet image table: one file with a split column, or a folder of split files."""
     image, label = columns_of(spec)
     found = parquet_files(spec)
