@@ -305,7 +305,7 @@ def _load_cached(spec: DatasetSpec, data_root: str | None, stamp: tuple | None) 
     elif spec.kind == "folder":
         from .folders import load_folder  # Pillow is needed only for the image sources
 
-        ds = load_folder(spec.path)
+        ds = load_folder(spec.path, stamp[1])
     elif spec.kind == "parquet":
         from .tables import load_parquet
 

@@ -29,6 +29,7 @@ from .errors import BadInputError, DatasetError
 from .images import cached_arrays, decode_images
 
 LAYOUT = "PATH/train/<class>/<image> and PATH/test/<class>/<image> (or val/)"
+FOLDER_ARRAYS = ("x", "x_test", "y", "y_test", "paths", "classes")  # a cache entry
 
 
 @dataclass(frozen=True)
@@ -113,21 +114,29 @@ def tree_fingerprint(path: str | Path) -> str:
     return folder_listing(path).fingerprint
 
 
-def load_folder(path: str | Path) -> Dataset:
+def load_folder(path: str | Path, fingerprint: str | None = None) -> Dataset:
     """The folder source at `path` (absolute) as a `Dataset`, images (n, C, H, W) uint8: decoded
-    in parallel on a first load, from the cache after."""
-    listing = folder_listing(path)
-    root, split = listing.root, listing.test_split
+    in parallel on a first load, from the cache after. `fingerprint`: the tree's, where the
+    caller has just taken it (`data.file_stamp`); a cached tree is then not listed again."""
+    root = Path(path)
+    fingerprint = fingerprint or tree_fingerprint(root)
 
     def decode() -> dict[str, np.ndarray]:
+        listing = folder_listing(root)
+        if listing.fingerprint != fingerprint:  # its arrays would be stored under the other tree's key
+            raise DatasetError(f"{_what(root)}: its files changed while it was read; load it again")
+        split = listing.test_split
         files = [f"train/{p}" for p in listing.train] + [f"{split}/{p}" for p in listing.test]
         x = decode_images([str(root / f) for f in files], files, _what(root))
-        return {"x": x[:len(listing.train)], "x_test": x[len(listing.train):]}
+        return {"x": x[:len(listing.train)], "x_test": x[len(listing.train):], "y": listing.y,
+                "y_test": listing.y_test, "paths": np.array(listing.train), "classes": np.array(listing.classes)}
 
-    arrays = cached_arrays({"source": "folder", "tree": listing.fingerprint}, ("x", "x_test"), decode)
-    origin = {"source": f"folder:{root}", "data_root": None, "classes": list(listing.classes)}
-    return Dataset(f"folder:{root}", arrays["x"], listing.y, np.arange(len(listing.y), dtype=np.int64),
-                   arrays["x_test"], listing.y_test, len(listing.classes), origin, paths=np.array(listing.train))
+    arrays = cached_arrays({"source": "folder", "tree": fingerprint}, FOLDER_ARRAYS, decode)
+    classes = [str(c) for c in arrays["classes"]]
+    origin = {"source": f"folder:{root}", "data_root": None, "classes": classes}
+    return Dataset(f"folder:{root}", arrays["x"], np.asarray(arrays["y"]), np.arange(len(arrays["y"]), dtype=np.int64),
+                   arrays["x_test"], np.asarray(arrays["y_test"]), len(classes), origin,
+                   paths=np.asarray(arrays["paths"]))
 
 
 # --- export: a version back as a folder ----------------------------------------------------

@@ -12,8 +12,7 @@ import io
 import json
 import logging
 import os
-import zipfile
-import zlib
+import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -113,36 +112,47 @@ def cache_key(identity: dict) -> str:
 
 
 def decoded_path(key: str) -> Path:
-    return cache_folder() / "decoded" / f"{key}.npz"
+    """The entry's folder: one `.npy` file per array, read memory-mapped (a later load reads no
+    more than it uses, and processes on one machine share the pages)."""
+    return cache_folder() / "decoded" / key
 
 
 def load_decoded(key: str, names: Sequence[str]) -> dict[str, np.ndarray] | None:
     """The arrays `names` stored under `key`, or None: no entry, or one that cannot be read
-    whole (truncated, damaged, another layout), which is then decoded and written again."""
-    path = decoded_path(key)
-    try:
-        with np.load(path, allow_pickle=False) as stored:
-            return {name: stored[name] for name in names}
-    except FileNotFoundError:
+    (a file missing, truncated or not a `.npy`), which is then removed, to be written again."""
+    folder = decoded_path(key)
+    if not folder.is_dir():
         return None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        log.warning("%s: unreadable cache entry, decoding again (%s)", path, first_line(exc, 120))
+    try:
+        return {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in names}
+    except (OSError, ValueError, EOFError) as exc:
+        log.warning("%s: unreadable cache entry, decoding again (%s)", folder, first_line(exc, 120))
+        shutil.rmtree(folder, ignore_errors=True)
         return None
 
 
 def save_decoded(key: str, arrays: dict[str, np.ndarray]) -> None:
-    """Store `arrays` under `key`: written to a temporary file beside it and renamed, so a reader
-    (another worker) never sees half an entry. A cache that cannot be written is skipped with a
-    warning: the data was decoded all the same."""
-    from .artifacts import atomic_path
+    """Store `arrays` under `key`: written into a temporary folder beside the entry and renamed,
+    so a reader (another worker) never sees half an entry; where another process stored the
+    entry first, its copy is kept. A cache that cannot be written is skipped with a warning: the
+    data was decoded all the same."""
+    from .artifacts import fresh_path
 
-    path = decoded_path(key)
+    folder = decoded_path(key)
+    tmp = None
     try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = fresh_path(folder.parent, f".{key}.", ".tmp", folder=True)
+        for name, array in arrays.items():
+            np.save(tmp / f"{name}.npy", array, allow_pickle=False)
+        os.rename(tmp, folder)
     except OSError as exc:
-        log.warning("%s: the decoded images cannot be cached (%s); set %s to a writable folder", path,
-                    first_line(exc, 120), CACHE_ENV)
+        if not folder.is_dir():
+            log.warning("%s: the decoded images cannot be cached (%s); set %s to a writable folder", folder,
+                        first_line(exc, 120), CACHE_ENV)
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cached_arrays(identity: dict, names: Sequence[str], build: Callable[[], dict[str, np.ndarray]]
