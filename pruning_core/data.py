@@ -60,7 +60,8 @@ class DatasetSpec:
         table's or the folder's name."""
         if self.kind in OWN_DATA:
             path = Path(self.path.rstrip("/"))
-            stem = path.name if self.kind == "folder" or path.suffix != f".{self.kind}" else path.stem
+            keep_suffix = self.kind == "folder" or (self.kind == "parquet" and path.suffix != ".parquet")
+            stem = path.name if keep_suffix else path.stem  # a folder's name whole: `cifar10.v2`
             return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem) or "dataset"
         return self.kind
 

@@ -71,11 +71,13 @@ def decode_images(sources: Sequence[str | bytes | None], names: Sequence[str], w
     the dataset (`` `dataset` folder:PATH ``). Raises `DatasetError` for an image that cannot be
     read or decoded (the first in order) and for images of different sizes (not resized)."""
     chunks = [(sources[i:i + CHUNK], i) for i in range(0, len(sources), CHUNK)]
-    with ThreadPoolExecutor(decode_threads()) as pool:
-        try:
-            decoded = [image for part in pool.map(lambda c: _decode_chunk(*c), chunks) for image in part]
-        except _Undecodable as exc:
-            raise DatasetError(f"{what}: {names[exc.index]} cannot be read as an image ({exc.reason})") from None
+    pool = ThreadPoolExecutor(decode_threads())
+    try:
+        decoded = [image for part in pool.map(lambda c: _decode_chunk(*c), chunks) for image in part]
+    except _Undecodable as exc:
+        raise DatasetError(f"{what}: {names[exc.index]} cannot be read as an image ({exc.reason})") from None
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a refusal, the chunks not started are not decoded
     sizes = [image.shape[:2] for image in decoded]
     odd = next((i for i, size in enumerate(sizes) if size != sizes[0]), None)
     if odd is not None:
