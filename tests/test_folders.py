@@ -3,6 +3,7 @@ pixels as Pillow decodes them, the cache of decoded arrays, every refusal throug
 line, the path columns of a run, and a pruned version written back as a folder (`export`)."""
 
 import errno
+import io
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from flows.cli import main
 from flows.parameters import RunParameters
 from pruning_core import images
 from pruning_core.data import _load_cached, load_dataset, parse_dataset_spec
+from pruning_core.targets import samples_parquet
 from pruning_core.versions import commit_version, read_version
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -166,6 +168,8 @@ def test_a_version_exports_as_a_folder_of_hard_links(cifar_slice, cache, tmp_pat
     back = read_version(str(uri), 0)  # its paths and its origin (the source folder) come back
     assert back.paths.tolist() == ds.paths[keep].tolist() and back.origin == ds.origin
     assert np.array_equal(back.x, ds.x[keep])
+    dvc_rows = pq.read_table(io.BytesIO(samples_parquet(ds, keep)))  # the DVC and lakeFS targets' file
+    assert dvc_rows.column("path").to_pylist() == ds.paths[keep].tolist()
 
     to = tmp_path / "pruned"
     assert main(["export", f"{uri}@0", "--to", str(to)]) == 0
