@@ -1,5 +1,5 @@
-"""`dataset-prune`: the command line. `run` is one Prefect flow run; `select` and `versions`
-work on files alone. Bad input: one line on stderr and exit status 2, nothing written."""
+"""`dataset-prune`: the command line. `run` is one Prefect flow run; `select`, `versions` and
+`export` work on files alone. Bad input: one line on stderr and exit status 2, nothing written."""
 
 from __future__ import annotations
 
@@ -198,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     versions.add_argument("--json", action="store_true", help="print JSON instead of a table")
     versions.add_argument("--lineage", action="store_true",
                           help="per version, the chain of sources it was pruned from, across runs and tables")
+
+    export = sub.add_parser("export", help="a Delta version of a folder:PATH source, written back as an image folder")
+    export.add_argument("version", help="a Delta version, URI[@VERSION] as versions lists it (delta:URI too; the "
+                                        "newest without @VERSION), of a folder:PATH source")
+    export.add_argument("--to", required=True, metavar="DIR",
+                        help="a new or empty folder: receives train/<class>/<file> for every kept file and the "
+                             "source's whole test (or val) split, hard links where the file system allows, else copies")
     return parser
 
 
@@ -604,6 +611,17 @@ def _versions(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    from pruning_core.folders import export_version
+
+    done = export_version(ns.version, ns.to)
+    how = "hard links" if not done["copied"] else "copies" if not done["linked"] else \
+        f"{done['linked']} hard links, {done['copied']} copies"
+    print(f"{done['to']}: {done['train']} kept training files in {done['classes']} class folders and "
+          f"{done['test']} {done['test_split']} files of {done['source']}, from {done['version']} ({how})")
+    return 0
+
+
 def _lineage_text(chain: list[dict]) -> str:
     """One version's lineage, newest first: the version, then each source it was pruned from."""
     lines = [f"{chain[0]['ref']}  ({chain[0]['rows']} rows)"]
@@ -654,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _ARGV[:] = sys.argv[1:] if argv is None else argv
         ns = build_parser().parse_args(argv)
-        commands = {"run": cmd_run, "select": cmd_select, "versions": cmd_versions, "evaluate": cmd_evaluate}
+        commands = {"run": cmd_run, "select": cmd_select, "versions": cmd_versions, "evaluate": cmd_evaluate,
+                    "export": cmd_export}
         return commands[ns.command](ns)
     except BadInputError as exc:
         print(f"dataset-prune: error: {exc.as_flags().splitlines()[0]}", file=sys.stderr)

@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pruning_core import artifacts
-from pruning_core.data import parse_dataset_spec, pinned
+from pruning_core.data import OWN_DATA, parse_dataset_spec, pinned
 from pruning_core.errors import BadInputError, first_line, no_file, renamed_fields
 from pruning_core.recipe import DEFAULT_EPOCHS, STRATEGIES, EvalArgs, InfluenceArgs, TrainArgs
 from pruning_core.selection import (  # selection_args: also imported from here by tests and benchmarks
@@ -93,7 +93,8 @@ FIELD_TITLES = {
     "target": "Version target", "block_size": "Block size (rows)",
     "train_model": "Retraining model (another architecture)",
 }
-DATASET_PATTERN = r"^(fashion-mnist|mnist|cifar10|cifar100|npz:.+|delta:.+)$"  # checked again by parse_dataset_spec
+# checked again by parse_dataset_spec
+DATASET_PATTERN = r"^(fashion-mnist|mnist|cifar10|cifar100|npz:.+|delta:.+|folder:.+|parquet:.+)$"
 # The choices of the core's argument objects, as the form's enumerations (`auto`: resolved by the selection policy)
 Model = Literal[tuple(DEFAULT_EPOCHS)]
 Hessian = Literal[STRATEGIES]
@@ -114,10 +115,12 @@ class RunParameters(BaseModel):
 
     dataset: str = Field(
         "fashion-mnist", json_schema_extra={"pattern": DATASET_PATTERN},
-        description="fashion-mnist, mnist, cifar10, cifar100, npz:PATH or delta:URI[@VERSION]")
+        description="fashion-mnist, mnist, cifar10, cifar100, npz:PATH, delta:URI[@VERSION], folder:PATH (images in "
+                    "PATH/train/<class>/ and PATH/test/<class>/) or parquet:PATH (encoded images and labels; name "
+                    "other columns than image and label as parquet:PATH?image=COL&label=COL, delta: too)")
     data_root: str | None = Field(
         None, description="Folder holding a named dataset's files (torchvision datasets); Fashion-MNIST defaults to "
-                          "the system copy; not for npz: or delta: sources")
+                          "the system copy; not for npz:, delta:, folder: or parquet: sources")
     model: Model = Field(TrainArgs.model, description="Model trained on the dataset")
     checkpoint: str | None = Field(None, description="Use these weights (a state_dict) instead of training")
     epochs: int | None = Field(
@@ -265,7 +268,7 @@ class RunParameters(BaseModel):
     def validate_all(self) -> None:
         """Build every stage's arguments so that bad values fail before anything runs."""
         spec = parse_dataset_spec(self.dataset)
-        if self.data_root is not None and spec.kind in ("npz", "delta"):
+        if self.data_root is not None and spec.kind in OWN_DATA:
             raise BadInputError(f"`data_root` {self.data_root}: `dataset` {self.dataset} names its own data; "
                                 "`data_root` is for a named dataset (fashion-mnist, cifar10, …), so leave it out")
         self._check_training()

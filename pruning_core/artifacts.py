@@ -394,11 +394,16 @@ def selection_path(run_dir: Path) -> Path:
     return Path(run_dir) / "selection.parquet"
 
 
-def selection_table(sample_id: np.ndarray, pruned: np.ndarray, metadata: dict) -> pa.Table:
+def selection_table(sample_id: np.ndarray, pruned: np.ndarray, metadata: dict, paths: np.ndarray | None = None
+                    ) -> pa.Table:
     """The selection; `metadata` goes into the schema without timings, so equal inputs give
-    byte-identical files."""
+    byte-identical files. `paths`: each sample's file, for a source made of files (a `path`
+    column after `sample_id`)."""
     metadata = {k: v for k, v in metadata.items() if k != "seconds"}
-    table = pa.table({"sample_id": pa.array(sample_id, pa.int64()), "pruned": pa.array(pruned, pa.bool_())})
+    columns = {"sample_id": pa.array(sample_id, pa.int64())}
+    if paths is not None:
+        columns["path"] = pa.array(paths, pa.string())
+    table = pa.table({**columns, "pruned": pa.array(pruned, pa.bool_())})
     return table.replace_schema_metadata({"dataset_pruning": json.dumps(metadata, sort_keys=True, default=str)})
 
 

@@ -1,5 +1,7 @@
-"""Data sources: Fashion-MNIST (Debian's idx files), torchvision datasets, `npz:PATH` and
-`delta:URI[@VERSION]`, each loaded into one `Dataset` with a content fingerprint.
+"""Data sources: Fashion-MNIST (Debian's idx files), torchvision datasets, `npz:PATH`,
+`delta:URI[@VERSION]`, image folders (`folder:PATH`, folders.py) and image tables
+(`parquet:PATH`, and Delta tables of encoded images: tables.py), each loaded into one `Dataset`
+with a content fingerprint.
 
 Arrays keep their stored dtype: uint8 images stay uint8 until `as_float` scales them to
 [0, 1]; float arrays are used exactly as given. Images are channel-first, `(n, C, H, W)`.
@@ -9,6 +11,7 @@ ids it carries, so ids survive pruning twice.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import hashlib
@@ -28,29 +31,37 @@ from .errors import DatasetError, no_file
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 TORCHVISION_DATASETS = {"mnist": "MNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 NAMED_DATASETS = ("fashion-mnist", *TORCHVISION_DATASETS)
-VALID_SPECS = "fashion-mnist, mnist, cifar10, cifar100, npz:PATH, delta:URI[@VERSION]"
+OWN_DATA = ("npz", "delta", "folder", "parquet")  # sources that name their own files: no data_root
+TABLE_OPTIONS = ("image", "label")  # `?image=COL&label=COL` of an image table's spec
+VALID_SPECS = "fashion-mnist, mnist, cifar10, cifar100, npz:PATH, delta:URI[@VERSION], folder:PATH, parquet:PATH"
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A parsed `--dataset` value. `kind` is a named dataset, `npz` or `delta`."""
+    """A parsed `--dataset` value. `kind` is a named dataset, `npz`, `delta`, `folder` or
+    `parquet`; `options`: an image table's column names, ((name, column), ...) sorted."""
 
     kind: str
     path: str | None = None
     version: int | None = None
+    options: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
-        if self.kind == "npz":
-            return f"npz:{self.path}"
+        query = "?" + "&".join(f"{k}={v}" for k, v in self.options) if self.options else ""
         if self.kind == "delta":
-            return f"delta:{self.path}" + (f"@{self.version}" if self.version is not None else "")
+            return f"delta:{self.path}" + (f"@{self.version}" if self.version is not None else "") + query
+        if self.kind in OWN_DATA:
+            return f"{self.kind}:{self.path}{query}"
         return self.kind
 
     @property
     def short_name(self) -> str:
-        """A name fit for a table or folder: `fashion-mnist`, the npz file's stem, the table's name."""
-        if self.kind in ("npz", "delta"):
-            stem = Path(self.path.rstrip("/")).stem
+        """A name fit for a table or folder: `fashion-mnist`, the npz or Parquet file's stem, the
+        table's or the folder's name."""
+        if self.kind in OWN_DATA:
+            path = Path(self.path.rstrip("/"))
+            keep_suffix = self.kind == "folder" or (self.kind == "parquet" and path.suffix != ".parquet")
+            stem = path.name if keep_suffix else path.stem  # a folder's name whole: `cifar10.v2`
             return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem) or "dataset"
         return self.kind
 
@@ -61,6 +72,23 @@ def split_version(uri: str) -> tuple[str, int | None]:
     return (match.group(1), int(match.group(2))) if match else (uri, None)
 
 
+def _table_options(text: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """`PATH?image=COL&label=COL` → (PATH, (("image", COL), ("label", COL))); a `?` not followed
+    by such pairs is part of the path."""
+    head, sep, query = text.rpartition("?")
+    if not sep or not re.fullmatch(r"[A-Za-z_]+=[^&=]*(&[A-Za-z_]+=[^&=]*)*", query):
+        return text, ()
+    options = dict(pair.split("=", 1) for pair in query.split("&"))
+    unknown = [k for k in options if k not in TABLE_OPTIONS]
+    if unknown:
+        raise DatasetError(f"`dataset` {text!r}: unknown option {unknown[0]!r}; an image table takes "
+                           f"{' and '.join(f'{k}=COLUMN' for k in TABLE_OPTIONS)}")
+    empty = [k for k, v in options.items() if not v]
+    if empty:
+        raise DatasetError(f"`dataset` {text!r}: {empty[0]}= names no column")
+    return head, tuple(sorted(options.items()))
+
+
 def parse_dataset_spec(text: str) -> DatasetSpec:
     """Parse `--dataset`; raise `DatasetError` naming the valid forms."""
     text = (text or "").strip()
@@ -68,13 +96,19 @@ def parse_dataset_spec(text: str) -> DatasetSpec:
         return DatasetSpec(kind=text)
     if text.startswith("npz:") and len(text) > 4:
         return DatasetSpec(kind="npz", path=str(Path(text[4:]).expanduser().resolve()))
+    if text.startswith("folder:") and len(text) > 7:
+        return DatasetSpec(kind="folder", path=str(Path(text[7:]).expanduser().resolve()))
+    if text.startswith("parquet:") and len(text) > 8:
+        path, options = _table_options(text[8:])
+        return DatasetSpec(kind="parquet", path=str(Path(path).expanduser().resolve()), options=options)
     if text.startswith("delta:") and len(text) > 6:
-        uri, version = split_version(text[6:])
+        uri, options = _table_options(text[6:])
+        uri, version = split_version(uri)
         if version is None and "@" in uri and not Path(uri).exists():
             raise DatasetError(f"`dataset` {text!r}: the version after '@' must be a non-negative integer")
         if "://" not in uri:
             uri = str(Path(uri).expanduser().resolve())
-        return DatasetSpec(kind="delta", path=uri, version=version)
+        return DatasetSpec(kind="delta", path=uri, version=version, options=options)
     raise DatasetError(f"`dataset` {text!r} is not a known dataset; valid: {VALID_SPECS}")
 
 
@@ -84,7 +118,9 @@ class Dataset:
 
     x: (n, *shape) uint8 or float; y: (n,) int64 in [0, n_classes); sample_id: (n,) int64,
     unique; x_test, y_test likewise for the test split. `origin` is the provenance of the test
-    split (the spec of the root source and its data root), kept through Delta versions.
+    split (the spec of the root source and its data root), kept through Delta versions. `paths`:
+    (n,) str, each sample's file relative to its source's train folder, for sources made of
+    files (`folder:`), else None; kept through subsets and Delta versions.
     """
 
     name: str
@@ -95,6 +131,7 @@ class Dataset:
     y_test: np.ndarray
     n_classes: int
     origin: dict = field(default_factory=dict)
+    paths: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -106,17 +143,21 @@ class Dataset:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """sha256 over dtype, shape and bytes of every array: equal content, equal fingerprint."""
+        """sha256 over dtype, shape and bytes of every array, then the paths where there are any:
+        equal content, equal fingerprint."""
         digest = hashlib.sha256()
         for array in (self.x, self.y, self.sample_id, self.x_test, self.y_test):
             digest.update(f"{array.dtype.str}{array.shape}".encode())
             digest.update(np.ascontiguousarray(array).tobytes())
+        if self.paths is not None:  # as text, whatever width the string array has
+            digest.update("\n".join(self.paths.tolist()).encode())
         return digest.hexdigest()
 
     def subset(self, rows: np.ndarray, name: str | None = None) -> Dataset:
         """The training rows `rows` (indices or a boolean mask), same test split."""
         return Dataset(name or self.name, self.x[rows], self.y[rows], self.sample_id[rows],
-                       self.x_test, self.y_test, self.n_classes, dict(self.origin))
+                       self.x_test, self.y_test, self.n_classes, dict(self.origin),
+                       None if self.paths is None else self.paths[rows])
 
 
 def np_float_dtype(torch_dtype) -> type:
@@ -243,14 +284,17 @@ def validate(ds: Dataset) -> Dataset:
         raise DatasetError(f"{label}: sample_id values must be unique")
     if ds.n_classes < 2:
         raise DatasetError(f"{label}: at least two classes are needed, found {ds.n_classes}")
-    for array in (ds.x, ds.y, ds.sample_id, ds.x_test, ds.y_test):
+    if ds.paths is not None and len(ds.paths) != ds.n:
+        raise DatasetError(f"{label}: {ds.n} samples but {len(ds.paths)} paths")
+    for array in (ds.x, ds.y, ds.sample_id, ds.x_test, ds.y_test, *(() if ds.paths is None else (ds.paths,))):
         array.flags.writeable = False
     return ds
 
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(spec: DatasetSpec, data_root: str | None, stamp: tuple | None) -> Dataset:
-    """`stamp` (`file_stamp`) is only part of the cache's key."""
+    """`stamp` (`file_stamp`) is part of the cache's key; a folder's and a Delta image table's
+    also key their decoded arrays."""
     if spec.kind == "fashion-mnist":
         ds = _load_idx_dataset("fashion-mnist", Path(data_root) if data_root else FASHION_MNIST_ROOT)
     elif spec.kind in TORCHVISION_DATASETS:
@@ -259,10 +303,19 @@ def _load_cached(spec: DatasetSpec, data_root: str | None, stamp: tuple | None) 
         ds = _load_torchvision(spec.kind, Path(data_root))
     elif spec.kind == "npz":
         ds = _load_npz(spec.path)
+    elif spec.kind == "folder":
+        from .folders import load_folder  # Pillow is needed only for the image sources
+
+        ds = load_folder(spec.path, stamp[1])
+    elif spec.kind == "parquet":
+        from .tables import load_parquet
+
+        ds = load_parquet(spec, stamp)
     else:
+        from .tables import is_image_table, load_delta_images
         from .versions import read_version  # deltalake is needed only for this source
 
-        ds = read_version(spec.path, spec.version)
+        ds = load_delta_images(spec, stamp[1]) if is_image_table(spec) else read_version(spec.path, spec.version)
     return validate(ds)
 
 
@@ -272,7 +325,7 @@ def load_dataset(spec: str | DatasetSpec, data_root: str | None = None) -> Datas
     worker serving run after run) keeps no older data under it: a Delta table named without a
     version is its newest version, a table or an npz file written anew at its path is read again."""
     spec = pinned(spec)
-    if spec.kind in ("npz", "delta"):  # a source that holds its own data: no part of its cache key
+    if spec.kind in OWN_DATA:  # a source that holds its own data: no part of its cache key
         data_root = None
     elif data_root is not None:
         data_root = str(Path(data_root).expanduser().resolve())
@@ -283,11 +336,21 @@ def file_stamp(spec: DatasetSpec) -> tuple | None:
     """What tells this copy of the data from another under the same name: an npz file's inode,
     modification time and size (None if it is not there: loading it says so); a Delta table's id,
     which a table deleted and written again at the same path does not keep, though its versions
-    start again at 0. None for the named datasets."""
+    start again at 0; a folder's tree fingerprint (`folders.tree_fingerprint`), each Parquet
+    file's stamp (a folder or a table that is no source is refused here). None for the named
+    datasets."""
     if spec.kind == "delta":
         from .versions import open_table  # deltalake is needed only for this source
 
         return ("delta", open_table(spec.path, spec.version).metadata().id)
+    if spec.kind == "folder":
+        from .folders import tree_fingerprint
+
+        return ("folder", tree_fingerprint(spec.path))
+    if spec.kind == "parquet":
+        from .tables import parquet_stamp
+
+        return parquet_stamp(spec)
     if spec.kind != "npz":
         return None
     try:
@@ -305,7 +368,7 @@ def pinned(spec: str | DatasetSpec) -> DatasetSpec:
     if spec.kind == "delta" and spec.version is None:
         from .versions import open_table  # deltalake is needed only for this source
 
-        spec = DatasetSpec(kind="delta", path=spec.path, version=open_table(spec.path).version())
+        spec = dataclasses.replace(spec, version=open_table(spec.path).version())
     return spec
 
 

@@ -197,7 +197,7 @@ def draw_run(folder: Path, ds, scores: Path, selection: Path, objective: float |
     if not np.array_equal(artifacts.column_array(table, "sample_id"), sample_id):
         raise ValueError(f"{scores} and {selection} do not list the same samples in the same order")
     el2n, norms = artifacts.column_array(table, "el2n"), artifacts.influence_norms(scores)
-    names = class_names(ds.origin.get("source", ds.name), ds.n_classes)
+    names = ds.origin.get("classes") or class_names(ds.origin.get("source", ds.name), ds.n_classes)
     draw_selection(Path(folder) / "selection.png", ds.y, pruned, el2n, norms, names, objective)
     drawn = {"selection": "selection.png"}
     if draw_examples(Path(folder) / "examples.png", ds.x, ds.y, pruned, names):

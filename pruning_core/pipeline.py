@@ -225,7 +225,8 @@ def influence_shard_stage(cache: Path, model: ModelRef, data: DatasetRef, start:
             logits = predict_logits(net, ds.x[start:end], args.block_size)
             probs = torch.softmax(torch.as_tensor(logits), 1).numpy()
     loss_values, el2n = influence.loss_and_el2n(probs, y)
-    table = artifacts.scores_table({"sample_id": ds.sample_id[start:end], "label": y, "loss": loss_values,
+    paths = {} if ds.paths is None else {"path": ds.paths[start:end]}  # a folder source's files
+    table = artifacts.scores_table({"sample_id": ds.sample_id[start:end], **paths, "label": y, "loss": loss_values,
                                     "el2n": el2n, "grand": grand}, vectors, embedding=embedding)
     return str(artifacts.save_parquet(table, path))
 
@@ -273,6 +274,7 @@ def compose_rounds_stage(scores: Path, selections: list[str], out: Path, prune_r
     summary = {"prune_ratio": prune_ratio, "epsilon": None, "n": n, "n_pruned": m, "n_kept": n - m,
                "objective": value, "bound": generalization_bound(value, m, n),
                "pruned_per_round": [int((pruned_in == j).sum()) for j in range(1, len(selections) + 1)]}
-    table = artifacts.selection_table(sample_id, pruned, summary)  # its metadata stays with the added column
+    paths = artifacts.column_array(table, "path") if "path" in table.column_names else None
+    table = artifacts.selection_table(sample_id, pruned, summary, paths)  # its metadata stays with the added column
     artifacts.save_parquet(table.append_column("round", pa.array(pruned_in, pa.int8())), out)
     return summary

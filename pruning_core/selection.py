@@ -790,6 +790,8 @@ def selection_stage(scores: Path, args: SelectionArgs, out: Path, map_fn=None, p
                "bound": generalization_bound(result.objective, int(result.pruned.sum()), n),
                "seconds": time.perf_counter() - started,
                "solver_info": {k: v for k, v in result.info.items() if k not in ("method", "solver", "seconds")}}
-    artifacts.save_parquet(artifacts.selection_table(table.column("sample_id").to_numpy(), result.pruned, summary), out)
+    paths = artifacts.column_array(table, "path") if "path" in table.column_names else None
+    artifacts.save_parquet(artifacts.selection_table(table.column("sample_id").to_numpy(), result.pruned, summary,
+                                                     paths), out)
     progress(3, 3, f"wrote {summary['n_pruned']} pruned of {n}")
     return summary

@@ -10,7 +10,8 @@ first commit of a local table is serialised by a file lock inside the table's fo
 publish a version holding both runs' rows.
 
 Row schema: sample_id int64, label int64, data binary (the sample's array, C order),
-dtype string (numpy dtype), shape list<int32>.
+dtype string (numpy dtype), shape list<int32>; and path string (the sample's file relative to
+the source's train folder) where the dataset has paths (a `folder:` source).
 """
 
 from __future__ import annotations
@@ -45,20 +46,24 @@ def table_name(uri: str) -> str:
 
 
 def version_table(ds: Dataset, keep: np.ndarray) -> pa.Table:
-    """The kept rows of `ds` (keep: bool mask (n,)) in the row schema above."""
+    """The kept rows of `ds` (keep: bool mask (n,)) in the row schema above (`path` only where
+    `ds.paths` is set: the rows of other sources stay as they were)."""
     x = np.ascontiguousarray(ds.x[keep])
     k = len(x)
     row_bytes = int(np.prod(ds.sample_shape, dtype=np.int64)) * x.dtype.itemsize
     offsets = np.arange(k + 1, dtype=np.int64) * row_bytes
     data = pa.LargeBinaryArray.from_buffers(pa.large_binary(), k,
                                             [None, pa.py_buffer(offsets), pa.py_buffer(x.tobytes())])
-    return pa.table({
+    columns = {
         "sample_id": pa.array(ds.sample_id[keep], pa.int64()),
         "label": pa.array(ds.y[keep], pa.int64()),
         "data": data.cast(pa.binary()),
         "dtype": pa.array([x.dtype.str] * k, pa.string()),
         "shape": pa.array([list(ds.sample_shape)] * k, pa.list_(pa.int32())),
-    })
+    }
+    if ds.paths is not None:
+        columns["path"] = pa.array(ds.paths[keep].tolist(), pa.string())
+    return pa.table(columns)
 
 
 def commit_version(uri: str, ds: Dataset, keep: np.ndarray, provenance: dict) -> int:
@@ -186,18 +191,22 @@ def _newest_version(uri: str) -> int | None:
         return None
 
 
+def provenance_at(uri: str, version: int) -> dict:
+    """The provenance of the table's `version`: that of the newest commit up to it that wrote
+    data (table maintenance, a vacuum or an optimize, commits without changing the rows)."""
+    entry = next((h for h in commit_history(uri) if int(h["version"]) <= version
+                  and h.get("operation") not in MAINTENANCE_OPERATIONS), {})
+    return provenance_of(entry)
+
+
 def read_version(uri: str, version: int | None = None) -> Dataset:
-    """A version back as a `Dataset` (rows in sample_id order); its test split comes from the
-    root source named in the provenance."""
+    """A version back as a `Dataset` (rows in sample_id order, with their paths where it has
+    them); its test split comes from the root source named in the provenance."""
     from .data import load_dataset  # the root source is loaded like any other
 
     table = open_table(uri, version)
     version = table.version()
-    # the newest commit up to `version` that wrote data: table maintenance (a vacuum, an optimize)
-    # commits without changing which rows the table holds
-    entry = next((h for h in commit_history(uri) if int(h["version"]) <= version
-                  and h.get("operation") not in MAINTENANCE_OPERATIONS), {})
-    provenance = provenance_of(entry)
+    provenance = provenance_at(uri, version)
     origin = provenance.get("origin") or {}
     if not origin.get("source"):
         raise DatasetError(f"delta:{uri}@{version}: not written by dataset-prune (no provenance in its commit)")
@@ -216,9 +225,10 @@ def read_version(uri: str, version: int | None = None) -> Dataset:
         shape, dtype = shapes.pop(), np.dtype(dtypes.pop())
         blob = b"".join(rows.column("data").to_pylist())
         x = np.frombuffer(blob, dtype=dtype).reshape(rows.num_rows, *shape).copy()
+    paths = np.array(rows.column("path").to_pylist(), dtype=str) if "path" in rows.column_names else None
     return Dataset(f"delta:{uri}@{version}", x, rows.column("label").to_numpy().astype(np.int64),
                    rows.column("sample_id").to_numpy().astype(np.int64), root.x_test, root.y_test,
-                   int(provenance.get("n_classes", root.n_classes)), dict(origin))
+                   int(provenance.get("n_classes", root.n_classes)), dict(origin), paths)
 
 
 def list_versions(uri: str) -> list[dict]:

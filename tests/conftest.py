@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -68,11 +70,20 @@ def pytest_configure(config):
     test_baselines.py and test_evaluate.py took 23 % more CPU and 22 % more time
     (benchmarks/results/test-suite.md). An OMP_NUM_THREADS given is kept. Dask's local workers run
     on one thread each whatever this says (their nanny sets it)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # xdist's workers and the Dask workers inherit it
+        # the image sources' decoded arrays go to a folder of the session's, never the user's cache
+        config.image_cache = tempfile.mkdtemp(prefix="dataset-pruning-cache.")
+        os.environ["DATASET_PRUNING_CACHE"] = config.image_cache
     processes = os.environ.get("PYTEST_XDIST_WORKER_COUNT")  # set in xdist's workers only
     if processes is None and getattr(config.option, "numprocesses", None):
         return  # xdist's controller, which tests nothing: its workers would inherit what it set
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // int(processes or 1))))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "image_cache", None):
+        shutil.rmtree(config.image_cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +107,27 @@ def fmnist():
     if not (FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz").exists():
         pytest.fail("Fashion-MNIST is missing: apt-get install dataset-fashion-mnist (make test installs it)")
     return load_dataset("fashion-mnist")
+
+
+# the shared CIFAR-10 JPEGs, `../shared/data/cifar10` from the project root (train/<class>/NNNN.jpg,
+# test/<class>/NNNN.jpg): for tests only, the product never reads it
+CIFAR10_FOLDER = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+@pytest.fixture(scope="session")
+def cifar_slice(tmp_path_factory) -> Path:
+    """The first 10 training and 10 test images of every CIFAR-10 class, copied from the shared
+    folder in its layout; the test is skipped where that folder is absent."""
+    if not (CIFAR10_FOLDER / "train").is_dir():
+        pytest.skip(f"the shared CIFAR-10 folder {CIFAR10_FOLDER} is absent (../shared/data/cifar10 from the "
+                    "project root)")
+    root = tmp_path_factory.mktemp("cifar10-slice")
+    for split in ("train", "test"):
+        for folder in sorted((CIFAR10_FOLDER / split).iterdir()):
+            (root / split / folder.name).mkdir(parents=True)
+            for f in sorted(folder.iterdir())[:10]:
+                shutil.copyfile(f, root / split / folder.name / f.name)
+    return root
 
 
 def write_npz(ds, path, n: int, n_test: int) -> str:

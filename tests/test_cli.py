@@ -388,7 +388,7 @@ def test_console_script_exit_status(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "dataset-prune: error: --dataset 'nope' is not a known dataset; valid: fashion-mnist, mnist, cifar10, "
-        "cifar100, npz:PATH, delta:URI[@VERSION]"]
+        "cifar100, npz:PATH, delta:URI[@VERSION], folder:PATH, parquet:PATH"]
     assert not (tmp_path / "r").exists()
 
 
@@ -510,7 +510,7 @@ def test_every_option_of_every_command_says_what_it_does(capsys):
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(commands) == {"run", "select", "evaluate", "versions"}
+    assert set(commands) == {"run", "select", "evaluate", "versions", "export"}
     for name, command in commands.items():
         bare = [a.option_strings or [a.dest] for a in command._actions if not a.help]
         assert not bare, f"dataset-prune {name}: options without help: {bare}"

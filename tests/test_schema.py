@@ -199,13 +199,13 @@ def _marked_fields(path) -> set[str]:
 
 def test_every_field_an_error_names_is_an_option():
     """A field named in a message (`prune_ratio`) is a parameter of the flows or an option of
-    `select` or `versions`, so that the UI shows a real field and the command line a real flag."""
+    `select`, `versions` or `export`, so that the UI shows a real field and the command line a real flag."""
     from pathlib import Path
 
     from flows.parameters import EvaluateParameters, RunParameters
 
     root = Path(__file__).resolve().parents[1]
-    options = {action.dest for command in ("select", "versions") for action in _commands()[command]._actions}
+    options = {action.dest for command in ("select", "versions", "export") for action in _commands()[command]._actions}
     known = {*RunParameters.model_fields, *EvaluateParameters.model_fields, *options}
     not_errors = {"evaluation.py": {"influence"}}  # the report's Markdown, where backticks mark code
     modules = [*sorted((root / "pruning_core").glob("*.py")), root / "flows" / "parameters.py",
