@@ -3,6 +3,7 @@ user's own model (`--model MODULE:CALLABLE`, factories in tests/user_models.py) 
 training, influence, checkpoints and every refusal."""
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from pruning_core.evaluation import retrain_key
 from pruning_core.models import BasicBlock, CifarResNet, FactoryModel, SmallCNN, build_model
 from pruning_core.recipe import CIFAR_RESNETS, TrainArgs
 from pruning_core.scopes import ScopedLoss, scope_parameter_names
-from pruning_core.training import load_model, predict_logits, train, training_precision
+from pruning_core.training import accuracy, load_model, predict_logits, train, training_precision
 from tests.user_models import SmallNet
 
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"  # ../shared from the project root
@@ -351,3 +352,50 @@ def test_a_worker_that_cannot_import_the_user_s_module_names_it(small_npz, tmp_p
         "cannot build the model (`model` absent_user_module:make_net: module absent_user_module does not import "
         "(ModuleNotFoundError: No module named 'absent_user_module')); every worker must import the model's module: "
         "install it on every worker, or put its folder on their PYTHONPATH")
+
+
+# --- through the flow, on a Dask cluster ------------------------------------------------------
+
+def test_the_prune_flow_runs_a_user_model_on_the_dask_workers(prefect_api, dask_cluster, cifar_npz, tmp_path):
+    """The session's LocalCluster, whose workers import tests.user_models (they start with this
+    process's sys.path): they build the model for the run's check, then load its checkpoint for
+    the shards. The run folder's model.pt loads into the user's class."""
+    from flows.parameters import RunParameters
+    from flows.prune import prune_dataset
+    from pruning_core.artifacts import load_scores
+
+    manifest = prune_dataset(RunParameters(
+        dataset=f"npz:{cifar_npz}", model=f"{USER}:make_net", epochs=1, batch_size=32, prune_ratio=0.4, shards=2,
+        block_size=64, dask_address=dask_cluster, out=str(tmp_path / "runs"), target=str(tmp_path / "table")))
+    run_dir = tmp_path / "runs" / manifest["run_id"]
+    assert manifest["arguments"]["model"] == f"{USER}:make_net" and manifest["model"]["precision"] == "float32"
+    SmallNet((3, 32, 32), 10).load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))  # strict
+    ds = load_dataset(f"npz:{cifar_npz}")
+    model = load_model(str(run_dir / "model.pt"), f"{USER}:make_net", ds, device="cpu")
+    assert manifest["model"]["test_accuracy"] == accuracy(model, ds.x_test, ds.y_test, "cpu")
+    _, vectors, _ = load_scores(run_dir / "scores.parquet")
+    assert vectors.shape == (200, 10 * 12 + 10) and np.isfinite(vectors).all() and (vectors != 0).any()
+    assert manifest["selection"]["n_pruned"] == 80 and manifest["version"]["version"] == 0
+
+
+def test_a_cluster_whose_workers_cannot_import_the_model_is_refused_before_training(prefect_api, dask_cluster,
+                                                                                    cifar_npz, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """The module's folder joins this process's sys.path after the session's cluster started, as
+    a user's module that only the submitting machine has: the run refuses in one line, naming the
+    worker and the module, before it trains; nothing is left behind."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "late_user_model.py").write_text("from tests.user_models import make_net  # noqa: F401\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "mine"))
+    out = tmp_path / "runs"
+    code = main(["run", "--dataset", f"npz:{cifar_npz}", "--model", "late_user_model:make_net", "--prune-ratio", "0.4",
+                 "--out", str(out), "--target", str(tmp_path / "table"), "--dask-address", dask_cluster])
+    estimate, error = capsys.readouterr().err.strip().splitlines()  # the influence stage's estimate, then why not
+    assert code == 2 and estimate.startswith("influence stage estimate: n=200")
+    assert re.fullmatch(rf"dataset-prune: error: --dask-address {dask_cluster}: worker tcp://\S+ cannot build the "
+                        r"model \(--model late_user_model:make_net: module late_user_model does not import "
+                        r"\(ModuleNotFoundError: No module named 'late_user_model'\)\); every worker must import the "
+                        r"model's module: install it on every worker, or put its folder on their PYTHONPATH",
+                        error), error
+    assert sorted(p.name for p in out.iterdir()) == [".staging"] and not any((out / ".staging").iterdir())
+    assert not (tmp_path / "table").exists()
