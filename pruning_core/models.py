@@ -134,8 +134,8 @@ class FactoryModel(nn.Module):
     `fc` is found by a convention: the last `nn.Linear` registered in the network, taken when the
     network's output on a probe batch is that layer applied to its input, which it sees once, as
     (n, d), with a bias; `features(x)` is that input (a forward pre-hook captures it). A network
-    without such a layer has `fc` = identity and `features(x)` = its output (`final_layer`, None,
-    says why); the last-layer scope refuses it.
+    without such a layer has `final_layer` None (`no_final_layer` says why), `fc` = identity and
+    `features(x)` = its output; the last-layer scope refuses it.
 
     The wrapper shares the network's parameters, buffers and submodules (the same dicts), so its
     state_dict, parameter and module names are the user's own: a checkpoint loads into the

@@ -305,6 +305,8 @@ REFUSALS = {
                      "torch.nn.Module"),
     "factory that fails": (f"{USER}:fails", f"--model {USER}:fails: the factory failed on ((3, 32, 32), 10) "
                            "(ValueError: no model for these samples)"),
+    "forward that fails": (f"{USER}:flat_input", f"--model {USER}:flat_input: its forward fails on a batch of shape "
+                           "(2, 3, 32, 32) (RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
     "output of another shape": (f"{USER}:wrong_classes", f"--model {USER}:wrong_classes: its output for a batch of "
                                 "shape (2, 3, 32, 32) is (2, 11), not (2, 10) (n, n_classes)"),
     "last layer that is not linear": (f"{USER}:ends_in_softmax", f"--scope last-layer needs the model's final linear "
@@ -337,6 +339,28 @@ def test_a_model_without_a_final_linear_layer_is_scored_over_all_its_parameters(
     model = build_model(f"{USER}:{name}", (3, 32, 32), 10).eval()
     x = torch.rand(4, 3, 32, 32)
     assert model.final_layer is None and torch.equal(model.features(x), model(x))
+
+
+class Twice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(self.fc(x.flatten(1)))
+
+
+@pytest.mark.parametrize("net, shape, classes, reason", [
+    (torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3, bias=False)), (2, 2), 3,
+     "its last nn.Linear '1' has no bias"),
+    (Twice(), (4,), 4, "its last nn.Linear 'fc' is called 2 times in a forward pass, not once"),
+    (torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Flatten()), (2, 2), 6,
+     "its last nn.Linear '0' takes inputs of shape (2, 2, 2), not (n, d)"),
+])
+def test_a_last_linear_layer_that_is_not_the_closed_form_s_is_not_taken_as_final(net, shape, classes, reason):
+    """The closed form takes one (n, d) input and a bias: otherwise the model has no final layer."""
+    model = FactoryModel("m:f", net, shape, classes)
+    assert model.final_layer is None and model.no_final_layer == reason
 
 
 def test_a_worker_that_cannot_import_the_user_s_module_names_it(small_npz, tmp_path):

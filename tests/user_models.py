@@ -40,6 +40,11 @@ def wrong_classes(sample_shape: tuple, n_classes: int) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(sample_shape).prod()), n_classes + 1))
 
 
+def flat_input(sample_shape: tuple, n_classes: int) -> nn.Module:
+    """Made for flat samples: fails on images."""
+    return nn.Linear(int(torch.tensor(sample_shape).prod()), n_classes)
+
+
 def not_a_module(sample_shape: tuple, n_classes: int) -> list:
     return [nn.Linear(1, n_classes)]
 
