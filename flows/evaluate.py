@@ -241,8 +241,10 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
     scores, checkpoint = str(artifacts.scores_path(scored)), str(artifacts.checkpoint_path(scored))
     with artifacts.staged_folder(out, run_id, {"flow_run_id": flow_run.get_id(), "pid": os.getpid()}) as staging:
         remove_dead_runs(out)  # a killed evaluation's staging folder
-        if params.dask_address and not scored_here:  # else the scoring run just asked the workers
-            workers_ready(params, load_dataset(params.dataset, params.data_root), staging, (scores, checkpoint))
+        # the scoring run just asked the workers, unless the retrainings train another model
+        if params.dask_address and (not scored_here or params.train_model is not None):
+            workers_ready(params, load_dataset(params.dataset, params.data_root), staging, (scores, checkpoint),
+                          params.retrain_args().model)
         cache = out / ".cache" / "retrain"
         cache.mkdir(parents=True, exist_ok=True)
         with run_cluster(params.dask_address, params.workers, params.gpu) as cluster:

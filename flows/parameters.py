@@ -13,12 +13,25 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from pruning_core import artifacts
 from pruning_core.data import OWN_DATA, parse_dataset_spec, pinned
 from pruning_core.errors import BadInputError, first_line, no_file, renamed_fields
-from pruning_core.recipe import DEFAULT_EPOCHS, STRATEGIES, EvalArgs, InfluenceArgs, TrainArgs
+from pruning_core.recipe import (
+    CIFAR_RESNETS,
+    DEFAULT_EPOCHS,
+    FACTORY_PATTERN,
+    MODEL_FORMS,
+    PRECISIONS,
+    RESNET_DEPTHS,
+    STRATEGIES,
+    EvalArgs,
+    InfluenceArgs,
+    TrainArgs,
+    model_problem,
+)
 from pruning_core.selection import (  # selection_args: also imported from here by tests and benchmarks
     CANDIDATES,
     COVERAGE,
@@ -95,8 +108,22 @@ FIELD_TITLES = {
 }
 # checked again by parse_dataset_spec
 DATASET_PATTERN = r"^(fashion-mnist|mnist|cifar10|cifar100|npz:.+|delta:.+|folder:.+|parquet:.+)$"
+
+
+def _model_name(value: str) -> str:
+    """A built-in model's name or MODULE:CALLABLE (`recipe.model_problem`), refused as pydantic
+    refuses a value out of its choices."""
+    if model_problem(value):
+        hint = f"; {RESNET_DEPTHS}" if re.fullmatch(r"resnet\d+", value) else ""
+        raise PydanticCustomError("model", "Input should be {forms}{hint}", {"forms": MODEL_FORMS, "hint": hint})
+    return value
+
+
 # The choices of the core's argument objects, as the form's enumerations (`auto`: resolved by the selection policy)
-Model = Literal[tuple(DEFAULT_EPOCHS)]
+# A model: a built-in (the form's drop-down) or the user's own factory, MODULE:CALLABLE
+Model = Annotated[str, AfterValidator(_model_name), WithJsonSchema(
+    {"anyOf": [{"enum": list(DEFAULT_EPOCHS), "type": "string"}, {"type": "string", "pattern": FACTORY_PATTERN}]})]
+Precision = Literal[PRECISIONS]
 Hessian = Literal[STRATEGIES]
 Method = Literal[METHODS]
 Solver = Literal[SOLVERS]
@@ -121,12 +148,17 @@ class RunParameters(BaseModel):
     data_root: str | None = Field(
         None, description="Folder holding a named dataset's files (torchvision datasets); Fashion-MNIST defaults to "
                           "the system copy; not for npz:, delta:, folder: or parquet: sources")
-    model: Model = Field(TrainArgs.model, description="Model trained on the dataset")
+    model: Model = Field(
+        TrainArgs.model,
+        description=f"Model trained on the dataset: {', '.join(DEFAULT_EPOCHS)}, or MODULE:CALLABLE, your own: a "
+                    "factory (sample_shape, n_classes) -> nn.Module in a module every Dask worker imports; its final "
+                    "linear layer is the last nn.Linear it registers (docs/guide.md#models)")
     checkpoint: str | None = Field(None, description="Use these weights (a state_dict) instead of training")
     epochs: int | None = Field(
         TrainArgs.epochs, ge=1, le=1000,
-        description=f"Training epochs (default: {DEFAULT_EPOCHS['cnn']} for cnn, {DEFAULT_EPOCHS['resnet18']} for "
-                    "resnet18)")
+        description=f"Training epochs (default: {DEFAULT_EPOCHS['cnn']} for cnn and your own model, "
+                    f"{DEFAULT_EPOCHS['resnet18']} for resnet18, {DEFAULT_EPOCHS[CIFAR_RESNETS[0]]} for "
+                    f"{CIFAR_RESNETS[0]} … {CIFAR_RESNETS[-1]})")
     lr: float = Field(TrainArgs.lr, gt=0, description="Peak SGD learning rate")
     batch_size: int = Field(TrainArgs.batch_size, ge=1, description="Training mini-batch size")
     weight_decay: float = Field(TrainArgs.weight_decay, ge=0,
@@ -134,7 +166,11 @@ class RunParameters(BaseModel):
     seed: int = Field(TrainArgs.seed, ge=0, description="Seed of training and of random selection")
     augment: bool = Field(
         TrainArgs.augment, description="Train on random crops (4-pixel padding) and horizontal flips of every batch, "
-                                       "the usual CIFAR recipe (cnn and resnet18)")
+                                       "the usual CIFAR recipe (the networks)")
+    precision: Precision = Field(
+        TrainArgs.precision, description="Arithmetic of a network's training; auto: bfloat16 autocast for the CIFAR "
+                                         "ResNets where the device has bf16 (CUDA, a CPU with AVX512-BF16 or AMX), "
+                                         "float32 for the other models; the weights stay float32")
     scope: str = Field(InfluenceArgs.scope,
                        description="Parameters the influence is taken over: last-layer, all, modules:NAME[,NAME...]")
     hessian: Hessian = Field(InfluenceArgs.hessian, description="Inverse-Hessian strategy")
@@ -225,7 +261,8 @@ class RunParameters(BaseModel):
     # --- stage arguments -------------------------------------------------------------------
     def train_args(self) -> TrainArgs:
         return TrainArgs(model=self.model, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                         weight_decay=self.weight_decay, seed=self.seed, augment=self.augment)
+                         weight_decay=self.weight_decay, seed=self.seed, augment=self.augment,
+                         precision=self.precision)
 
     def influence_args(self) -> InfluenceArgs:
         return InfluenceArgs(scope=self.scope, hessian=self.hessian, damping=self.damping,
@@ -300,7 +337,7 @@ class RunParameters(BaseModel):
         and --weight-decay still count: the training budget and the influence Hessian's λ)."""
         if self.checkpoint is None:
             return
-        unused = [f"`{name}`" for name in ("lr", "batch_size", "augment")
+        unused = [f"`{name}`" for name in ("lr", "batch_size", "augment", "precision")
                   if getattr(self, name) != type(self).model_fields[name].default]
         if unused:
             raise BadInputError(f"{', '.join(unused)} with `checkpoint`: nothing is trained (the weights are given); "
@@ -358,7 +395,8 @@ class EvaluateParameters(RunParameters):
             return self.train_args()
         try:
             return TrainArgs(model=self.train_model, epochs=self.train_epochs, lr=self.lr, batch_size=self.batch_size,
-                             weight_decay=self.weight_decay, seed=self.seed, augment=self.augment)
+                             weight_decay=self.weight_decay, seed=self.seed, augment=self.augment,
+                             precision=self.precision)
         except BadInputError as exc:  # TrainArgs names its own fields
             raise renamed_fields(exc, {"model": "train_model", "epochs": "train_epochs"}) from None
 

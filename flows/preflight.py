@@ -70,10 +70,11 @@ def scheduler_info(address: str, timeout: float | None = None) -> dict:
 
 
 def check_workers(address: str, dataset: str, data_root: str | None, fingerprint: str, folder: Path,
-                  reads: tuple[str, ...] = ()) -> int:
+                  reads: tuple[str, ...] = (), model: str | None = None) -> int:
     """On the Dask cluster at `address`, ask every worker what it sees of the run
     (`pipeline.worker_view`) before the run trains, and refuse, in one line, a worker that cannot
-    open `dataset`, that loads other data under its name (`fingerprint` is this process's), or
+    open `dataset`, that loads other data under its name (`fingerprint` is this process's), that
+    cannot build the user's own `model` (MODULE:CALLABLE: its module does not import there), or
     that cannot read and write in `folder` (the run's staging folder: workers read the model
     from it and write their shards beside it), or that cannot open one of the files `reads`.
     Without this a run on a cluster whose workers lack
@@ -87,7 +88,7 @@ def check_workers(address: str, dataset: str, data_root: str | None, fingerprint
     probe.write_text(token)
     try:
         with Client(address, timeout=connect_timeout(), set_as_default=False) as client:
-            views = client.run(worker_view, dataset, data_root, str(probe), tuple(reads), on_error="return")
+            views = client.run(worker_view, dataset, data_root, str(probe), tuple(reads), model, on_error="return")
     except (OSError, TimeoutError) as exc:
         raise BadInputError(f"`dask_address` {address}: the scheduler stopped answering ({exc})") from exc
     finally:
@@ -115,6 +116,9 @@ def worker_problem(view, dataset: str, fingerprint: str, token: str, folder: Pat
     if view["fingerprint"] != fingerprint:
         return (f"loads other data as {dataset} (fingerprint {view['fingerprint'][:12]}, not {fingerprint[:12]} as "
                 f"here); every worker must see the same data under the same name")
+    if "model_error" in view:
+        return (f"cannot build the model ({view['model_error']}); every worker must import the model's module: "
+                "install it on every worker, or put its folder on their PYTHONPATH")
     if "folder_error" in view or view.get("probe") != token:
         reason = view.get("folder_error", "it holds another run's probe")
         return (f"cannot use the run's folder {folder} ({reason}); the workers read the model there and write "
@@ -210,7 +214,8 @@ def influence_estimate(params, ds, model=None) -> dict:
         raise BadInputError(f"`projection_dim` {args.projection_dim} is not below p = {p}, the parameters of `scope` "
                             f"{args.scope}: the projected vectors would be no smaller than the full ones; give less "
                             f"than {p} or leave it out")
-    return stage_estimate(ds.n, p, model.fc.in_features, args)
+    # the features' width counts for the last layer alone (its closed form holds them)
+    return stage_estimate(ds.n, p, model.fc.in_features if args.scope == "last-layer" else 0, args)
 
 
 def run_preflight(params, load_checkpoint: bool = True) -> dict:

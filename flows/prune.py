@@ -125,11 +125,13 @@ def dataset_of(params: RunParameters) -> DatasetRef:
     return DatasetRef(params.dataset, params.data_root)
 
 
-def workers_ready(params: RunParameters, ds, folder: Path, reads: tuple[str, ...] = ()) -> None:
+def workers_ready(params: RunParameters, ds, folder: Path, reads: tuple[str, ...] = (),
+                  model: str | None = None) -> None:
     """Before training: every worker of the given cluster opens the data and the files `reads`,
-    and shares `folder` (`preflight.check_workers`); a cluster with no worker yet is only warned
-    about."""
-    if not check_workers(params.dask_address, params.dataset, params.data_root, ds.fingerprint, folder, reads):
+    builds the user's own model (`model`, else the run's), and shares `folder`
+    (`preflight.check_workers`); a cluster with no worker yet is only warned about."""
+    if not check_workers(params.dask_address, params.dataset, params.data_root, ds.fingerprint, folder, reads,
+                         model or params.model):
         get_run_logger().warning("no Dask worker has joined %s yet: the run cannot check that workers open %s and "
                                  "share %s; it waits for them at the influence stage", params.dask_address,
                                  params.dataset, folder)

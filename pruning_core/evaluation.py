@@ -55,12 +55,15 @@ def selection_jobs(args: EvalArgs, draws: Callable[[str, float], bool] | None = 
     return jobs
 
 
+LATER_FIELDS = {"augment": False, "precision": "auto"}  # recipe fields added after format 2, at their defaults
+
+
 def retrain_key(ds: Dataset, rows: np.ndarray, train_args: TrainArgs, evaluations_per_epoch: int) -> str:
     """Names one retraining by what determines it: the data's content, the kept sample ids, the
-    recipe (seed included) and the evaluation schedule. A recipe without augmentation is named
-    as before `augment` existed, so that earlier records are found."""
+    recipe (seed included) and the evaluation schedule. A recipe field added later is left out
+    at its default (`LATER_FIELDS`), so that the records made before it existed are found."""
     kept = hashlib.sha256(np.ascontiguousarray(ds.sample_id[rows]).tobytes()).hexdigest()
-    recipe = {k: v for k, v in asdict(train_args).items() if k != "augment" or v}
+    recipe = {k: v for k, v in asdict(train_args).items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
     return artifacts.arguments_key({"format": 2, "data": ds.fingerprint, "kept": kept, "recipe": recipe,
                                     "evaluations_per_epoch": evaluations_per_epoch})
 

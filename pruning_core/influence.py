@@ -23,7 +23,7 @@ from torch import nn
 from .data import as_float, np_float_dtype
 from .errors import BadInputError
 from .hessians import Curvature, KroneckerFactors
-from .models import inference_features
+from .models import final_layer_names, inference_features
 from .recipe import InfluenceArgs
 
 
@@ -222,9 +222,10 @@ def influence_vectors_autograd(model: nn.Module, x: np.ndarray, y: np.ndarray, w
     Y = torch.as_tensor(y)
     n = len(y)
 
+    weight, bias = final_layer_names(model)
+
     def unflatten(theta):
-        W = theta[:W0.numel()].view(shapes[0])
-        return {"fc.weight": W, "fc.bias": theta[W0.numel():].view(shapes[1])}
+        return {weight: theta[:W0.numel()].view(shapes[0]), bias: theta[W0.numel():].view(shapes[1])}
 
     def losses(theta, rows=slice(None)):
         logits = torch.func.functional_call(model, unflatten(theta), (X[rows],))

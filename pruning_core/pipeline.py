@@ -19,7 +19,8 @@ import torch
 from . import artifacts, code_digest, hessians, influence
 from .data import load_dataset
 from .errors import DatasetError, first_line
-from .recipe import InfluenceArgs, TrainArgs
+from .models import build_model
+from .recipe import InfluenceArgs, TrainArgs, is_factory
 from .refs import DatasetRef, InverseRef, ModelRef, ScoresRef
 from .scopes import ScopedLoss, autograd_curvature, scope_parameter_names
 from .selection import generalization_bound
@@ -94,13 +95,15 @@ def _claimed_dataset(cache: Path, dataset: str, data_root: str | None):
     return ds
 
 
-def worker_view(dataset: str, data_root: str | None, probe: str, reads: tuple[str, ...] = ()) -> dict:
+def worker_view(dataset: str, data_root: str | None, probe: str, reads: tuple[str, ...] = (),
+                model: str | None = None) -> dict:
     """What this process (a Dask worker, asked before a run trains) sees of the run's inputs:
-    `fingerprint`, that of `dataset` as it loads here, or `dataset_error`, why it cannot; `probe`,
-    the text of the file the run wrote in its folder, and that a file can be written beside it
-    (shards are), or `folder_error`, why not; `unreadable`, those of the files `reads` it cannot
-    open; `code`, the digest of its `pruning_core` (`code_digest`). The dataset stays loaded for
-    the run's shards."""
+    `fingerprint`, that of `dataset` as it loads here, or `dataset_error`, why it cannot;
+    `model_error`, why the user's own `model` (MODULE:CALLABLE) cannot be built here for that
+    data (its module does not import, …); `probe`, the text of the file the run wrote in its
+    folder, and that a file can be written beside it (shards are), or `folder_error`, why not;
+    `unreadable`, those of the files `reads` it cannot open; `code`, the digest of its
+    `pruning_core` (`code_digest`). The dataset stays loaded for the run's shards."""
     view = {"code": code_digest()}
     unreadable = []
     for path in reads:
@@ -111,9 +114,15 @@ def worker_view(dataset: str, data_root: str | None, probe: str, reads: tuple[st
     if unreadable:
         view["unreadable"] = unreadable
     try:
-        view["fingerprint"] = load_dataset(dataset, data_root).fingerprint
+        ds = load_dataset(dataset, data_root)
+        view["fingerprint"] = ds.fingerprint
     except Exception as exc:  # a BadInputError keeps its fields marked: the message that quotes it renders them
         view["dataset_error"] = first_line(exc, raw=True)
+    if model is not None and is_factory(model) and "fingerprint" in view:
+        try:
+            build_model(model, ds.sample_shape, ds.n_classes)
+        except Exception as exc:  # the user's code, or its absence here
+            view["model_error"] = first_line(exc, raw=True)
     probe = Path(probe)
     try:
         view["probe"] = probe.read_text()

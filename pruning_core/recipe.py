@@ -7,6 +7,7 @@ train and score import these from here."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,9 +15,36 @@ import numpy as np
 from .errors import BadInputError
 from .selection import METHODS
 
-DEFAULT_EPOCHS = {"linear": 0, "cnn": 4, "resnet18": 30}
+CIFAR_RESNETS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56")  # 6n+2 layers (models.py)
+DEFAULT_EPOCHS = {"linear": 0, "cnn": 4, "resnet18": 30, **dict.fromkeys(CIFAR_RESNETS, 15)}
+# the user's own model: a factory `(sample_shape, n_classes) -> nn.Module` named MODULE:CALLABLE
+FACTORY_PATTERN = r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$"
+MODEL_FORMS = f"{', '.join(DEFAULT_EPOCHS)}, or MODULE:CALLABLE (your factory (sample_shape, n_classes) -> nn.Module)"
+RESNET_DEPTHS = (f"a CIFAR ResNet has 6n+2 layers, and those built in are {', '.join(CIFAR_RESNETS)} (resnet18 is "
+                 "the ImageNet-style one)")
+PRECISIONS = ("auto", "float32", "bfloat16")  # training arithmetic of the networks (`training_precision`)
 STRATEGIES = ("exact", "kfac", "ekfac", "cg", "lissa")  # inverse-Hessian strategies (hessians.py)
 SCOPE_FORMS = "last-layer, all, modules:NAME[,NAME...]"
+
+
+def is_factory(model: str) -> bool:
+    """Whether `model` names the user's own model factory (MODULE:CALLABLE) rather than a built-in."""
+    return re.match(FACTORY_PATTERN, model) is not None
+
+
+def model_problem(model: str) -> str | None:
+    """Why `model` names no model, as a sentence naming the field (None where it names one): a
+    built-in (`DEFAULT_EPOCHS`) or MODULE:CALLABLE."""
+    if model in DEFAULT_EPOCHS or is_factory(model):
+        return None
+    if re.fullmatch(r"resnet\d+", model):
+        return f"`model` {model}: {RESNET_DEPTHS}; or give your own as MODULE:CALLABLE"
+    return f"`model` {model!r} is not a known model; valid: {MODEL_FORMS}"
+
+
+def default_epochs(model: str) -> int:
+    """The model's training epochs when none are given; the user's own model gets the cnn's."""
+    return DEFAULT_EPOCHS.get(model, DEFAULT_EPOCHS["cnn"])
 
 
 @dataclass
@@ -31,12 +59,13 @@ class TrainArgs:
     seed: int = 0
     grad_tol: float = 1e-6  # linear only: stop when ‖∇J‖∞ ≤ grad_tol
     augment: bool = False  # networks: random 4-pixel-padded crops and horizontal flips of every batch
+    precision: str = "auto"  # networks: float32, bfloat16 autocast, or auto (`training.training_precision`)
 
     def __post_init__(self):
-        if self.model not in DEFAULT_EPOCHS:
-            raise BadInputError(f"`model` {self.model!r} is not a known model; valid: {', '.join(DEFAULT_EPOCHS)}")
+        if problem := model_problem(self.model):
+            raise BadInputError(problem)
         if self.epochs is None:
-            self.epochs = DEFAULT_EPOCHS[self.model]
+            self.epochs = default_epochs(self.model)
         if self.epochs < 0 or (self.model != "linear" and self.epochs < 1):
             raise BadInputError(f"`epochs` {self.epochs} must be at least 1")
         if not (self.lr > 0 and np.isfinite(self.lr)):
@@ -46,8 +75,13 @@ class TrainArgs:
         if not (self.weight_decay >= 0 and np.isfinite(self.weight_decay)):
             raise BadInputError(f"`weight_decay` {self.weight_decay} must be a non-negative number")
         if self.augment and self.model == "linear":
-            raise BadInputError("`augment` applies to cnn and resnet18; linear trains to its optimum on the samples "
+            raise BadInputError("`augment` applies to the networks; linear trains to its optimum on the samples "
                                 "as they are")
+        if self.precision not in PRECISIONS:
+            raise BadInputError(f"`precision` {self.precision!r} is not known; valid: {', '.join(PRECISIONS)}")
+        if self.precision != "auto" and self.model == "linear":
+            raise BadInputError(f"`precision` {self.precision} applies to the networks; linear trains to its optimum "
+                                "in float64")
         if self.model == "linear" and self.weight_decay <= 0:
             raise BadInputError("`weight_decay` must be > 0 for `model` linear (the optimum must exist)")
 

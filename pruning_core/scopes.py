@@ -1,7 +1,8 @@
 """Parameter scopes and autograd curvature for any scope, via `torch.func`.
 
 A scope names the parameters influence is taken over: `last-layer` (fc.weight, fc.bias: the
-closed forms of `influence.py`), `all`, or `modules:NAME[,NAME...]` (every parameter of those
+closed forms of `influence.py`; the user's own model names its final layer as its own module
+does, `models.final_layer_names`), `all`, or `modules:NAME[,NAME...]` (every parameter of those
 modules). Vectors are the scoped parameters in `state_dict` order, each flattened row-major.
 """
 
@@ -14,13 +15,14 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from .data import as_float, np_float_dtype
 from .errors import BadInputError
+from .models import final_layer_names
 
 
 def scope_parameter_names(model: nn.Module, scope: str) -> list[str]:
     """Names of the scoped parameters in state_dict order."""
     names = [k for k, _ in model.named_parameters()]
     if scope == "last-layer":
-        return ["fc.weight", "fc.bias"]
+        return final_layer_names(model)
     if scope == "all":
         return names
     modules = scope[len("modules:"):].split(",")

@@ -391,7 +391,7 @@ def serve_module():
 @pytest.mark.parametrize("argv, message", [
     (["--set", "colour=blue"], "--set colour: not a field of RunParameters"),
     (["--set", "prune_ratio=1.5"], "deployment nightly: prune_ratio: Input should be less than 1"),
-    (["--set", "model=vit"], "deployment nightly: model: Input should be 'linear', 'cnn' or 'resnet18'"),
+    (["--set", "model=vit"], "deployment nightly: model: Input should be linear, cnn, resnet18, resnet8, "),
     (["--set", "noequals"], "--set 'noequals': expected KEY=VALUE"),
     (["--only", "weekly"], "--only weekly: no such deployment; valid: nightly, evaluation, on-new-source-version"),
     (["--port", "many"], "argument --port: invalid int value"),

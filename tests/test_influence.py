@@ -97,15 +97,16 @@ def test_not_positive_definite_hessian_is_a_clear_error():
         hessians.solve_exact(curv, torch.eye(3, dtype=torch.float64), 0.0)
 
 
-@pytest.mark.parametrize("name", ["cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["cnn", "resnet18", "resnet8", "tests.user_models:make_net"])
 def test_fast_cpu_feature_pass_equals_eager(name):
     """The frozen oneDNN graph used for the feature pass gives eager's features (float32 rounding),
-    for a batch size it was not traced with."""
-    from pruning_core.models import ResNet18, inference_features
+    for a batch size it was not traced with; also for the user's own model, whose features a
+    forward pre-hook captures."""
+    from pruning_core.models import build_model, inference_features
 
     torch.manual_seed(0)
-    model = (SmallCNN(1, 10) if name == "cnn" else ResNet18(3, 10)).eval()
     shape = (1, 28, 28) if name == "cnn" else (3, 32, 32)
+    model = build_model(name, shape, 10).eval()
     fast = inference_features(model, torch.rand(8, *shape))
     assert isinstance(fast, torch.jit.ScriptModule)  # the fast path was taken, not the fallback
     x = torch.rand(37, *shape)

@@ -141,12 +141,15 @@ def test_the_parser_the_ui_form_and_the_reference_agree_on_every_default():
     assert {name: EvaluateParameters.model_fields[name].default for name in core} == core
     assert EvaluateParameters.model_fields["ratios"].default == list(EvalArgs.ratios)
     # and so are the choices the form offers
-    from pruning_core.recipe import DEFAULT_EPOCHS, STRATEGIES
+    from pruning_core.recipe import DEFAULT_EPOCHS, FACTORY_PATTERN, STRATEGIES
     from pruning_core.selection import METHODS, SOLVERS
 
     run_form = forms[RunParameters]
-    assert [run_form[name]["enum"] for name in ("model", "hessian", "method", "solver")] == [
-        list(DEFAULT_EPOCHS), list(STRATEGIES), list(METHODS), list(SOLVERS)]
+    assert [run_form[name]["enum"] for name in ("hessian", "method", "solver")] == [
+        list(STRATEGIES), list(METHODS), list(SOLVERS)]
+    # a model: a built-in from the drop-down, or the user's own factory
+    assert [{k: v for k, v in option.items() if k != "type"} for option in run_form["model"]["anyOf"]] == [
+        {"enum": list(DEFAULT_EPOCHS)}, {"pattern": FACTORY_PATTERN}]
     assert forms[EvaluateParameters]["methods"]["items"]["enum"] == list(METHODS)
 
 

@@ -40,7 +40,7 @@ def test_augmentation_trains_the_networks_and_is_refused_for_linear(fmnist):
     assert augmented.info["args"]["augment"] is True and plain.info["args"]["augment"] is False
     weights = lambda r: torch.cat([p.flatten() for p in r.model.state_dict().values()])  # noqa: E731
     assert not torch.equal(weights(plain), weights(augmented))
-    with pytest.raises(BadInputError, match="^augment applies to cnn and resnet18"):
+    with pytest.raises(BadInputError, match="^augment applies to the networks"):
         TrainArgs(model="linear", augment=True)
 
 
@@ -60,7 +60,7 @@ def test_run_refuses_augment_for_linear_in_one_line(small_npz, tmp_path, capsys)
     assert main(["run", "--dataset", f"npz:{small_npz}", "--model", "linear", "--augment", "--prune-ratio", "0.4",
                  "--out", str(tmp_path / "runs")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "dataset-prune: error: --augment applies to cnn and resnet18; linear trains to its optimum on the samples as "
+        "dataset-prune: error: --augment applies to the networks; linear trains to its optimum on the samples as "
         "they are"]
     assert not (tmp_path / "runs").exists()
     assert load_dataset(f"npz:{small_npz}").n == 2000
