@@ -76,6 +76,8 @@ def _kind(annotation) -> dict:
         inner = typing.get_args(inner)[0] if typing.get_origin(inner) is typing.Annotated else inner
         return {"type": _list({int: int, float: _float}.get(inner, str))}
     if origin in (typing.Union, types.UnionType):
+        if args == [bool]:  # unset: the model decides; --no-NAME turns it off where the model's default is on
+            return {"action": argparse.BooleanOptionalAction}
         return _kind(args[0]) if len(args) == 1 else {"type": _damping}  # a number or `auto`
     return {"type": {int: int, float: _float}[annotation]} if annotation in (int, float) else {}
 

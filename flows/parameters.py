@@ -164,9 +164,10 @@ class RunParameters(BaseModel):
     weight_decay: float = Field(TrainArgs.weight_decay, ge=0,
                                 description="λ: L2 penalty in training and in the influence Hessian")
     seed: int = Field(TrainArgs.seed, ge=0, description="Seed of training and of random selection")
-    augment: bool = Field(
+    augment: bool | None = Field(
         TrainArgs.augment, description="Train on random crops (4-pixel padding) and horizontal flips of every batch, "
-                                       "the usual CIFAR recipe (the networks)")
+                                       "the usual CIFAR recipe (the networks); default: on for the CIFAR ResNets, "
+                                       "off for the other models")
     precision: Precision = Field(
         TrainArgs.precision, description="Arithmetic of a network's training; auto: bfloat16 autocast for the CIFAR "
                                          "ResNets where the device has bf16 (CUDA, a CPU with AVX512-BF16 or AMX), "

@@ -58,7 +58,7 @@ class TrainArgs:
     weight_decay: float = 5e-4  # λ of J(θ); also the λ of the influence Hessian
     seed: int = 0
     grad_tol: float = 1e-6  # linear only: stop when ‖∇J‖∞ ≤ grad_tol
-    augment: bool = False  # networks: random 4-pixel-padded crops and horizontal flips of every batch
+    augment: bool | None = None  # random 4-pixel-padded crops and flips; None: on for the CIFAR ResNets only
     precision: str = "auto"  # networks: float32, bfloat16 autocast, or auto (`training.training_precision`)
 
     def __post_init__(self):
@@ -66,6 +66,8 @@ class TrainArgs:
             raise BadInputError(problem)
         if self.epochs is None:
             self.epochs = default_epochs(self.model)
+        if self.augment is None:  # the CIFAR ResNets' recipe augments (docs/method.md#cifar-resnet-recipe)
+            self.augment = self.model in CIFAR_RESNETS
         if self.epochs < 0 or (self.model != "linear" and self.epochs < 1):
             raise BadInputError(f"`epochs` {self.epochs} must be at least 1")
         if not (self.lr > 0 and np.isfinite(self.lr)):

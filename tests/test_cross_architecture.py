@@ -62,7 +62,7 @@ def test_the_hard_cut_follows_the_retrainings_epochs_of_the_scoring_architecture
     (["--train-model", "bogus"], "--train-model 'bogus': Input should be"),
     (["--model", "cnn", "--train-model", "linear", "--train-epochs", "3"],
      "--train-epochs with --train-model linear: it trains to its optimum, without epochs"),
-    (["--model", "cnn", "--train-model", "linear", "--augment"], "--augment applies to cnn and resnet18"),
+    (["--model", "cnn", "--train-model", "linear", "--augment"], "--augment applies to the networks"),
     (["--model", "linear", "--train-model", "cnn", "--flat"], "--train-model cnn needs image samples"),
     (["--from-run", "RUN", "--methods", "influence,random", "--model", "cnn", "--train-model", "linear", "--epochs",
       "8"],
