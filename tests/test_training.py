@@ -64,3 +64,15 @@ def test_run_refuses_augment_for_linear_in_one_line(small_npz, tmp_path, capsys)
         "they are"]
     assert not (tmp_path / "runs").exists()
     assert load_dataset(f"npz:{small_npz}").n == 2000
+
+
+@pytest.mark.parametrize("model", ["cnn", "resnet8"])
+def test_the_accuracy_curve_has_its_points_whatever_the_model(fmnist, model):
+    """`evaluations_per_epoch` = k gives k points per epoch, each after more samples than the last,
+    for the float32 cnn and for a CIFAR ResNet (bfloat16 where the CPU has it, channels_last)."""
+    ds = Dataset("small", fmnist.x[:300], fmnist.y[:300], np.arange(300), fmnist.x_test[:100], fmnist.y_test[:100], 10,
+                 {})
+    result = train(ds, TrainArgs(model=model, epochs=2, batch_size=64), device="cpu", evaluations_per_epoch=2)
+    assert [point["epoch"] for point in result.curve] == pytest.approx([0.4, 1.0, 1.4, 2.0])
+    assert [point["samples_seen"] for point in result.curve] == [128, 300, 428, 600]
+    assert result.seconds == result.curve[-1]["train_seconds"]
