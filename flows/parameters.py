@@ -157,8 +157,9 @@ class RunParameters(BaseModel):
     epochs: int | None = Field(
         TrainArgs.epochs, ge=1, le=1000,
         description=f"Training epochs (default: {DEFAULT_EPOCHS['cnn']} for cnn and your own model, "
-                    f"{DEFAULT_EPOCHS['resnet18']} for resnet18, {DEFAULT_EPOCHS[CIFAR_RESNETS[0]]} for "
-                    f"{CIFAR_RESNETS[0]} … {CIFAR_RESNETS[-1]})")
+                    f"{DEFAULT_EPOCHS['resnet18']} for resnet18, "
+                    + ", ".join(f"{DEFAULT_EPOCHS[name]} for {name}" for name in CIFAR_RESNETS[:3])
+                    + f", {DEFAULT_EPOCHS['resnet32']} for the deeper ones)")
     lr: float = Field(TrainArgs.lr, gt=0, description="Peak SGD learning rate")
     batch_size: int = Field(TrainArgs.batch_size, ge=1, description="Training mini-batch size")
     weight_decay: float = Field(TrainArgs.weight_decay, ge=0,
