@@ -18,7 +18,7 @@ from .selection import METHODS
 CIFAR_RESNETS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56")  # 6n+2 layers (models.py)
 # the CIFAR ResNets' epochs fill about 10 minutes of training on 2 CPU cores in bfloat16 (resnet8, 14, 20;
 # the deeper ones take longer): docs/method.md#cifar-resnet-recipe
-DEFAULT_EPOCHS = {"linear": 0, "cnn": 4, "resnet18": 30, "resnet8": 30, "resnet14": 15, "resnet20": 10,
+DEFAULT_EPOCHS = {"linear": 0, "cnn": 4, "resnet18": 30, "resnet8": 20, "resnet14": 12, "resnet20": 10,
                   "resnet32": 10, "resnet44": 10, "resnet56": 10}
 # the user's own model: a factory `(sample_shape, n_classes) -> nn.Module` named MODULE:CALLABLE
 FACTORY_PATTERN = r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$"
