@@ -87,6 +87,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.selection
 	$(BIN)/python -m benchmarks.selection_reference
 	$(BIN)/python -m benchmarks.influence
+	$(BIN)/python -m benchmarks.resnet_influence
 	$(BIN)/python -m benchmarks.exact_inverse
 	$(BIN)/python -m benchmarks.worker_check
 	$(BIN)/python -m benchmarks.gpu_check

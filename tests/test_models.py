@@ -111,8 +111,12 @@ def test_a_resnet_depth_that_is_not_built_in_is_refused_naming_those_that_are(na
     assert err.count("\n") == 1 and "a CIFAR ResNet has 6n+2 layers" in err and not (tmp_path / "runs").exists()
 
 
-def test_the_cifar_resnets_default_epochs():
-    assert {name: TrainArgs(model=name).epochs for name in CIFAR_RESNETS} == dict.fromkeys(CIFAR_RESNETS, 15)
+def test_the_cifar_resnets_default_recipe():
+    """About ten minutes of training on 2 CPU cores each (docs/method.md#cifar-resnet-recipe), augmented."""
+    assert {name: TrainArgs(model=name).epochs for name in CIFAR_RESNETS} == {
+        "resnet8": 20, "resnet14": 12, "resnet20": 10, "resnet32": 10, "resnet44": 10, "resnet56": 10}
+    assert all(TrainArgs(model=name).augment for name in CIFAR_RESNETS)
+    assert not TrainArgs(model="cnn").augment and not TrainArgs(model="resnet18").augment
     assert TrainArgs(model="resnet18").epochs == 30 and TrainArgs(model="cnn").epochs == 4
 
 
