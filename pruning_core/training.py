@@ -176,9 +176,9 @@ def train_network(model: nn.Module, ds: Dataset, args: TrainArgs, device=None,
         started = time.perf_counter()
         for batch, start in enumerate(range(0, ds.n, args.batch_size), 1):
             rows = order[start:start + args.batch_size]
-            batch = augment_batch(x[rows], generator) if args.augment else x[rows]
+            inputs = augment_batch(x[rows], generator) if args.augment else x[rows]
             with autocast:
-                logits = model(batch.contiguous(memory_format=layout)).float()
+                logits = model(inputs.contiguous(memory_format=layout)).float()
             loss = nn.functional.cross_entropy(logits, y[rows])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

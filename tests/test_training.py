@@ -64,3 +64,14 @@ def test_run_refuses_augment_for_linear_in_one_line(small_npz, tmp_path, capsys)
         "they are"]
     assert not (tmp_path / "runs").exists()
     assert load_dataset(f"npz:{small_npz}").n == 2000
+
+
+def test_a_network_records_its_test_accuracy_curve(fmnist):
+    """With `evaluations_per_epoch` = k, k points per epoch at evenly spaced batches, the last
+    one the final test accuracy; the run's seconds are its training time to that point."""
+    ds = Dataset("small", fmnist.x[:512], fmnist.y[:512], np.arange(512), fmnist.x_test[:200], fmnist.y_test[:200], 10,
+                 {"source": "npz:small"})
+    result = train(ds, TrainArgs(model="cnn", epochs=2), device="cpu", evaluations_per_epoch=2)
+    assert [(c["epoch"], c["samples_seen"]) for c in result.curve] == [(0.5, 256), (1.0, 512), (1.5, 768), (2.0, 1024)]
+    assert result.curve[-1]["test_accuracy"] == result.test_accuracy
+    assert result.seconds == result.curve[-1]["train_seconds"] > result.curve[0]["train_seconds"] > 0
