@@ -213,12 +213,13 @@ def influence_shard_stage(cache: Path, model: ModelRef, data: DatasetRef, start:
     y = ds.y[start:end]
     M = np.load(inverse)
     dtype = np.dtype(args.storage_dtype).type
-    with torch_threads(threads if default_device().type == "cpu" else None):
+    device = default_device()  # where the features and the inverse were computed: a GPU worker's GPU
+    with torch_threads(threads if device.type == "cpu" else None):
         if args.scope == "last-layer":
             phi = artifacts.load_features_shard(artifacts.features_shard_path(cache, start, end))
             W, b = influence.last_layer_weights(net)
-            probs = influence.softmax_probs(phi, W, b)
-            vectors = influence.influence_vectors(phi, probs, y, M, ds.n, args.block_size, dtype=dtype)
+            probs = influence.softmax_probs(phi, W, b, device)
+            vectors = influence.influence_vectors(phi, probs, y, M, ds.n, args.block_size, device, dtype=dtype)
             grand = influence.last_layer_gradient_norms(phi, probs, y)
             embedding = phi.astype(np.float32)
         else:

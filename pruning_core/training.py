@@ -23,6 +23,13 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def synchronize(device) -> None:
+    """Wait until `device` has run everything queued on it (CUDA; elsewhere nothing is queued),
+    so that a clock read next counts that work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bfloat16_supported(device: torch.device) -> bool:
     """Whether `device` runs bfloat16 arithmetic natively: CUDA with bf16, or a CPU whose oneDNN
     has bf16 kernels (AVX512-BF16 or AMX); elsewhere autocast would emulate it, slower than float32."""
@@ -129,8 +136,11 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> 
     (torchvision's RandomCrop(padding=4) and RandomHorizontalFlip), for a whole batch on its device.
     The offsets and flips are drawn from `generator` (on the CPU), so a seed gives the same batches."""
     n, _, h, w = x.shape
-    dy, dx = (torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device) for _ in range(2))
-    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    draws = torch.stack([torch.randint(0, 2 * pad + 1, (n,), generator=generator) for _ in range(2)]
+                        + [(torch.rand(n, generator=generator) < 0.5).long()])  # (3, n): dy, dx, flip
+    # one copy that does not wait for the device (a blocking one would hold every training step)
+    dy, dx, flip = draws.to(x.device, non_blocking=True)
+    flip = flip.bool()
     padded = nn.functional.pad(x, (pad, pad, pad, pad))  # (n, C, H + 2 pad, W + 2 pad)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (n, 1, H, 1)
     cols = dx[:, None] + torch.arange(w, device=x.device)  # (n, W)
@@ -141,7 +151,7 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> 
 
 def train_network(model: nn.Module, ds: Dataset, args: TrainArgs, device=None,
                   progress: Callable[[int, int, float], None] | None = None,
-                  evaluations_per_epoch: int = 0, curve: list | None = None) -> np.ndarray:
+                  evaluations_per_epoch: int = 0, curve: list | None = None, *, host_sync: bool = False) -> np.ndarray:
     """Seeded SGD (momentum 0.9, one-cycle lr, weight decay λ on every parameter), on batches
     augmented with `args.augment` (`augment_batch`), in `training_precision` (bfloat16: the
     forward pass under autocast, the loss and the weights in float32). The CIFAR ResNets train in
@@ -153,6 +163,12 @@ def train_network(model: nn.Module, ds: Dataset, args: TrainArgs, device=None,
     With `evaluations_per_epoch` = k > 0, test accuracy is measured k times per epoch and
     appended to `curve` as {epoch, samples_seen, train_seconds, test_accuracy}; train_seconds
     counts training only, not these evaluations.
+
+    The loss and each batch's correctness stay on the device until the epoch ends and are copied
+    back once: no step waits for the device, so on a GPU the next steps queue while one runs.
+    `host_sync` reads both back after every step instead, waiting for the device each time: the
+    plain reference the default is tested against (the same weights and results, bit for bit) and
+    timed against (benchmarks/gpu_check.py).
     """
     device = torch.device(device or default_device())
     layout = torch.channels_last if args.model in CHANNELS_LAST else torch.contiguous_format
@@ -172,7 +188,8 @@ def train_network(model: nn.Module, ds: Dataset, args: TrainArgs, device=None,
     clock, seen = 0.0, 0
     for epoch in range(args.epochs):
         order = torch.randperm(ds.n, generator=generator).to(device)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=device)  # Σ loss · batch size, in the epoch
+        right = torch.zeros(ds.n, dtype=torch.bool, device=device)  # right at its mini-batch, in the epoch
         started = time.perf_counter()
         for batch, start in enumerate(range(0, ds.n, args.batch_size), 1):
             rows = order[start:start + args.batch_size]
@@ -184,17 +201,24 @@ def train_network(model: nn.Module, ds: Dataset, args: TrainArgs, device=None,
             loss.backward()
             optimiser.step()
             schedule.step()
-            correctness[rows.cpu().numpy(), epoch] = (logits.argmax(1) == y[rows]).cpu().numpy()
-            total += loss.item() * len(rows)
+            if host_sync:
+                correctness[rows.cpu().numpy(), epoch] = (logits.argmax(1) == y[rows]).cpu().numpy()
+                total += loss.item() * len(rows)
+            else:
+                right[rows] = logits.argmax(1) == y[rows]
+                total += loss.detach().double() * len(rows)
             seen += len(rows)
             if batch in marks and curve is not None:
+                synchronize(device)  # the clock counts the steps queued so far, not only their launch
                 clock += time.perf_counter() - started
                 curve.append({"epoch": epoch + batch / batches, "samples_seen": seen, "train_seconds": clock,
                               "test_accuracy": accuracy(model, ds.x_test, ds.y_test, device)})
                 model.train()
                 started = time.perf_counter()
+        if not host_sync:
+            correctness[:, epoch] = right.cpu().numpy()
         if progress:
-            progress(epoch + 1, args.epochs, total / ds.n)
+            progress(epoch + 1, args.epochs, float(total) / ds.n)
     model.to(memory_format=torch.contiguous_format).eval()
     return correctness
 

@@ -1,4 +1,4 @@
-"""The training recipe: CIFAR's augmentation and what it leaves unchanged."""
+"""The training recipe: CIFAR's augmentation and what it leaves unchanged; the loop's reading back."""
 
 import numpy as np
 import pytest
@@ -7,8 +7,9 @@ import torch
 from pruning_core.data import Dataset, load_dataset
 from pruning_core.errors import BadInputError
 from pruning_core.evaluation import retrain_key
+from pruning_core.models import build_model
 from pruning_core.recipe import TrainArgs
-from pruning_core.training import accuracy, augment_batch, train
+from pruning_core.training import accuracy, augment_batch, train, train_network
 
 
 def test_augmented_images_are_padded_crops_flipped_half_the_time():
@@ -76,3 +77,37 @@ def test_the_accuracy_curve_has_its_points_whatever_the_model(fmnist, model):
     assert [point["epoch"] for point in result.curve] == pytest.approx([0.4, 1.0, 1.4, 2.0])
     assert [point["samples_seen"] for point in result.curve] == [128, 300, 428, 600]
     assert result.seconds == result.curve[-1]["train_seconds"]
+
+
+def test_a_network_records_its_test_accuracy_curve(fmnist):
+    """With `evaluations_per_epoch` = k, k points per epoch at evenly spaced batches, the last
+    one the final test accuracy; the run's seconds are its training time to that point."""
+    ds = Dataset("small", fmnist.x[:512], fmnist.y[:512], np.arange(512), fmnist.x_test[:200], fmnist.y_test[:200], 10,
+                 {"source": "npz:small"})
+    result = train(ds, TrainArgs(model="cnn", epochs=2), device="cpu", evaluations_per_epoch=2)
+    assert [(c["epoch"], c["samples_seen"]) for c in result.curve] == [(0.5, 256), (1.0, 512), (1.5, 768), (2.0, 1024)]
+    assert result.curve[-1]["test_accuracy"] == result.test_accuracy
+    assert result.seconds == result.curve[-1]["train_seconds"] > result.curve[0]["train_seconds"] > 0
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_reading_back_once_per_epoch_trains_as_reading_back_every_step(fmnist, augment):
+    """The default loop keeps the loss and each batch's correctness on the device and reads them
+    back once per epoch; `host_sync` reads them after every step. Both give the same weights,
+    correctness, epoch losses and test-accuracy curve, bit for bit."""
+    ds = Dataset("small", fmnist.x[:640], fmnist.y[:640], np.arange(640), fmnist.x_test[:200], fmnist.y_test[:200], 10,
+                 {"source": "npz:small"})
+    runs = []
+    for host_sync in (True, False):
+        torch.manual_seed(0)
+        model = build_model("cnn", ds.sample_shape, 10)
+        losses, curve = [], []
+        correctness = train_network(model, ds, TrainArgs(model="cnn", epochs=2, augment=augment), "cpu",
+                                    progress=lambda epoch, epochs, loss: losses.append(loss),
+                                    evaluations_per_epoch=2, curve=curve, host_sync=host_sync)
+        runs.append((model.state_dict(), correctness, losses, [c["test_accuracy"] for c in curve]))
+    (weights, correctness, losses, accuracies), (weights_, correctness_, losses_, accuracies_) = runs
+    assert all(torch.equal(weights[k], weights_[k]) for k in weights)
+    assert correctness.shape == (640, 2) and np.array_equal(correctness, correctness_)
+    assert 0 < correctness.mean() < 1  # some right and some wrong: the bits compared say something
+    assert len(losses) == 2 and losses == losses_ and len(accuracies) == 4 and accuracies == accuracies_
