@@ -221,9 +221,13 @@ def influence_selection(params: EvaluateParameters) -> str:
         swaps = "the greedy path kept as the answer (no swap search)"
     else:
         swaps = "the greedy path kept as the answer (no swap search: `--swap-rounds 0`)"
+    first = ""
+    if any(sel.mislabel_first is not False for sel in chosen.values()):
+        first = ("the samples that look mislabelled to the scoring model removed first, the most suspect first, "
+                 "within the budget and counted in the hardest share (`--mislabel-first`), ")
     return (f"under per-difficulty-stratum removal quotas (`--coverage difficulty`) with the hardest share cut first "
             f"({cut_words}: {source}), the solver's candidates fed {orders} (`--candidates {params.candidates}`), "
-            + swaps)
+            + first + swaps)
 
 
 @flow(name="evaluate-pruning")

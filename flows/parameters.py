@@ -100,6 +100,8 @@ FIELD_TITLES = {
     "epsilon": "ε: bound on ‖Σ s_i‖₂", "method": "Selection method", "solver": "Solver",
     "class_balanced": "Class-balanced", "coverage": "Difficulty coverage",
     "candidates": "Candidate order of the solver", "hard_cut": "Hardest share cut first",
+    "mislabel_first": "Remove what looks mislabelled first", "label_noise": "Label noise (share flipped)",
+    "imbalance": "Class imbalance (smallest / largest class)",
     "swap_rounds": "Swap-search rounds", "rounds": "Pruning rounds (a fresh model scores what each round keeps)",
     "train_epochs": "Epochs the pruned set will be trained for", "shards": "Influence shards",
     "workers": "Local Dask workers", "dask_address": "Dask scheduler address", "out": "Run folder root",
@@ -210,6 +212,11 @@ class RunParameters(BaseModel):
         description="Under difficulty coverage: the share of the hardest (highest-EL2N) samples removed first; empty: "
                     "the product's schedule, none up to 50 % pruned, then half of every further removal (β = (ratio − "
                     "0.5) / 2), shifted by train_epochs")
+    mislabel_first: bool | None = Field(
+        None, description="The influence method under difficulty coverage removes first the samples that look "
+                          "mislabelled to the scoring model (confident learning's rule, the most suspect first, "
+                          "within the prune ratio) and lays out the rest as before; empty: on there wherever the "
+                          "scores flag samples, off for the other methods")
     swap_rounds: int | None = Field(
         SelectionArgs.swap_rounds, ge=0, le=MAX_SWAP_ROUNDS,
         description="At most this many rounds of the influence solver's swap search after its greedy path, 0: the "
@@ -279,6 +286,7 @@ class RunParameters(BaseModel):
                               self.class_balanced, self.coverage, self.candidates if method == self.method else "auto",
                               self.hard_cut if method == self.method else None,  # baselines as published
                               train_budget=self.train_budget(),
+                              mislabel_first=self.mislabel_first if method == self.method else None,
                               swap_rounds=self.swap_rounds if method == self.method else None)
 
     def train_budget(self) -> float:
@@ -441,7 +449,8 @@ class EvaluateParameters(RunParameters):
         """With --from-run no scoring run selects with --method: the influence method's options act
         on the influence selections of --methods only, and would be silently unused without them."""
         listed = ",".join(self.methods)
-        given = [f"`{name}`" for name in ("solver", "coverage", "candidates", "swap_rounds", "rounds")
+        given = [f"`{name}`" for name in ("solver", "coverage", "candidates", "mislabel_first", "swap_rounds",
+                                          "rounds")
                  if getattr(self, name) != type(self).model_fields[name].default]
         if given and "influence" not in self.methods:
             raise BadInputError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to the influence method, "

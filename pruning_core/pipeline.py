@@ -19,6 +19,7 @@ import torch
 from . import artifacts, code_digest, hessians, influence
 from .data import load_dataset
 from .errors import DatasetError, first_line
+from .mislabel import looks_mislabelled, mislabel_scores
 from .models import build_model
 from .recipe import InfluenceArgs, TrainArgs, is_factory
 from .refs import DatasetRef, InverseRef, ModelRef, ScoresRef
@@ -234,17 +235,21 @@ def influence_shard_stage(cache: Path, model: ModelRef, data: DatasetRef, start:
             logits = predict_logits(net, ds.x[start:end], args.block_size)
             probs = torch.softmax(torch.as_tensor(logits), 1).numpy()
     loss_values, el2n = influence.loss_and_el2n(probs, y)
+    suspect, likely = mislabel_scores(probs, y)
     paths = {} if ds.paths is None else {"path": ds.paths[start:end]}  # a folder source's files
     table = artifacts.scores_table({"sample_id": ds.sample_id[start:end], **paths, "label": y, "loss": loss_values,
-                                    "el2n": el2n, "grand": grand}, vectors, embedding=embedding)
+                                    "el2n": el2n, "grand": grand, "mislabel": suspect, "likely_label": likely},
+                                   vectors, embedding=embedding)
     return str(artifacts.save_parquet(table, path))
 
 
 def merge_scores_stage(shard_paths: list[str], out: Path, metadata: dict, *, inverse: InverseRef, cache: str,
-                       forgetting: str | None = None) -> ScoresRef:
+                       forgetting: str | None = None, n_classes: int | None = None) -> ScoresRef:
     """Concatenate shard tables in sample order into `out`, `metadata` and the solve of `inverse`
     (`InverseRef.solve`) in its schema; add `forgetting` (events per sample, from the training
-    run's per-epoch correctness) when training recorded it. `cache`: the influence cache folder."""
+    run's per-epoch correctness) when training recorded it, and `mislabelled`, which needs every
+    sample's label and confidence (`mislabel.looks_mislabelled`). `cache`: the influence cache
+    folder; `n_classes`: the dataset's."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -252,10 +257,14 @@ def merge_scores_stage(shard_paths: list[str], out: Path, metadata: dict, *, inv
     if forgetting:
         events = np.load(forgetting)
         table = table.add_column(table.schema.get_field_index("grand") + 1, "forgetting", pa.array(events, pa.int64()))
+    flagged = looks_mislabelled(*(artifacts.column_array(table, c) for c in ("label", "loss", "mislabel",
+                                                                             "likely_label")), n_classes)
+    table = table.add_column(table.schema.get_field_index("likely_label") + 1, "mislabelled", pa.array(flagged))
     metadata = {**metadata, "inverse": inverse.solve()}
     table = table.replace_schema_metadata({"dataset_pruning": json.dumps(metadata, sort_keys=True)})
     artifacts.save_parquet(table, out)
-    return ScoresRef(str(out), table.num_rows, table.schema.field("influence").type.list_size, inverse, cache)
+    return ScoresRef(str(out), table.num_rows, table.schema.field("influence").type.list_size, inverse, cache,
+                     int(flagged.sum()))
 
 
 def compose_rounds_stage(scores: Path, selections: list[str], out: Path, prune_ratio: float) -> dict:
