@@ -188,8 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
         _option(evaluate, EvaluateParameters, name)
     _option(evaluate, EvaluateParameters, "solver", choices=True,
             help="solver of the influence method's selections; bucketed runs on the evaluation's Dask cluster")
-    for name in ("coverage", "candidates", "hard_cut", "swap_rounds"):
+    for name in ("coverage", "candidates", "hard_cut", "mislabel_first", "swap_rounds"):
         _option(evaluate, EvaluateParameters, name, choices=name in ("coverage", "candidates"))
+    for name in ("label_noise", "imbalance"):
+        _option(evaluate, EvaluateParameters, name)
     _option(evaluate, EvaluateParameters, "rounds",
             help="the influence method prunes in this many rounds, a fresh model trained on what each round keeps "
                  "scoring the next; the baselines prune in one, as published")

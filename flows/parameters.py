@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 from pydantic_core import PydanticCustomError
 
 from pruning_core import artifacts
+from pruning_core.corruption import corrupts
 from pruning_core.data import OWN_DATA, parse_dataset_spec, pinned
 from pruning_core.errors import BadInputError, first_line, no_file, renamed_fields
 from pruning_core.recipe import (
@@ -383,6 +384,14 @@ class EvaluateParameters(RunParameters):
                           "which scores: select with a cheap proxy, retrain a bigger model; empty: model")
     train_epochs: int | None = Field(None, ge=1, le=10000,
                                      description="Epochs of the retrainings of train_model; empty: its default epochs")
+    label_noise: float = Field(
+        0.0, ge=0, lt=1, description="Flip each training label with this probability to a class drawn uniformly "
+                                     "from the others (symmetric noise, seeded by a seed derived from seed) before "
+                                     "scoring; the flipped samples are recorded and the test set stays clean")
+    imbalance: float = Field(
+        1.0, gt=0, le=1, description="Cut the training classes to a long tail before scoring: class c keeps "
+                                     "n_max·imbalance^(c/(C−1)) of its samples (a seeded draw, at least one); 1: "
+                                     "none; the test set stays balanced")
 
     def eval_args(self) -> EvalArgs:
         return EvalArgs(methods=tuple(self.methods), ratios=tuple(self.ratios), seeds=tuple(self.seeds),
@@ -424,6 +433,10 @@ class EvaluateParameters(RunParameters):
             raise BadInputError("`train_epochs` sets the epochs of `train_model`, which is not given: an evaluation "
                                 "retrains with its own epochs (`epochs`); to evaluate a longer recipe, retrain a "
                                 "run's scores longer (`from_run` RUN `epochs` N)")
+        if self.from_run is not None and corrupts(self.label_noise, self.imbalance):
+            given = "`label_noise`" if self.label_noise > 0 else "`imbalance`"
+            raise BadInputError(f"{given} with `from_run`: the run brings the data it scored; evaluate it with "
+                                "`dataset` set to the corrupted table an earlier evaluation scored (delta:…@0)")
         if self.from_run is not None:  # first: the selection's training budget reads its manifest
             self._check_from_run()
             self._check_selection_options_apply()
