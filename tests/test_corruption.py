@@ -108,3 +108,50 @@ def test_the_core_refuses_settings_out_of_range_naming_the_field():
         with pytest.raises(BadInputError) as caught:
             corruption.check_settings(noise, imbalance)
         assert caught.value.as_flags().startswith(flag)
+
+
+@pytest.mark.integration  # an evaluation: a scoring run and three retrainings (linear, 14x14 pixels)
+def test_an_evaluation_on_a_noisy_long_tail_reports_what_each_method_did(fmnist, prefect_api, dask_cluster, tmp_path,
+                                                                         capsys):
+    """`evaluate --label-noise 0.3 --imbalance 0.2`: the scoring run and every retraining train on
+    the corrupted table, the test split stays the source's, and the report and evaluation.json say
+    which labels were flipped, how many of them each method removed, the worst class's accuracy and
+    that no class was emptied."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    rows = np.concatenate([np.flatnonzero(fmnist.y == c)[:80] for c in range(10)])
+    pooled = lambda x: x.reshape(len(x), 1, 14, 2, 14, 2).mean((3, 5)).astype(np.float32) / 255  # noqa: E731
+    source = tmp_path / "fmnist-800.npz"
+    np.savez(source, x=pooled(fmnist.x[rows]), y=fmnist.y[rows], x_test=pooled(fmnist.x_test[:300]),
+             y_test=fmnist.y_test[:300])
+    out = tmp_path / "runs"
+    assert main(["evaluate", "--dataset", f"npz:{source}", "--model", "linear", "--label-noise", "0.3", "--imbalance",
+                 "0.2", "--methods", "influence,random", "--ratios", "0.4", "--seeds", "0", "--gap-samples", "0",
+                 "--evaluations-per-epoch", "1", "--shards", "2", "--dask-address", dask_cluster, "--out", str(out),
+                 "--target", str(tmp_path / "table")]) == 0
+    capsys.readouterr()
+    folder = next(out.glob("eval-*"))
+    summary = json.loads((folder / "evaluation.json").read_text())
+    record, table = summary["corruption"], pq.read_table(folder / "evaluation.parquet").to_pylist()
+    kept = corruption.long_tail_counts(np.full(10, 80), 0.2)
+    assert record["class_counts"] == kept.tolist() and record["n"] == kept.sum()
+    (made,) = (out / ".cache" / "corrupted").iterdir()
+    corrupted = load_dataset(f"delta:{made}@0")
+    true = load_dataset(f"npz:{source}").y[corrupted.sample_id]  # an npz's ids are its rows
+    assert record["flipped"] == corrupted.sample_id[corrupted.y != true].tolist() and record["n_flipped"] > 0
+    assert {r["n_test"] for r in table} == {300}  # the source's test split, whole
+    assert {r["n_kept"] for r in table if r["method"] == "full"} == {record["n"]}
+    by = {r["method"]: r for r in summary["robustness"]}
+    flipped = np.isin(corrupted.sample_id, record["flipped"])
+    for method, name in (("influence", "influence-r0.4"), ("random", "random-r0.4-s0")):  # as the selections say
+        pruned = pq.read_table(folder / "selections" / f"{name}.parquet").column("pruned").to_numpy(
+            zero_copy_only=False)
+        assert by[method]["flipped_removed"] == pytest.approx(pruned[flipped].mean())
+    assert by["full"]["flipped_removed"] is None and 0.2 < by["random"]["flipped_removed"] < 0.6
+    assert all(r["emptied"] == [] and r["fewest_kept"] >= 1 for r in summary["robustness"])
+    assert by["full"]["worst_class_accuracy"] < by["full"]["accuracy"]
+    report = (folder / "report.md").read_text()
+    assert "## Messy training data" in report and "30 % symmetric label noise" in report
+    assert f"| 0.4 | influence | {100 * by['influence']['flipped_removed']:.2f} |" in report
