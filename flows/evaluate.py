@@ -189,8 +189,9 @@ def retrained_records(futures: list[tuple]) -> tuple[list[dict], int]:
     return records, reused
 
 
-def influence_selection(params: EvaluateParameters) -> str:
-    """How the influence method chose its sets, in words, for the report."""
+def influence_selection(params: EvaluateParameters, removed_first: dict[float, dict] | None = None) -> str:
+    """How the influence method chose its sets, in words, for the report. `removed_first`: per
+    ratio, the selection's `mislabelled_first` record where it removed what looks mislabelled first."""
     if params.rounds > 1:
         shares = "; ".join(f"{', '.join(f'{100 * q:.3g} %' for q in round_ratios(r, params.rounds))} at ratio {r:g}"
                            for r in params.ratios)
@@ -223,9 +224,11 @@ def influence_selection(params: EvaluateParameters) -> str:
     else:
         swaps = "the greedy path kept as the answer (no swap search: `--swap-rounds 0`)"
     first = ""
-    if any(sel.mislabel_first is not False for sel in chosen.values()):
-        first = ("the samples that look mislabelled to the scoring model removed first, the most suspect first, "
-                 "within the budget and counted in the hardest share (`--mislabel-first`), ")
+    if removed_first:
+        counts = "; ".join(f"{f['removed_first']:,} of {f['flagged']:,} at ratio {r:g}"
+                           for r, f in sorted(removed_first.items()))
+        first = (f"the samples that look mislabelled to the scoring model removed first, the most suspect first, "
+                 f"within the budget and counted in the hardest share ({counts}: `--mislabel-first`), ")
     return (f"under per-difficulty-stratum removal quotas (`--coverage difficulty`) with the hardest share cut first "
             f"({cut_words}: {source}), the solver's candidates fed {orders} (`--candidates {params.candidates}`), "
             + first + swaps)
@@ -335,7 +338,9 @@ def write_evaluation(params: EvaluateParameters, results: dict, run_id: str, sta
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": evaluation.machine(),
                "run_dir": str(final), "scores_from": str(scored), "models": models,
                "recipe": json.dumps({k: v for k, v in vars(recipe).items() if k != "seed"}),
-               "command": command, "influence_selection": influence_selection(params)}
+               "command": command, "influence_selection": influence_selection(params, {
+                   sel["prune_ratio"]: sel["solver_info"]["mislabelled_first"] for sel in results["selections"].values()
+                   if sel["method"] == "influence" and "mislabelled_first" in sel.get("solver_info", {})})}
     corrupted = corruption.corruption_of(params.dataset)
     robust = None if corrupted is None else corruption.robustness(corrupted, ds, list(results["selections"].values()),
                                                                     records)

@@ -39,6 +39,7 @@ from pruning_core.selection import (  # selection_args: also imported from here 
     MAX_ROUNDS,
     MAX_SWAP_ROUNDS,
     METHODS,
+    MISLABEL_FIRST_FROM,
     SMALLEST_FROM,
     SOLVERS,
     SWAP_ROUNDS,
@@ -216,8 +217,8 @@ class RunParameters(BaseModel):
     mislabel_first: bool | None = Field(
         None, description="The influence method under difficulty coverage removes first the samples that look "
                           "mislabelled to the scoring model (confident learning's rule, the most suspect first, "
-                          "within the prune ratio) and lays out the rest as before; empty: on there wherever the "
-                          "scores flag samples, off for the other methods")
+                          "within the prune ratio) and lays out the rest as before; empty: on there where at least "
+                          f"{100 * MISLABEL_FIRST_FROM:g} % of the samples look mislabelled, off for the other methods")
     swap_rounds: int | None = Field(
         SelectionArgs.swap_rounds, ge=0, le=MAX_SWAP_ROUNDS,
         description="At most this many rounds of the influence solver's swap search after its greedy path, 0: the "

@@ -69,10 +69,15 @@ def test_what_looks_mislabelled_is_removed_first_within_the_budget():
     old = {k: v for k, v in columns.items() if k not in ("mislabel", "mislabelled")}
     assert np.array_equal(without.pruned, select(vectors, SelectionArgs(prune_ratio=0.25, coverage="difficulty",
                                                                        candidates="easiest"), old).pruned)
-    # auto (None): first wherever the scores flag samples; scores without the column select as before
+    # the default (None): first where at least 5 % of the samples look mislabelled (30 of 400 here),
+    # as before where fewer do (clean data) and for scores without the column
     auto = SelectionArgs(prune_ratio=0.25, coverage="difficulty", candidates="easiest", mislabel_first=None)
     assert np.array_equal(select(vectors, auto, columns).pruned, result.pruned)
     assert np.array_equal(select(vectors, auto, old).pruned, without.pruned)
+    few = {**columns, "mislabelled": columns["mislabelled"] & (np.cumsum(columns["mislabelled"]) <= 19)}  # 4.75 %
+    assert np.array_equal(select(vectors, auto, few).pruned, without.pruned)
+    forced = select(vectors, args, few)
+    assert forced.pruned[few["mislabelled"]].all() and forced.info["mislabelled_first"]["removed_first"] == 19
 
     many = _instance(flagged=150)[1]  # more flagged than the budget: the 100 most suspect of them go
     crowded = select(vectors, args, many)
