@@ -125,8 +125,9 @@ def _add_selection_options(parser: argparse.ArgumentParser, model) -> None:
     mode = parser.add_mutually_exclusive_group()
     for name in ("prune_ratio", "epsilon"):
         _option(mode, model, name)
-    for name in ("method", "solver", "coverage", "candidates", "hard_cut", "swap_rounds", "train_epochs"):  # an
-        # unknown method or solver is refused by the core, which lists the valid ones; the auto choices by argparse
+    for name in ("method", "solver", "coverage", "candidates", "hard_cut", "mislabel_first", "swap_rounds",
+                 "train_epochs"):
+        # an unknown method or solver is refused by the core, which lists the valid ones; the auto choices by argparse
         _option(parser, model, name, choices=name in ("coverage", "candidates"))
 
 
@@ -171,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="workers of --solver bucketed's local cluster, without --dask-address")
     select.add_argument("--out", required=True, help="the selection's Parquet file (sample_id, pruned)")
     select.add_argument("--pictures", metavar="DIR",
-                        help="also draw the selection's pictures into DIR (selection.png; examples.png for images), "
+                        help="also draw the selection's pictures into DIR (selection.png; examples.png and "
+                             "mislabelled.png for images), "
                              "with the dataset the run folder of --scores names")
 
     evaluate = sub.add_parser("evaluate", help="retrain on pruned sets per method x ratio x seed; report and plots")
@@ -186,8 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
         _option(evaluate, EvaluateParameters, name)
     _option(evaluate, EvaluateParameters, "solver", choices=True,
             help="solver of the influence method's selections; bucketed runs on the evaluation's Dask cluster")
-    for name in ("coverage", "candidates", "hard_cut", "swap_rounds"):
+    for name in ("coverage", "candidates", "hard_cut", "mislabel_first", "swap_rounds"):
         _option(evaluate, EvaluateParameters, name, choices=name in ("coverage", "candidates"))
+    for name in ("label_noise", "imbalance"):
+        _option(evaluate, EvaluateParameters, name)
     _option(evaluate, EvaluateParameters, "rounds",
             help="the influence method prunes in this many rounds, a fresh model trained on what each round keeps "
                  "scoring the next; the baselines prune in one, as published")
@@ -291,6 +295,9 @@ def cmd_run(ns: argparse.Namespace) -> int:
     sel = manifest["selection"]
     print(f"pruned:        {sel['n_pruned']} of {manifest['dataset']['n']} ({sel['method']}), "
           f"objective ‖Σ s_i‖ = {sel['objective']:.6g}")
+    if manifest["mislabelled"]["count"] is not None:
+        print(f"mislabelled:   {manifest['mislabelled']['count']} samples look mislabelled (to the scoring model, "
+              "by confident learning's rule)")
     for r in sel.get("rounds", []):
         print(f"  round {r['round']}:    {r['n_pruned']} pruned (ratio {r['prune_ratio']:.4g} of those left) "
               f"by a model at test accuracy {r['model_test_accuracy']:.4f}; {r['folder']}")
@@ -460,7 +467,7 @@ def cmd_select(ns: argparse.Namespace) -> int:
     )
 
     args = selection_args(ns.method, ns.prune_ratio, ns.epsilon, ns.solver, ns.seed, ns.class_balanced, ns.coverage,
-                          ns.candidates, ns.hard_cut, swap_rounds=ns.swap_rounds,
+                          ns.candidates, ns.hard_cut, mislabel_first=ns.mislabel_first, swap_rounds=ns.swap_rounds,
                           **({} if ns.time_limit is None else {"time_limit": ns.time_limit}))
     check_train_epochs(ns.train_epochs, args)
     if ns.time_limit is not None and args.solver != "scip":

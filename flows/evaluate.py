@@ -19,11 +19,12 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
-from pruning_core import artifacts, evaluation, figures
+from pruning_core import artifacts, corruption, evaluation, figures
+from pruning_core.corruption import corrupts
 from pruning_core.data import load_dataset
 from pruning_core.refs import SelectionResult
 from pruning_core.selection import hard_cut_formula, round_ratios
-from tasks.evaluate import generalization_gap, retrain
+from tasks.evaluate import corrupt_training_set, generalization_gap, retrain
 from tasks.progress import RunProgress
 from tasks.select import compose_selections, select_samples
 
@@ -188,8 +189,9 @@ def retrained_records(futures: list[tuple]) -> tuple[list[dict], int]:
     return records, reused
 
 
-def influence_selection(params: EvaluateParameters) -> str:
-    """How the influence method chose its sets, in words, for the report."""
+def influence_selection(params: EvaluateParameters, removed_first: dict[float, dict] | None = None) -> str:
+    """How the influence method chose its sets, in words, for the report. `removed_first`: per
+    ratio, the selection's `mislabelled_first` record where it removed what looks mislabelled first."""
     if params.rounds > 1:
         shares = "; ".join(f"{', '.join(f'{100 * q:.3g} %' for q in round_ratios(r, params.rounds))} at ratio {r:g}"
                            for r in params.ratios)
@@ -221,9 +223,15 @@ def influence_selection(params: EvaluateParameters) -> str:
         swaps = "the greedy path kept as the answer (no swap search)"
     else:
         swaps = "the greedy path kept as the answer (no swap search: `--swap-rounds 0`)"
+    first = ""
+    if removed_first:
+        counts = "; ".join(f"{f['removed_first']:,} of {f['flagged']:,} at ratio {r:g}"
+                           for r, f in sorted(removed_first.items()))
+        first = (f"the samples that look mislabelled to the scoring model removed first, the most suspect first, "
+                 f"within the budget and counted in the hardest share ({counts}: `--mislabel-first`), ")
     return (f"under per-difficulty-stratum removal quotas (`--coverage difficulty`) with the hardest share cut first "
             f"({cut_words}: {source}), the solver's candidates fed {orders} (`--candidates {params.candidates}`), "
-            + swaps)
+            + first + swaps)
 
 
 @flow(name="evaluate-pruning")
@@ -237,6 +245,7 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
     out = Path(params.out).expanduser().resolve()
     artifacts.new_run_folder(out, run_id)
     started = time.perf_counter()
+    given, params = params, corrupted_parameters(params, out)
     scored, scored_here = scoring_run(params, out)
     scores, checkpoint = str(artifacts.scores_path(scored)), str(artifacts.checkpoint_path(scored))
     with artifacts.staged_folder(out, run_id, {"flow_run_id": flow_run.get_id(), "pid": os.getpid()}) as staging:
@@ -252,9 +261,22 @@ def evaluate_pruning(params: EvaluateParameters, run_id: str | None = None, comm
                     if (params.rounds > 1 or params.solver == "bucketed") and "influence" in params.methods else None)
             results = evaluation_runs.with_options(task_runner=DaskTaskRunner(address=cluster()))(
                 params, scores, checkpoint, str(staging), str(cache), made)
-        summary = write_evaluation(params, results, run_id, staging, out / run_id, scored, command, started)
+        summary = write_evaluation(params, results, run_id, staging, out / run_id, scored, command, started,
+                                   arguments=given.as_json())
     publish_evaluation(summary)
     return summary
+
+
+def corrupted_parameters(params: EvaluateParameters, out: Path) -> EvaluateParameters:
+    """`params` on the training set that --label-noise and --imbalance make of the dataset
+    (`corrupt_training_set`, a Delta table under <out>/.cache/corrupted, which every later stage and
+    worker reads), or as they are where they ask for neither."""
+    if not corrupts(params.label_noise, params.imbalance):
+        return params
+    made = corrupt_training_set(dataset_of(params), params.label_noise, params.imbalance, params.seed,
+                                str(out / ".cache" / "corrupted"))
+    get_run_logger().info("training set: %s (%s)", corruption.describe(made), made["dataset"])
+    return params.model_copy(update={"dataset": made["dataset"], "data_root": None})
 
 
 def scoring_run(params: EvaluateParameters, out: Path) -> tuple[Path, bool]:
@@ -295,10 +317,12 @@ def scoring_record(params: EvaluateParameters, out: Path) -> Path:
 
 
 def write_evaluation(params: EvaluateParameters, results: dict, run_id: str, staging: Path, final: Path,
-                     scored: Path, command: str | None, started: float) -> dict:
+                     scored: Path, command: str | None, started: float, arguments: dict | None = None) -> dict:
     """The evaluation's files in `staging` (evaluation.parquet, generalization_gap.parquet, plots,
     report.md, evaluation.json), their paths named as they lie in `final`; returns the summary
-    written to evaluation.json. `started`: the evaluation's start (`time.perf_counter()`)."""
+    written to evaluation.json. `started`: the evaluation's start (`time.perf_counter()`);
+    `arguments`: the parameters as given (default: `params`'). A corrupted training set
+    (`corruption.corruption_of`) adds what the methods did with it, and its record."""
     args, recipe = params.eval_args(), params.retrain_args()
     records = evaluation.add_convergence(results["records"], args.target_drop)
     summary = evaluation.summarise(records)
@@ -314,9 +338,16 @@ def write_evaluation(params: EvaluateParameters, results: dict, run_id: str, sta
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": evaluation.machine(),
                "run_dir": str(final), "scores_from": str(scored), "models": models,
                "recipe": json.dumps({k: v for k, v in vars(recipe).items() if k != "seed"}),
-               "command": command, "influence_selection": influence_selection(params)}
+               "command": command, "influence_selection": influence_selection(params, {
+                   sel["prune_ratio"]: sel["solver_info"]["mislabelled_first"] for sel in results["selections"].values()
+                   if sel["method"] == "influence" and "mislabelled_first" in sel.get("solver_info", {})})}
+    corrupted = corruption.corruption_of(params.dataset)
+    robust = None if corrupted is None else corruption.robustness(corrupted, ds, list(results["selections"].values()),
+                                                                    records)
+    names = ds.origin.get("classes") or figures.class_names(ds.origin.get("source", ds.name), ds.n_classes)
     report = evaluation.report_markdown(summary, records, results["gaps"], goal, plots, context, relative_to=final,
-                                        overlaps=overlaps)
+                                        overlaps=overlaps,
+                                        sections=[corruption.robustness_markdown(robust, names)] if robust else [])
     artifacts.save_parquet(evaluation.evaluation_table(records), staging / "evaluation.parquet")
     if results["gaps"]:
         import pyarrow as pa
@@ -329,7 +360,9 @@ def write_evaluation(params: EvaluateParameters, results: dict, run_id: str, sta
                    "models": {"scored": params.model, "retrained": recipe.model},
                    "retrainings": {"total": len(records), "reused": results["reused"],
                                    "cache": results["cache"]},
-                   "arguments": params.as_json()}
+                   "arguments": arguments or params.as_json()}
+    if corrupted is not None:
+        out_summary.update(corruption=corrupted, robustness=robust["rows"])
     artifacts.write_json(staging / "evaluation.json", out_summary)
     return out_summary
 

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 from pydantic_core import PydanticCustomError
 
 from pruning_core import artifacts
+from pruning_core.corruption import corrupts
 from pruning_core.data import OWN_DATA, parse_dataset_spec, pinned
 from pruning_core.errors import BadInputError, first_line, no_file, renamed_fields
 from pruning_core.recipe import (
@@ -38,6 +39,7 @@ from pruning_core.selection import (  # selection_args: also imported from here 
     MAX_ROUNDS,
     MAX_SWAP_ROUNDS,
     METHODS,
+    MISLABEL_FIRST_FROM,
     SMALLEST_FROM,
     SOLVERS,
     SWAP_ROUNDS,
@@ -100,6 +102,8 @@ FIELD_TITLES = {
     "epsilon": "ε: bound on ‖Σ s_i‖₂", "method": "Selection method", "solver": "Solver",
     "class_balanced": "Class-balanced", "coverage": "Difficulty coverage",
     "candidates": "Candidate order of the solver", "hard_cut": "Hardest share cut first",
+    "mislabel_first": "Remove what looks mislabelled first", "label_noise": "Label noise (share flipped)",
+    "imbalance": "Class imbalance (smallest / largest class)",
     "swap_rounds": "Swap-search rounds", "rounds": "Pruning rounds (a fresh model scores what each round keeps)",
     "train_epochs": "Epochs the pruned set will be trained for", "shards": "Influence shards",
     "workers": "Local Dask workers", "dask_address": "Dask scheduler address", "out": "Run folder root",
@@ -211,6 +215,11 @@ class RunParameters(BaseModel):
         description="Under difficulty coverage: the share of the hardest (highest-EL2N) samples removed first; empty: "
                     "the product's schedule, none up to 50 % pruned, then half of every further removal (β = (ratio − "
                     "0.5) / 2), shifted by train_epochs")
+    mislabel_first: bool | None = Field(
+        None, description="The influence method under difficulty coverage removes first the samples that look "
+                          "mislabelled to the scoring model (confident learning's rule, the most suspect first, "
+                          "within the prune ratio) and lays out the rest as before; empty: on there where at least "
+                          f"{100 * MISLABEL_FIRST_FROM:g} % of the samples look mislabelled, off for the other methods")
     swap_rounds: int | None = Field(
         SelectionArgs.swap_rounds, ge=0, le=MAX_SWAP_ROUNDS,
         description="At most this many rounds of the influence solver's swap search after its greedy path, 0: the "
@@ -280,6 +289,7 @@ class RunParameters(BaseModel):
                               self.class_balanced, self.coverage, self.candidates if method == self.method else "auto",
                               self.hard_cut if method == self.method else None,  # baselines as published
                               train_budget=self.train_budget(),
+                              mislabel_first=self.mislabel_first if method == self.method else None,
                               swap_rounds=self.swap_rounds if method == self.method else None)
 
     def train_budget(self) -> float:
@@ -376,6 +386,14 @@ class EvaluateParameters(RunParameters):
                           "which scores: select with a cheap proxy, retrain a bigger model; empty: model")
     train_epochs: int | None = Field(None, ge=1, le=10000,
                                      description="Epochs of the retrainings of train_model; empty: its default epochs")
+    label_noise: float = Field(
+        0.0, ge=0, lt=1, description="Flip each training label with this probability to a class drawn uniformly "
+                                     "from the others (symmetric noise, seeded by a seed derived from seed) before "
+                                     "scoring; the flipped samples are recorded and the test set stays clean")
+    imbalance: float = Field(
+        1.0, gt=0, le=1, description="Cut the training classes to a long tail before scoring: class c keeps "
+                                     "n_max·imbalance^(c/(C−1)) of its samples (a seeded draw, at least one); 1: "
+                                     "none; the test set stays balanced")
 
     def eval_args(self) -> EvalArgs:
         return EvalArgs(methods=tuple(self.methods), ratios=tuple(self.ratios), seeds=tuple(self.seeds),
@@ -417,6 +435,10 @@ class EvaluateParameters(RunParameters):
             raise BadInputError("`train_epochs` sets the epochs of `train_model`, which is not given: an evaluation "
                                 "retrains with its own epochs (`epochs`); to evaluate a longer recipe, retrain a "
                                 "run's scores longer (`from_run` RUN `epochs` N)")
+        if self.from_run is not None and corrupts(self.label_noise, self.imbalance):
+            given = "`label_noise`" if self.label_noise > 0 else "`imbalance`"
+            raise BadInputError(f"{given} with `from_run`: the run brings the data it scored; evaluate it with "
+                                "`dataset` set to the corrupted table an earlier evaluation scored (delta:…@0)")
         if self.from_run is not None:  # first: the selection's training budget reads its manifest
             self._check_from_run()
             self._check_selection_options_apply()
@@ -442,7 +464,8 @@ class EvaluateParameters(RunParameters):
         """With --from-run no scoring run selects with --method: the influence method's options act
         on the influence selections of --methods only, and would be silently unused without them."""
         listed = ",".join(self.methods)
-        given = [f"`{name}`" for name in ("solver", "coverage", "candidates", "swap_rounds", "rounds")
+        given = [f"`{name}`" for name in ("solver", "coverage", "candidates", "mislabel_first", "swap_rounds",
+                                          "rounds")
                  if getattr(self, name) != type(self).model_fields[name].default]
         if given and "influence" not in self.methods:
             raise BadInputError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to the influence method, "

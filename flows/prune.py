@@ -53,7 +53,8 @@ def prune_dataset(params: RunParameters, run_id: str | None = None) -> dict:
         version = publish_version(params, target, run_id, final, ds, result, progress, timed)
         influence = influence_entry(params.influence_args(), result.scores)
         manifest = run_manifest(run_id, final, ds, result.model, influence, result.selection.summary, version,
-                                pictures, timings=dict(timed), arguments=params.as_json(), software=software_versions())
+                                pictures, timings=dict(timed), arguments=params.as_json(), software=software_versions(),
+                                mislabelled=result.scores.mislabelled)
         artifacts.save_manifest(manifest, staging)
     emit_version_event(version, run_id)
     publish_artifacts(manifest, class_balance(dataset_of(params), str(artifacts.selection_path(final))))
@@ -106,7 +107,7 @@ def influence_scores(params: RunParameters, model: ModelRef, cache: str, scores_
     inverse = inverse_hessian(**common, feature_paths=feature_paths, weight_decay=params.weight_decay, args=args)
     track.update("inverse", 1, 1, inverse.strategy)
     shards = run_shards(params, influence_shard, "influence", ranges, track, **common, inverse=inverse.path, args=args)
-    return merge_scores(shards, scores_out, metadata, inverse, cache, model.forgetting)
+    return merge_scores(shards, scores_out, metadata, inverse, cache, model.forgetting, ds.n_classes)
 
 
 def run_shards(params: RunParameters, task, stage: str, ranges, track: RunProgress, **kwargs) -> list:

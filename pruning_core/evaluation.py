@@ -624,7 +624,9 @@ def _comparison_line(c: dict) -> str:
 
 
 def report_markdown(summary: list[dict], records: list[dict], gaps: list[dict], goal: dict, plots: dict[str, str],
-                    context: dict, relative_to: Path | None = None, overlaps: list[dict] | None = None) -> str:
+                    context: dict, relative_to: Path | None = None, overlaps: list[dict] | None = None,
+                    sections: list[str] = ()) -> str:
+    """The evaluation's report; `sections`: more Markdown sections, put before the plots."""
     rel = (lambda p: str(Path(p).relative_to(relative_to))) if relative_to else (lambda p: p)
     lines = [f"# Pruning evaluation — {context.get('dataset')} / {context.get('model')}", "",
              "`influence` is this product's method: the removal set minimising the predicted parameter change "
@@ -681,6 +683,8 @@ def report_markdown(summary: list[dict], records: list[dict], gaps: list[dict], 
                   "Which share of the influence method's removal set each method also removes (a random set of "
                   "the same size shares about the prune ratio), and the Jaccard index of the two sets; a method "
                   "that draws per seed by its first draw.", ""] + overlap_table(overlaps)
+    for section in sections:
+        lines += ["", section.rstrip("\n")]
     lines += ["", "## Plots", ""]
     for name, path in plots.items():
         lines.append(f"![{name.replace('_', ' ')}]({rel(path)})")

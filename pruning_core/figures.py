@@ -16,6 +16,7 @@ CLASS_NAMES = {
 }
 BAR_CLASSES = 20  # up to this many classes get a bar each; more are drawn as the sorted kept share
 EXAMPLE_CLASSES = 10  # rows of the examples grid (the most and the least pruned classes where there are more)
+MISLABELLED_SHOWN = 32  # samples in mislabelled.png, the most suspect first
 KEPT, PRUNED = "tab:blue", "tab:orange"
 INLINE_LIMIT = 1 << 20  # bytes: a larger picture is named by its path in a Prefect artifact, not carried
 
@@ -186,10 +187,49 @@ def draw_examples(path: Path, x: np.ndarray, labels: np.ndarray, pruned: np.ndar
     return str(path)
 
 
+def draw_mislabelled(path: Path, x: np.ndarray, labels: np.ndarray, mislabel: np.ndarray, likely: np.ndarray,
+                     flagged: np.ndarray, names: list[str], pruned: np.ndarray | None = None,
+                     count: int = MISLABELLED_SHOWN, columns: int = 8) -> str | None:
+    """mislabelled.png: the `count` samples that look most mislabelled (highest `mislabel`, ties
+    by index), each under its given label and the label the model gives it instead (`likely`),
+    framed in the colour of its side of the selection where `pruned` is given; None when the
+    samples are not images. The title counts those flagged by the rule (`flagged`, (n,) bool)."""
+    if displayable(x[:1]) is None:
+        return None
+    from matplotlib.colors import to_rgb
+
+    plt = pyplot()
+    shown = np.lexsort((np.arange(len(mislabel)), -np.asarray(mislabel, np.float64)))[:count]
+    rows = -(-len(shown) // columns)
+    h, w = x.shape[2:]
+    frame = max(1, h // 14)
+    images = displayable(x[shown])
+    if images.ndim == 3:
+        images = np.repeat(images[..., None], 3, axis=3)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.45 * columns, 1.75 * rows + 0.6), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i, image in zip(axes.ravel(), shown, images):
+        tile = np.ones((h + 2 * frame, w + 2 * frame, 3), np.float32)
+        if pruned is not None:
+            tile[:] = to_rgb(PRUNED if pruned[i] else KEPT)
+        tile[frame:frame + h, frame:frame + w] = image
+        ax.imshow(tile, interpolation="nearest")
+        ax.set_title(f"{names[labels[i]][:12]}\n→ {names[likely[i]][:12]}", fontsize=7)
+    side = "; frame: pruned (orange) or kept (blue)" if pruned is not None else ""
+    fig.suptitle(f"The {len(shown)} samples that look most mislabelled: given label → the model's "
+                 f"({int(np.sum(flagged)):,} of {len(labels):,} flagged{side})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
 def draw_run(folder: Path, ds, scores: Path, selection: Path, objective: float | None = None) -> dict[str, str]:
-    """A run's pictures in `folder`: selection.png and, where the samples are images, examples.png.
-    Returns {picture: file name}. The scores, the selection and the dataset list the same samples
-    in the same order, as a run writes them."""
+    """A run's pictures in `folder`: selection.png and, where the samples are images, examples.png
+    and mislabelled.png (for scores that rate each label: `mislabel`). Returns {picture: file
+    name}. The scores, the selection and the dataset list the same samples in the same order, as
+    a run writes them."""
     sample_id, pruned = artifacts.load_selection(selection)
     if not np.array_equal(sample_id, ds.sample_id):
         raise ValueError(f"{selection} does not list the samples of {ds.name} in order")
@@ -202,6 +242,10 @@ def draw_run(folder: Path, ds, scores: Path, selection: Path, objective: float |
     drawn = {"selection": "selection.png"}
     if draw_examples(Path(folder) / "examples.png", ds.x, ds.y, pruned, names):
         drawn["examples"] = "examples.png"
+    if "mislabelled" in table.column_names and draw_mislabelled(
+            Path(folder) / "mislabelled.png", ds.x, ds.y, *(artifacts.column_array(table, c) for c in (
+                "mislabel", "likely_label", "mislabelled")), names, pruned):
+        drawn["mislabelled"] = "mislabelled.png"
     return drawn
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .data import Dataset, dataset_summary
+from .mislabel import RULE
 from .recipe import InfluenceArgs
 from .refs import ModelRef, Round, ScoresRef, VersionRef
 
@@ -24,12 +25,14 @@ def influence_entry(args: InfluenceArgs, scores: ScoresRef) -> dict:
 
 def run_manifest(run_id: str, run_dir: Path, ds: Dataset, model: ModelRef, influence: dict, selection: dict,
                  version: VersionRef, figures: dict[str, str], *, timings: dict[str, float], arguments: dict,
-                 software: dict) -> dict:
+                 software: dict, mislabelled: int | None = None) -> dict:
     """The run's manifest. `influence`: `influence_entry`; `selection`: the selection's summary
-    (`rounds_summary` for a run in rounds); `figures`: {name: file name in `run_dir`}."""
+    (`rounds_summary` for a run in rounds); `figures`: {name: file name in `run_dir`};
+    `mislabelled`: how many samples look mislabelled to the scoring model (`ScoresRef.mislabelled`)."""
     return {"run_id": run_id, "run_dir": str(run_dir), "dataset": dataset_summary(ds),
             "model": model.manifest_entry(run_dir), "checkpoint_sha256": model.checkpoint_sha256,
             "arguments": arguments, "influence": influence, "selection": selection,
+            "mislabelled": {"count": mislabelled, "rule": RULE},
             "version": {"uri": version.uri, "version": version.version},
             "figures": {name: str(Path(run_dir) / file) for name, file in figures.items()},
             "timings": timings, "software": software}

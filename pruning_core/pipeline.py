@@ -19,6 +19,8 @@ import torch
 from . import artifacts, code_digest, hessians, influence
 from .data import load_dataset
 from .errors import DatasetError, first_line
+from .mislabel import COLUMNS as MISLABEL_COLUMNS
+from .mislabel import looks_mislabelled, mislabel_scores
 from .models import build_model
 from .recipe import InfluenceArgs, TrainArgs, is_factory
 from .refs import DatasetRef, InverseRef, ModelRef, ScoresRef
@@ -203,10 +205,13 @@ def inverse_stage(cache: Path, model: ModelRef, data: DatasetRef, args: Influenc
 def influence_shard_stage(cache: Path, model: ModelRef, data: DatasetRef, start: int, end: int, args: InfluenceArgs,
                           *, inverse: str, threads: int | None = 1) -> str:
     """The scores table of samples [start, end) (`scores_shard_path`): influence vectors with M
-    = B H⁻¹ read from `inverse` (an `.npy` path), loss, EL2N, GraNd and the last-layer inputs as
-    embedding. A shard already written is reused."""
+    = B H⁻¹ read from `inverse` (an `.npy` path), loss, EL2N, GraNd, the mislabel scores
+    (`mislabel.mislabel_scores`) and the last-layer inputs as embedding. A shard already written
+    is reused where it has every column (one written before the mislabel scores is written anew)."""
+    import pyarrow.parquet as pq
+
     path = artifacts.scores_shard_path(cache, start, end)
-    if path.exists():
+    if path.exists() and set(MISLABEL_COLUMNS) <= set(pq.read_schema(path).names):
         return str(path)
     ds = _claimed_dataset(cache, data.spec, data.root)
     net = _model_once(model.checkpoint, model.checkpoint_sha256, model.name, data)
@@ -237,15 +242,19 @@ def influence_shard_stage(cache: Path, model: ModelRef, data: DatasetRef, start:
     loss_values, el2n = influence.loss_and_el2n(probs, y)
     paths = {} if ds.paths is None else {"path": ds.paths[start:end]}  # a folder source's files
     table = artifacts.scores_table({"sample_id": ds.sample_id[start:end], **paths, "label": y, "loss": loss_values,
-                                    "el2n": el2n, "grand": grand}, vectors, embedding=embedding)
+                                    "el2n": el2n, "grand": grand,
+                                    **dict(zip(MISLABEL_COLUMNS, mislabel_scores(probs, y)))},
+                                   vectors, embedding=embedding)
     return str(artifacts.save_parquet(table, path))
 
 
 def merge_scores_stage(shard_paths: list[str], out: Path, metadata: dict, *, inverse: InverseRef, cache: str,
-                       forgetting: str | None = None) -> ScoresRef:
+                       forgetting: str | None = None, n_classes: int | None = None) -> ScoresRef:
     """Concatenate shard tables in sample order into `out`, `metadata` and the solve of `inverse`
     (`InverseRef.solve`) in its schema; add `forgetting` (events per sample, from the training
-    run's per-epoch correctness) when training recorded it. `cache`: the influence cache folder."""
+    run's per-epoch correctness) when training recorded it, and `mislabelled`, which needs every
+    sample's label and probabilities (`mislabel.looks_mislabelled`). `cache`: the influence cache
+    folder; `n_classes`: the dataset's."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -253,10 +262,14 @@ def merge_scores_stage(shard_paths: list[str], out: Path, metadata: dict, *, inv
     if forgetting:
         events = np.load(forgetting)
         table = table.add_column(table.schema.get_field_index("grand") + 1, "forgetting", pa.array(events, pa.int64()))
+    flagged = looks_mislabelled(*(artifacts.column_array(table, c) for c in ("label", *MISLABEL_COLUMNS)), n_classes)
+    table = table.add_column(table.schema.get_field_index("likely_probability") + 1, "mislabelled",
+                             pa.array(flagged))
     metadata = {**metadata, "inverse": inverse.solve()}
     table = table.replace_schema_metadata({"dataset_pruning": json.dumps(metadata, sort_keys=True)})
     artifacts.save_parquet(table, out)
-    return ScoresRef(str(out), table.num_rows, table.schema.field("influence").type.list_size, inverse, cache)
+    return ScoresRef(str(out), table.num_rows, table.schema.field("influence").type.list_size, inverse, cache,
+                     int(flagged.sum()))
 
 
 def compose_rounds_stage(scores: Path, selections: list[str], out: Path, prune_ratio: float) -> dict:

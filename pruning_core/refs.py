@@ -81,13 +81,15 @@ class InverseRef:
 @dataclass(frozen=True)
 class ScoresRef:
     """`scores.parquet` (n rows, influence vectors of dimension p), the inverse Hessian it was
-    scored with (`pipeline.inverse_stage`) and the influence cache folder."""
+    scored with (`pipeline.inverse_stage`), the influence cache folder and how many samples look
+    mislabelled (`mislabel.looks_mislabelled`)."""
 
     path: str
     n: int
     p: int
     inverse: InverseRef
     cache: str
+    mislabelled: int | None = None
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
-"""Evaluation tasks: retrain on a selection, and the generalization-gap check."""
+"""Evaluation tasks: the corrupted training set, retrain on a selection, and the
+generalization-gap check."""
+
+from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pruning_core import evaluation
+from pruning_core import corruption, evaluation
 from pruning_core.recipe import TrainArgs
 from pruning_core.refs import DatasetRef
 
@@ -27,3 +30,10 @@ def generalization_gap(kind: str, data: DatasetRef, samples: int, points: int, w
     with torch_threads(1):
         return evaluation.gap_check(kind, ds, samples, points, weight_decay, checkpoint=checkpoint,
                                     model_name=model_name)
+
+
+@task(name="corrupt-training-set", cache_policy=NO_CACHE)
+def corrupt_training_set(data: DatasetRef, label_noise: float, imbalance: float, seed: int, folder: str) -> dict:
+    """The dataset with label noise and a long tail, as a Delta table in `folder` (reused where
+    one was made for the same source and settings): {"dataset": its spec, **what was done}."""
+    return corruption.corrupted_source_stage(data.spec, data.root, label_noise, imbalance, seed, Path(folder))

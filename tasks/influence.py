@@ -33,6 +33,6 @@ def influence_shard(cache: str, model: ModelRef, data: DatasetRef, start: int, e
 
 @task(name="merge-scores", cache_policy=NO_CACHE)
 def merge_scores(shard_paths: list[str], out: str, metadata: dict, inverse: InverseRef, cache: str,
-                 forgetting: str | None = None) -> ScoresRef:
+                 forgetting: str | None = None, n_classes: int | None = None) -> ScoresRef:
     return pipeline.merge_scores_stage(shard_paths, Path(out), metadata, inverse=inverse, cache=cache,
-                                       forgetting=forgetting)
+                                       forgetting=forgetting, n_classes=n_classes)

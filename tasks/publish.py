@@ -69,6 +69,7 @@ def publish_artifacts(manifest: dict, balance: list[dict]) -> None:
 | model | `{model['name']}`, test accuracy {model['test_accuracy']:.4f} |
 | method | `{sel['method']}` (solver `{sel['solver']}`), ratio {sel['prune_ratio']}, ε {sel['epsilon']} |
 | pruned / kept | {sel['n_pruned']} / {sel['n_kept']} |
+| look mislabelled | {manifest['mislabelled']['count']} samples ({manifest['mislabelled']['rule']}) |
 | objective ‖Σ s_i‖₂ | {sel['objective']:.6g} |
 | paper's bound term | {sel['bound']['order_term']:.6g} |
 | version | `{ver['uri']}` @ {ver['version']} |

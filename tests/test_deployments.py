@@ -368,7 +368,8 @@ def test_run_shows_a_progress_bar_and_publishes_to_dvc(prefect_api, tiny_npz, tm
     assert re.search(r"━+\s+100%", text), [text[m.start() - 200:m.end() + 50] for m in re.finditer("100%", text)][-2:]
 
     run_dir = Path(re.search(r"run folder:\s+(\S+)", text).group(1))
-    assert f"pictures:      {run_dir}/selection.png, {run_dir}/examples.png" in text
+    assert f"pictures:      {run_dir}/selection.png, {run_dir}/examples.png, {run_dir}/mislabelled.png" in text
+    assert re.search(r"mislabelled:   \d+ samples look mislabelled", text)
     selection = pq.read_table(run_dir / "selection.parquet")
     kept = selection.column("sample_id").to_numpy()[~selection.column("pruned").to_numpy(zero_copy_only=False)]
     manifest = json.loads((run_dir / "manifest.json").read_text())

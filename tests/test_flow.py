@@ -41,8 +41,9 @@ def first_run(prefect_api, small_npz, tmp_path_factory, dask_cluster):
 def test_flow_publishes_exactly_the_kept_samples(first_run, prefect_api):
     tmp, manifest = first_run
     run_dir = tmp / "first" / "runs" / manifest["run_id"]
-    assert sorted(p.name for p in run_dir.iterdir()) == ["examples.png", "forgetting.npy", "manifest.json", "model.pt",
-                                                          "scores.parquet", "selection.parquet", "selection.png"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["examples.png", "forgetting.npy", "manifest.json",
+                                                          "mislabelled.png", "model.pt", "scores.parquet",
+                                                          "selection.parquet", "selection.png"]
     assert json.loads((run_dir / "manifest.json").read_text()) == json.loads(json.dumps(manifest, default=str))
     assert not any((tmp / "first" / "runs" / ".staging").iterdir())
 
@@ -54,7 +55,14 @@ def test_flow_publishes_exactly_the_kept_samples(first_run, prefect_api):
     pruned = selection.column("pruned").to_numpy(zero_copy_only=False)
     assert pruned.sum() == 800 == manifest["selection"]["n_pruned"]
     assert manifest["selection"]["objective"] == pytest.approx(objective(vectors, pruned), rel=1e-12)
-    assert manifest["selection"]["objective"] < objective(vectors, np.arange(2000) < 800)
+    # the samples that look mislabelled (13 % of this small set, under a cnn at 75 % accuracy) go
+    # first; the solver's choice of the rest beats the first others in sample order
+    flagged = table.column("mislabelled").to_numpy(zero_copy_only=False)
+    assert 0 < flagged.sum() <= 800 and pruned[flagged].all()
+    assert manifest["selection"]["solver_info"]["mislabelled_first"] == {"flagged": int(flagged.sum()),
+                                                                         "removed_first": int(flagged.sum())}
+    arbitrary = flagged | (np.cumsum(~flagged) <= 800 - flagged.sum()) & ~flagged
+    assert arbitrary.sum() == 800 and manifest["selection"]["objective"] < objective(vectors, arbitrary)
 
     delta = DeltaTable(manifest["version"]["uri"], version=manifest["version"]["version"])
     rows = delta.to_pyarrow_table()
@@ -77,7 +85,8 @@ def test_flow_draws_what_it_pruned_and_carries_the_pictures_to_the_ui(first_run,
     tmp, manifest = first_run
     run_dir = tmp / "first" / "runs" / manifest["run_id"]
     assert manifest["figures"] == {"selection": str(run_dir / "selection.png"),
-                                   "examples": str(run_dir / "examples.png")}
+                                   "examples": str(run_dir / "examples.png"),
+                                   "mislabelled": str(run_dir / "mislabelled.png")}
     for path in manifest["figures"].values():
         image = mpimg.imread(path)
         assert image.shape[0] > 400 and image.shape[1] > 800 and image.std() > 0.05
@@ -87,7 +96,9 @@ def test_flow_draws_what_it_pruned_and_carries_the_pictures_to_the_ui(first_run,
     (summary,) = [a for a in found if a.description == f"Run {manifest['run_id']}"]
     pictures = re.findall(r"!\[(\w+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", summary.data)
     assert [(name, base64.b64decode(data)) for name, data in pictures] == [
-        (name, (run_dir / f"{name}.png").read_bytes()) for name in ("selection", "examples")]
+        (name, (run_dir / f"{name}.png").read_bytes()) for name in ("selection", "examples", "mislabelled")]
+    flagged = int(pq.read_table(run_dir / "scores.parquet").column("mislabelled").to_numpy(zero_copy_only=False).sum())
+    assert manifest["mislabelled"]["count"] == flagged and f"| look mislabelled | {flagged} samples (" in summary.data
 
 
 def test_a_picture_that_cannot_be_drawn_loses_nothing(first_run, small_npz, cnn_checkpoint, monkeypatch,
@@ -245,7 +256,8 @@ def test_sharded_dask_scores_equal_one_plain_process(first_run, small_npz, tmp_p
     inverse = pipeline.inverse_stage(tmp_path, model, data, args, feature_paths=[features], weight_decay=5e-4)
     shard = pipeline.influence_shard_stage(tmp_path, model, data, 0, 2000, args, inverse=inverse.path)
     flow_scores = pq.read_table(tmp / "first" / "runs" / manifest["run_id"] / "scores.parquet")
-    assert pq.read_table(shard).equals(flow_scores.drop_columns(["forgetting"]).replace_schema_metadata(None))
+    merged = flow_scores.drop_columns(["forgetting", "mislabelled"])  # columns the merge adds
+    assert pq.read_table(shard).equals(merged.replace_schema_metadata(None))
 
 
 def test_a_shard_stage_that_loads_other_data_than_the_run_trained_on_writes_nothing(first_run, small_npz, tmp_path):
@@ -370,8 +382,10 @@ def test_select_draws_the_pictures_of_its_own_selection(first_run, small_npz, tm
     assert main(["select", "--scores", str(run_dir / "scores.parquet"), "--prune-ratio", "0.3", "--method", "el2n",
                  "--out", str(out), "--pictures", str(pictures)]) == 0
     printed = capsys.readouterr().out
-    assert f"pictures:      {pictures / 'selection.png'}, {pictures / 'examples.png'}" in printed
-    assert sorted(p.name for p in pictures.iterdir()) == ["examples.png", "selection.png"]  # no drawing folder left
+    assert f"pictures:      {pictures / 'selection.png'}, {pictures / 'examples.png'}, " \
+           f"{pictures / 'mislabelled.png'}" in printed
+    assert sorted(p.name for p in pictures.iterdir()) == ["examples.png", "mislabelled.png",
+                                                           "selection.png"]  # no drawing folder left
     direct = tmp_path / "direct"
     direct.mkdir()
     summary = json.loads(pq.read_schema(out).metadata[b"dataset_pruning"])
@@ -413,7 +427,8 @@ def test_select_train_epochs_shifts_the_hard_cut_by_the_run_s_own_epochs(first_r
     for train_epochs in (None, 10, 20, 2):
         out = tmp_path / f"selection-{train_epochs}.parquet"
         extra = ["--train-epochs", str(train_epochs)] if train_epochs else []
-        assert main(["select", "--scores", str(scores), "--prune-ratio", "0.8", *extra, "--out", str(out)]) == 0
+        assert main(["select", "--scores", str(scores), "--prune-ratio", "0.8", *extra, "--no-mislabel-first",
+                     "--out", str(out)]) == 0  # the whole cut from the hardest, none of it flagged first
         coverage = json.loads(pq.read_schema(out).metadata[b"dataset_pruning"])["solver_info"]["coverage"]
         cuts[train_epochs] = (coverage["hard_fraction"], coverage["hard_cut"], coverage["train_budget"])
     assert cuts == {None: (0.15, 300, 1.0), 10: (0.1, 200, 2.0), 20: (0.05, 100, 4.0), 2: (0.25, 500, 0.4)}
