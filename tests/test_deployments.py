@@ -262,7 +262,7 @@ def test_ui_quick_run_and_custom_run_complete_and_publish_versions(served, brows
     pictures = page.locator("img[src^='data:image/png']")
     expect(pictures.first).to_be_visible()
     widths = pictures.evaluate_all("images => images.map(image => image.complete ? image.naturalWidth : 0)")
-    assert len(widths) == 2 and min(widths) > 500, widths
+    assert len(widths) == 3 and min(widths) > 500, widths  # selection, examples, mislabelled
     page.close()
 
 
