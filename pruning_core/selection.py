@@ -155,9 +155,9 @@ class SelectionArgs:
     def removes_mislabelled_first(self, columns: dict[str, np.ndarray]) -> bool:
         """Whether this selection removes the samples that look mislabelled first: as
         `mislabel_first` says; None (the default) where at least MISLABEL_FIRST_FROM of the samples
-        look mislabelled (the column `mislabelled`, which scores written before it lack). Clean
-        Fashion-MNIST flags 1.8 %, where removing them first cost 0.3 points; with 30 % of its
-        labels flipped it flags 29.6 %, where it gained 1.5 (benchmarks/results/robustness-pilot.md)."""
+        look mislabelled (the column `mislabelled`, which scores written before it lack): below it
+        the flagged are mostly the model's own confusions, whose removal costs accuracy
+        (benchmarks/results/robustness-pilot.md)."""
         if self.mislabel_first is None:
             return "mislabelled" in columns and float(np.mean(columns["mislabelled"])) >= MISLABEL_FIRST_FROM
         if self.mislabel_first and "mislabelled" not in columns:
