@@ -114,20 +114,25 @@ def fmnist():
 CIFAR10_FOLDER = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
 
-@pytest.fixture(scope="session")
-def cifar_slice(tmp_path_factory) -> Path:
-    """The first 10 training and 10 test images of every CIFAR-10 class, copied from the shared
-    folder in its layout; the test is skipped where that folder is absent."""
+def copy_cifar_slice(root: Path, per_class: int, test_per_class: int) -> Path:
+    """The first `per_class` training and `test_per_class` test images of every CIFAR-10 class,
+    copied from the shared folder into `root` in its layout; the test is skipped where that
+    folder is absent."""
     if not (CIFAR10_FOLDER / "train").is_dir():
         pytest.skip(f"the shared CIFAR-10 folder {CIFAR10_FOLDER} is absent (../shared/data/cifar10 from the "
                     "project root)")
-    root = tmp_path_factory.mktemp("cifar10-slice")
-    for split in ("train", "test"):
+    for split, k in (("train", per_class), ("test", test_per_class)):
         for folder in sorted((CIFAR10_FOLDER / split).iterdir()):
             (root / split / folder.name).mkdir(parents=True)
-            for f in sorted(folder.iterdir())[:10]:
+            for f in sorted(folder.iterdir())[:k]:
                 shutil.copyfile(f, root / split / folder.name / f.name)
     return root
+
+
+@pytest.fixture(scope="session")
+def cifar_slice(tmp_path_factory) -> Path:
+    """10 training and 10 test images of every CIFAR-10 class, in the shared folder's layout."""
+    return copy_cifar_slice(tmp_path_factory.mktemp("cifar10-slice"), 10, 10)
 
 
 def write_npz(ds, path, n: int, n_test: int) -> str:

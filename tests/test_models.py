@@ -4,7 +4,6 @@ training, influence, checkpoints and every refusal."""
 
 import hashlib
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,35 +21,19 @@ from pruning_core.models import BasicBlock, CifarResNet, FactoryModel, SmallCNN,
 from pruning_core.recipe import CIFAR_RESNETS, TrainArgs
 from pruning_core.scopes import ScopedLoss, scope_parameter_names
 from pruning_core.training import accuracy, load_model, predict_logits, train, training_precision
+from tests.conftest import copy_cifar_slice
 from tests.user_models import SmallNet
 
-CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"  # ../shared from the project root
 USER = "tests.user_models"
-
-
-def cifar_slice(per_class: int, test_per_class: int) -> dict:
-    """The first images of each class of the shared CIFAR-10 JPEG folder, decoded: x (n, 3, 32, 32)
-    uint8, y, x_test, y_test."""
-    from PIL import Image
-
-    if not (CIFAR / "train").is_dir():
-        pytest.skip(f"the shared CIFAR-10 folder {CIFAR} is absent (tests read a slice of it)")
-    classes = sorted(p.name for p in (CIFAR / "train").iterdir())
-
-    def split(name, k):
-        files = [(c, f) for c, cls in enumerate(classes) for f in sorted((CIFAR / name / cls).iterdir())[:k]]
-        x = np.stack([np.asarray(Image.open(f).convert("RGB")).transpose(2, 0, 1) for _, f in files])
-        return x, np.array([c for c, _ in files])
-
-    (x, y), (x_test, y_test) = split("train", per_class), split("test", test_per_class)
-    return {"x": x, "y": y, "x_test": x_test, "y_test": y_test}
 
 
 @pytest.fixture(scope="module")
 def cifar_npz(tmp_path_factory) -> str:
-    """20 training and 5 test images per class of CIFAR-10, as an `npz:` file."""
+    """20 training and 5 test images per class of CIFAR-10, decoded by the `folder:` source, as an
+    `npz:` file."""
+    ds = load_dataset(f"folder:{copy_cifar_slice(tmp_path_factory.mktemp('cifar'), 20, 5)}")
     path = tmp_path_factory.mktemp("cifar") / "cifar-slice.npz"
-    np.savez(path, **cifar_slice(20, 5))
+    np.savez(path, x=ds.x, y=ds.y, x_test=ds.x_test, y_test=ds.y_test)
     return str(path)
 
 
