@@ -13,7 +13,7 @@ from pathlib import Path
 from pruning_core import code_digest
 from pruning_core.errors import BadInputError, first_line, renamed_fields
 from pruning_core.influence import check_memory, memory_available, stage_estimate
-from pruning_core.selection import check_scip_size, round_ratios
+from pruning_core.selection import check_scip_size, class_quotas, round_ratios
 
 
 def connect_timeout() -> float:
@@ -233,6 +233,8 @@ def run_preflight(params, load_checkpoint: bool = True) -> dict:
         check_scip_size(estimate["n"], estimate["k"])
     if params.rounds > 1:  # every round must remove at least one sample
         round_ratios(params.prune_ratio, params.rounds, ds.n)
+    if params.class_balanced and params.prune_ratio is not None:  # no class emptied
+        class_quotas(ds.y, params.selection_args().n_prune(ds.n))
     check_local_gpu(params)
     info = scheduler_info(params.dask_address) if params.dask_address else None
     if params.gpu and info is not None:

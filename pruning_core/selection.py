@@ -434,11 +434,21 @@ def _greedy_path_quotas(vectors, norms2, stream, steps, pool_size, labels, quota
 
 
 def class_quotas(labels: np.ndarray, m: int) -> np.ndarray:
-    """Removals per class in proportion to class size, summing to m (largest remainders)."""
+    """Removals per class in proportion to class size, summing to m (largest remainders).
+
+    Raises `BadInputError` where a class would lose every sample: class balance was asked for so
+    that every class keeps its share, and an emptied class has none."""
     counts = np.bincount(labels)
     exact = m * counts / counts.sum()
     quotas = np.floor(exact).astype(np.int64)
     quotas[np.argsort(-(exact - quotas), kind="stable")[:m - quotas.sum()]] += 1
+    emptied = np.flatnonzero((quotas == counts) & (counts > 0))
+    if len(emptied):
+        c = int(emptied[np.argmin(counts[emptied])])
+        more = f" and {len(emptied) - 1} more classes" if len(emptied) > 1 else ""
+        raise BadInputError(f"`class_balanced`: removing {m} of {len(labels)} samples in proportion empties class {c} "
+                            f"(all its {counts[c]} samples){more}; "
+                            "give a smaller `prune_ratio`")
     return quotas
 
 

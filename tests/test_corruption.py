@@ -102,6 +102,22 @@ def test_settings_out_of_range_are_refused_in_one_line_and_nothing_is_written(ar
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_class_balanced_budget_that_would_empty_a_class_is_refused_in_one_line(fmnist, tmp_path, capsys):
+    """100 images of nine classes and one of the tenth: removing 90 % of the 901 in proportion takes
+    90 of each large class, and the largest remainder, the one image of class 9 (0.9 of it)."""
+    rows = np.concatenate([np.flatnonzero(fmnist.y == c)[:100] for c in range(9)] + [np.flatnonzero(fmnist.y == 9)[:1]])
+    path = tmp_path / "tail.npz"
+    np.savez(path, x=fmnist.x[rows], y=fmnist.y[rows], x_test=fmnist.x_test[:100], y_test=fmnist.y_test[:100])
+    argv = ["run", "--dataset", f"npz:{path}", "--model", "linear", "--out", str(tmp_path / "runs"),
+            "--target", str(tmp_path / "pruned"), "--class-balanced"]
+    assert main([*argv, "--prune-ratio", "0.9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "empties class 9 (all its 1 samples)" in err, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "pruned").exists()
+    from pruning_core.selection import class_quotas
+    assert class_quotas(fmnist.y[rows], 450).tolist() == [50] * 9 + [0]  # half keeps it
+
+
 def test_the_core_refuses_settings_out_of_range_naming_the_field():
     for noise, imbalance, flag in ((1.0, 1.0, "--label-noise 1 must lie in [0, 1)"),
                                    (0.0, 0.0, "--imbalance 0 must lie in (0, 1]")):

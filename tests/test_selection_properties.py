@@ -99,11 +99,17 @@ def test_class_balanced_quotas_hold_for_every_method(instance, ratio, data):
     method = data.draw(st.sampled_from(["influence", "random", "el2n", "influence-score"]))
     el2n = np.random.default_rng(0).random(len(vectors))
     args = SelectionArgs(method=method, prune_ratio=ratio, class_balanced=True)
-    result = select(vectors, args, {"label": labels, "el2n": el2n})
     m = round(ratio * len(vectors))
     counts = np.bincount(labels, minlength=labels.max() + 1)
-    quotas = class_quotas(labels, m)
-    assert quotas.sum() == m and (quotas <= counts).all()
+    try:
+        quotas = class_quotas(labels, m)
+    except BadInputError:  # refused only where a class's proportional share leaves it less than one sample
+        assert (counts[counts > 0] * (len(labels) - m) < len(labels)).any()
+        with pytest.raises(BadInputError, match="empties class"):
+            select(vectors, args, {"label": labels, "el2n": el2n})
+        return
+    result = select(vectors, args, {"label": labels, "el2n": el2n})
+    assert quotas.sum() == m and (quotas < counts)[counts > 0].all()  # every class keeps a sample
     assert np.array_equal(np.bincount(labels[result.pruned], minlength=len(quotas)), quotas)
     assert (np.abs(quotas - m * counts / counts.sum()) < 1).all()  # proportional, to within one sample
     assert_reported_objective(vectors, result)
