@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 from pydantic_core import PydanticCustomError
 
 from pruning_core import artifacts
+from pruning_core.baselines import NEEDS
 from pruning_core.corruption import corrupts
 from pruning_core.data import OWN_DATA, parse_dataset_spec, pinned
 from pruning_core.errors import BadInputError, first_line, no_file, renamed_fields
@@ -490,7 +491,6 @@ class EvaluateParameters(RunParameters):
         # read whole, so that a damaged file is refused now and not after the first retrainings
         columns = artifacts.check_scores(run / "scores.parquet", f"`from_run` {self.from_run}: its scores.parquet"
                                          ).column_names
-        missing = [m for m, c in (("forgetting", "forgetting"), ("herding", "embedding"), ("kcenter", "embedding"),
-                                  ("moderate", "embedding")) if m in self.methods and c not in columns]
+        missing = [m for m in self.methods if m in NEEDS and NEEDS[m] not in columns]
         if missing:
             raise BadInputError(f"`from_run` {self.from_run}: its scores lack what {', '.join(missing)} need")

@@ -19,10 +19,12 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import BadInputError
+from .mislabel import most_suspect_first
 
-ORDER_METHODS = ("random", "el2n", "grand", "forgetting", "influence-score", "herding", "kcenter", "moderate", "ccs")
+ORDER_METHODS = ("random", "el2n", "grand", "forgetting", "influence-score", "herding", "kcenter", "moderate", "ccs",
+                 "mislabel")
 NEEDS = {"el2n": "el2n", "grand": "grand", "forgetting": "forgetting", "herding": "embedding",
-         "kcenter": "embedding", "moderate": "embedding", "ccs": "el2n"}
+         "kcenter": "embedding", "moderate": "embedding", "ccs": "el2n", "mislabel": "mislabel"}
 
 
 def forgetting_events(correctness: np.ndarray) -> np.ndarray:
@@ -145,6 +147,8 @@ def removal_order(method: str, columns: dict[str, np.ndarray], vectors: np.ndarr
         return stable(columns[method])
     if method == "forgetting":
         return np.lexsort((columns.get("el2n", np.zeros(n)), columns["forgetting"]))
+    if method == "mislabel":  # the mislabel score alone: the least likely label (1 − p_y) first
+        return most_suspect_first(columns["mislabel"])
     if method == "influence-score":
         return stable(np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64))
     labels = columns["label"]

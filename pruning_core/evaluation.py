@@ -357,7 +357,7 @@ def pearson(a, b) -> float:
 # --- plots and report --------------------------------------------------------------------------
 _COLOURS = {"influence": "#d62728", "random": "#7f7f7f", "el2n": "#1f77b4", "influence-score": "#9467bd",
             "forgetting": "#2ca02c", "ccs": "#ff7f0e", "grand": "#17becf", "herding": "#8c564b",
-            "kcenter": "#e377c2", "moderate": "#bcbd22", FULL: "#000000"}
+            "kcenter": "#e377c2", "moderate": "#bcbd22", "mislabel": "#393b79", FULL: "#000000"}
 
 
 GAIN_FLOOR = -3.0  # points below the reference: the gain panel stops here, so tenths of a point stay visible

@@ -14,7 +14,8 @@ from pruning_core.selection import METHODS, SelectionArgs, select
 def columns(n=200, seed=0):
     rng = np.random.default_rng(seed)
     return {"label": np.repeat(np.arange(4), n // 4), "el2n": rng.random(n), "grand": rng.random(n),
-            "forgetting": rng.integers(0, 4, n), "embedding": rng.normal(size=(n, 5))}, rng.normal(size=(n, 3))
+            "forgetting": rng.integers(0, 4, n), "embedding": rng.normal(size=(n, 5)),
+            "mislabel": rng.random(n)}, rng.normal(size=(n, 3))
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "influence"])
@@ -36,6 +37,15 @@ def test_score_rankings_remove_the_lowest_first():
     assert norms[pruned].max() < norms[~pruned].min()
     pruned = select(vectors, SelectionArgs(method="forgetting", prune_ratio=0.25), cols).pruned
     assert cols["forgetting"][pruned].max() <= cols["forgetting"][~pruned].min()
+
+
+def test_the_mislabel_score_alone_removes_the_most_suspect_first():
+    cols, vectors = columns()
+    pruned = select(vectors, SelectionArgs(method="mislabel", prune_ratio=0.25), cols).pruned
+    assert cols["mislabel"][pruned].min() > cols["mislabel"][~pruned].max()
+    del cols["mislabel"]  # scores written before the column existed
+    with pytest.raises(Exception, match="needs the score column 'mislabel'"):
+        select(vectors, SelectionArgs(method="mislabel", prune_ratio=0.25), cols)
 
 
 def test_forgetting_events_count_correct_to_wrong_transitions():
@@ -93,8 +103,8 @@ def test_every_method_runs_through_the_flow_and_writes_a_version(method, dask_cl
     assert manifest["selection"]["method"] == method
     # the version holds exactly what `select` keeps over the run's own scores
     table, vectors, _ = load_scores(Path(manifest["run_dir"]) / "scores.parquet")
-    columns = {name: column_array(table, name) for name in ("label", "el2n", "grand", "forgetting", "embedding")
-               if name in table.column_names}
+    names = ("label", "el2n", "grand", "forgetting", "embedding", "mislabel")
+    columns = {name: column_array(table, name) for name in names if name in table.column_names}
     pruned = select(vectors, SelectionArgs(method=method, prune_ratio=0.3), columns).pruned
     kept = table.column("sample_id").to_numpy()[~pruned]
     assert sorted(rows.column("sample_id").to_pylist()) == sorted(kept.tolist())
