@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train, score influence, select, publish a Delta version")
     for name in ("dataset", "data_root", "model", "checkpoint", "epochs", "lr", "batch_size", "weight_decay", "seed",
-                 "augment", "precision", "scope", "hessian", "damping", "projection_dim"):
+                 "augment", "precision", "low_res_epochs", "scope", "hessian", "damping", "projection_dim"):
         _option(run, RunParameters, name)
     _add_selection_options(run, RunParameters)
     for name in ("rounds", "class_balanced", "shards", "workers", "dask_address", "out", "target", "block_size", "gpu"):
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("dataset", "data_root", "model", "checkpoint", "epochs", "lr", "batch_size", "weight_decay", "seed",
                  "shards", "workers", "dask_address", "out", "target", "from_run", "target_drop",
                  "evaluations_per_epoch", "gap_samples", "gap_points", "gap_weight_decay", "augment", "precision",
-                 "train_model", "train_epochs"):
+                 "low_res_epochs", "train_model", "train_epochs"):
         _option(evaluate, EvaluateParameters, name)
     _option(evaluate, EvaluateParameters, "prune_ratio", given=True,  # refused with --from-run where given
             help=EvaluateParameters.model_fields["prune_ratio"].description + "; not with --from-run")

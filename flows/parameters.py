@@ -24,7 +24,9 @@ from pruning_core.errors import BadInputError, first_line, no_file, renamed_fiel
 from pruning_core.recipe import (
     CIFAR_RESNETS,
     DEFAULT_EPOCHS,
+    DEFAULT_LR,
     FACTORY_PATTERN,
+    LOW_RES_SCALE,
     MODEL_FORMS,
     PRECISIONS,
     RESNET_DEPTHS,
@@ -97,7 +99,8 @@ def scoring_recipe(run_dir: Path) -> TrainArgs:
 # Labels of the deployment form in the Prefect UI ("Custom run"); other fields get their name.
 FIELD_TITLES = {
     "dataset": "Dataset", "data_root": "Data folder", "model": "Model", "checkpoint": "Checkpoint (skips training)",
-    "epochs": "Training epochs", "lr": "Learning rate", "batch_size": "Batch size", "weight_decay": "Weight decay λ",
+    "epochs": "Training epochs", "low_res_epochs": "Low-resolution epochs first", "lr": "Learning rate",
+    "batch_size": "Batch size", "weight_decay": "Weight decay λ",
     "seed": "Seed", "scope": "Influence scope", "hessian": "Inverse-Hessian strategy", "damping": "Damping",
     "projection_dim": "Projection dimension", "gpu": "GPU workers", "prune_ratio": "Prune ratio (fraction removed)",
     "epsilon": "ε: bound on ‖Σ s_i‖₂", "method": "Selection method", "solver": "Solver",
@@ -165,7 +168,8 @@ class RunParameters(BaseModel):
                     f"{DEFAULT_EPOCHS['resnet18']} for resnet18, "
                     + ", ".join(f"{DEFAULT_EPOCHS[name]} for {name}" for name in CIFAR_RESNETS[:3])
                     + f", {DEFAULT_EPOCHS['resnet32']} for the deeper ones)")
-    lr: float = Field(TrainArgs.lr, gt=0, description="Peak SGD learning rate")
+    lr: float | None = Field(TrainArgs.lr, gt=0, description=f"Peak SGD learning rate (default: {DEFAULT_LR['resnet']} "
+                             f"for the CIFAR ResNets, {DEFAULT_LR['other']} for the other models)")
     batch_size: int = Field(TrainArgs.batch_size, ge=1, description="Training mini-batch size")
     weight_decay: float = Field(TrainArgs.weight_decay, ge=0,
                                 description="λ: L2 penalty in training and in the influence Hessian")
@@ -178,6 +182,11 @@ class RunParameters(BaseModel):
         TrainArgs.precision, description="Arithmetic of a network's training; auto: bfloat16 autocast for the CIFAR "
                                          "ResNets where the device has bf16 (CUDA, a CPU with AVX512-BF16 or AMX), "
                                          "float32 for the other models; the weights stay float32")
+    low_res_epochs: int | None = Field(
+        TrainArgs.low_res_epochs, ge=0, le=1000,
+        description=f"The first epochs train on the images downscaled to {LOW_RES_SCALE:g} of their side "
+                    "(progressive resizing; models that take any image size); default: half the epochs for the CIFAR "
+                    "ResNets, 0 for the other models")
     scope: str = Field(InfluenceArgs.scope,
                        description="Parameters the influence is taken over: last-layer, all, modules:NAME[,NAME...]")
     hessian: Hessian = Field(InfluenceArgs.hessian, description="Inverse-Hessian strategy")
@@ -274,7 +283,7 @@ class RunParameters(BaseModel):
     def train_args(self) -> TrainArgs:
         return TrainArgs(model=self.model, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
                          weight_decay=self.weight_decay, seed=self.seed, augment=self.augment,
-                         precision=self.precision)
+                         precision=self.precision, low_res_epochs=self.low_res_epochs)
 
     def influence_args(self) -> InfluenceArgs:
         return InfluenceArgs(scope=self.scope, hessian=self.hessian, damping=self.damping,
@@ -350,7 +359,7 @@ class RunParameters(BaseModel):
         and --weight-decay still count: the training budget and the influence Hessian's λ)."""
         if self.checkpoint is None:
             return
-        unused = [f"`{name}`" for name in ("lr", "batch_size", "augment", "precision")
+        unused = [f"`{name}`" for name in ("lr", "batch_size", "augment", "precision", "low_res_epochs")
                   if getattr(self, name) != type(self).model_fields[name].default]
         if unused:
             raise BadInputError(f"{', '.join(unused)} with `checkpoint`: nothing is trained (the weights are given); "
@@ -417,7 +426,7 @@ class EvaluateParameters(RunParameters):
         try:
             return TrainArgs(model=self.train_model, epochs=self.train_epochs, lr=self.lr, batch_size=self.batch_size,
                              weight_decay=self.weight_decay, seed=self.seed, augment=self.augment,
-                             precision=self.precision)
+                             precision=self.precision, low_res_epochs=self.low_res_epochs)
         except BadInputError as exc:  # TrainArgs names its own fields
             raise renamed_fields(exc, {"model": "train_model", "epochs": "train_epochs"}) from None
 

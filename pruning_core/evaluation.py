@@ -55,7 +55,8 @@ def selection_jobs(args: EvalArgs, draws: Callable[[str, float], bool] | None = 
     return jobs
 
 
-LATER_FIELDS = {"augment": False, "precision": "auto"}  # recipe fields added after format 2, at their defaults
+# recipe fields added after format 2, at their defaults
+LATER_FIELDS = {"augment": False, "precision": "auto", "low_res_epochs": 0}
 
 
 def retrain_key(ds: Dataset, rows: np.ndarray, train_args: TrainArgs, evaluations_per_epoch: int) -> str:

@@ -16,10 +16,16 @@ from .errors import BadInputError
 from .selection import METHODS
 
 CIFAR_RESNETS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56")  # 6n+2 layers (models.py)
-# the CIFAR ResNets' epochs fill about 10 minutes of training on 2 CPU cores in bfloat16 (resnet8, 14, 20;
-# the deeper ones take longer): docs/method.md#cifar-resnet-recipe
-DEFAULT_EPOCHS = {"linear": 0, "cnn": 4, "resnet18": 30, "resnet8": 20, "resnet14": 12, "resnet20": 10,
+# the CIFAR ResNets' epochs, half of them on ¾-size images (LOW_RES_SCALE), fill about 10 minutes of training
+# on 2 CPU cores in bfloat16 (resnet8, 14, 20; the deeper ones take longer): docs/method.md#cifar-resnet-recipe
+DEFAULT_EPOCHS = {"linear": 0, "cnn": 4, "resnet18": 30, "resnet8": 20, "resnet14": 16, "resnet20": 12,
                   "resnet32": 10, "resnet44": 10, "resnet56": 10}
+LOW_RES_SCALE = 0.75  # the side of the images of the low-resolution epochs, as a share of the images' own
+# models that take an image of any size (global pooling before their final layer), so low-resolution epochs
+LOW_RES_MODELS = (*CIFAR_RESNETS, "resnet18")
+# peak SGD learning rates: the CIFAR ResNets' reaches the most in their 10-minute budget
+# (docs/method.md#cifar-resnet-recipe); every other model keeps the rate its results were measured with
+DEFAULT_LR = {"resnet": 0.2, "other": 0.05}
 # the user's own model: a factory `(sample_shape, n_classes) -> nn.Module` named MODULE:CALLABLE
 FACTORY_PATTERN = r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$"
 MODEL_FORMS = f"{', '.join(DEFAULT_EPOCHS)}, or MODULE:CALLABLE (your factory (sample_shape, n_classes) -> nn.Module)"
@@ -45,6 +51,17 @@ def model_problem(model: str) -> str | None:
     return f"`model` {model!r} is not a known model; valid: {MODEL_FORMS}"
 
 
+def default_lr(model: str) -> float:
+    """The model's peak learning rate when none is given (`DEFAULT_LR`)."""
+    return DEFAULT_LR["resnet" if model in CIFAR_RESNETS else "other"]
+
+
+def default_low_res_epochs(model: str, epochs: int) -> int:
+    """The epochs trained on ¾-size images first when none are given: half of them for the CIFAR
+    ResNets (docs/method.md#cifar-resnet-recipe), none for the other models."""
+    return epochs // 2 if model in CIFAR_RESNETS else 0
+
+
 def default_epochs(model: str) -> int:
     """The model's training epochs when none are given; the user's own model gets the cnn's."""
     return DEFAULT_EPOCHS.get(model, DEFAULT_EPOCHS["cnn"])
@@ -56,19 +73,26 @@ class TrainArgs:
 
     model: str = "cnn"
     epochs: int | None = None  # None: the model's default (DEFAULT_EPOCHS)
-    lr: float = 0.05  # SGD learning rate, annealed by a cosine schedule
+    lr: float | None = None  # peak SGD learning rate of the one-cycle schedule; None: the model's (`default_lr`)
     batch_size: int = 128
     weight_decay: float = 5e-4  # λ of J(θ); also the λ of the influence Hessian
     seed: int = 0
     grad_tol: float = 1e-6  # linear only: stop when ‖∇J‖∞ ≤ grad_tol
     augment: bool | None = None  # random 4-pixel-padded crops and flips; None: on for the CIFAR ResNets only
     precision: str = "auto"  # networks: float32, bfloat16 autocast, or auto (`training.training_precision`)
+    # the first epochs train on the images downscaled to LOW_RES_SCALE of their side (progressive resizing);
+    # None: the model's (`default_low_res_epochs`)
+    low_res_epochs: int | None = None
 
     def __post_init__(self):
         if problem := model_problem(self.model):
             raise BadInputError(problem)
         if self.epochs is None:
             self.epochs = default_epochs(self.model)
+        if self.lr is None:
+            self.lr = default_lr(self.model)
+        if self.low_res_epochs is None:
+            self.low_res_epochs = default_low_res_epochs(self.model, self.epochs)
         if self.augment is None:  # the CIFAR ResNets' recipe augments (docs/method.md#cifar-resnet-recipe)
             self.augment = self.model in CIFAR_RESNETS
         if self.epochs < 0 or (self.model != "linear" and self.epochs < 1):
@@ -79,6 +103,11 @@ class TrainArgs:
             raise BadInputError(f"`batch_size` {self.batch_size} must be at least 1")
         if not (self.weight_decay >= 0 and np.isfinite(self.weight_decay)):
             raise BadInputError(f"`weight_decay` {self.weight_decay} must be a non-negative number")
+        if not 0 <= self.low_res_epochs <= self.epochs:
+            raise BadInputError(f"`low_res_epochs` {self.low_res_epochs} must lie between 0 and `epochs` {self.epochs}")
+        if self.low_res_epochs and self.model not in LOW_RES_MODELS and not is_factory(self.model):
+            raise BadInputError("`low_res_epochs` applies to models that take any image size "
+                                f"({', '.join(LOW_RES_MODELS)}, or your own); {self.model} takes one size only")
         if self.augment and self.model == "linear":
             raise BadInputError("`augment` applies to the networks; linear trains to its optimum on the samples "
                                 "as they are")

@@ -20,7 +20,15 @@ from pruning_core.evaluation import retrain_key
 from pruning_core.models import BasicBlock, CifarResNet, FactoryModel, SmallCNN, build_model
 from pruning_core.recipe import CIFAR_RESNETS, TrainArgs
 from pruning_core.scopes import ScopedLoss, scope_parameter_names
-from pruning_core.training import accuracy, load_model, predict_logits, train, training_precision
+from pruning_core.training import (
+    accuracy,
+    load_model,
+    low_res_size,
+    predict_logits,
+    train,
+    train_network,
+    training_precision,
+)
 from tests.conftest import copy_cifar_slice
 from tests.user_models import SmallNet
 
@@ -95,12 +103,22 @@ def test_a_resnet_depth_that_is_not_built_in_is_refused_naming_those_that_are(na
 
 
 def test_the_cifar_resnets_default_recipe():
-    """About ten minutes of training on 2 CPU cores each (docs/method.md#cifar-resnet-recipe), augmented."""
+    """About ten minutes of training on 2 CPU cores each (docs/method.md#cifar-resnet-recipe), augmented,
+    the first half of the epochs on ¾-size images."""
     assert {name: TrainArgs(model=name).epochs for name in CIFAR_RESNETS} == {
-        "resnet8": 20, "resnet14": 12, "resnet20": 10, "resnet32": 10, "resnet44": 10, "resnet56": 10}
+        "resnet8": 20, "resnet14": 16, "resnet20": 12, "resnet32": 10, "resnet44": 10, "resnet56": 10}
+    assert {name: TrainArgs(model=name).low_res_epochs for name in CIFAR_RESNETS} == {
+        "resnet8": 10, "resnet14": 8, "resnet20": 6, "resnet32": 5, "resnet44": 5, "resnet56": 5}
+    assert TrainArgs(model="resnet20", epochs=5).low_res_epochs == 2
+    assert TrainArgs(model="resnet20", low_res_epochs=0).low_res_epochs == 0
+    assert TrainArgs(model="cnn").low_res_epochs == TrainArgs(model="resnet18").low_res_epochs == 0
     assert all(TrainArgs(model=name).augment for name in CIFAR_RESNETS)
     assert not TrainArgs(model="cnn").augment and not TrainArgs(model="resnet18").augment
     assert TrainArgs(model="resnet18").epochs == 30 and TrainArgs(model="cnn").epochs == 4
+    # the peak learning rate: the ResNets' own, the other models' as their results were measured
+    assert {TrainArgs(model=name).lr for name in CIFAR_RESNETS} == {0.2}
+    assert TrainArgs(model="cnn").lr == TrainArgs(model="resnet18").lr == TrainArgs(model="tests.m:f").lr == 0.05
+    assert TrainArgs(model="resnet20", lr=0.1).lr == 0.1
 
 
 # --- the cnn on any size ----------------------------------------------------------------------
@@ -159,6 +177,28 @@ def test_auto_precision_is_bfloat16_for_the_cifar_resnets_where_the_device_has_i
                       **dict.fromkeys(CIFAR_RESNETS, "bfloat16" if supported else "float32")}
     assert training_precision(TrainArgs(model="resnet8", precision="float32"), cpu) == "float32"
     assert training_precision(TrainArgs(model="cnn", precision="bfloat16"), cpu) == "bfloat16"
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"model": "cnn", "low_res_epochs": 1}, "low_res_epochs applies to models that take any image size"),
+    ({"model": "resnet8", "epochs": 2, "low_res_epochs": 3}, "low_res_epochs 3 must lie between 0 and epochs 2"),
+])
+def test_low_resolution_epochs_are_refused_where_they_cannot_apply(args, message):
+    with pytest.raises(BadInputError, match=message):
+        TrainArgs(**args)
+
+
+def test_the_low_resolution_epochs_train_on_three_quarter_size_images_then_full_size(cifar_npz):
+    ds = small(load_dataset(f"npz:{cifar_npz}"), 64)
+    sizes = []
+    model = build_model("resnet8", ds.sample_shape, ds.n_classes)
+    model.register_forward_pre_hook(lambda module, inputs: sizes.append(tuple(inputs[0].shape[2:])) if module.training
+                                    else None)
+    train_network(model, ds, TrainArgs(model="resnet8", epochs=3, low_res_epochs=2, batch_size=32), device="cpu")
+    assert sizes == [(24, 24)] * 4 + [(32, 32)] * 2  # two batches an epoch
+    assert low_res_size((3, 32, 32)) == (24, 24) and low_res_size((1, 28, 28)) == (21, 21)
+    with pytest.raises(BadInputError, match="downscales images"):
+        low_res_size((784,))
 
 
 def test_bfloat16_is_asked_of_the_device_itself():
