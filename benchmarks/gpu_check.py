@@ -510,6 +510,11 @@ def _number(value, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if abs(value) < 1e5 else f"{value:,.0f}"
 
 
+def _rows(results: dict, render) -> list[str]:
+    """One table row per model of `results`: `render(name, entry)`, or the error it stopped at."""
+    return [f"| {name} | {s['error']} |" if "error" in s else render(name, s) for name, s in results.items()]
+
+
 def markdown(r: dict) -> str:
     """gpu.md: the run's figures, item by item, from its gpu.json."""
     d = r["device"]
@@ -522,18 +527,17 @@ def markdown(r: dict) -> str:
              "selection objectives rel. diff. | CPU samples/s | GPU samples/s | speed-up | GPU peak MiB | "
              "all rows: n, samples/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, s in r["influence"].items():
-        if "error" in s:
-            lines.append(f"| {name} | {s['error']} |")
-            continue
+
+    def influence_row(name: str, s: dict) -> str:
         sel, every = s["selection"], s.get("all_rows", {})
-        lines.append(f"| {name} | {s['n']} | {s['p']} | {_number(s['vectors_relative_error'])} | "
-                     f"{_number(s['vectors_relative_error_without_tf32'])} | "
-                     f"{_number(s['objective_relative_error'])} | "
-                     f"{sel['same_removals']} of {sel['removed']} | {_number(sel['objective_relative_difference'])} | "
-                     f"{_number(s['cpu']['samples_per_s'])} | {_number(s['device']['samples_per_s'])} | "
-                     f"{_number(s['speedup'])} | {_number(s['device']['peak_memory_mib'])} | "
-                     f"{every.get('n', '–')}, {_number(every.get('samples_per_s'))} |")
+        return (f"| {name} | {s['n']} | {s['p']} | {_number(s['vectors_relative_error'])} | "
+                f"{_number(s['vectors_relative_error_without_tf32'])} | "
+                f"{_number(s['objective_relative_error'])} | "
+                f"{sel['same_removals']} of {sel['removed']} | {_number(sel['objective_relative_difference'])} | "
+                f"{_number(s['cpu']['samples_per_s'])} | {_number(s['device']['samples_per_s'])} | "
+                f"{_number(s['speedup'])} | {_number(s['device']['peak_memory_mib'])} | "
+                f"{every.get('n', '–')}, {_number(every.get('samples_per_s'))} |")
+    lines += _rows(r["influence"], influence_row)
     pydvl = r["pydvl"]
     lines += ["", "pyDVL `DirectInfluence` on the same device: " + (
         "; ".join(f"{m}: {_number(s['pydvl'].get('samples_per_s'))} samples/s"
@@ -544,13 +548,10 @@ def markdown(r: dict) -> str:
         "## 3. Training steps/s: read back every step against once per epoch", "",
         "| model | steps | batch | augment | precision | every step | once per epoch | speed-up | same results |",
         "|---|---|---|---|---|---|---|---|---|"]
-    for name, t in r["training"].items():
-        if "error" in t:
-            lines.append(f"| {name} | {t['error']} |")
-            continue
-        lines.append(f"| {name} | {t['steps']} | {t['batch_size']} | {t['augment']} | {t['precision']} | "
-                     f"{_number(t['host_sync_steps_per_s'])} | {_number(t['sync_free_steps_per_s'])} | "
-                     f"{_number(t['speedup'])} | {t['same_correctness'] and t['same_weights']} |")
+    lines += _rows(r["training"], lambda name, t: (
+        f"| {name} | {t['steps']} | {t['batch_size']} | {t['augment']} | {t['precision']} | "
+        f"{_number(t['host_sync_steps_per_s'])} | {_number(t['sync_free_steps_per_s'])} | "
+        f"{_number(t['speedup'])} | {t['same_correctness'] and t['same_weights']} |"))
     lines += ["", f"## 4. {r['paper_model']} on CIFAR-10, augmented: full data, influence 0.4, random 0.4", ""]
     p = r.get("paper_slice", {})
     if "runs" in p:
