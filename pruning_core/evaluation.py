@@ -56,7 +56,7 @@ def selection_jobs(args: EvalArgs, draws: Callable[[str, float], bool] | None = 
 
 
 # recipe fields added after format 2, at their defaults
-LATER_FIELDS = {"augment": False, "precision": "auto", "low_res_epochs": 0}
+LATER_FIELDS = {"augment": False, "precision": "auto", "low_res_epochs": 0, "test_flips": False}
 
 
 def retrain_key(ds: Dataset, rows: np.ndarray, train_args: TrainArgs, evaluations_per_epoch: int) -> str:

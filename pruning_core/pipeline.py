@@ -78,7 +78,8 @@ def checkpoint_stage(dataset: str, data_root: str | None, model_name: str, check
     ds = load_dataset(dataset, data_root)
     model = load_model(checkpoint, model_name, ds)
     sha = artifacts.save_checkpoint(model, checkpoint_out)
-    return ModelRef(model_name, str(checkpoint_out), sha, accuracy(model, ds.x_test, ds.y_test),
+    flips = TrainArgs(model=model_name).test_flips  # as the model's own recipe would measure it
+    return ModelRef(model_name, str(checkpoint_out), sha, accuracy(model, ds.x_test, ds.y_test, flips=flips),
                     accuracy(model, ds.x, ds.y), 0.0, source_checkpoint=str(checkpoint))
 
 

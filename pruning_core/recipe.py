@@ -83,6 +83,9 @@ class TrainArgs:
     # the first epochs train on the images downscaled to LOW_RES_SCALE of their side (progressive resizing);
     # None: the model's (`default_low_res_epochs`)
     low_res_epochs: int | None = None
+    # test accuracy from the mean logits of each test image and its mirror image; None: where `augment` trains on
+    # mirrored images (training.predict_logits)
+    test_flips: bool | None = None
 
     def __post_init__(self):
         if problem := model_problem(self.model):
@@ -95,6 +98,8 @@ class TrainArgs:
             self.low_res_epochs = default_low_res_epochs(self.model, self.epochs)
         if self.augment is None:  # the CIFAR ResNets' recipe augments (docs/method.md#cifar-resnet-recipe)
             self.augment = self.model in CIFAR_RESNETS
+        if self.test_flips is None:
+            self.test_flips = self.augment
         if self.epochs < 0 or (self.model != "linear" and self.epochs < 1):
             raise BadInputError(f"`epochs` {self.epochs} must be at least 1")
         if not (self.lr > 0 and np.isfinite(self.lr)):
@@ -111,6 +116,8 @@ class TrainArgs:
         if self.augment and self.model == "linear":
             raise BadInputError("`augment` applies to the networks; linear trains to its optimum on the samples "
                                 "as they are")
+        if self.test_flips and self.model == "linear":
+            raise BadInputError("test-time flips apply to the networks trained on images; linear has none")
         if self.precision not in PRECISIONS:
             raise BadInputError(f"`precision` {self.precision!r} is not known; valid: {', '.join(PRECISIONS)}")
         if self.precision != "auto" and self.model == "linear":

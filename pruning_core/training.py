@@ -67,9 +67,20 @@ class TrainResult:
     test_correct: np.ndarray | None = None  # (n_test,) bool: each test sample classified right at the end
 
 
+def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 256, device=None,
+                   flips: bool = False) -> np.ndarray:
+    """Logits (n, C) in float64 (computed in the model's dtype). With `flips`, the mean of each
+    image's logits and its mirror image's (left to right): test-time flips, for a model trained on
+    mirrored images: half a point or more for the CIFAR ResNets, at the cost of one more forward pass
+    (docs/method.md#cifar-resnet-recipe)."""
+    logits = _logits(model, x, batch_size, device)
+    if flips and len(x):
+        logits = (logits + _logits(model, np.ascontiguousarray(x[..., ::-1]), batch_size, device)) / 2
+    return logits
+
+
 @torch.inference_mode()
-def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 256, device=None) -> np.ndarray:
-    """Logits (n, C) in float64 (computed in the model's dtype)."""
+def _logits(model: nn.Module, x: np.ndarray, batch_size: int, device) -> np.ndarray:
     device = device or next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     model.eval()
@@ -81,8 +92,8 @@ def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 256, devic
     return torch.cat(out).numpy()
 
 
-def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, device=None) -> float:
-    return float((predict_logits(model, x, device=device).argmax(1) == y).mean())
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, device=None, flips: bool = False) -> float:
+    return float((predict_logits(model, x, device=device, flips=flips).argmax(1) == y).mean())
 
 
 def fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, weight_decay: float,
@@ -227,7 +238,8 @@ def train_network(model: nn.Module, ds: Dataset, args: TrainArgs, device=None,
                 synchronize(device)  # the clock counts the steps queued so far, not only their launch
                 clock += time.perf_counter() - started
                 curve.append({"epoch": epoch + batch / batches, "samples_seen": seen, "train_seconds": clock,
-                              "test_accuracy": accuracy(model, ds.x_test, ds.y_test, device)})
+                              "test_accuracy": accuracy(model, ds.x_test, ds.y_test, device,
+                                                                 args.test_flips)})
                 model.train()
                 started = time.perf_counter()
         if not host_sync:
@@ -255,7 +267,7 @@ def train(ds: Dataset, args: TrainArgs, device=None,
         correctness = train_network(model, ds, args, device, progress, evaluations_per_epoch, curve)
         info = {"precision": training_precision(args, device)}
     seconds = time.perf_counter() - started
-    test_correct = predict_logits(model, ds.x_test, device=device).argmax(1) == ds.y_test
+    test_correct = predict_logits(model, ds.x_test, device=device, flips=args.test_flips).argmax(1) == ds.y_test
     test_accuracy = float(test_correct.mean())
     if args.model != "linear" and evaluations_per_epoch:
         seconds = curve[-1]["train_seconds"]  # training alone

@@ -201,6 +201,29 @@ def test_the_low_resolution_epochs_train_on_three_quarter_size_images_then_full_
         low_res_size((784,))
 
 
+def test_test_time_flips_average_each_image_with_its_mirror_image(cifar_npz):
+    """Where the model trained on mirrored images (`augment`), its test accuracy is that of the mean
+    logits of each test image and its mirror image; a mirror-symmetric image gets its own logits."""
+    ds = load_dataset(f"npz:{cifar_npz}")
+    torch.manual_seed(0)
+    model = build_model("resnet8", ds.sample_shape, ds.n_classes).eval()
+    x = ds.x_test[:8]
+    plain, mirrored = predict_logits(model, x), predict_logits(model, np.ascontiguousarray(x[..., ::-1]))
+    assert np.allclose(predict_logits(model, x, flips=True), (plain + mirrored) / 2)
+    assert not np.allclose(plain, mirrored)
+    symmetric = np.concatenate([x[..., :16], x[..., :16][..., ::-1]], axis=-1)
+    assert np.allclose(predict_logits(model, symmetric, flips=True), predict_logits(model, symmetric))
+    assert [TrainArgs(model=m).test_flips for m in ("resnet20", "cnn", "resnet18", "linear")] == [True, False, False,
+                                                                                                   False]
+    assert not TrainArgs(model="resnet20", augment=False).test_flips
+    assert not TrainArgs(model="resnet20", test_flips=False).test_flips
+    with pytest.raises(BadInputError, match="test-time flips apply to the networks"):
+        TrainArgs(model="linear", test_flips=True)
+    result = train(small(ds, 32), TrainArgs(model="resnet8", epochs=1, batch_size=32), device="cpu")
+    flipped = predict_logits(result.model, ds.x_test, flips=True).argmax(1) == ds.y_test
+    assert np.array_equal(result.test_correct, flipped) and result.test_accuracy == flipped.mean()
+
+
 def test_bfloat16_is_asked_of_the_device_itself():
     """CUDA says whether it has bf16; a CPU, whether oneDNN has bf16 kernels for it."""
     assert training.bfloat16_supported(torch.device("cpu")) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -250,6 +273,9 @@ def test_a_default_precision_keeps_the_retrain_records_made_before_it():
     assert retrain_key(ds, rows, TrainArgs(model="cnn", seed=1), 4) == "ab699a8d547f48fa"
     keys = {retrain_key(ds, rows, TrainArgs(model="cnn", seed=1, precision=p), 4) for p in ("float32", "bfloat16")}
     assert len(keys) == 2 and "ab699a8d547f48fa" not in keys
+    # test-time flips measure another accuracy: a ResNet's records made without them are not reused
+    flips = {retrain_key(ds, rows, TrainArgs(model="resnet8", seed=1, test_flips=f), 4) for f in (True, False)}
+    assert len(flips) == 2
 
 
 # --- the user's own model ---------------------------------------------------------------------
