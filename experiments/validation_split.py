@@ -15,6 +15,7 @@ pruned), the last 10,000 are the validation set the retrained models are measure
                                 hardest share β first (default: CCS's schedule, 0 below 70 %)
        ccs [@β]                 CCS, one random draw per seed, as in the evaluation
        influence-score          the score baseline (prune smallest ‖s_i‖ first)
+       random                   a uniform random draw, one per seed
   4. retrains every (ratio, variant, seed) from scratch with the evaluation's recipe (--epochs), two
      processes at a time, each finished run recorded in --out/cache (a rerun resumes);
   5. prints and writes a Markdown table: validation accuracy mean ± std and per seed, and each
@@ -58,10 +59,10 @@ def selection_args(variant: str, ratio: float, seed: int) -> SelectionArgs:
     cut = float(beta) if beta else ccs_hard_fraction(ratio)
     if name == "ccs":
         return SelectionArgs(method="ccs", prune_ratio=ratio, seed=seed, hard_cut=float(beta) if beta else None)
-    if name == "influence-score":
-        return SelectionArgs(method="influence-score", prune_ratio=ratio)
+    if name in ("influence-score", "random"):
+        return SelectionArgs(method=name, prune_ratio=ratio, seed=seed)
     if name not in ("smallest", "uniform"):
-        raise SystemExit(f"unknown variant {variant!r}: smallest|uniform|ccs[@β] or influence-score")
+        raise SystemExit(f"unknown variant {variant!r}: smallest|uniform|ccs[@β], influence-score or random")
     return SelectionArgs(prune_ratio=ratio, coverage="difficulty", candidates=name, hard_cut=cut)
 
 
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None, command: str | None = None, select=selec
         seeds = [int(s) for s in (ns.seeds if k == 0 else ns.other_seeds).split(",")]
         for variant in variants:
             for seed in seeds:
-                sel_seed = seed if variant.startswith("ccs") else 0
+                sel_seed = seed if variant.startswith(("ccs", "random")) else 0
                 path = out / "selections" / f"{variant}-r{ratio:g}-s{sel_seed}.parquet"
                 if not path.exists():
                     path.parent.mkdir(exist_ok=True)

@@ -23,7 +23,7 @@ from pruning_core import artifacts, corruption, evaluation, figures
 from pruning_core.corruption import corrupts
 from pruning_core.data import load_dataset
 from pruning_core.refs import SelectionResult
-from pruning_core.selection import hard_cut_formula, round_ratios
+from pruning_core.selection import EXTREME_FROM, hard_cut_formula, round_ratios
 from tasks.evaluate import corrupt_training_set, generalization_gap, retrain
 from tasks.progress import RunProgress
 from tasks.select import compose_selections, select_samples
@@ -215,7 +215,7 @@ def influence_selection(params: EvaluateParameters, removed_first: dict[float, d
     if params.hard_cut is not None:
         source = f"`--hard-cut {params.hard_cut:g}`"
     else:
-        source = f"the schedule {hard_cut_formula(budget)}" + (
+        source = f"the schedule {hard_cut_formula(budget, any(r >= EXTREME_FROM for r, _ in cuts))}" + (
             "" if budget == 1 else f", retraining {budget:g}× the scoring run's epochs")
     if params.swap_rounds:
         swaps = f"at most {params.swap_rounds} swap rounds after the greedy path (`--swap-rounds {params.swap_rounds}`)"

@@ -39,6 +39,7 @@ from pruning_core.recipe import (
 from pruning_core.selection import (  # selection_args: also imported from here by tests and benchmarks
     CANDIDATES,
     COVERAGE,
+    EXTREME_FROM,
     MAX_ROUNDS,
     MAX_SWAP_ROUNDS,
     METHODS,
@@ -219,12 +220,12 @@ class RunParameters(BaseModel):
                             "paper's path), a seeded uniform order (a near-uniform draw within each stratum "
                             "whose summed influence is still minimised), or lowest EL2N first; auto: under difficulty "
                             f"coverage below {100 * SMALLEST_FROM:g} % pruned, easiest where no hardest share is cut, "
-                            "else uniform; smallest otherwise")
+                            f"else uniform; from {100 * EXTREME_FROM:g} % uniform; smallest otherwise")
     hard_cut: float | None = Field(
         SelectionArgs.hard_cut, ge=0, lt=1,
         description="Under difficulty coverage: the share of the hardest (highest-EL2N) samples removed first; empty: "
                     "the product's schedule, none up to 50 % pruned, then half of every further removal (β = (ratio − "
-                    "0.5) / 2), shifted by train_epochs")
+                    f"0.5) / 2), from {100 * EXTREME_FROM:g} % all of it (β = ratio − 0.5), shifted by train_epochs")
     mislabel_first: bool | None = Field(
         None, description="The influence method under difficulty coverage removes first the samples that look "
                           "mislabelled to the scoring model (confident learning's rule, the most suspect first, "

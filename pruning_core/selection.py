@@ -40,6 +40,7 @@ MAX_SWAP_ROUNDS = 100_000  # also the bound of the run/evaluate form (flows/para
 MAX_ROUNDS = 10  # pruning rounds of one run (each trains and scores a model): the form's bound too
 SWAP_ROUNDS = 500  # rounds of the swap search where `default_swap_rounds` runs one
 SMALLEST_FROM = 0.7  # prune ratio from which `auto` feeds the smallest ‖s_i‖ first (`resolve_candidates`)
+EXTREME_FROM = 0.9  # prune ratio from which the budget is extreme (keep ≤ 10 %): `hard_cut_for`, `resolve_candidates`
 MISLABEL_FIRST_FROM = 0.05  # share flagged from which the default removes what looks mislabelled first
 
 
@@ -183,8 +184,16 @@ def hard_cut_for(prune_ratio: float, train_budget: float = 1.0) -> float:
     recipe: none up to 50 % pruned, then half of every further removal. A longer recipe learns
     from more of the hard, often mislabelled tail, so the cut comes later; a shorter one, sooner.
     Chosen on a held-out validation split against CCS's schedule and every other β measured
-    (benchmarks/results/hard-cut.md; the budget's shift: recipe-8.md, recipe-2.md)."""
+    (benchmarks/results/hard-cut.md; the budget's shift: recipe-8.md, recipe-2.md).
+
+    From EXTREME_FROM pruned (keep 10 % or less) the cut is all of every removal past half,
+    β = max(0, r − 0.5 − s·log2 b): a set that small learns from the easier half and its strata
+    spread it evenly; the half-cut left the strata so much of the hard tail that the default fell
+    4.8 to 19 points below random, this cut ties random (benchmarks/results/extreme-budget.md; the
+    budget's shift there is carried over, not measured)."""
     b, slope = _budget_terms(train_budget)
+    if prune_ratio >= EXTREME_FROM:
+        return round(max(0.0, prune_ratio - 0.5 - slope * math.log2(b)), 6)
     return round(max(0.0, (prune_ratio - 0.5 - slope * math.log2(b)) / 2), 6)
 
 
@@ -194,12 +203,14 @@ def _budget_terms(train_budget: float) -> tuple[float, float]:
     return b, (0.1 if b >= 1 else 0.2)
 
 
-def hard_cut_formula(train_budget: float = 1.0) -> str:
-    """hard_cut_for's line at this budget, in words (for reports)."""
-    if train_budget == 1:
-        return "(r − 0.5) / 2"
-    b, slope = _budget_terms(train_budget)
-    return f"(r − 0.5 − {slope:g}·log2 {b:g}) / 2"
+def hard_cut_formula(train_budget: float = 1.0, extreme: bool = False) -> str:
+    """hard_cut_for's line at this budget, in words (for reports); with `extreme`, also its line
+    from EXTREME_FROM on."""
+    shifted = "r − 0.5"
+    if train_budget != 1:
+        b, slope = _budget_terms(train_budget)
+        shifted = f"r − 0.5 − {slope:g}·log2 {b:g}"
+    return f"({shifted}) / 2" + (f", {shifted} from {EXTREME_FROM:g}" if extreme else "")
 
 
 # --- the selection policy: what the options left on `auto` or empty resolve to -----------------
@@ -217,8 +228,11 @@ def resolve_coverage(coverage: str, method: str, prune_ratio: float | None, solv
 def resolve_candidates(args: SelectionArgs) -> str:
     """The influence method's `auto` candidate order: under difficulty coverage below
     SMALLEST_FROM pruned, `easiest` where the strata cut no hardest share (`args.coverage_cut()`
-    = 0) and `uniform` where they do; `smallest` otherwise. Each won held out where it applies
-    (benchmarks/results/cross-validation-0.4.md, candidate-order.md)."""
+    = 0) and `uniform` where they do; `smallest` up to EXTREME_FROM, `uniform` from there on;
+    `smallest` without coverage. Each won held out where it applies
+    (benchmarks/results/cross-validation-0.4.md, candidate-order.md, extreme-budget.md)."""
+    if args.coverage == "difficulty" and args.prune_ratio >= EXTREME_FROM:
+        return "uniform"
     if args.coverage != "difficulty" or args.prune_ratio >= SMALLEST_FROM:
         return "smallest"
     return "easiest" if args.coverage_cut() == 0 else "uniform"

@@ -543,7 +543,8 @@ def test_the_solver_of_an_evaluation_is_the_influence_method_s():
 
 def test_auto_candidates_take_the_easiest_first_where_no_hard_share_is_cut():
     """`--candidates auto` under difficulty coverage: easiest where β = 0, uniform where a hardest
-    share is cut, smallest from 70 %; a longer recipe (β shifted to 0 at 60 %) or an explicit
+    share is cut, smallest from 70 %, uniform again from 90 % (extreme budgets); a longer recipe (β shifted
+    to 0 at 60 %) or an explicit
     --hard-cut moves the boundary with β; baselines and `--coverage none` keep `smallest`."""
     from flows.parameters import selection_args
 
@@ -551,7 +552,8 @@ def test_auto_candidates_take_the_easiest_first_where_no_hard_share_is_cut():
         return selection_args("influence", ratio, None, "greedy", 0, False, kw.pop("coverage", "auto"), "auto",
                               **kw).candidates
 
-    assert [order(r) for r in (0.2, 0.4, 0.5, 0.6, 0.8)] == ["easiest", "easiest", "easiest", "uniform", "smallest"]
+    assert [order(r) for r in (0.2, 0.4, 0.5, 0.6, 0.8, 0.9, 0.98)] == ["easiest", "easiest", "easiest", "uniform",
+                                                                       "smallest", "uniform", "uniform"]
     assert order(0.4, hard_cut=0.1) == "uniform" and order(0.6, hard_cut=0.0) == "easiest"
     assert order(0.6, train_budget=2.0) == "easiest" and order(0.4, train_budget=0.5) == "uniform"
     assert order(0.4, coverage="none") == "smallest"

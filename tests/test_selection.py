@@ -424,17 +424,19 @@ def test_hard_cut_schedule_and_override():
     el2n = rng.random(n) * np.sqrt(2)
     vectors = rng.normal(size=(n, 6)) * el2n[:, None]
     hardest = np.argsort(-el2n, kind="stable")
-    assert [hard_cut_for(r) for r in (0.2, 0.4, 0.5, 0.6, 0.8, 0.9)] == [0.0, 0.0, 0.0, 0.05, 0.15, 0.2]
+    assert [hard_cut_for(r) for r in (0.2, 0.4, 0.5, 0.6, 0.8, 0.89)] == [0.0, 0.0, 0.0, 0.05, 0.15, 0.195]
+    # keep 10 % or less: every removal past half is the hardest (extreme-budget.md)
+    assert [hard_cut_for(r) for r in (0.9, 14 / 15, 59 / 60)] == [0.4, 0.433333, 0.483333]
     # a longer downstream recipe shifts the line right by 0.1 per doubling; a shorter one left by 0.2 per
     # halving, down to half the scoring run's epochs
-    assert [hard_cut_for(r, 2) for r in (0.4, 0.6, 0.8, 0.9)] == [0.0, 0.0, 0.1, 0.15]
+    assert [hard_cut_for(r, 2) for r in (0.4, 0.6, 0.8, 0.89, 0.9)] == [0.0, 0.0, 0.1, 0.145, 0.3]
     assert [hard_cut_for(r, 4) for r in (0.6, 0.8)] == [0.0, 0.05]
     assert [hard_cut_for(r, 0.5) for r in (0.2, 0.4, 0.6, 0.8)] == [0.0, 0.05, 0.15, 0.25]
     assert hard_cut_for(0.8, 0.75) == 0.191504 and hard_cut_for(0.8, 0.1) == hard_cut_for(0.8, 0.5)
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(BadInputError, match="training budget"):
             SelectionArgs(prune_ratio=0.6, coverage="difficulty", train_budget=bad)
-    for ratio, cut in [(0.4, None), (0.6, None), (0.8, None), (0.6, 0.0), (0.6, 0.25)]:
+    for ratio, cut in [(0.4, None), (0.6, None), (0.8, None), (0.95, None), (0.6, 0.0), (0.6, 0.25)]:
         beta = hard_cut_for(ratio) if cut is None else cut
         result = select(vectors, SelectionArgs(prune_ratio=ratio, coverage="difficulty", hard_cut=cut), {"el2n": el2n})
         assert result.pruned[hardest[:int(beta * n)]].all(), (ratio, cut)
