@@ -192,9 +192,8 @@ def hard_cut_for(prune_ratio: float, train_budget: float = 1.0) -> float:
     4.8 to 19 points below random, this cut ties random (benchmarks/results/extreme-budget.md; the
     budget's shift there is carried over, not measured)."""
     b, slope = _budget_terms(train_budget)
-    if prune_ratio >= EXTREME_FROM:
-        return round(max(0.0, prune_ratio - 0.5 - slope * math.log2(b)), 6)
-    return round(max(0.0, (prune_ratio - 0.5 - slope * math.log2(b)) / 2), 6)
+    share = 1.0 if prune_ratio >= EXTREME_FROM else 0.5  # of every removal past the (shifted) half
+    return round(max(0.0, share * (prune_ratio - 0.5 - slope * math.log2(b))), 6)
 
 
 def _budget_terms(train_budget: float) -> tuple[float, float]:

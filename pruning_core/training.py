@@ -238,8 +238,7 @@ def train_network(model: nn.Module, ds: Dataset, args: TrainArgs, device=None,
                 synchronize(device)  # the clock counts the steps queued so far, not only their launch
                 clock += time.perf_counter() - started
                 curve.append({"epoch": epoch + batch / batches, "samples_seen": seen, "train_seconds": clock,
-                              "test_accuracy": accuracy(model, ds.x_test, ds.y_test, device,
-                                                                 args.test_flips)})
+                              "test_accuracy": accuracy(model, ds.x_test, ds.y_test, device, flips=args.test_flips)})
                 model.train()
                 started = time.perf_counter()
         if not host_sync:
